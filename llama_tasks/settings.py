@@ -1,0 +1,126 @@
+"""Worker-side configuration: the one place ``llama_tasks`` reads the environment.
+
+Every field has a default, bounds and a description; ``celeryconfig.py`` turns
+these values into Celery settings.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The broker URL a fresh laptop gets; only this URL may be served by the
+#: embedded Redis-compatible server when nothing answers on it.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_MODEL = "smollm2"
+
+
+class WorkerSettings(BaseSettings):
+    """Settings shared by the inference workers and ``celeryconfig.py``."""
+
+    model_config = SettingsConfigDict(env_prefix="LLAMAS_", extra="ignore")
+
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".llamas",
+        description="Directory for keys, the model registry and local state.",
+    )
+    redis_url: str = Field(DEFAULT_REDIS_URL, description="Broker, result store and streams.")
+    model: str = Field(DEFAULT_MODEL, min_length=1, description="Model this worker serves.")
+    public_key: str = Field(
+        "",
+        description="Herder's Ed25519 public key (base64). Empty: read <home>/herder.pub.",
+    )
+    gpus: str = Field("", description="Comma-separated GPU ids, one per prefork child.")
+    slots: int = Field(0, ge=0, le=256, description="Worker processes; 0 = one per GPU, or 1.")
+    n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
+    soft_time_limit_s: int = Field(300, ge=1, description="Soft limit for one generation.")
+    time_limit_s: int = Field(330, ge=1, description="Hard limit; the child is killed past it.")
+    visibility_timeout_s: int = Field(
+        3600, ge=1, description="Redis redelivers an unacked message after this long."
+    )
+    result_expires_s: int = Field(86400, ge=60, description="How long results are kept.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="Heartbeat period.")
+    stream_ttl_s: int = Field(3600, ge=10, description="Token streams expire after this.")
+    claim_ttl_s: int = Field(7 * 86400, ge=60, description="How long replay claims are kept.")
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> "WorkerSettings":
+        # A message still running when the visibility timeout passes would be
+        # delivered a second time and generated twice.
+        if self.visibility_timeout_s <= self.time_limit_s:
+            raise ValueError(
+                f"LLAMAS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}s) must exceed "
+                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s), or Redis would hand a running "
+                "generation to a second worker"
+            )
+        if self.soft_time_limit_s >= self.time_limit_s:
+            raise ValueError(
+                f"LLAMAS_SOFT_TIME_LIMIT_S ({self.soft_time_limit_s}s) must be below "
+                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s)"
+            )
+        self.gpu_ids  # parse early so a typo refuses to start
+        return self
+
+    @property
+    def gpu_ids(self) -> list[int]:
+        """GPU ids from ``gpus``; empty means CPU only."""
+        try:
+            return [int(part) for part in self.gpus.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"LLAMAS_GPUS must be comma-separated integers, got {self.gpus!r}")
+
+    @property
+    def concurrency(self) -> int:
+        """Prefork children: explicit slots, else one per GPU, else one."""
+        return self.slots or len(self.gpu_ids) or 1
+
+    @property
+    def queue(self) -> str:
+        return queue_for(self.model)
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.home / "herder.pub"
+
+    @property
+    def private_key_file(self) -> Path:
+        return self.home / "herder.key"
+
+    @property
+    def models_file(self) -> Path:
+        return self.home / "models.json"
+
+
+def queue_for(model: str) -> str:
+    """The Celery queue that carries work for ``model``."""
+    return f"llama.{model}"
+
+
+def exit_on_invalid(exc: ValidationError) -> SystemExit:
+    """A one-line refusal to start that names every bad setting."""
+    reasons = "; ".join(
+        str(e["msg"]).removeprefix("Value error, ")
+        + (f" (LLAMAS_{str(e['loc'][0]).upper()})" if e.get("loc") else "")
+        for e in exc.errors()
+    )
+    return SystemExit(f"llamas: invalid configuration: {reasons}")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> WorkerSettings:
+    """The process's settings; a process with invalid settings exits with the reason."""
+    try:
+        return WorkerSettings()
+    except ValidationError as exc:
+        # Raised as SystemExit so `celery -A ...` prints one clear line
+        # instead of wrapping it in an import-error traceback.
+        raise exit_on_invalid(exc) from None
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

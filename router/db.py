@@ -1,0 +1,102 @@
+"""Connections to the ledger database: engines, sessions and migrations.
+
+SQLite (the default, one file under the herder's home) and PostgreSQL take
+the same code. SQLite needs three adjustments to behave like a server
+database under concurrent writers: WAL (readers never block the writer), a
+busy timeout (a waiting writer queues instead of failing at once) and
+``BEGIN IMMEDIATE`` (a transaction takes the write lock when it starts, so two
+writers serialize instead of deadlocking when both upgrade from a read lock).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import Session, sessionmaker
+
+#: How long a SQLite writer waits for the write lock before failing, in ms.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: Directory holding Alembic's env.py and versions/, shipped inside the package.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: Key of the PostgreSQL advisory lock that serializes concurrent upgrades.
+UPGRADE_LOCK_KEY = 0x6C6C616D6173  # "llamas"
+
+
+def make_engine(url: str) -> Engine:
+    """Open an engine on the ledger at ``url`` (a SQLite file or PostgreSQL)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+        # A bare postgresql:// would pick psycopg2, which is not a dependency.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    # pre_ping: a herder outlives database restarts and idle-connection reaping.
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """Open a SQLite engine with WAL, a busy timeout and BEGIN IMMEDIATE."""
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 driver (it would emit a deferred
+        # BEGIN, and none at all before SELECT, DDL or SAVEPOINT); _on_begin
+        # emits our own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Make the session factory the herder opens every ledger transaction with."""
+    # expire_on_commit=False: callers read an account's fields after commit
+    # (the CLI prints them) without a second round trip.
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str) -> Config:
+    """Build Alembic's configuration in code, so no alembic.ini is needed at run time."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolation would read a '%' in a password as a reference.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate the ledger at ``url`` to ``revision`` (default: the newest)."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # Every CLI command and process start upgrades; two at once
+                # on a fresh database would both try to create the tables.
+                # (SQLite needs nothing: BEGIN IMMEDIATE already serializes.)
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": UPGRADE_LOCK_KEY}
+                )
+            config = alembic_config(url)
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()

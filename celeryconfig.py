@@ -33,7 +33,8 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 task_soft_time_limit = _settings.soft_time_limit_s
 task_time_limit = _settings.time_limit_s
 result_expires = _settings.result_expires_s
-result_extended = True
+# Task arguments stay out of the result store: requests carry API keys.
+result_extended = False
 
 worker_concurrency = _settings.concurrency
 worker_pool = "prefork"

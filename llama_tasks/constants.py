@@ -9,3 +9,10 @@ CLAIM_PREFIX = "llamas:claim:"
 
 #: Heartbeats live for this many intervals, so one missed beat is tolerated.
 HEARTBEAT_TTL_INTERVALS = 3
+#: ``RESPONSE_PREFIX + job_id`` → the herder's final response for a waiting handle.
+RESPONSE_PREFIX = "llamas:response:"
+#: ``NOTIFY_PREFIX + job_id`` → a list pushed once the response is written.
+NOTIFY_PREFIX = "llamas:notify:"
+
+#: Name of the generation task, for senders that do not import the workers.
+GENERATE_TASK = "llama_tasks.generate"

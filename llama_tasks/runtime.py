@@ -123,6 +123,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
     stream.end(result.finish_reason)
     claims.finish(ctx.redis, job.job_id, job.attempt, message_id)
     return {
+        "task_id": message_id,
         "job_id": job.job_id,
         "attempt": job.attempt,
         "model": ctx.spec.name,

@@ -9,11 +9,12 @@ from celery import Task
 
 from llama_tasks import runtime
 from llama_tasks.app import app
+from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.errors import InvalidRequest, Rejected
 
 log = logging.getLogger(__name__)
 
-GENERATE = "llama_tasks.generate"
+GENERATE = GENERATE_TASK
 
 
 @app.task(

@@ -71,3 +71,101 @@ class HoldExceeded(LedgerError):
 
     fields = ("job_id", "held", "needed")
     template = "job {job_id} holds {held}, cannot take {needed}"
+
+
+# --- admission: nothing is held when any of these is raised ------------------
+
+
+class AdmissionError(HerderError):
+    """Raised when a request is refused before any money moves."""
+
+
+class InvalidOffer(AdmissionError):
+    """Raised when the fee or multiplier offered is not a usable number."""
+
+    fields = ("reason",)
+    template = "invalid offer: {reason}"
+
+
+class InsufficientFee(AdmissionError):
+    """Raised when the offer is below the quote; carries what is needed (``X-Needed``)."""
+
+    fields = ("needed", "offered")
+    template = "Insufficient payment: offered {offered}, needed {needed}"
+
+
+class QueueFull(AdmissionError):
+    """Raised when the queue holds its configured maximum of jobs."""
+
+    fields = ("queued", "limit")
+    template = "queue full: {queued} jobs waiting (limit {limit}); try again later"
+
+
+class UnknownModelRequested(AdmissionError):
+    """Raised when a request names a model the herder does not know."""
+
+    fields = ("model", "known")
+    template = "unknown model {model!r}; available: {known}"
+
+
+class RequestTooLarge(AdmissionError):
+    """Raised when a request's prompt, messages or grammar exceed the size limit."""
+
+    fields = ("size_bytes", "limit_bytes")
+    template = "request of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes"
+
+
+class ReferenceConflict(AdmissionError):
+    """Raised when a reused reference comes with different parameters."""
+
+    fields = ("reference", "job_id")
+    template = "reference {reference!r} was used for job {job_id} with different parameters"
+
+
+class BadDeadline(AdmissionError):
+    """Raised when a deadline is not a positive number of seconds."""
+
+    fields = ("deadline_s",)
+    template = "deadline_s must be a positive number of seconds, got {deadline_s!r}"
+
+
+class BadChannel(AdmissionError):
+    """Raised when a callback or webhook cannot be used."""
+
+    fields = ("reason",)
+    template = "bad response channel: {reason}"
+
+
+# --- jobs after admission ----------------------------------------------------
+
+
+class JobError(HerderError):
+    """Raised when an operation on an admitted job cannot be done."""
+
+
+class UnknownJob(JobError):
+    """Raised when no job with that id belongs to the requester."""
+
+    fields = ("job_id",)
+    template = "no such job: {job_id}"
+
+
+class JobNotQueued(JobError):
+    """Raised when cancelling or re-bidding a job that already left the queue."""
+
+    fields = ("job_id", "state")
+    template = "job {job_id} is {state}, not queued"
+
+
+class JobFailed(JobError):
+    """Raised by a handle's ``result()`` when the job ended without an answer."""
+
+    fields = ("job_id", "state", "error", "message")
+    template = "job {job_id} {state}: {error}: {message}"
+
+
+class ResultTimeout(JobError):
+    """Raised when a job's response does not arrive in time."""
+
+    fields = ("job_id", "timeout_s")
+    template = "no response for job {job_id} within {timeout_s}s"

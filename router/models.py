@@ -1,6 +1,6 @@
-"""Tables of the herder's database: accounts and the transfers between them.
+"""Tables of the herder's database: accounts, the transfers between them, and jobs.
 
-Later tables (jobs) join the same ``Base.metadata``; migrations in
+All tables share ``Base.metadata``; migrations in
 ``router/migrations/versions`` create them, never ``metadata.create_all``.
 """
 
@@ -12,10 +12,14 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
+    Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -106,3 +110,79 @@ class Transfer(Base):
             f"Transfer(id={self.id!r}, kind={self.kind!r}, amount={self.amount!r}, "
             f"{self.debit_account_id!r}->{self.credit_account_id!r}, job_id={self.job_id!r})"
         )
+
+
+#: Job states. ``queued`` and ``running`` are open; the rest are final.
+QUEUED, RUNNING, DONE, FAILED, EXPIRED, CANCELLED = (
+    "queued", "running", "done", "failed", "expired", "cancelled",
+)
+OPEN_STATES = (QUEUED, RUNNING)
+FINAL_STATES = (DONE, FAILED, EXPIRED, CANCELLED)
+
+
+class JobRow(Base):
+    """One admitted request, from its hold to the end of its life.
+
+    Times are Unix seconds (floats): the queue's ordering key is computed
+    from them, and they are compared with worker clocks in envelopes.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('queued', 'running', 'done', 'failed', 'expired', 'cancelled')", name="state"
+        ),
+        CheckConstraint("offered >= quote AND quote > 0", name="offer_covers_quote"),
+        UniqueConstraint("account_id", "reference", name="uq_jobs_account_id_reference"),
+        # The fee market: per model, best effective bid first, then arrival.
+        Index("ix_jobs_queue", "model", "state", "priority", "seq"),
+    )
+
+    # Arrival order; the public id is ``id``.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    reference: Mapped[str | None] = mapped_column(String(200))
+    #: sha256 of the request's parameters: a reused reference must match it.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    #: The generation parameters (prompt or messages, stop, grammar, sampling) as JSON.
+    request: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    quote: Mapped[int] = mapped_column(BigInteger)
+    #: What is held for this job: the requester's offer (raised bids add to it).
+    offered: Mapped[int] = mapped_column(BigInteger)
+    #: offered / quote in millionths: the bid of the fee market.
+    bid_ppm: Mapped[int] = mapped_column(BigInteger)
+    #: Ordering key, higher first: bid + aging × (−created_at); time-invariant.
+    priority: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    #: Celery task id of the current attempt; a result must name it.
+    task_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline_at: Mapped[float | None] = mapped_column(Float)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    lease_until: Mapped[float | None] = mapped_column(Float, index=True)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    result_text: Mapped[str | None] = mapped_column(Text)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    charged: Mapped[int | None] = mapped_column(BigInteger)
+    refunded: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    #: Worker timings of the completed attempt, as JSON.
+    timings: Mapped[str | None] = mapped_column(Text)
+    #: Channels: a Celery task name and queue of the requester, and/or a webhook URL.
+    callback_task: Mapped[str | None] = mapped_column(String(200))
+    callback_queue: Mapped[str | None] = mapped_column(String(200))
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    #: Channels already delivered to, comma-separated: never deliver twice.
+    delivered: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES

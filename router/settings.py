@@ -1,37 +1,58 @@
-"""Herder configuration: the one place ``router`` reads the environment."""
+"""Herder configuration: the one place ``router`` reads the environment.
+
+``HerderSettings`` extends the workers' settings (same ``LLAMAS_`` names for
+Redis, home, context window and time limits), adding the herder's own.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError
 
-from llama_tasks.settings import DEFAULT_REDIS_URL
+from llama_tasks.settings import WorkerSettings, exit_on_invalid
+
+#: The queue the herder's Celery worker consumes.
+HERDER_QUEUE = "herder"
 
 
-class HerderSettings(BaseSettings):
+class HerderSettings(WorkerSettings):
     """Settings of the herder, the gateway and the ``llamas`` CLI."""
 
-    model_config = SettingsConfigDict(env_prefix="LLAMAS_", extra="ignore")
-
-    home: Path = Field(
-        default_factory=lambda: Path.home() / ".llamas",
-        description="Directory for keys, the model registry and the SQLite ledger.",
-    )
-    redis_url: str = Field(DEFAULT_REDIS_URL, description="Broker, result store and streams.")
+    service_name: str = Field("llamas", description="Name reported by Info.")
     database_url: str = Field(
         "", description="SQLAlchemy URL of the ledger; empty = SQLite file <home>/ledger.db."
     )
     base_fee: int = Field(1, ge=0, description="Flat fee per request, smallest money unit.")
     fee_per_token: int = Field(1, ge=0, description="Fee per prompt or completion token.")
+    max_queue: int = Field(1000, ge=1, description="Queued jobs past which requests are refused.")
+    aging_per_s: float = Field(
+        0.0, ge=0, description="Multiplier a waiting job's effective bid gains per second."
+    )
+    lease_grace_s: float = Field(
+        30.0, ge=0, description="A dispatched job's lease is the hard time limit plus this."
+    )
+    max_attempts: int = Field(3, ge=1, le=20, description="Dispatches before a job fails.")
+    max_request_bytes: int = Field(
+        256_000, ge=1024, description="Largest request (prompt, messages, grammar) in bytes."
+    )
+    tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
+    response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Per webhook POST.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
 
     @property
     def ledger_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'ledger.db'}"
 
+    @property
+    def lease_s(self) -> float:
+        return self.time_limit_s + self.lease_grace_s
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> HerderSettings:
-    return HerderSettings()
+    try:
+        return HerderSettings()
+    except ValidationError as exc:
+        raise exit_on_invalid(exc) from None

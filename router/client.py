@@ -1,0 +1,164 @@
+"""The Python client: ``from router import Herder``.
+
+It talks to the herder through the broker (a message to the ``herder``
+queue, answered through the result backend), so a requester needs a broker
+URL and an API key — never the ledger. Refusals arrive as the typed errors
+of ``router.errors`` and ``llama_tasks.errors``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+
+from llama_tasks import stream as token_stream
+from router import fees, forwarding
+from router.errors import JobFailed, ResultTimeout
+from router.settings import HERDER_QUEUE
+
+#: How often ``result()`` asks the herder directly, in case a response key was lost.
+STATUS_POLL_S = 5.0
+#: Default time to wait for the herder to answer a request.
+RPC_TIMEOUT_S = 30.0
+
+
+class Herder:
+    """A requester's connection to the service."""
+
+    def __init__(self, api_key: str = "", app: Celery | None = None, redis_url: str | None = None,
+                 timeout_s: float = RPC_TIMEOUT_S) -> None:
+        if app is None:
+            from router.app import app as default_app
+
+            app = default_app
+        self.app = app
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.redis = redis.Redis.from_url(redis_url or str(app.conf.broker_url))
+
+    def _call(self, task: str, *args: Any, secret: bool = False, **kwargs: Any) -> Any:
+        # argsrepr keeps the API key out of events (Flower) and logs.
+        options: dict[str, Any] = {"argsrepr": "(…)"} if secret else {}
+        result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE, **options)
+        try:
+            return result.get(timeout=self.timeout_s)
+        finally:
+            result.forget()
+
+    # --- prices ---------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        return self._call("router.info")
+
+    def prices(self) -> tuple[int, int]:
+        """``(base_fee, fee_per_token)``, as the original client's getPrices."""
+        info = self.info()
+        return info["base_fee"], info["fee_per_token"]
+
+    def calculate_fee(self, prompt_tokens: int, tokens: int, multiplier: float = 1.0) -> int:
+        """The fee for a prompt of known length, computed here from the herder's prices."""
+        base, per = self.prices()
+        return fees.offer(fees.quote(base, per, prompt_tokens, tokens), None, multiplier)
+
+    def quote(self, prompt: str | None = None, tokens: int = 128, *, messages: list[dict[str, str]] | None = None,
+              model: str = "smollm2") -> dict[str, Any]:
+        return self._call("router.quote", {"prompt": prompt, "messages": messages, "max_tokens": tokens, "model": model})
+
+    # --- requests -------------------------------------------------------------
+
+    def run(self, prompt: str | None = None, tokens: int = 128, *, messages: list[dict[str, str]] | None = None,
+            fee: int | None = None, multiplier: float | None = None, bump: bool = False,
+            reference: str | None = None, callback: str | tuple[str, str] | None = None,
+            webhook: str | None = None, deadline_s: float | None = None, stop: list[str] | None = None,
+            grammar: str | None = None, json_schema: dict[str, Any] | None = None,
+            model: str = "smollm2", **sampling: Any) -> "JobHandle":
+        """Pay for one generation; returns its handle at once.
+
+        ``callback`` is a Celery task name, or ``(task, queue)``, that receives
+        the response with your ``reference``. With ``bump`` and no explicit
+        offer, the bid matches the last accepted multiplier when the queue is
+        not empty, so the request does not go to the back of a busy queue.
+        """
+        if bump and fee is None and multiplier is None:
+            info = self.info()
+            if info["queue_length"] and info["last_multiplier"]:
+                multiplier = max(1.0, info["last_multiplier"])
+        task, queue = (callback, None) if isinstance(callback, str) or callback is None else callback
+        request = {
+            "prompt": prompt, "messages": messages, "max_tokens": tokens, "model": model,
+            "stop": list(stop or []), "grammar": grammar, "json_schema": json_schema,
+            "fee": fee, "multiplier": multiplier, "reference": reference,
+            "callback_task": task, "callback_queue": queue, "webhook_url": webhook,
+            "deadline_s": deadline_s, **sampling,
+        }
+        doc = self._call("router.submit", self.api_key, request, secret=True)
+        return JobHandle(self, doc)
+
+    def job(self, job_id: str) -> "JobHandle":
+        return JobHandle(self, self._call("router.status", self.api_key, job_id, secret=True))
+
+
+class JobHandle:
+    """One admitted job, as its requester sees it."""
+
+    def __init__(self, herder: Herder, doc: dict[str, Any]) -> None:
+        self._herder = herder
+        self.doc = doc
+        self.id: str = doc["job_id"]
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id}, {self.doc.get('state')})"
+
+    def status(self) -> str:
+        self.doc = self._herder._call("router.status", self._herder.api_key, self.id, secret=True)
+        return str(self.doc["state"])
+
+    def position(self) -> int:
+        """1-based place in the queue; 0 once the job has left it."""
+        self.status()
+        return int(self.doc["position"])
+
+    def cancel(self) -> dict[str, Any]:
+        self.doc = self._herder._call("router.cancel", self._herder.api_key, self.id, secret=True)
+        return self.doc
+
+    def raise_bid(self, fee: int | None = None, multiplier: float | None = None) -> dict[str, Any]:
+        self.doc = self._herder._call("router.raise_bid", self._herder.api_key, self.id, fee, multiplier, secret=True)
+        return self.doc
+
+    def response(self, timeout: float = 300.0) -> dict[str, Any]:
+        """The final response document (whatever the outcome), waiting up to ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        next_poll = time.monotonic() + STATUS_POLL_S
+        while True:
+            remaining = deadline - time.monotonic()
+            found = forwarding.read_handle(self._herder.redis, self.id, min(1.0, max(0.0, remaining)))
+            if found is not None:
+                return found
+            if time.monotonic() >= next_poll or remaining <= 0:
+                # The response key may have been lost (Redis flushed): ask the herder.
+                self.status()
+                if "response" in self.doc:
+                    return self.doc["response"]
+                next_poll = time.monotonic() + STATUS_POLL_S
+            if remaining <= 0:
+                raise ResultTimeout(self.id, timeout)
+
+    def result(self, timeout: float = 300.0) -> dict[str, Any]:
+        """The answer (text, tokens, charged, refunded, finish reason, timings); raises if none."""
+        response = self.response(timeout)
+        if response["status"] != "done":
+            raise JobFailed(self.id, response["status"], response.get("error"), response.get("message"))
+        return response
+
+    def stream(self, timeout: float = 300.0) -> Iterator[str]:
+        """Text pieces as the worker generates them (a retried attempt starts again)."""
+        for event in token_stream.follow(self._herder.redis, self.id, timeout_s=timeout):
+            if event["event"] == "token":
+                yield event["text"]
+            elif event["event"] == "error":
+                raise JobFailed(self.id, "failed", event.get("error"), event.get("message"))

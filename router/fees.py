@@ -1,0 +1,53 @@
+"""Fee arithmetic, in integers of the smallest money unit.
+
+A quote is ``base_fee + fee_per_token × (prompt_tokens + max_tokens)``. A
+requester offers a fee at least the quote, or a multiplier of it; on
+completion it pays the same multiplier of what it actually used.
+"""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal, InvalidOperation
+
+from router.errors import InvalidOffer
+
+#: Bids are kept as multipliers in millionths, an integer.
+PPM = 1_000_000
+
+
+def quote(base_fee: int, fee_per_token: int, prompt_tokens: int, tokens: int) -> int:
+    """The fee for a prompt of ``prompt_tokens`` and up to ``tokens`` more."""
+    return base_fee + fee_per_token * (prompt_tokens + tokens)
+
+
+def offer(quoted: int, fee: int | None, multiplier: float | str | None) -> int:
+    """What a requester offers: its explicit fee, or ``ceil(multiplier × quote)``."""
+    if fee is not None and multiplier is not None:
+        raise InvalidOffer("give a fee or a multiplier, not both")
+    if fee is not None:
+        if isinstance(fee, bool) or not isinstance(fee, int) or fee <= 0:
+            raise InvalidOffer(f"fee must be a positive integer, got {fee!r}")
+        return fee
+    try:
+        m = Decimal(str(1 if multiplier is None else multiplier))
+    except InvalidOperation:
+        raise InvalidOffer(f"multiplier must be a number, got {multiplier!r}") from None
+    if not m.is_finite() or m <= 0:
+        raise InvalidOffer(f"multiplier must be positive, got {multiplier!r}")
+    # Decimal, not float: 1.1 × 100 must be 110, not 111.
+    return math.ceil(m * quoted)
+
+
+def bid_ppm(offered: int, quoted: int) -> int:
+    """The multiplier an offer amounts to, in millionths (rounded down)."""
+    return offered * PPM // quoted
+
+
+def charge(offered: int, quoted: int, actual: int) -> int:
+    """What a finished job pays: its multiplier times the actual cost, at most the hold.
+
+    ``offered × actual // quoted`` is the multiplier applied exactly in
+    integers; rounding down favours the requester.
+    """
+    return min(offered, offered * actual // quoted)

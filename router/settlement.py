@@ -1,0 +1,170 @@
+"""How jobs end: settle a result, fail, expire, cancel — each exactly once.
+
+Every function here takes the caller's transaction, locks the job row, and
+acts only if the job is still in the state it expects; a redelivered result,
+a late lease check or a second cancel therefore changes nothing. A finished
+job is charged ``multiplier × actual cost`` (at most its hold) and gets the
+rest back; any other ending returns the whole hold.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from router import fees, ledger
+from router.admission import priority
+from router.errors import InvalidOffer, JobNotQueued, UnknownJob
+from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow
+from router.settings import HerderSettings
+from router.tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+def _locked(session: Session, **where: Any) -> JobRow | None:
+    query = select(JobRow).filter_by(**where)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def _account(session: Session, row: JobRow) -> Account:
+    account = session.get(Account, row.account_id)
+    assert account is not None
+    return account
+
+
+def _refund_all(session: Session, row: JobRow, state: str, error: str, message: str, now: float) -> JobRow:
+    held = ledger.held_for(session, row.id)
+    if held:
+        ledger.release(session, _account(session, row), held, row.id)
+    row.state, row.error, row.error_message = state, error, message
+    row.charged, row.refunded, row.finished_at = 0, held, now
+    row.lease_until = None
+    return row
+
+
+def settle(session: Session, settings: HerderSettings, counter: TokenCounter, doc: dict[str, Any],
+           now: float) -> JobRow | None:
+    """Charge a completed attempt and record its answer; None if it is not current.
+
+    ``doc`` must already be the authoritative result (read from the result
+    backend by the task id the herder chose), never a message's claim.
+    """
+    row = _locked(session, task_id=doc.get("task_id"))
+    if row is None or row.state != RUNNING or row.id != doc.get("job_id") or row.attempt != doc.get("attempt"):
+        log.info("ignoring result for task %s: not a running attempt", doc.get("task_id"))
+        return None
+    text = str(doc.get("text", ""))
+    # Recount rather than trust the worker's own count.
+    completion = counter.completion_tokens(row.model, text)
+    actual = fees.quote(settings.base_fee, settings.fee_per_token, row.prompt_tokens, completion)
+    held = ledger.held_for(session, row.id)
+    charge = min(fees.charge(row.offered, row.quote, actual), held)
+    if charge:
+        ledger.capture(session, charge, row.id)
+    if held - charge:
+        ledger.release(session, _account(session, row), held - charge, row.id)
+    row.state, row.finished_at, row.lease_until = DONE, now, None
+    row.result_text, row.completion_tokens = text, completion
+    row.finish_reason = str(doc.get("finish_reason", "stop"))
+    row.charged, row.refunded = charge, held - charge
+    row.worker = str(doc.get("worker", ""))
+    row.timings = json.dumps(doc.get("timings", {}))
+    return row
+
+
+def fail_attempt(session: Session, settings: HerderSettings, task_id: str, error: str, message: str,
+                 retryable: bool, now: float) -> JobRow | None:
+    """Handle a failed attempt: queue it again while attempts remain, else fail and refund.
+
+    Returns the row if the job ended (so its requester must be told).
+    """
+    row = _locked(session, task_id=task_id)
+    if row is None or row.state != RUNNING:
+        return None
+    if retryable and row.attempt < settings.max_attempts:
+        row.state, row.task_id, row.lease_until = QUEUED, None, None
+        log.warning("job %s attempt %d failed (%s: %s); queued again", row.id, row.attempt, error, message)
+        return None
+    return _refund_all(session, row, FAILED, error, message, now)
+
+
+def reap_leases(session: Session, settings: HerderSettings, now: float) -> list[JobRow]:
+    """Running jobs whose lease ran out (their worker vanished): retry or fail."""
+    ended = []
+    query = select(JobRow.task_id).where(JobRow.state == RUNNING, JobRow.lease_until < now)
+    for task_id in list(session.scalars(query)):
+        row = fail_attempt(session, settings, task_id, "LeaseExpired",
+                           "no result before the lease ran out", retryable=True, now=now)
+        if row is not None:
+            ended.append(row)
+    return ended
+
+
+def expire_deadlines(session: Session, now: float) -> list[JobRow]:
+    """Queued jobs whose deadline passed before they started: full refund."""
+    ended = []
+    query = select(JobRow.id).where(JobRow.state == QUEUED, JobRow.deadline_at < now)
+    for job_id in list(session.scalars(query)):
+        row = _locked(session, id=job_id)
+        if row is not None and row.state == QUEUED:
+            ended.append(_refund_all(session, row, EXPIRED, "DeadlineExpired",
+                                     "the deadline passed before the job started", now))
+    return ended
+
+
+def _own_queued(session: Session, account: Account, job_id: str) -> JobRow:
+    row = _locked(session, id=job_id)
+    if row is None or row.account_id != account.id:
+        raise UnknownJob(job_id)
+    if row.state != QUEUED:
+        raise JobNotQueued(job_id, row.state)
+    return row
+
+
+def cancel(session: Session, account: Account, job_id: str, now: float) -> JobRow:
+    """Cancel a queued job of ``account`` with a full refund."""
+    row = _own_queued(session, account, job_id)
+    return _refund_all(session, row, CANCELLED, "Cancelled", "cancelled by the requester", now)
+
+
+def raise_bid(session: Session, settings: HerderSettings, account: Account, job_id: str,
+              fee: int | None, multiplier: float | str | None) -> JobRow:
+    """Raise a queued job's offer to a new total; the difference is held."""
+    row = _own_queued(session, account, job_id)
+    new_offer = fees.offer(row.quote, fee, multiplier)
+    if new_offer <= row.offered:
+        raise InvalidOffer(f"new offer {new_offer} must exceed the current {row.offered}")
+    ledger.hold(session, account, new_offer - row.offered, row.id)
+    row.offered = new_offer
+    row.bid_ppm = fees.bid_ppm(new_offer, row.quote)
+    row.priority = priority(row.bid_ppm, row.created_at, settings.aging_per_s)
+    return row
+
+
+def response(row: JobRow) -> dict[str, Any]:
+    """What every channel receives about a finished job."""
+    return {
+        "job_id": row.id,
+        "reference": row.reference,
+        "status": row.state,
+        "model": row.model,
+        "text": row.result_text,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "finish_reason": row.finish_reason,
+        "offered": row.offered,
+        "charged": row.charged,
+        "refunded": row.refunded,
+        "error": row.error,
+        "message": row.error_message,
+        "attempts": row.attempt,
+        "worker": row.worker,
+        "timings": json.loads(row.timings) if row.timings else {},
+    }

@@ -37,6 +37,8 @@ result_expires = _settings.result_expires_s
 result_extended = False
 
 worker_concurrency = _settings.concurrency
+# Beat (the herder's -B) keeps its schedule state with the rest of ours.
+beat_schedule_filename = str(_settings.home / "celerybeat-schedule")
 worker_pool = "prefork"
 # Task events let Flower show tasks as they run.
 worker_send_task_events = True

@@ -3,8 +3,8 @@
 Redis: ``LLAMAS_TEST_REDIS_URL`` when set; an embedded Valkey when
 ``LLAMAS_TEST_EMBEDDED_REDIS=1`` or when nothing answers on the default
 address; otherwise the local server (database 9, flushed per test session).
-The choice is made before any ``llama_tasks`` import, because the Celery app
-reads its settings once.
+The choice is made when this file is imported, before any ``llama_tasks`` or
+``router`` import, because their Celery apps read the settings once.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _choose_redis() -> str:
     return f"redis://127.0.0.1:{_embedded.port}/0"
 
 
-def pytest_configure(config: pytest.Config) -> None:
+def _configure_environment() -> None:
     os.environ["LLAMAS_HOME"] = str(_HOME)
     os.environ["LLAMAS_REDIS_URL"] = _choose_redis()
     # Short heartbeats so tests see workers join quickly.
@@ -59,6 +59,11 @@ def pytest_configure(config: pytest.Config) -> None:
     from llama_tasks import signing
 
     signing.generate_keypair(_HOME)
+
+
+# At import, not in pytest_configure: pytest imports the conftest files of
+# the test directories (which import the packages) before that hook runs.
+_configure_environment()
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -123,17 +128,17 @@ def make_job():
     return make
 
 
-class WorkerProcess:
-    """A real ``celery -A llama_tasks worker`` in a subprocess."""
+class CeleryProcess:
+    """A real ``celery -A <app> worker`` in a subprocess."""
 
-    def __init__(self, name: str, concurrency: int, env: dict[str, str], log: Path) -> None:
+    def __init__(self, app: str, queue: str, name: str, concurrency: int, env: dict[str, str],
+                 log: Path, extra: list[str] | None = None) -> None:
         self.name = f"{name}@test"
         self.log = log
         cmd = [
-            sys.executable, "-m", "celery", "-A", "llama_tasks", "worker",
-            "-Q", "llama." + env.get("LLAMAS_MODEL", "smollm2"),
+            sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
             "-c", str(concurrency), "-n", self.name, "-l", "info",
-            "--without-mingle", "--without-gossip",
+            "--without-mingle", "--without-gossip", *(extra or []),
         ]
         self._log_file = open(log, "wb")
         self.proc = subprocess.Popen(
@@ -142,6 +147,7 @@ class WorkerProcess:
         )
 
     def wait_ready(self, r: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Wait for the worker's heartbeat (inference workers only)."""
         import json
 
         from llama_tasks.constants import HERD_PREFIX
@@ -151,10 +157,23 @@ class WorkerProcess:
             doc = r.get(HERD_PREFIX + self.name)
             if doc:
                 return json.loads(doc)
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.output()}")
+            self._check_alive()
             time.sleep(0.1)
         raise TimeoutError(f"worker {self.name} sent no heartbeat:\n{self.output()}")
+
+    def wait_log(self, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``text`` appears in the worker's log (e.g. 'ready.')."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            self._check_alive()
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {text!r} not logged:\n{self.output()}")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.output()}")
 
     def output(self) -> str:
         self._log_file.flush()
@@ -171,16 +190,21 @@ class WorkerProcess:
         self._log_file.close()
 
 
+def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) -> CeleryProcess:
+    queue = "llama." + env.get("LLAMAS_MODEL", "smollm2")
+    return CeleryProcess("llama_tasks", queue, name, concurrency, env, log)
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path, r: Any) -> Iterator[Any]:
     """Start real worker processes; all are stopped when the test ends."""
-    started: list[WorkerProcess] = []
+    started: list[CeleryProcess] = []
 
-    def start(concurrency: int = 1, wait: bool = True, **env_overrides: str) -> WorkerProcess:
+    def start(concurrency: int = 1, wait: bool = True, **env_overrides: str) -> CeleryProcess:
         env = dict(os.environ)
         env.update(env_overrides)
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        worker = WorkerProcess(name, concurrency, env, tmp_path / f"{name}.log")
+        worker = llama_worker(name, concurrency, env, tmp_path / f"{name}.log")
         started.append(worker)
         if wait:
             worker.wait_ready(r)

@@ -122,6 +122,13 @@ class ReferenceConflict(AdmissionError):
     template = "reference {reference!r} was used for job {job_id} with different parameters"
 
 
+class BadReference(AdmissionError):
+    """Raised when an idempotency reference is not text of 1 to ``limit`` characters."""
+
+    fields = ("reference", "limit")
+    template = "reference must be text of 1 to {limit} characters, got {reference!r}"
+
+
 class BadDeadline(AdmissionError):
     """Raised when a deadline is not a positive number of seconds."""
 
@@ -169,3 +176,10 @@ class ResultTimeout(JobError):
 
     fields = ("job_id", "timeout_s")
     template = "no response for job {job_id} within {timeout_s}s"
+
+
+class NoWorkers(AdmissionError):
+    """Raised when no live worker serves the requested model."""
+
+    fields = ("model",)
+    template = "no worker is serving model {model!r} right now"

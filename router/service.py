@@ -5,7 +5,6 @@ engine, the token counter, the signing key and a Redis client.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

@@ -2,7 +2,8 @@
 
 Redis: ``LLAMAS_TEST_REDIS_URL`` when set; an embedded Valkey when
 ``LLAMAS_TEST_EMBEDDED_REDIS=1`` or when nothing answers on the default
-address; otherwise the local server (database 9, flushed per test session).
+address; otherwise a database of the local server (9 to 15) that no other
+test session holds, flushed before and after.
 The choice is made when this file is imported, before any ``llama_tasks`` or
 ``router`` import, because their Celery apps read the settings once.
 """
@@ -10,9 +11,6 @@ The choice is made when this file is imported, before any ``llama_tasks`` or
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -22,7 +20,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import CeleryProcess, llama_worker
 _HOME = Path(tempfile.mkdtemp(prefix="llamas-test-home-"))
 _embedded: Any = None
 
@@ -36,6 +34,27 @@ def _answers(url: str) -> bool:
         return False
 
 
+#: Key that marks a local Redis database as taken by a running test session.
+_SESSION_KEY = "llamas:test-session"
+_claimed_url: str | None = None
+
+
+def _claim_local_database() -> str | None:
+    """A database of the local Redis no other test session is using, flushed."""
+    global _claimed_url
+    import redis
+
+    for db in range(9, 16):
+        url = f"redis://127.0.0.1:6379/{db}"
+        client = redis.Redis.from_url(url)
+        if client.set(_SESSION_KEY, os.getpid(), nx=True, ex=3 * 3600):
+            client.flushdb()
+            client.set(_SESSION_KEY, os.getpid(), ex=3 * 3600)
+            _claimed_url = url
+            return url
+    return None
+
+
 def _choose_redis() -> str:
     # No llama_tasks import may happen before LLAMAS_* is set: the Celery app
     # reads its settings once, at import.
@@ -45,7 +64,10 @@ def _choose_redis() -> str:
     if os.environ.get("LLAMAS_TEST_REDIS_URL"):
         return os.environ["LLAMAS_TEST_REDIS_URL"]
     if os.environ.get("LLAMAS_TEST_EMBEDDED_REDIS") != "1" and _answers("redis://127.0.0.1:6379/9"):
-        return "redis://127.0.0.1:6379/9"
+        # Concurrent test sessions would consume each other's queues: each takes its own database.
+        claimed = _claim_local_database()
+        if claimed:
+            return claimed
     _embedded = ValkeyServer(config={"save": "", "appendonly": "no", "maxmemory-policy": "noeviction"})
     _embedded.start()
     return f"redis://127.0.0.1:{_embedded.port}/0"
@@ -74,6 +96,12 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _embedded is not None:
         _embedded.stop()
+    if _claimed_url is not None:
+        import redis
+
+        client = redis.Redis.from_url(_claimed_url)
+        client.flushdb()  # also releases the database for the next session
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -128,73 +156,6 @@ def make_job():
     return make
 
 
-class CeleryProcess:
-    """A real ``celery -A <app> worker`` in a subprocess."""
-
-    def __init__(self, app: str, queue: str, name: str, concurrency: int, env: dict[str, str],
-                 log: Path, extra: list[str] | None = None) -> None:
-        self.name = f"{name}@test"
-        self.log = log
-        cmd = [
-            sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
-            "-c", str(concurrency), "-n", self.name, "-l", "info",
-            "--without-mingle", "--without-gossip", *(extra or []),
-        ]
-        self._log_file = open(log, "wb")
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, r: Any, timeout_s: float = 60.0) -> dict[str, Any]:
-        """Wait for the worker's heartbeat (inference workers only)."""
-        import json
-
-        from llama_tasks.constants import HERD_PREFIX
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            doc = r.get(HERD_PREFIX + self.name)
-            if doc:
-                return json.loads(doc)
-            self._check_alive()
-            time.sleep(0.1)
-        raise TimeoutError(f"worker {self.name} sent no heartbeat:\n{self.output()}")
-
-    def wait_log(self, text: str, timeout_s: float = 60.0) -> None:
-        """Wait until ``text`` appears in the worker's log (e.g. 'ready.')."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in self.output():
-                return
-            self._check_alive()
-            time.sleep(0.1)
-        raise TimeoutError(f"{self.name}: {text!r} not logged:\n{self.output()}")
-
-    def _check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.output()}")
-
-    def output(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log_file.close()
-
-
-def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) -> CeleryProcess:
-    queue = "llama." + env.get("LLAMAS_MODEL", "smollm2")
-    return CeleryProcess("llama_tasks", queue, name, concurrency, env, log)
-
-
 @pytest.fixture
 def start_worker(tmp_path: Path, r: Any) -> Iterator[Any]:
     """Start real worker processes; all are stopped when the test ends."""
@@ -230,3 +191,7 @@ def send(celery_app: Any):
         return celery_app.send_task("llama_tasks.generate", args=[envelope], queue=queue)
 
     return send
+
+
+# The whole running service, for end-to-end tests (module-scoped, SQLite and PostgreSQL).
+from tests.stack import stack  # noqa: E402,F401

@@ -1,0 +1,80 @@
+"""Real Celery worker processes for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class CeleryProcess:
+    """A real ``celery -A <app> worker`` in a subprocess."""
+
+    def __init__(self, app: str, queue: str, name: str, concurrency: int, env: dict[str, str],
+                 log: Path, extra: list[str] | None = None) -> None:
+        self.name = f"{name}@test"
+        self.log = log
+        cmd = [
+            sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
+            "-c", str(concurrency), "-n", self.name, "-l", "info",
+            "--without-mingle", "--without-gossip", *(extra or []),
+        ]
+        self._log_file = open(log, "wb")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, r: Any, timeout_s: float = 60.0) -> dict[str, Any]:
+        """Wait for the worker's heartbeat (inference workers only)."""
+        import json
+
+        from llama_tasks.constants import HERD_PREFIX
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            doc = r.get(HERD_PREFIX + self.name)
+            if doc:
+                return json.loads(doc)
+            self._check_alive()
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} sent no heartbeat:\n{self.output()}")
+
+    def wait_log(self, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``text`` appears in the worker's log (e.g. 'ready.')."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            self._check_alive()
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name}: {text!r} not logged:\n{self.output()}")
+
+    def _check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.output()}")
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_file.close()
+
+
+def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) -> CeleryProcess:
+    queue = "llama." + env.get("LLAMAS_MODEL", "smollm2")
+    return CeleryProcess("llama_tasks", queue, name, concurrency, env, log)

@@ -1,0 +1,206 @@
+"""The HTTP gateway: the official ``openai`` client against a running stack,
+and raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from llama_tasks import stream
+from router.models import JobRow
+
+pytestmark = pytest.mark.slow
+
+LONG = dict(prompt="Letters:", tokens=200, grammar="root ::= [a-z]{200}", temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def gateway(stack):
+    return stack.gateway_url()
+
+
+def client(gateway: str, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway + "/v1", api_key=key, max_retries=0)
+
+
+def test_chat_completion_with_the_openai_client(stack, gateway):
+    key, _ = stack.account(10_000)
+    reply = client(gateway, key).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Say hello."}], max_tokens=24,
+        extra_body={"multiplier": 2},
+    )
+    text = reply.choices[0].message.content
+    usage = reply.usage.model_dump()
+    row = stack.job(reply.id.removeprefix("chatcmpl-"))
+    assert text and text == row.result_text
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert usage["completion_tokens"] == row.completion_tokens and usage["prompt_tokens"] == row.prompt_tokens
+    assert usage["charged"] + usage["refunded"] == usage["offered"] == 2 * row.quote
+    assert stack.balance(key) == 10_000 - usage["charged"]
+
+
+def test_chat_streaming_with_the_openai_client(stack, gateway):
+    key, _ = stack.account(10_000)
+    chunks = list(client(gateway, key).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Tell me about llamas."}], max_tokens=40,
+        stream=True, stream_options={"include_usage": True},
+    ))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    job_id = chunks[0].id.removeprefix("chatcmpl-")
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # it did stream
+    assert text == stack.job(job_id).result_text
+    assert chunks[-1].usage.completion_tokens == stack.job(job_id).completion_tokens
+
+
+def test_text_completions_plain_and_streaming(stack, gateway):
+    key, _ = stack.account(10_000)
+    oa = client(gateway, key)
+    plain = oa.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert plain.choices[0].finish_reason == "length" and plain.usage.completion_tokens == 10
+    pieces = list(oa.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10,
+                                        temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+
+
+def test_models_info_health_and_jobs(stack, gateway):
+    key, _ = stack.account(10_000)
+    assert [m.id for m in client(gateway, key).models.list()] == ["smollm2"]
+    health = httpx.get(gateway + "/health").json()
+    assert health["status"] == "ok" and health["broker"]["state"] == health["ledger"]["state"] == "ok"
+    assert health["herd"]["slots"] == 1
+    info = httpx.get(gateway + "/info").json()
+    assert info["base_fee"] == 1 and info["fee_per_token"] == 1 and info["models"][0]["name"] == "smollm2"
+    assert [row["multiplier"] for row in info["price_discovery"]] == [1.0, 1.5, 2.0, 5.0]
+    reply = client(gateway, key).completions.create(model="smollm2", prompt="Hi", max_tokens=3)
+    job_id = reply.id.removeprefix("cmpl-")
+    auth = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{gateway}/jobs/{job_id}", headers=auth).json()["state"] == "done"
+    other, _ = stack.account(10)
+    assert httpx.get(f"{gateway}/jobs/{job_id}", headers={"Authorization": f"Bearer {other}"}).status_code == 404
+
+
+def post(gateway: str, key: str, body: dict, **headers: str) -> httpx.Response:
+    return httpx.post(gateway + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {key}", **headers}, timeout=60)
+
+
+def test_error_statuses_are_openai_style(stack, gateway):
+    key, _ = stack.account(1_000)
+    poor, _ = stack.account(5)
+    bad_key = post(gateway, "llm_not-a-key", {"prompt": "hi", "max_tokens": 4})
+    assert bad_key.status_code == 401 and bad_key.json()["error"]["type"] == "invalid_api_key"
+    no_key = httpx.post(gateway + "/v1/completions", json={"prompt": "hi"}, timeout=60)
+    assert no_key.status_code == 401
+
+    funds = post(gateway, poor, {"prompt": "hi", "max_tokens": 4})
+    assert funds.status_code == 402 and funds.json()["error"]["code"] == "InsufficientFunds"
+    fee = post(gateway, key, {"prompt": "hi", "max_tokens": 4}, **{"X-Llamas-Fee": "1"})
+    assert fee.status_code == 402 and fee.headers["X-Needed"] == str(fee.json()["error"]["needed"])
+
+    too_long = post(gateway, key, {"prompt": "word " * 1500, "max_tokens": 1000})
+    err = too_long.json()["error"]
+    assert too_long.status_code == 422 and err["code"] == "ContextOverflow"
+    assert err["max_tokens"] == 1000 and err["n_ctx"] == 2048 and err["prompt_tokens"] > 1048
+    assert post(gateway, key, {"prompt": "hi", "max_tokens": 0}).status_code == 422
+    assert post(gateway, key, {"prompt": "", "max_tokens": 4}).status_code == 422
+    assert post(gateway, key, {"max_tokens": 4}).status_code == 422  # no prompt at all
+    assert post(gateway, key, {"prompt": "hi", "model": "nope"}).status_code == 404
+
+    ref = f"ref-{uuid.uuid4().hex}"
+    first = post(gateway, key, {"prompt": "hi", "max_tokens": 2, "reference": ref})
+    again = post(gateway, key, {"prompt": "hi", "max_tokens": 2, "reference": ref})
+    assert first.status_code == again.status_code == 200 and first.json()["id"] == again.json()["id"]
+    conflict = post(gateway, key, {"prompt": "bye", "max_tokens": 2, "reference": ref})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "ReferenceConflict"
+    assert stack.books() == []
+
+
+def test_a_client_that_disconnects_from_a_queued_request_is_refunded(stack, gateway):
+    key, herder = stack.account(100_000)
+    blocker = herder.run(**LONG)
+    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    ref = f"gone-{uuid.uuid4().hex}"
+    with pytest.raises(httpx.ReadTimeout):
+        post_timeout = httpx.Timeout(5.0, read=1.0)
+        httpx.post(gateway + "/v1/completions", json={"prompt": "Wait for me", "max_tokens": 8, "reference": ref},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=post_timeout)
+    deadline = time.monotonic() + 20
+    state = None
+    while time.monotonic() < deadline:
+        with stack.sessions.begin() as s:
+            state = s.query(JobRow.state).filter(JobRow.reference == ref).scalar()
+        if state == "cancelled":
+            break
+        time.sleep(0.1)
+    assert state == "cancelled"
+    done = blocker.result(timeout=120)
+    assert stack.balance(key) == 100_000 - done["charged"]
+
+
+def test_no_worker_for_a_model_is_503_and_holds_nothing(stack, gateway):
+    from pathlib import Path
+
+    from llama_tasks import registry
+
+    models_file = Path(stack.env["LLAMAS_HOME"]) / "models.json"
+    before = models_file.read_text() if models_file.exists() else None
+    # Registered (so not "unknown"), but no worker serves it.
+    registry.add_model(models_file, "unserved", Path(registry.smollm2_path()))
+    try:
+        key, _ = stack.account(1_000)
+        r = post(gateway, key, {"prompt": "hi", "max_tokens": 4, "model": "unserved"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "NoWorkers"
+        assert stack.balance(key) == 1_000
+        unknown = post(gateway, key, {"prompt": "hi", "max_tokens": 4, "model": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "UnknownModelRequested"
+    finally:
+        if before is None:
+            models_file.unlink()
+        else:
+            models_file.write_text(before)
+
+
+def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
+    """In process, on its own ledger, with a one-job queue for a model no real worker takes."""
+    import json as json_lib
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from llama_tasks import registry, signing
+    from llama_tasks.constants import HERD_PREFIX
+    from router import ledger
+    from router.admission import Submission
+    from router.api import create_app
+    from router.service import HerderService
+    from router.settings import HerderSettings
+
+    signing.generate_keypair(tmp_path)
+    settings = HerderSettings(home=tmp_path, max_queue=1)
+    registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
+    sent: list[str] = []
+    svc = HerderService(settings, lambda row, env: sent.append(row.id), lambda *a: None, lambda job_id: None)
+    with svc.sessions.begin() as s:
+        _, key = ledger.create_account(s, "q", 10_000)
+    # One ghost worker with one slot: the first job takes it, the second waits.
+    r.set(HERD_PREFIX + "ghost@test", json_lib.dumps({"worker": "ghost@test", "model": "ghost", "slots": 1}), ex=30)
+    try:
+        assert svc.submit(key, Submission(prompt="first", max_tokens=4, model="ghost"))["state"] == "running"
+        assert svc.submit(key, Submission(prompt="second", max_tokens=4, model="ghost"))["state"] == "queued"
+        http = TestClient(create_app(lambda: svc))
+        full = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "model": "ghost"},
+                         headers={"Authorization": f"Bearer {key}"})
+        assert full.status_code == 429 and full.json()["error"]["code"] == "QueueFull"
+        assert full.json()["error"]["limit"] == 1
+        with svc.sessions.begin() as s:
+            assert ledger.check(s) == []
+            held = sum(row.offered for row in s.query(JobRow).filter(JobRow.state.in_(["queued", "running"])))
+            assert ledger.balance(s, ledger.account_by_key(s, key)) == 10_000 - held
+            assert s.query(JobRow).count() == 2
+        assert len(sent) == 1
+    finally:
+        r.delete(HERD_PREFIX + "ghost@test")

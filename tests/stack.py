@@ -1,0 +1,148 @@
+"""A whole running service for end-to-end tests: herder with beat, a SmolLM2
+worker, a requester's own Celery app and (on demand) the HTTP gateway, on
+one ledger (SQLite or a fresh PostgreSQL database)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis as redis_lib
+
+from router import Herder, ledger
+from router.db import make_engine, make_sessionmaker, upgrade
+from router.models import JobRow, Transfer
+from tests.processes import ROOT, CeleryProcess, llama_worker
+
+
+def _postgres_database() -> str | None:
+    import psycopg
+
+    base = os.environ.get("LLAMAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    base = base.replace("postgresql+psycopg://", "postgresql://")
+    name = f"llamas_e2e_{uuid.uuid4().hex[:8]}"
+    try:
+        with psycopg.connect(base, autocommit=True, connect_timeout=2) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError:
+        if os.environ.get("LLAMAS_TEST_POSTGRES_URL"):
+            raise
+        return None
+    return base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
+
+
+def _drop_postgres_database(db_url: str) -> None:
+    import psycopg
+
+    base, name = db_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
+    with psycopg.connect(base + "/test", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+class Stack:
+    """Herder + one inference worker + a requester app, sharing one ledger."""
+
+    def __init__(self, tmp: Path, db_url: str, env: dict[str, str]) -> None:
+        self.db_url, self.env, self.tmp = db_url, env, tmp
+        self._gateway: subprocess.Popen[bytes] | None = None
+        upgrade(db_url)
+        self.sessions = make_sessionmaker(make_engine(db_url))
+        self.worker = llama_worker("llama", 1, env, tmp / "llama.log")
+        self.herder = CeleryProcess("router", "herder", "herder", 2, env, tmp / "herder.log",
+                                    extra=["-B", "-s", str(tmp / "beat-schedule")])
+        self.requester = CeleryProcess("tests.router.requester_app", "requester", "requester", 1, env,
+                                       tmp / "requester.log")
+        self.r = redis_lib.Redis.from_url(env["LLAMAS_REDIS_URL"])
+        self.worker.wait_ready(self.r)
+        self.herder.wait_log("ready.")
+        self.requester.wait_log("ready.")
+
+    def account(self, deposit: int) -> tuple[str, Herder]:
+        with self.sessions.begin() as s:
+            _, key = ledger.create_account(s, f"acct-{uuid.uuid4().hex[:8]}", deposit)
+        return key, Herder(key)
+
+    def balance(self, key: str) -> int:
+        with self.sessions.begin() as s:
+            return ledger.balance(s, ledger.account_by_key(s, key))
+
+    def books(self) -> list[str]:
+        with self.sessions.begin() as s:
+            return ledger.check(s)
+
+    def job(self, job_id: str) -> JobRow:
+        with self.sessions.begin() as s:
+            row = s.query(JobRow).filter_by(id=job_id).one()
+            s.expunge(row)
+            return row
+
+    def captures(self, job_id: str) -> int:
+        with self.sessions.begin() as s:
+            return s.query(Transfer).filter_by(job_id=job_id, kind="capture").count()
+
+    def gateway_url(self) -> str:
+        """Start the HTTP gateway (once) and return its base URL."""
+        if self._gateway is None:
+            port = free_port()
+            self._gateway_log = open(self.tmp / "gateway.log", "wb")
+            self._gateway = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "router.api:app", "--host", "127.0.0.1", "--port", str(port)],
+                cwd=ROOT, env=self.env, stdout=self._gateway_log, stderr=subprocess.STDOUT,
+            )
+            self._gateway_port = port
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if self._gateway.poll() is not None:
+                        raise RuntimeError((self.tmp / "gateway.log").read_text())
+                    time.sleep(0.1)
+        return f"http://127.0.0.1:{self._gateway_port}"
+
+    def stop(self) -> None:
+        if self._gateway is not None:
+            self._gateway.terminate()
+            self._gateway.wait(timeout=20)
+            self._gateway_log.close()
+        for p in (self.requester, self.herder, self.worker):
+            p.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(request, tmp_path_factory, redis_url):
+    tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
+    if request.param == "sqlite":
+        db_url = f"sqlite:///{tmp / 'ledger.db'}"
+    else:
+        db_url = _postgres_database()
+        if db_url is None:
+            pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
+    env = dict(
+        os.environ,
+        LLAMAS_DATABASE_URL=db_url,
+        LLAMAS_TICK_S="0.5",
+        LLAMAS_SOFT_TIME_LIMIT_S="25",
+        LLAMAS_TIME_LIMIT_S="30",
+        LLAMAS_VISIBILITY_TIMEOUT_S="60",
+        LLAMAS_LEASE_GRACE_S="5",
+    )
+    s = Stack(tmp, db_url, env)
+    yield s
+    s.stop()
+    s.sessions.kw["bind"].dispose()
+    if request.param == "postgresql":
+        _drop_postgres_database(db_url)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -98,6 +98,10 @@ class Herder:
         doc = self._call("router.submit", self.api_key, request, secret=True)
         return JobHandle(self, doc)
 
+    def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """Your most recent jobs, newest first."""
+        return self._call("router.jobs", self.api_key, limit, secret=True)
+
     def job(self, job_id: str) -> "JobHandle":
         return JobHandle(self, self._call("router.status", self.api_key, job_id, secret=True))
 

@@ -120,6 +120,22 @@ class HerderService:
             settlement.raise_bid(session, self.settings, account, job_id, fee, multiplier)
         return self.describe(job_id)
 
+    def jobs(self, api_key: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The account's most recent jobs, newest first."""
+        with self.sessions.begin() as session:
+            account = ledger.account_by_key(session, api_key)
+            rows = session.scalars(
+                select(JobRow).where(JobRow.account_id == account.id)
+                .order_by(JobRow.seq.desc()).limit(max(1, min(limit, 500)))
+            )
+            return [
+                {"job_id": r.id, "state": r.state, "model": r.model, "reference": r.reference,
+                 "multiplier": r.bid_ppm / fees.PPM, "offered": r.offered, "charged": r.charged,
+                 "refunded": r.refunded, "completion_tokens": r.completion_tokens,
+                 "created_at": r.created_at, "finished_at": r.finished_at}
+                for r in rows
+            ]
+
     def describe(self, job_id: str) -> dict[str, Any]:
         """A job's public state: position while queued, the response once final."""
         with self.sessions.begin() as session:

@@ -20,6 +20,7 @@ class HerderSettings(WorkerSettings):
     """Settings of the herder, the gateway and the ``llamas`` CLI."""
 
     service_name: str = Field("llamas", description="Name reported by Info.")
+    api_key: str = Field("", description="The CLI's API key (`llamas run`, `llamas jobs`).")
     database_url: str = Field(
         "", description="SQLAlchemy URL of the ledger; empty = SQLite file <home>/ledger.db."
     )

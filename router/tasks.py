@@ -81,6 +81,11 @@ def status(api_key: str, job_id: str) -> dict[str, Any]:
     return service().status(api_key, job_id)
 
 
+@app.task(name="router.jobs", **_REQUEST)
+def jobs(api_key: str, limit: int = 20) -> list[dict[str, Any]]:
+    return service().jobs(api_key, limit)
+
+
 @app.task(name="router.cancel", **_REQUEST)
 def cancel(api_key: str, job_id: str) -> dict[str, Any]:
     return service().cancel(api_key, job_id)

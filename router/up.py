@@ -2,15 +2,18 @@
 
 Brings up Redis (the configured one, or an embedded Valkey when the default
 address has none), the signing keys, the ledger with a demo account, one
-inference worker for the configured model and the herder with its beat;
-then pays for one demo request, prints the answer as it streams with what it
-cost and what was refunded, and stays up until Ctrl-C.
+inference worker for the configured model, the herder with its beat, the
+HTTP gateway and Flower; prints where everything is, pays for one demo
+request through the gateway, prints the answer as it streams with what it
+cost and what was refunded, and stays up until Ctrl-C. A component that dies
+is reported and restarted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -65,32 +68,63 @@ def demo_key(settings: HerderSettings) -> str:
     return key
 
 
-def _demo(api_key: str) -> None:
-    """Pay for one request through the herder and print it as it streams."""
-    from router.client import Herder
+def _demo(gateway: str, api_key: str) -> None:
+    """Pay for one request through the gateway, printing it as it streams."""
+    import httpx
 
-    herder = Herder(api_key)
-    handle = herder.run(messages=DEMO_MESSAGES, tokens=48, multiplier=1)
-    console.print(f"[bold]demo[/]    job {handle.id}: {DEMO_MESSAGES[0]['content']}")
-    console.print(f"        quote {handle.doc['quote']}, held {handle.doc['offered']}")
+    body = {"model": "smollm2", "messages": DEMO_MESSAGES, "max_tokens": 48, "stream": True,
+            "stream_options": {"include_usage": True}}
+    console.print(f"[bold]demo[/]    POST {gateway}/v1/chat/completions: {DEMO_MESSAGES[0]['content']}")
     console.print("[green]answer:[/] ", end="")
-    for piece in handle.stream(timeout=120):
-        console.print(piece, end="", markup=False, highlight=False)
+    usage: dict[str, Any] = {}
+    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {api_key}"}) as reply:
+        if reply.status_code != 200:
+            raise SystemExit(f"the demo request failed: HTTP {reply.status_code}: {reply.read().decode()}")
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            for choice in chunk.get("choices", []):
+                console.print(choice["delta"].get("content") or "", end="", markup=False, highlight=False)
+            usage = chunk.get("usage") or usage
     console.print()
-    doc = handle.result(timeout=120)
-    t = doc["timings"]
     console.print(
-        f"        {doc['prompt_tokens']} prompt + {doc['completion_tokens']} completion tokens, "
-        f"finish={doc['finish_reason']}, {t.get('tokens_per_s', 0):.0f} tokens/s on {doc['worker']}\n"
-        f"        [bold]charged {doc['charged']}[/], refunded {doc['refunded']} of {doc['offered']} held"
+        f"        {usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens; "
+        f"[bold]charged {usage.get('charged')}[/], refunded {usage.get('refunded')} of {usage.get('offered')} held"
     )
 
 
-def up(concurrency: int | None = None) -> None:
+def check_port(port: int, what: str, option: str) -> None:
+    """Refuse a taken port up front, naming it and the option that changes it."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise SystemExit(
+                f"port {port} for the {what} is already taken; choose another with `llamas up {option} N`"
+            ) from None
+
+
+def _where(gateway: str, flower: str, key_file: Path) -> None:
+    console.print(f"""
+[bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics)
+[bold]flower[/]  {flower}
+[bold]try it[/]  export LLAMAS_API_KEY=$(cat {key_file})
+  curl {gateway}/v1/chat/completions -H "Authorization: Bearer $LLAMAS_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
+  python -c 'import os, openai; c = openai.OpenAI(base_url="{gateway}/v1", api_key=os.environ["LLAMAS_API_KEY"]); print(c.chat.completions.create(model="smollm2", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)'
+  llamas run "Hi!" --stream
+""", highlight=False, soft_wrap=True)
+
+
+def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555) -> None:
     """Run the service in the foreground until interrupted."""
     import redis
 
     settings = HerderSettings()
+    check_port(port, "HTTP gateway", "--port")
+    check_port(flower_port, "Flower dashboard", "--flower-port")
     settings.home.mkdir(parents=True, exist_ok=True)
     embedded = redis_server.ensure(settings.redis_url)
     where = "embedded Valkey (nothing answered there)" if embedded else "existing server"
@@ -109,6 +143,7 @@ def up(concurrency: int | None = None) -> None:
     node = os.uname().nodename
     supervisor = Supervisor(report=lambda text: console.print(f"[red]{text}[/]"))
     r = redis.Redis.from_url(settings.redis_url)
+    gateway, flower = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{flower_port}"
     try:
         worker_name = f"llama-{spec.name}@{node}"
         worker = supervisor.add(Component(
@@ -116,7 +151,6 @@ def up(concurrency: int | None = None) -> None:
             argv=python_module(
                 "celery", "-A", "llama_tasks", "worker", "-Q", queue_for(spec.name), "-n", worker_name,
                 "-c", str(concurrency or settings.concurrency), "-l", "info",
-                "--without-mingle", "--without-gossip",
             ),
             env=env, log=logs / f"worker-{spec.name}.log",
         ))
@@ -124,15 +158,29 @@ def up(concurrency: int | None = None) -> None:
             name="herder",
             argv=python_module(
                 "celery", "-A", "router", "worker", "-Q", HERDER_QUEUE, "-B", "-n", f"herder@{node}",
-                "-c", "2", "-l", "info", "--without-mingle", "--without-gossip",
+                "-c", "2", "-l", "info",
             ),
             env=env, log=logs / "herder.log",
+        ))
+        api = supervisor.add(Component(
+            name="gateway",
+            argv=python_module("uvicorn", "router.api:app", "--host", "127.0.0.1", "--port", str(port)),
+            env=env, log=logs / "gateway.log",
+        ))
+        dashboard = supervisor.add(Component(
+            name="flower",
+            argv=python_module("celery", "-A", "llama_tasks", "flower", f"--port={flower_port}",
+                               "--address=127.0.0.1", "--unauthenticated_api"),
+            env=env, log=logs / "flower.log",
         ))
         beat = _wait(f"worker {spec.name}", worker, lambda: r.get(HERD_PREFIX + worker_name))
         console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")
         _wait("herder", herder, lambda: "ready." in _read(herder.log))
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
-        _demo(api_key)
+        _wait("gateway", api, lambda: _answers(port))
+        _wait("flower", dashboard, lambda: _answers(flower_port))
+        _where(gateway, flower, settings.home / "demo.key")
+        _demo(gateway, api_key)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
         supervisor.run_forever()
     finally:
@@ -140,6 +188,14 @@ def up(concurrency: int | None = None) -> None:
         if embedded is not None:
             embedded.stop()
         console.print("stopped.")
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read(path: Path) -> str:

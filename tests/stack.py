@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,15 +117,16 @@ class Stack:
             p.stop()
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def stack(request, tmp_path_factory, redis_url):
-    tmp = tmp_path_factory.mktemp(f"stack-{request.param}")
-    if request.param == "sqlite":
+def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Run a stack on ``kind`` ("sqlite" or "postgresql") for the duration of a fixture."""
+    tmp = tmp_path_factory.mktemp(f"stack-{kind}")
+    if kind == "sqlite":
         db_url = f"sqlite:///{tmp / 'ledger.db'}"
     else:
-        db_url = _postgres_database()
-        if db_url is None:
+        found = _postgres_database()
+        if found is None:
             pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
+        db_url = found
     env = dict(
         os.environ,
         LLAMAS_DATABASE_URL=db_url,
@@ -135,11 +137,19 @@ def stack(request, tmp_path_factory, redis_url):
         LLAMAS_LEASE_GRACE_S="5",
     )
     s = Stack(tmp, db_url, env)
-    yield s
-    s.stop()
-    s.sessions.kw["bind"].dispose()
-    if request.param == "postgresql":
-        _drop_postgres_database(db_url)
+    try:
+        yield s
+    finally:
+        s.stop()
+        s.sessions.kw["bind"].dispose()
+        if kind == "postgresql":
+            _drop_postgres_database(db_url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    """The whole service, once per test module and ledger backend."""
+    yield from running_stack(request.param, tmp_path_factory)
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded worker keys clean
+.PHONY: help install run test test-embedded worker herder gateway flower keys clean
 
 help:
 	@echo "make run    bring the service up on embedded defaults and answer a paid request"
@@ -47,6 +47,16 @@ test-embedded: $(STAMP)
 
 worker: $(STAMP)
 	$(BIN)/celery -A llama_tasks worker -l info
+
+herder: $(STAMP)
+	$(BIN)/celery -A router worker -Q herder -B -l info
+
+gateway: $(STAMP)
+	$(BIN)/uvicorn router.api:app --port 8000
+
+# Flower alone, on loopback, with its read-only API open to local tools.
+flower: $(STAMP)
+	FLOWER_UNAUTHENTICATED_API=true $(BIN)/celery -A llama_tasks flower --address=127.0.0.1 --port=5555
 
 keys: $(STAMP)
 	$(BIN)/llamas keys generate

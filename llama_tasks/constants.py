@@ -16,3 +16,6 @@ NOTIFY_PREFIX = "llamas:notify:"
 
 #: Name of the generation task, for senders that do not import the workers.
 GENERATE_TASK = "llama_tasks.generate"
+#: ``METRICS_PREFIX + name`` → Redis hashes holding the service's counters and
+#: histograms, so every herder and gateway process adds to the same figures.
+METRICS_PREFIX = "llamas:metrics:"

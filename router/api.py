@@ -2,7 +2,7 @@
 
 OpenAI-compatible ``/v1/chat/completions``, ``/v1/completions`` (plain and
 SSE streaming) and ``/v1/models`` with Bearer API keys, plus ``/info``,
-``/jobs/{id}`` and ``/health``. It runs inside the herder's trust domain and
+``/jobs/{id}``, ``/health`` and ``/metrics`` (Prometheus). It runs inside the herder's trust domain and
 calls the same admission code as the herder's tasks, directly.
 """
 
@@ -17,7 +17,8 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 
@@ -38,6 +39,7 @@ from router.errors import (
     UnknownJob,
     UnknownModelRequested,
 )
+from router.metrics import ServiceCollector
 from router.service import HerderService
 
 #: Errors to HTTP: status and OpenAI-style type, by exception type, first match wins.
@@ -175,10 +177,12 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
         svc = service()
         key = api_key(request)
         if not dispatch.capacity(await run_in_threadpool(svc.herd)).get(sub.model):
-            await run_in_threadpool(svc.counter.models)  # unknown model → 404 beats 503
-            if sub.model not in svc.counter.models():
-                raise UnknownModelRequested(sub.model, sorted(svc.counter.models()))
-            raise NoWorkers(sub.model)
+            known = await run_in_threadpool(svc.counter.models)
+            # An unknown model is a 404 even when nothing is running.
+            exc: LlamasError = (UnknownModelRequested(sub.model, sorted(known)) if sub.model not in known
+                                else NoWorkers(sub.model))
+            svc.refused(exc)
+            raise exc
         return await run_in_threadpool(svc.submit, key, sub)
 
     async def cancel_if_queued(key: str, job_id: str) -> None:
@@ -305,6 +309,17 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
     @app.delete("/jobs/{job_id}")
     async def cancel(request: Request, job_id: str) -> dict[str, Any]:
         return await run_in_threadpool(service().cancel, api_key(request), job_id)
+
+    registry = CollectorRegistry()
+    collector: dict[str, ServiceCollector] = {}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if not collector:
+            collector["c"] = ServiceCollector(service())
+            registry.register(collector["c"])
+        body = await run_in_threadpool(generate_latest, registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -14,18 +14,18 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import redis
-from sqlalchemy import func, or_, and_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llama_tasks import signing
-from llama_tasks.errors import Expired, InvalidRequest, Rejected
+from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.heartbeat import read_herd
-from router import admission, dispatch, fees, forwarding, ledger, settlement
+from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement
 from router.admission import Submission
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.errors import UnknownJob
-from router.models import FINAL_STATES, QUEUED, RUNNING, DONE, JobRow
+from router.models import DONE, FINAL_STATES, QUEUED, RUNNING, JobRow
 from router.settings import HerderSettings, get_settings
 from router.tokens import TokenCounter
 
@@ -57,7 +57,7 @@ class HerderService:
         self.counter = TokenCounter(settings.models_file)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self._key = signing.load_private(settings.private_key_file)
-        self._send = send
+        self._send_generation = send
         self._send_callback = send_callback
         self._send_webhook = send_webhook
 
@@ -67,15 +67,27 @@ class HerderService:
         """Admit a request (or return the job its reference already names) and dispatch."""
         now = time.time()
         try:
-            with self.sessions.begin() as session:
-                row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
-        except IntegrityError:
-            # A concurrent submit with the same reference won the insert.
-            with self.sessions.begin() as session:
-                row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
+            try:
+                with self.sessions.begin() as session:
+                    row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
+            except IntegrityError:
+                # A concurrent submit with the same reference won the insert.
+                with self.sessions.begin() as session:
+                    row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
+        except LlamasError as exc:
+            self.refused(exc)
+            raise
         if created:
+            metrics.inc(self.redis, "admissions")
             self.dispatch()
         return self.describe(row.id)
+
+    def refused(self, exc: LlamasError) -> None:
+        """Count a refusal by its reason, for the metrics."""
+        try:
+            metrics.inc(self.redis, "refusals", label=type(exc).__name__)
+        except redis.RedisError:
+            log.warning("could not count a refusal: Redis is unavailable")
 
     def quote(self, sub: Submission) -> dict[str, Any]:
         from llama_tasks import engine
@@ -177,6 +189,11 @@ class HerderService:
     def herd(self) -> list[dict[str, Any]]:
         return read_herd(self.redis)
 
+    def _send(self, row: JobRow, envelope: dict[str, Any]) -> None:
+        if row.attempt > 1:
+            metrics.inc(self.redis, "redeliveries")
+        self._send_generation(row, envelope)
+
     def dispatch(self) -> int:
         return dispatch.dispatch(self.sessions, self.settings, self.herd(), self._key, self._send, time.time())
 
@@ -219,8 +236,11 @@ class HerderService:
             response = settlement.response(row)
             todo = [c for c in forwarding.channels(row) if forwarding.take(session, job_id, c)]
             callback = (row.callback_task, row.callback_queue)
+            times = (row.created_at, row.dispatched_at, row.finished_at)
         if forwarding.HANDLE in todo:
             forwarding.to_handle(self.redis, response, self.settings.response_ttl_s)
+            # The handle channel is taken exactly once per job: count the outcome here.
+            metrics.record_outcome(self.redis, response, *times)
         if forwarding.CALLBACK in todo and callback[0]:
             self._send_callback(callback[0], callback[1] or "celery", response)
         if forwarding.WEBHOOK in todo:

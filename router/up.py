@@ -170,8 +170,9 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
         dashboard = supervisor.add(Component(
             name="flower",
             argv=python_module("celery", "-A", "llama_tasks", "flower", f"--port={flower_port}",
-                               "--address=127.0.0.1", "--unauthenticated_api"),
-            env=env, log=logs / "flower.log",
+                               "--address=127.0.0.1"),
+            # Read-only API for local tools; Flower listens on loopback only.
+            env=dict(env, FLOWER_UNAUTHENTICATED_API="true"), log=logs / "flower.log",
         ))
         beat = _wait(f"worker {spec.name}", worker, lambda: r.get(HERD_PREFIX + worker_name))
         console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")

@@ -204,3 +204,30 @@ def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
         assert len(sent) == 1
     finally:
         r.delete(HERD_PREFIX + "ghost@test")
+
+
+def test_metrics_report_queue_latency_tokens_money_and_refusals(stack, gateway):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key, _ = stack.account(10_000)
+    oa = client(gateway, key)
+    oa.completions.create(model="smollm2", prompt="Count: 1, 2,", max_tokens=6)
+    with pytest.raises(openai.APIStatusError):
+        oa.completions.create(model="smollm2", prompt="hi", max_tokens=4, extra_body={"fee": 1})
+    text = httpx.get(gateway + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("llamas_admissions_total") >= 1
+    assert value("llamas_refusals_total", reason="InsufficientFee") >= 1
+    assert value("llamas_tokens_generated_total") >= 6
+    assert value("llamas_revenue_total") > 0
+    assert value("llamas_jobs_finished_total", state="done") >= 1
+    for hist in ("llamas_queue_wait_seconds", "llamas_latency_seconds", "llamas_time_to_first_token_seconds"):
+        assert value(hist + "_count") >= 1 and value(hist + "_bucket", le="+Inf") == value(hist + "_count")
+    assert value("llamas_slots", model="smollm2") == 1
+    assert ("llamas_busy_slots", (("model", "smollm2"),)) in samples
+    assert "llamas_queue_depth" in text and "llamas_redeliveries_total" in text

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, cast
 
 import llama_cpp
 from llama_cpp import Llama, LlamaGrammar
@@ -67,7 +68,7 @@ def render(llm: Llama, job: Job) -> tuple[str, list[str]]:
         return "\n".join(lines) + "\nassistant:", []
     eos = _special_text(llm, llm.token_eos())
     formatter = _chat_formatter(template, eos, _special_text(llm, llm.token_bos()))
-    rendered = formatter(messages=job.messages or [])
+    rendered = formatter(messages=cast(Any, job.messages or []))
     return rendered.prompt, [s for s in rendered.stop or [] if s]
 
 

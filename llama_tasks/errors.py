@@ -128,7 +128,7 @@ class WrongModel(Rejected):
 class InvalidRequest(LlamasError):
     """Raised when a job's parameters cannot be generated."""
 
-    fields = ("reason",)
+    fields: ClassVar[tuple[str, ...]] = ("reason",)
     template = "invalid request: {reason}"
 
 

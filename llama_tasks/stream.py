@@ -8,7 +8,7 @@ the finish reason) or ``error``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -25,8 +25,9 @@ class StreamWriter:
     def __init__(self, r: redis.Redis, job_id: str, attempt: int, ttl_s: int) -> None:
         self._r, self._key, self._attempt, self._ttl_s = r, key(job_id), str(attempt), ttl_s
 
-    def _add(self, event: str, **fields: Any) -> None:
-        self._r.xadd(self._key, {"event": event, "attempt": self._attempt, **fields})
+    def _add(self, event: str, **fields: str) -> None:
+        entry: dict[Any, Any] = {"event": event, "attempt": self._attempt, **fields}
+        self._r.xadd(self._key, entry)
 
     def start(self, worker: str, pid: int) -> None:
         pipe = self._r.pipeline()
@@ -55,7 +56,7 @@ def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dic
     """
     last = "0-0"
     while True:
-        batch = r.xread({key(job_id): last}, block=int(timeout_s * 1000), count=100)
+        batch = cast(list[Any], r.xread({key(job_id): last}, block=int(timeout_s * 1000), count=100))
         if not batch:
             raise TimeoutError(f"no stream event for job {job_id} in {timeout_s}s")
         for entry_id, raw in batch[0][1]:

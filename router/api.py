@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
@@ -206,7 +206,7 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
     async def follow(job_id: str) -> AsyncIterator[dict[str, str]]:
         r, last = aredis(), "0-0"
         while True:
-            batch = await r.xread({token_stream.key(job_id): last}, block=1000, count=100)
+            batch = cast(list[Any], await r.xread({token_stream.key(job_id): last}, block=1000, count=100))
             for entry_id, raw in (batch[0][1] if batch else []):
                 last = entry_id
                 event = {k.decode(): v.decode() for k, v in raw.items()}

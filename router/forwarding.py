@@ -38,7 +38,7 @@ def take(session: Session, job_id: str, channel: str) -> bool:
         .where(JobRow.id == job_id, ~JobRow.delivered.contains(channel))
         .values(delivered=JobRow.delivered + channel + ",")
     )
-    return bool(result.rowcount)
+    return bool(getattr(result, "rowcount", 0))
 
 
 def to_handle(r: redis.Redis, response: dict[str, Any], ttl_s: int) -> None:

@@ -9,7 +9,7 @@ depth, slots — are read fresh from SQL and the worker heartbeats.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from prometheus_client.core import (
@@ -86,6 +86,14 @@ def record_outcome(r: redis.Redis, response: dict[str, Any], created_at: float, 
     observe(r, "time_to_first_token_seconds", ttft)
 
 
+def _hash(r: redis.Redis, name: str) -> dict[Any, Any]:
+    return cast(dict[Any, Any], r.hgetall(_key(name)))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _band(bid_ppm: int) -> str:
     multiplier = bid_ppm / fees.PPM
     return next(name for bound, name in BID_BANDS if multiplier < bound)
@@ -100,7 +108,7 @@ class ServiceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         r = self._svc.redis
         for name, doc in COUNTERS.items():
-            raw = {k.decode(): int(v) for k, v in r.hgetall(_key(name)).items()}
+            raw = {_text(k): int(v) for k, v in _hash(r, name).items()}
             if name in ("refusals", "jobs_finished"):
                 label = "reason" if name == "refusals" else "state"
                 family = CounterMetricFamily(f"llamas_{name}", doc, labels=[label])
@@ -110,7 +118,7 @@ class ServiceCollector(Collector):
                 family = CounterMetricFamily(f"llamas_{name}", doc, value=raw.get("", 0))
             yield family
         for name, doc in HISTOGRAMS.items():
-            raw_h = {k.decode(): float(v) for k, v in r.hgetall(_key(name)).items()}
+            raw_h = {_text(k): float(v) for k, v in _hash(r, name).items()}
             buckets = [(str(b), raw_h.get(str(b), 0.0)) for b in BUCKETS_S] + [("+Inf", raw_h.get("+Inf", 0.0))]
             yield HistogramMetricFamily(f"llamas_{name}", doc, buckets=buckets, sum_value=raw_h.get("sum", 0.0))
         yield from self._gauges()

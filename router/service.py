@@ -154,7 +154,7 @@ class HerderService:
             row = session.scalar(select(JobRow).where(JobRow.id == job_id))
             if row is None:
                 raise UnknownJob(job_id)
-            doc = {
+            doc: dict[str, Any] = {
                 "job_id": row.id,
                 "reference": row.reference,
                 "state": row.state,

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from llama_tasks.settings import WorkerSettings, queue_for
-from tests.conftest import ROOT
+from tests.processes import ROOT
 
 
 def test_visibility_timeout_must_exceed_hard_time_limit():

@@ -9,11 +9,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded worker herder gateway flower keys clean
+.PHONY: help install run test test-embedded worker herder gateway flower agent keys clean
 
 help:
 	@echo "make run    bring the service up on embedded defaults and answer a paid request"
 	@echo "make test   install what the tests need and run them"
+	@echo "make agent  the example agent, against a running make run"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,11 @@ gateway: $(STAMP)
 # Flower alone, on loopback, with its read-only API open to local tools.
 flower: $(STAMP)
 	FLOWER_UNAUTHENTICATED_API=true $(BIN)/celery -A llama_tasks flower --address=127.0.0.1 --port=5555
+
+# The example agent against a running `make run`; it pays with the demo account unless LLAMAS_AGENT_API_KEY is set.
+agent: $(STAMP)
+	@key="$${LLAMAS_AGENT_API_KEY:-$$(cat "$${LLAMAS_HOME:-$$HOME/.llamas}/demo.key" 2>/dev/null || true)}"; \
+	  LLAMAS_AGENT_API_KEY="$$key" exec $(BIN)/celery -A agent worker -Q agent -B -l info
 
 keys: $(STAMP)
 	$(BIN)/llamas keys generate

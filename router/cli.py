@@ -22,6 +22,7 @@ from rich.text import Text
 
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
+from agent.cli import agent_app, world_app
 from router.cli_accounts import accounts_app, ledger_app
 
 app = typer.Typer(help="llamas: paid, queued LLM inference on Celery.", no_args_is_help=True,
@@ -34,6 +35,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(world_app, name="world")
+app.add_typer(agent_app, name="agent")
 
 out = Console()
 err = Console(stderr=True)

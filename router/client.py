@@ -45,7 +45,9 @@ class Herder:
         options: dict[str, Any] = {"argsrepr": "(…)"} if secret else {}
         result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE, **options)
         try:
-            return result.get(timeout=self.timeout_s)
+            # The herder's own workers answer, never the caller's: waiting from
+            # inside a requester's Celery task (as the agent does) cannot deadlock.
+            return result.get(timeout=self.timeout_s, disable_sync_subtasks=False)
         finally:
             result.forget()
 

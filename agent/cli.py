@@ -1,0 +1,187 @@
+"""``llamas world …`` and ``llamas agent …``: chat rooms, the agent's outcomes and its accuracy.
+
+Two typer apps for the ``llamas`` CLI to mount. Every refusal is one red
+line and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import redis
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent import grading
+from agent.settings import AgentSettings
+from agent.world import World, parse_replay, replay
+from llama_tasks.errors import LlamasError
+from llama_tasks.settings import exit_on_invalid
+
+world_app = typer.Typer(help="Chat rooms (the World): post, read, replay.", no_args_is_help=True)
+agent_app = typer.Typer(help="The example agent: its outcomes and its grading accuracy.", no_args_is_help=True)
+
+_out = Console(highlight=False, soft_wrap=True)
+_err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print one red line and leave with status 1."""
+    _err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def load_settings() -> AgentSettings:
+    """This command's settings; invalid ones are one line naming each bad setting."""
+    try:
+        return AgentSettings()
+    except ValidationError as exc:
+        _fail(str(exit_on_invalid(exc).code).removeprefix("llamas: "))
+
+
+@contextmanager
+def _refusals(settings: AgentSettings) -> Iterator[None]:
+    """Turn every expected failure into one line: refusals, Redis, databases, files."""
+    try:
+        yield
+    except LlamasError as exc:
+        _fail(str(exc))
+    except redis.RedisError as exc:
+        _fail(f"cannot use Redis at {settings.redis_url}: {exc}")
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        _fail(f"database: {str(cause).strip().splitlines()[0]}")
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+
+
+def _world(settings: AgentSettings) -> World:
+    return World(redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5))
+
+
+def _time(stamp: float) -> str:
+    return datetime.datetime.fromtimestamp(stamp).strftime("%H:%M:%S")
+
+
+# --- llamas world ------------------------------------------------------------------
+
+
+@world_app.command("post")
+def post(room: str = typer.Argument(..., help="Room to post to."),
+         text: str = typer.Argument(..., help="What to say."),
+         nick: str = typer.Option("you", "--nick", "-n", help="Your nickname.")) -> None:
+    """Broadcast TEXT to ROOM as --nick."""
+    settings = load_settings()
+    with _refusals(settings):
+        message = _world(settings).broadcast(room, nick, text)
+    _out.print(f"{escape(room)} {message.id} <{escape(nick)}> {escape(text)}")
+
+
+@world_app.command("history")
+def history(room: str = typer.Argument(..., help="Room to read."),
+            count: int = typer.Option(10, "--count", "-n", min=1, max=1000, help="How many messages.")) -> None:
+    """Print the last messages of ROOM (ChatHistory), oldest first."""
+    settings = load_settings()
+    with _refusals(settings):
+        messages = _world(settings).history(room, count)
+    if not messages:
+        _out.print(f"{escape(room)} is empty")
+    for m in messages:
+        _out.print(f"{_time(m.at)} <{escape(m.nick)}> {escape(m.text)}")
+
+
+@world_app.command("replay")
+def replay_file(
+    file: Optional[Path] = typer.Argument(None, help="Messages, one a line: JSON {nick, text} or 'nick: text'. "
+                                           "Default: the shipped sample (positive, negative and mixed moods)."),
+    room: str = typer.Option("", "--room", "-r", help="Room to play into (default: the agent's room)."),
+    pace: float = typer.Option(2.0, "--pace", "-p", min=0.0, max=3600.0, help="Seconds between messages."),
+) -> None:
+    """Play a file of chat messages into a room, one every --pace seconds."""
+    settings = load_settings()
+    path = file or Path(grading.sample_path())
+    target = room or settings.agent_room
+    with _refusals(settings):
+        # Parse it all first, so a bad line refuses before anything is posted.
+        messages = list(parse_replay(path, path.read_text(encoding="utf-8").splitlines()))
+        for m in replay(_world(settings), target, messages, pace):
+            _out.print(f"{escape(target)} <{escape(m.nick)}> {escape(m.text)}")
+    _out.print(f"played {len(messages)} messages into {escape(target)}")
+
+
+# --- llamas agent ------------------------------------------------------------------
+
+
+@agent_app.command("status")
+def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Latest ticks to list.")) -> None:
+    """The agent's outcomes (Buy, Skip, Error, Requests), spend and position."""
+    from agent.exchange import open_paper
+    from agent.store import OutcomeStore
+    from agent.trader import read_status
+
+    settings = load_settings()
+    with _refusals(settings):
+        store, exchange = OutcomeStore.open(settings.database_url), open_paper(settings)
+        try:
+            now = read_status(store, exchange, settings.agent_exchange_account, recent)
+        finally:
+            store.close()
+            exchange.close()
+    s, trade, quote = now.summary, settings.agent_trade_token, settings.agent_quote_token
+    _out.print(f"agent     room {escape(settings.agent_room)} · method {settings.agent_method} · "
+               f"exchange account {escape(settings.agent_exchange_account)}")
+    _out.print(f"outcomes  Buy {s.buy} · Skip {s.skip} · Error {s.error} · Requests {s.requests}"
+               + (f" ({s.in_flight} in flight)" if s.in_flight else ""))
+    _out.print(f"spend     {s.spend} paid to the herder for grades")
+    _out.print(f"position  {now.balances.get(trade, 0)} {trade} · {now.balances.get(quote, 0)} {quote} "
+               f"({s.spent_on_orders} {quote} spent on {s.buy} buys at {settings.agent_price} {quote}/{trade})")
+    if s.duplicates:
+        _out.print(f"ignored   {s.duplicates} duplicated responses")
+    if now.recent:
+        # Plain lines rather than a table: a reason is never wrapped or clipped to the terminal.
+        _out.print("latest ticks")
+        for t in now.recent:
+            if t.state == "buy":
+                detail = f"{t.received} {trade} for {t.spent} {quote}"
+            else:
+                detail = t.reason or (f"answer {t.answer!r}" if t.answer else "")
+            grade = "-" if t.grade is None else str(t.grade)
+            _out.print(f"  {_time(t.created_at)}  job {(t.job_id or '-')[:12]:12}  grade {grade}  "
+                       f"{t.state:10}  {escape(detail)}")
+
+
+@agent_app.command("accuracy")
+def accuracy(
+    method_name: str = typer.Option("", "--method", "-m",
+                                    help="Grading method, or 'all' (default: the agent's, LLAMAS_AGENT_METHOD)."),
+    limit: int = typer.Option(0, "--limit", min=0, help="Only the first N rooms of each label (0 = all)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every room's answer."),
+) -> None:
+    """Grade the shipped labelled sample with the real model (in process) and report accuracy."""
+    from agent import accuracy as acc
+
+    settings = load_settings()
+    with _refusals(settings):
+        name = method_name or settings.agent_method
+        methods = list(grading.METHODS.values()) if name == "all" else [grading.method(name)]
+        rooms = grading.load_sample()
+        if limit:
+            rooms = [r for label in grading.LABELS for r in [x for x in rooms if x.label == label][:limit]]
+        _out.print(f"model {settings.agent_model}: {len(rooms)} labelled rooms, greedy decoding")
+        llm = acc.load_model(settings.models_file, settings.agent_model)
+
+        def show(room: grading.LabelledRoom, text: str, predicted: str) -> None:
+            mark = "[green]ok[/green]" if predicted == room.label else "[red]xx[/red]"
+            _out.print(f"  {mark} {room.room:8} {room.label:8} → {predicted:10} {text.strip()!r}")
+
+        for m in methods:
+            report = acc.evaluate(m, rooms, lambda request: acc.generate(llm, request, settings.agent_model),
+                                  show if verbose else None)
+            _out.print(f"{escape(report.summary())}  [dim]{escape(m.description)}[/dim]")

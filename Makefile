@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded worker herder gateway flower agent keys clean
+.PHONY: help install run test test-embedded worker herder gateway flower agent bench keys clean
 
 help:
 	@echo "make run    bring the service up on embedded defaults and answer a paid request"
 	@echo "make test   install what the tests need and run them"
 	@echo "make agent  the example agent, against a running make run"
+	@echo "make bench  compare with llama-cpp-python; writes tests/bench/results/latest.{md,png}"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +64,17 @@ flower: $(STAMP)
 agent: $(STAMP)
 	@key="$${LLAMAS_AGENT_API_KEY:-$$(cat "$${LLAMAS_HOME:-$$HOME/.llamas}/demo.key" 2>/dev/null || true)}"; \
 	  LLAMAS_AGENT_API_KEY="$$key" exec $(BIN)/celery -A agent worker -Q agent -B -l info
+
+BENCH_STAMP := $(VENV)/.llamas-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	@touch $(BENCH_STAMP)
+
+# Side by side with llama-cpp-python in process and its own server (~7 min on
+# two cores): writes tests/bench/results/latest.md and latest.png.
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m tests.bench.compare
 
 keys: $(STAMP)
 	$(BIN)/llamas keys generate

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from redis.client import Pipeline
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -52,38 +53,37 @@ def _key(name: str) -> str:
     return METRICS_PREFIX + name
 
 
-def inc(r: redis.Redis, name: str, amount: int = 1, label: str = "") -> None:
+def inc(r: redis.Redis | Pipeline, name: str, amount: int = 1, label: str = "") -> None:
     """Add to a counter (``label`` picks one series of a labelled counter)."""
     if amount:
         r.hincrby(_key(name), label, amount)
 
 
-def observe(r: redis.Redis, name: str, value_s: float) -> None:
-    """Record one observation in a histogram (cumulative buckets, as Prometheus wants)."""
-    pipe = r.pipeline(transaction=False)
+def observe(pipe: Pipeline, name: str, value_s: float) -> None:
+    """Queue one histogram observation (cumulative buckets, as Prometheus wants)."""
     for bound in BUCKETS_S:
         if value_s <= bound:
             pipe.hincrby(_key(name), str(bound), 1)
     pipe.hincrby(_key(name), "+Inf", 1)
     pipe.hincrbyfloat(_key(name), "sum", value_s)
-    pipe.execute()
 
 
 def record_outcome(r: redis.Redis, response: dict[str, Any], created_at: float, dispatched_at: float | None,
                    finished_at: float | None) -> None:
-    """Everything one finished job adds to the metrics; called once per job."""
-    inc(r, "jobs_finished", label=response["status"])
-    inc(r, "refunds", int(response.get("refunded") or 0))
-    if response["status"] != "done" or finished_at is None or dispatched_at is None:
-        return
-    inc(r, "revenue", int(response.get("charged") or 0))
-    inc(r, "tokens_generated", int(response.get("completion_tokens") or 0))
-    wait = max(0.0, dispatched_at - created_at)
-    observe(r, "queue_wait_seconds", wait)
-    observe(r, "latency_seconds", max(0.0, finished_at - created_at))
-    timings = response.get("timings") or {}
-    ttft = wait + float(timings.get("queue_wait_s", 0.0)) + float(timings.get("prompt_s", 0.0))
-    observe(r, "time_to_first_token_seconds", ttft)
+    """Everything one finished job adds to the metrics (one round trip); called once per job."""
+    pipe = r.pipeline(transaction=False)
+    inc(pipe, "jobs_finished", label=response["status"])
+    inc(pipe, "refunds", int(response.get("refunded") or 0))
+    if response["status"] == "done" and finished_at is not None and dispatched_at is not None:
+        inc(pipe, "revenue", int(response.get("charged") or 0))
+        inc(pipe, "tokens_generated", int(response.get("completion_tokens") or 0))
+        wait = max(0.0, dispatched_at - created_at)
+        observe(pipe, "queue_wait_seconds", wait)
+        observe(pipe, "latency_seconds", max(0.0, finished_at - created_at))
+        timings = response.get("timings") or {}
+        ttft = wait + float(timings.get("queue_wait_s", 0.0)) + float(timings.get("prompt_s", 0.0))
+        observe(pipe, "time_to_first_token_seconds", ttft)
+    pipe.execute()
 
 
 def _hash(r: redis.Redis, name: str) -> dict[Any, Any]:

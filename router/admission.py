@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
@@ -24,18 +25,29 @@ from router import fees, ledger
 from router.errors import (
     BadChannel,
     BadDeadline,
+    BadReference,
     InsufficientFee,
     QueueFull,
     ReferenceConflict,
     RequestTooLarge,
 )
-from router.models import QUEUED, JobRow
+from router.models import QUEUED, JobRow, width
 from router.settings import HerderSettings
 from router.tokens import TokenCounter
 
 #: Job fields that belong to the envelope rather than to the request.
 ENVELOPE_FIELDS = ("job_id", "attempt", "expires_at", "issued_at")
 GENERATION_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ENVELOPE_FIELDS)
+
+
+#: Longest reference, callback task or queue, and webhook URL: their columns'
+#: widths, checked here because PostgreSQL would refuse them only at the INSERT.
+MAX_REFERENCE_CHARS = width("reference")
+MAX_CALLBACK_CHARS = width("callback_task")
+MAX_WEBHOOK_CHARS = width("webhook_url")
+#: PostgreSQL advisory lock that makes counting the queue and joining it one step
+#: (above 2**32, so it never meets dispatch's per-model crc32 keys).
+QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
 @dataclass
@@ -85,10 +97,26 @@ def as_job(job_id: str, attempt: int, generation: dict[str, Any], expires_at: fl
     return Job(job_id=job_id, attempt=attempt, expires_at=expires_at, issued_at=issued_at, **generation)
 
 
+def _is_text(value: object, limit: int) -> bool:
+    """Printable text of 1 to ``limit`` characters (PostgreSQL refuses NUL in text)."""
+    return isinstance(value, str) and 1 <= len(value) <= limit and value.isprintable()
+
+
+def _check_reference(sub: Submission) -> None:
+    if sub.reference is not None and not _is_text(sub.reference, MAX_REFERENCE_CHARS):
+        raise BadReference(sub.reference, MAX_REFERENCE_CHARS)
+
+
 def _check_channels(sub: Submission) -> None:
+    for name in ("callback_task", "callback_queue"):
+        value = getattr(sub, name)
+        if value is not None and not _is_text(value, MAX_CALLBACK_CHARS):
+            raise BadChannel(f"{name} must be printable text of 1 to {MAX_CALLBACK_CHARS} characters")
     if sub.callback_queue and not sub.callback_task:
         raise BadChannel("callback_queue needs callback_task")
     if sub.webhook_url is not None:
+        if not _is_text(sub.webhook_url, MAX_WEBHOOK_CHARS):
+            raise BadChannel(f"webhook must be a URL of at most {MAX_WEBHOOK_CHARS} characters")
         url = urlparse(sub.webhook_url)
         if url.scheme not in ("http", "https") or not url.netloc:
             raise BadChannel(f"webhook must be an http(s) URL, got {sub.webhook_url!r}")
@@ -101,6 +129,31 @@ def _size(sub: Submission) -> int:
 
 def queued_count(session: Session) -> int:
     return session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED)) or 0
+
+
+def _lock_queue(session: Session) -> bool:
+    """Hold the queue until commit, so counting it and joining it is one step.
+
+    Without it two PostgreSQL admissions that both count ``max_queue − 1``
+    would both join. SQLite needs nothing (``BEGIN IMMEDIATE`` already
+    serializes writers); returns whether a lock was taken.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
+    return True
+
+
+def _existing(session: Session, account_id: int, sub: Submission) -> JobRow | None:
+    """The job a reused reference already names; a conflict if its parameters differ."""
+    if sub.reference is None:
+        return None
+    existing = session.scalar(
+        select(JobRow).where(JobRow.account_id == account_id, JobRow.reference == sub.reference)
+    )
+    if existing is not None and existing.request_hash != sub.fingerprint():
+        raise ReferenceConflict(sub.reference, existing.id)
+    return existing
 
 
 def admit(
@@ -118,14 +171,10 @@ def admit(
     """
     now = time.time() if now is None else now
     account = ledger.account_by_key(session, api_key)
-    if sub.reference is not None:
-        existing = session.scalar(
-            select(JobRow).where(JobRow.account_id == account.id, JobRow.reference == sub.reference)
-        )
-        if existing is not None:
-            if existing.request_hash != sub.fingerprint():
-                raise ReferenceConflict(sub.reference, existing.id)
-            return existing, False
+    _check_reference(sub)
+    existing = _existing(session, account.id, sub)
+    if existing is not None:
+        return existing, False
 
     size = _size(sub)
     if size > settings.max_request_bytes:
@@ -135,7 +184,10 @@ def admit(
     validate(job, settings.max_tokens_cap)
     _check_channels(sub)
     if sub.deadline_s is not None and (
-        isinstance(sub.deadline_s, bool) or not isinstance(sub.deadline_s, (int, float)) or sub.deadline_s <= 0
+        isinstance(sub.deadline_s, bool)
+        or not isinstance(sub.deadline_s, (int, float))
+        or not math.isfinite(sub.deadline_s)  # NaN would never expire; SQLite stores it as NULL
+        or sub.deadline_s <= 0
     ):
         raise BadDeadline(sub.deadline_s)
     prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
@@ -144,6 +196,11 @@ def admit(
     offered = fees.offer(quoted, sub.fee, sub.multiplier)
     if offered < quoted:
         raise InsufficientFee(quoted, offered)
+    if _lock_queue(session):
+        # A concurrent submit of this reference may have committed while we waited.
+        existing = _existing(session, account.id, sub)
+        if existing is not None:
+            return existing, False
     queued = queued_count(session)
     if queued >= settings.max_queue:
         raise QueueFull(queued, settings.max_queue)
@@ -160,6 +217,8 @@ def admit(
         prompt_tokens=prompt_tokens,
         max_tokens=sub.max_tokens,
         quote=quoted,
+        base_fee=settings.base_fee,
+        fee_per_token=settings.fee_per_token,
         offered=offered,
         bid_ppm=bid,
         priority=priority(bid, now, settings.aging_per_s),

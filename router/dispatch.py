@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import signing
@@ -57,7 +57,12 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
         return []
     query = (
         select(JobRow)
-        .where(JobRow.model == model, JobRow.state == QUEUED)
+        .where(
+            JobRow.model == model,
+            JobRow.state == QUEUED,
+            # Past its deadline a job is the tick's to expire and refund, not to run.
+            or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
+        )
         .order_by(JobRow.priority.desc(), JobRow.seq)
         .limit(free)
     )

@@ -11,6 +11,7 @@ import math
 from decimal import Decimal, InvalidOperation
 
 from router.errors import InvalidOffer
+from router.ledger import MAX_AMOUNT
 
 #: Bids are kept as multipliers in millionths, an integer.
 PPM = 1_000_000
@@ -28,7 +29,7 @@ def offer(quoted: int, fee: int | None, multiplier: float | str | None) -> int:
     if fee is not None:
         if isinstance(fee, bool) or not isinstance(fee, int) or fee <= 0:
             raise InvalidOffer(f"fee must be a positive integer, got {fee!r}")
-        return fee
+        return _fits(fee, quoted)
     try:
         m = Decimal(str(1 if multiplier is None else multiplier))
     except InvalidOperation:
@@ -36,7 +37,15 @@ def offer(quoted: int, fee: int | None, multiplier: float | str | None) -> int:
     if not m.is_finite() or m <= 0:
         raise InvalidOffer(f"multiplier must be positive, got {multiplier!r}")
     # Decimal, not float: 1.1 × 100 must be 110, not 111.
-    return math.ceil(m * quoted)
+    return _fits(math.ceil(m * quoted), quoted)
+
+
+def _fits(offered: int, quoted: int) -> int:
+    # Past this the hold, or the bid in millionths, no longer fits a BIGINT:
+    # refuse it as an offer rather than fail in the database after holding.
+    if offered > MAX_AMOUNT or (quoted > 0 and bid_ppm(offered, quoted) > MAX_AMOUNT):
+        raise InvalidOffer(f"an offer of {offered} on a quote of {quoted} is too large")
+    return offered
 
 
 def bid_ppm(offered: int, quoted: int) -> int:

@@ -151,6 +151,10 @@ class JobRow(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     max_tokens: Mapped[int] = mapped_column(Integer)
     quote: Mapped[int] = mapped_column(BigInteger)
+    #: The prices the quote was made at: a price change never reprices a
+    #: quoted job. NULL only for jobs admitted before migration 0003.
+    base_fee: Mapped[int | None] = mapped_column(BigInteger)
+    fee_per_token: Mapped[int | None] = mapped_column(BigInteger)
     #: What is held for this job: the requester's offer (raised bids add to it).
     offered: Mapped[int] = mapped_column(BigInteger)
     #: offered / quote in millionths: the bid of the fee market.
@@ -186,3 +190,10 @@ class JobRow(Base):
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+
+def width(column: str) -> int:
+    """Characters a ``jobs`` string column holds: PostgreSQL refuses longer values."""
+    length = getattr(JobRow.__table__.c[column].type, "length", None)
+    assert isinstance(length, int), f"jobs.{column} has no width"
+    return length

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from router import fees, ledger
 from router.admission import priority
 from router.errors import InvalidOffer, JobNotQueued, UnknownJob
-from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow
+from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
 from router.settings import HerderSettings
 from router.tokens import TokenCounter
 
@@ -39,11 +39,21 @@ def _account(session: Session, row: JobRow) -> Account:
     return account
 
 
+def _storable(value: object, column: str | None = None) -> str:
+    """``value`` as text PostgreSQL will store: no NUL, no wider than its column.
+
+    What workers report is stored as it came on SQLite too, so a result that
+    settles on one backend settles on both instead of failing the commit.
+    """
+    text = str(value).replace("\x00", "")
+    return text if column is None else text[: width(column)]
+
+
 def _refund_all(session: Session, row: JobRow, state: str, error: str, message: str, now: float) -> JobRow:
     held = ledger.held_for(session, row.id)
     if held:
         ledger.release(session, _account(session, row), held, row.id)
-    row.state, row.error, row.error_message = state, error, message
+    row.state, row.error, row.error_message = state, _storable(error, "error"), _storable(message)
     row.charged, row.refunded, row.finished_at = 0, held, now
     row.lease_until = None
     return row
@@ -56,14 +66,21 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounter, do
     ``doc`` must already be the authoritative result (read from the result
     backend by the task id the herder chose), never a message's claim.
     """
-    row = _locked(session, task_id=doc.get("task_id"))
+    task_id = doc.get("task_id")
+    # No task id must not match (``task_id IS NULL`` would lock every queued job).
+    row = _locked(session, task_id=task_id) if isinstance(task_id, str) else None
     if row is None or row.state != RUNNING or row.id != doc.get("job_id") or row.attempt != doc.get("attempt"):
-        log.info("ignoring result for task %s: not a running attempt", doc.get("task_id"))
+        log.info("ignoring result for task %s: not a running attempt", task_id)
         return None
-    text = str(doc.get("text", ""))
-    # Recount rather than trust the worker's own count.
+    text = doc.get("text")
+    text = text if isinstance(text, str) else ""  # str(None) would be charged as "None"
+    # Recount rather than trust the worker's own count; every token it
+    # generated is paid for, even one the database cannot store (NUL).
     completion = counter.completion_tokens(row.model, text)
-    actual = fees.quote(settings.base_fee, settings.fee_per_token, row.prompt_tokens, completion)
+    # At the prices the job was quoted, whatever the prices are now.
+    base_fee = settings.base_fee if row.base_fee is None else row.base_fee
+    fee_per_token = settings.fee_per_token if row.fee_per_token is None else row.fee_per_token
+    actual = fees.quote(base_fee, fee_per_token, row.prompt_tokens, completion)
     held = ledger.held_for(session, row.id)
     charge = min(fees.charge(row.offered, row.quote, actual), held)
     if charge:
@@ -71,21 +88,21 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounter, do
     if held - charge:
         ledger.release(session, _account(session, row), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
-    row.result_text, row.completion_tokens = text, completion
-    row.finish_reason = str(doc.get("finish_reason", "stop"))
+    row.result_text, row.completion_tokens = _storable(text), completion
+    row.finish_reason = _storable(doc.get("finish_reason", "stop"), "finish_reason")
     row.charged, row.refunded = charge, held - charge
-    row.worker = str(doc.get("worker", ""))
+    row.worker = _storable(doc.get("worker", ""), "worker")
     row.timings = json.dumps(doc.get("timings", {}))
     return row
 
 
-def fail_attempt(session: Session, settings: HerderSettings, task_id: str, error: str, message: str,
+def fail_attempt(session: Session, settings: HerderSettings, task_id: str | None, error: str, message: str,
                  retryable: bool, now: float) -> JobRow | None:
     """Handle a failed attempt: queue it again while attempts remain, else fail and refund.
 
     Returns the row if the job ended (so its requester must be told).
     """
-    row = _locked(session, task_id=task_id)
+    row = _locked(session, task_id=task_id) if isinstance(task_id, str) else None
     if row is None or row.state != RUNNING:
         return None
     if retryable and row.attempt < settings.max_attempts:
@@ -98,7 +115,12 @@ def fail_attempt(session: Session, settings: HerderSettings, task_id: str, error
 def reap_leases(session: Session, settings: HerderSettings, now: float) -> list[JobRow]:
     """Running jobs whose lease ran out (their worker vanished): retry or fail."""
     ended = []
-    query = select(JobRow.task_id).where(JobRow.state == RUNNING, JobRow.lease_until < now)
+    # In arrival order, so concurrent reapers lock rows in one order and never deadlock.
+    query = (
+        select(JobRow.task_id)
+        .where(JobRow.state == RUNNING, JobRow.lease_until < now)
+        .order_by(JobRow.seq)
+    )
     for task_id in list(session.scalars(query)):
         row = fail_attempt(session, settings, task_id, "LeaseExpired",
                            "no result before the lease ran out", retryable=True, now=now)
@@ -110,7 +132,11 @@ def reap_leases(session: Session, settings: HerderSettings, now: float) -> list[
 def expire_deadlines(session: Session, now: float) -> list[JobRow]:
     """Queued jobs whose deadline passed before they started: full refund."""
     ended = []
-    query = select(JobRow.id).where(JobRow.state == QUEUED, JobRow.deadline_at < now)
+    query = (
+        select(JobRow.id)
+        .where(JobRow.state == QUEUED, JobRow.deadline_at < now)
+        .order_by(JobRow.seq)  # one locking order for concurrent ticks
+    )
     for job_id in list(session.scalars(query)):
         row = _locked(session, id=job_id)
         if row is not None and row.state == QUEUED:

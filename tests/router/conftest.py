@@ -1,17 +1,28 @@
-"""Fixtures of the herder's tests: a real ledger on SQLite and on PostgreSQL."""
+"""Fixtures of the herder's tests: a real ledger on SQLite and on PostgreSQL, and the herder's core on it."""
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import make_url, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import make_url, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from llama_tasks import registry
+from router import admission, dispatch, fees, ledger
+from router.admission import Submission, as_job
 from router.db import make_engine, make_sessionmaker, upgrade
+from router.models import DONE, ESCROW, JobRow, Transfer
+from router.settings import HerderSettings
+from router.tokens import TokenCounter
 
 #: Where the tests look for PostgreSQL when LLAMAS_TEST_POSTGRES_URL is unset.
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -80,3 +91,162 @@ def session_factory(ledger_url: str) -> Iterator[sessionmaker[Session]]:
         yield make_sessionmaker(engine)
     finally:
         engine.dispose()
+
+
+# --- the herder's core: admission, queue and settlement on a real ledger ------
+
+#: A second registry name for the bundled model, so tests can queue for two models.
+TWIN_MODEL = "smollm2-twin"
+#: Unix seconds the tests place jobs around: a real epoch, so aging's
+#: ``bid − aging × created_at`` is exercised at realistic magnitudes.
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="session")
+def counter(tmp_path_factory: pytest.TempPathFactory) -> TokenCounter:
+    """The real vocab-only SmolLM2 token counter, with a twin model registered."""
+    home = tmp_path_factory.mktemp("herder-home")
+    spec = registry.builtin_models()["smollm2"]
+    (home / "models.json").write_text(
+        json.dumps({TWIN_MODEL: {"path": spec.path, "sha256": spec.sha256}})
+    )
+    return TokenCounter(home / "models.json")
+
+
+class Herder:
+    """The herder's core on a real ledger: admission, claims and books, one transaction each."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: HerderSettings,
+                 counter: TokenCounter) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.counter = counter
+
+    def configure(self, **overrides: Any) -> HerderSettings:
+        """Replace settings fields (max_queue, aging_per_s, fees…) for what follows."""
+        self.settings = self.settings.model_copy(update=overrides)
+        return self.settings
+
+    # --- accounts ---------------------------------------------------------------
+
+    def account(self, name: str, deposit: int = 0) -> str:
+        """A requester funded with ``deposit``; returns its API key."""
+        with self.sessions.begin() as session:
+            _, api_key = ledger.create_account(session, name, deposit=deposit)
+        return api_key
+
+    def balance(self, name: str) -> int:
+        with self.sessions() as session:
+            return ledger.balance(session, ledger.account_by_name(session, name))
+
+    def balances(self, *names: str) -> dict[str, int]:
+        return {name: self.balance(name) for name in names}
+
+    # --- requests ---------------------------------------------------------------
+
+    def quote(self, **fields: Any) -> int:
+        """The quote for a submission (defaults as ``submit``'s), counted with the counter directly."""
+        sub = self._submission(fields)
+        job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
+        return fees.quote(self.settings.base_fee, self.settings.fee_per_token,
+                          self.counter.prompt_tokens(job), sub.max_tokens)
+
+    @staticmethod
+    def _submission(fields: dict[str, Any]) -> Submission:
+        defaults = {"max_tokens": 8} | ({} if "messages" in fields else {"prompt": "Say hello."})
+        return Submission(**(defaults | fields))
+
+    def submit(self, api_key: str, now: float = T0, counter: Any = None, **fields: Any) -> JobRow:
+        """Admit a submission and commit, retrying once on a reference race as the service does."""
+        sub = self._submission(fields)
+        try:
+            with self.sessions.begin() as session:
+                row, _ = admission.admit(session, self.settings, counter or self.counter,
+                                         api_key, sub, now)
+        except IntegrityError:
+            with self.sessions.begin() as session:
+                row, _ = admission.admit(session, self.settings, counter or self.counter,
+                                         api_key, sub, now)
+        return row
+
+    # --- jobs -------------------------------------------------------------------
+
+    def job(self, job_id: str) -> JobRow:
+        with self.sessions() as session:
+            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
+            assert row is not None, job_id
+            return row
+
+    def jobs(self) -> list[JobRow]:
+        with self.sessions() as session:
+            return list(session.scalars(select(JobRow).order_by(JobRow.seq)))
+
+    def claim(self, slots: int, now: float = T0, model: str = "smollm2") -> list[str]:
+        """Ids of the jobs one dispatcher claims for ``model`` with ``slots`` slots."""
+        with self.sessions.begin() as session:
+            return [row.id for row in dispatch.claim(session, self.settings, model, slots, now)]
+
+    def result(self, job_id: str, text: str, **extra: Any) -> dict[str, Any]:
+        """The result document a worker returns for a job's current attempt."""
+        row = self.job(job_id)
+        return {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt,
+                "text": text, "finish_reason": "stop", "worker": "w@test", **extra}
+
+    def transfers(self, job_id: str) -> list[tuple[str, int]]:
+        with self.sessions() as session:
+            return [(t.kind, t.amount) for t in session.scalars(
+                select(Transfer).where(Transfer.job_id == job_id).order_by(Transfer.id))]
+
+    # --- the books --------------------------------------------------------------
+
+    def assert_books(self) -> None:
+        """The ledger balances, and escrow holds exactly each open job's offer, nothing for ended ones."""
+        with self.sessions() as session:
+            assert ledger.check(session) == []
+            rows = list(session.scalars(select(JobRow)))
+            escrow = ledger.balance(session, ledger.account_by_name(session, ESCROW))
+            open_offers = 0
+            for row in rows:
+                held = ledger.held_for(session, row.id)
+                if row.is_open:
+                    assert held == row.offered, (row.id, row.state, held, row.offered)
+                    open_offers += row.offered
+                else:
+                    assert held == 0, (row.id, row.state, held)
+                    assert row.charged is not None and row.refunded is not None
+                    assert row.charged + row.refunded == row.offered, (row.id, row.state)
+                    if row.state != DONE:
+                        assert row.charged == 0
+            assert escrow == open_offers
+
+
+@pytest.fixture
+def herder(session_factory: sessionmaker[Session], counter: TokenCounter,
+           ledger_url: str, tmp_path: Path) -> Herder:
+    """The herder's core on a fresh ledger, with fees 5 + 2/token and no aging."""
+    # Every limit the tests lean on is explicit, so no LLAMAS_* variable changes them.
+    settings = HerderSettings(
+        home=tmp_path, database_url=ledger_url, base_fee=5, fee_per_token=2, max_queue=1000,
+        aging_per_s=0.0, n_ctx=2048, max_tokens_cap=2048, max_request_bytes=256_000,
+        max_attempts=3, soft_time_limit_s=300, time_limit_s=330, visibility_timeout_s=3600,
+        lease_grace_s=30.0,
+    )
+    return Herder(session_factory, settings, counter)
+
+
+def run_together(n: int, action: Callable[[int], Any]) -> list[Any]:
+    """Run ``action(i)`` for i in range(n) on n threads released at one moment.
+
+    Returns each call's value, or the exception it raised.
+    """
+    start = threading.Barrier(n)
+
+    def worker(i: int) -> Any:
+        start.wait()
+        try:
+            return action(i)
+        except Exception as exc:  # returned, so the test can count refusals by type
+            return exc
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(worker, range(n)))

@@ -75,6 +75,8 @@ class Job:
 
 def validate(job: Job, max_tokens_cap: int) -> None:
     """Raise the typed error for the first thing wrong with ``job``."""
+    if not isinstance(job.model, str) or not job.model:
+        raise InvalidRequest(f"model must be a model name, got {job.model!r}")
     if job.messages is not None:
         if job.prompt is not None:
             raise InvalidRequest("give either a prompt or chat messages, not both")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from llama_tasks.settings import WorkerSettings, exit_on_invalid
 
@@ -41,6 +41,13 @@ class HerderSettings(WorkerSettings):
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per webhook POST.")
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
+
+    @model_validator(mode="after")
+    def _fees_are_positive(self) -> "HerderSettings":
+        # A zero quote would make every bid a division by zero and every job free.
+        if self.base_fee == 0 and self.fee_per_token == 0:
+            raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")
+        return self
 
     @property
     def ledger_url(self) -> str:

@@ -77,3 +77,9 @@ def test_errors_keep_their_fields_through_args():
     rebuilt = type(exc)(*exc.args)
     assert rebuilt.as_dict() == {"max_tokens": 0, "cap": 8}
     assert str(rebuilt) == "max_tokens must be between 1 and 8, got 0"
+
+
+@pytest.mark.parametrize("model", ["", ["smollm2"], None])
+def test_model_must_be_a_name(model):
+    with pytest.raises(InvalidRequest, match="model must be a model name"):
+        validate(job(model=model), 8)

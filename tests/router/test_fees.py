@@ -153,3 +153,13 @@ def test_a_multiplier_offer_charges_at_least_that_multiplier_of_a_full_run(
     assert multiplier * quoted <= offered < multiplier * quoted + 1
     assert fees.bid_ppm(offered, quoted) >= int(multiplier * fees.PPM)
     assert fees.charge(offered, quoted, quoted) == offered
+
+
+def test_settings_refuse_fees_that_make_every_quote_zero(tmp_path):
+    from pydantic import ValidationError
+
+    from router.settings import HerderSettings
+
+    with pytest.raises(ValidationError, match="cannot both be 0"):
+        HerderSettings(home=tmp_path, base_fee=0, fee_per_token=0)
+    assert HerderSettings(home=tmp_path, base_fee=0, fee_per_token=1).fee_per_token == 1

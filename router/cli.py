@@ -76,11 +76,12 @@ KEY_OPTION = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY)
 @app.command()
 def up(concurrency: int = typer.Option(0, "--concurrency", "-c", help="Worker processes (0 = settings)."),
        port: int = typer.Option(8000, help="Port of the HTTP gateway."),
-       flower_port: int = typer.Option(5555, help="Port of Flower.")) -> None:
+       flower_port: int = typer.Option(5555, help="Port of Flower."),
+       model: list[str] = typer.Option([], help="Model to serve (repeatable; default LLAMAS_MODEL).")) -> None:
     """Start the whole service on this machine and answer a paid demo request."""
     from router.up import up as run_up
 
-    run_up(concurrency or None, port, flower_port)
+    run_up(concurrency or None, port, flower_port, model or None)
 
 
 # --- prices -------------------------------------------------------------------

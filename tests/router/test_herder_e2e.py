@@ -190,3 +190,21 @@ def test_flushall_with_jobs_queued_still_completes_them_all(stack):
     for h in [blocker, *queued]:
         assert h.result(timeout=120)["status"] == "done"
     assert stack.books() == []
+
+
+def test_the_client_computes_fees_itself_and_bumps_its_bid_on_a_busy_queue(stack):
+    key, herder = stack.account(100_000)
+    assert herder.prices() == (1, 1)
+    assert herder.calculate_fee(prompt_tokens=10, tokens=20) == 31
+    assert herder.calculate_fee(prompt_tokens=10, tokens=20, multiplier=2) == 62
+    quoted = herder.quote("Hello there", 10)
+    assert quoted["quote"] == herder.calculate_fee(quoted["prompt_tokens"], 10)
+    blocker = herder.run(**LONG)
+    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    rich = herder.run("Me first.", 4, multiplier=3)
+    bumped = herder.run("And me.", 4, bump=True)
+    assert bumped.doc["multiplier"] == pytest.approx(3.0, abs=0.01)
+    assert bumped.position() == 2  # level with the last bid, behind it by arrival
+    for h in (blocker, rich, bumped):
+        h.result(timeout=120)
+    assert stack.books() == []

@@ -200,9 +200,11 @@ class HerderService:
         """Settle a completed attempt whose authoritative result is ``doc``."""
         with self.sessions.begin() as session:
             row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, time.time())
+        # Feed the freed slot first: forwarding takes longer than dispatching,
+        # and the next job should not wait for it.
+        self.dispatch()
         if row is not None:
             self.forward(row.id)
-        self.dispatch()
 
     def on_failure(self, task_id: str, exc: BaseException | None) -> None:
         """An attempt failed: typed refusals end the job, anything else may retry."""

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from celery.result import allow_join_result
-
 from agent.constants import (
     CHAT_ANSWERED_PREFIX,
     CHAT_INFLIGHT_PREFIX,
@@ -143,17 +141,16 @@ class ChatBot:
             return None
         log.info("CHAT     %s said %r in %s: asking for a reply", message.nick, message.text[:60], self.room)
         try:
-            with allow_join_result():  # the herder answers from its own worker, never ours
-                # No stop string at the herder: a reply that opens with the terminate symbol
-                # would come back empty. The bot cuts it itself, after trimming.
-                handle = self.herder.run(
-                    messages=reply_messages(history, self.nick), tokens=self.settings.agent_chat_max_tokens,
-                    temperature=0.8, model=self.settings.agent_model,
-                    fee=self.settings.agent_fee,
-                    multiplier=None if self.settings.agent_fee is not None else self.settings.agent_multiplier,
-                    reference=reference, callback=(CHAT_RESPONSE_TASK, self.settings.agent_queue),
-                    deadline_s=self.settings.agent_deadline_s,
-                )
+            # No stop string at the herder: a reply that opens with the terminate symbol
+            # would come back empty. The bot cuts it itself, after trimming.
+            handle = self.herder.run(
+                messages=reply_messages(history, self.nick), tokens=self.settings.agent_chat_max_tokens,
+                temperature=0.8, model=self.settings.agent_model,
+                fee=self.settings.agent_fee,
+                multiplier=None if self.settings.agent_fee is not None else self.settings.agent_multiplier,
+                reference=reference, callback=(CHAT_RESPONSE_TASK, self.settings.agent_queue),
+                deadline_s=self.settings.agent_deadline_s,
+            )
         except LlamasError as exc:
             # Refused: this message gets no reply (retrying every poll would only repeat the refusal).
             self._settle(reference, message.id, "")

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from celery.result import allow_join_result
-
 from agent import strategy
 from agent.constants import RESPONSE_TASK
 from agent.exchange import ActionResponse, Exchange
@@ -104,12 +102,11 @@ class Trader:
     def _submit(self, tick: Tick) -> None:
         request = GradingRequest.from_json(tick.request)
         try:
-            with allow_join_result():  # the herder answers from its own worker, never ours
-                handle = self.herder.run(
-                    **request.run_kwargs(), **self._offer(), model=self.settings.agent_model,
-                    reference=tick.reference, callback=(RESPONSE_TASK, self.settings.agent_queue),
-                    deadline_s=self.settings.agent_deadline_s,
-                )
+            handle = self.herder.run(
+                **request.run_kwargs(), **self._offer(), model=self.settings.agent_model,
+                reference=tick.reference, callback=(RESPONSE_TASK, self.settings.agent_queue),
+                deadline_s=self.settings.agent_deadline_s,
+            )
         except Exception as exc:
             if is_transient(exc):
                 raise  # the task retries under the same tick id, hence the same reference

@@ -26,6 +26,12 @@ SAMPLING_RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 1.0),
     "repeat_penalty": (0.5, 2.0),
 }
+#: Sampling defaults of every request, whoever builds it (client, gateway, herder, worker).
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+DEFAULT_MIN_P = 0.05
+DEFAULT_REPEAT_PENALTY = 1.0
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 #: Grammars and schemas longer than this are refused before parsing.
@@ -47,11 +53,11 @@ class Job:
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
 
     @classmethod

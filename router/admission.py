@@ -20,7 +20,15 @@ from sqlalchemy.orm import Session
 
 from llama_tasks import engine
 from llama_tasks.errors import InvalidRequest
-from llama_tasks.job import Job, validate
+from llama_tasks.job import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    Job,
+    validate,
+)
 from router import fees, ledger
 from router.errors import (
     BadChannel,
@@ -61,11 +69,11 @@ class Submission:
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
     fee: int | None = None
     multiplier: float | str | None = None

@@ -19,12 +19,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
 
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import NOTIFY_PREFIX, RESPONSE_PREFIX
 from llama_tasks.errors import InvalidRequest, LlamasError
+from llama_tasks.job import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+)
 from router import dispatch
 from router.admission import Submission
 from router.errors import (
@@ -85,11 +92,11 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = "smollm2"
     max_tokens: int | None = None
-    temperature: float = Field(0.8)
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

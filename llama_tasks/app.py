@@ -18,7 +18,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
-from llama_tasks import runtime
+from llama_tasks import lifeline, runtime
 from llama_tasks.errors import LlamasError
 from llama_tasks.heartbeat import Heartbeat
 from llama_tasks.registry import ModelSpec
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 app = Celery("llama_tasks")
 app.config_from_object("celeryconfig")
 app.conf.task_default_queue = get_settings().queue
+# An embedded beat (-B) dies with this worker's main process, as the pool children do.
+lifeline.connect_celery_signals()
 
 # Signals are process-global, and the herder imports this package too: only a
 # worker started for *this* app may load models and beat.

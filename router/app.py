@@ -1,13 +1,20 @@
 """The herder's Celery application: ``celery -A router worker -Q herder -B``.
 
 Beat runs ``router.tick`` every ``LLAMAS_TICK_S`` (deadlines, leases,
-dispatch); everything else is driven by requests and worker results.
+dispatch); everything else is driven by requests and worker results. The
+main process refuses to start without the signing key, before it forks.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
+from typing import Any
 
+from celery import Celery
+from celery.signals import worker_init
+
+from llama_tasks import lifeline
+from router.preflight import herder_problem
 from router.settings import HERDER_QUEUE, get_settings
 
 app = Celery("router")
@@ -22,3 +29,21 @@ app.conf.beat_schedule = {
         "options": {"expires": get_settings().tick_s * 5},
     }
 }
+
+# The embedded beat dies with the herder's main process (Celery does the same
+# for pool children): an orphaned beat would keep sending ticks beside a
+# restarted herder's.
+lifeline.connect_celery_signals()
+
+
+@worker_init.connect
+def _check_before_fork(sender: Any = None, **_: Any) -> None:
+    # Signals are process-global: only a worker started for this app is a herder.
+    if getattr(sender, "app", None) is not app:
+        return
+    problem = herder_problem(get_settings())
+    if problem is not None:
+        # SystemExit passes through Celery's signal dispatch (an ordinary
+        # exception would be logged and the worker started anyway).
+        print(f"llamas herder refuses to start: {problem}", file=sys.stderr)
+        raise SystemExit(2)

@@ -55,7 +55,13 @@ def _settings() -> Any:
 
 def _herder(key: str | None = None) -> Any:
     from router.client import Herder
+    from router.preflight import broker_problem
 
+    # Up front: without Redis, Celery's result store retries for ~20 s and then
+    # fails with a RuntimeError that says nothing about what to do.
+    problem = broker_problem(_settings())
+    if problem is not None:
+        fail(problem)
     api_key = key or _settings().api_key
     return Herder(api_key)
 
@@ -82,6 +88,14 @@ def up(concurrency: int = typer.Option(0, "--concurrency", "-c", help="Worker pr
     from router.up import up as run_up
 
     run_up(concurrency or None, port, flower_port, model or None)
+
+
+@app.command()
+def down(grace: float = typer.Option(30.0, min=0, help="Seconds between SIGTERM and SIGKILL.")) -> None:
+    """Stop what `llamas up` runs for this home, or what a killed one left running."""
+    from router.up import down as run_down
+
+    run_down(grace)
 
 
 # --- prices -------------------------------------------------------------------
@@ -274,6 +288,13 @@ def main() -> None:
         sys.exit(1)
     except (OperationalError, RedisConnectionError) as exc:
         err.print(f"[red]error:[/] cannot reach the broker: {exc}", highlight=False)
+        sys.exit(1)
+    except RuntimeError as exc:
+        # Celery's result store gives up on a lost Redis with a RuntimeError
+        # whose cause is the connection error.
+        if not isinstance(exc.__cause__, (OperationalError, RedisConnectionError)):
+            raise
+        err.print(f"[red]error:[/] lost the connection to the broker: {exc.__cause__}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -7,12 +7,18 @@ HTTP gateway and Flower; prints where everything is, pays for one demo
 request through the gateway, prints the answer as it streams with what it
 cost and what was refunded, and stays up until Ctrl-C. A component that dies
 is reported and restarted.
+
+While it runs, ``<home>/up.json`` records the set it started; a second
+``llamas up`` for the same home refuses while any of it still runs, and
+``llamas down`` stops what a killed one left behind. Flower asks for a
+password, made once per home.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -24,7 +30,7 @@ from llama_tasks import redis_server, registry, signing
 from llama_tasks.constants import HERD_PREFIX
 from llama_tasks.settings import queue_for
 from router.settings import HERDER_QUEUE, HerderSettings
-from router.supervisor import Component, Supervisor, python_module
+from router.supervisor import RUN_TOKEN_ENV, Component, RunRecord, Supervisor, python_module
 
 console = Console()
 
@@ -33,6 +39,10 @@ DEMO_CREDITS = 1_000_000
 DEMO_MESSAGES = [{"role": "user", "content": "Say hello to a herd of llamas in one short sentence."}]
 #: How long `up` waits for a component to become ready.
 READY_TIMEOUT_S = 120.0
+#: Flower's basic-auth user; its password is made once per home.
+FLOWER_USER = "admin"
+#: Files in the home: the record of a running set, and Flower's password.
+RUN_RECORD, FLOWER_PASSWORD = "up.json", "flower.password"
 
 
 def _wait(what: str, component: Component, ready: Any) -> Any:
@@ -66,6 +76,78 @@ def demo_key(settings: HerderSettings) -> str:
     console.print(f"[bold]account[/] created '{DEMO_ACCOUNT}' with {DEMO_CREDITS:,} credits; its API key "
                   f"(shown once, kept for the demo in {key_file}):\n        [bold yellow]{key}[/]")
     return key
+
+
+def flower_password(home: Path) -> tuple[str, bool]:
+    """Flower's password for this home, made on first use (mode 0600); True when just made."""
+    pw_file = home / FLOWER_PASSWORD
+    try:
+        return pw_file.read_text().strip(), False
+    except FileNotFoundError:
+        pass
+    home.mkdir(parents=True, exist_ok=True)
+    # URL-safe characters only: Flower splits FLOWER_BASIC_AUTH on ',' and ':'.
+    password = secrets.token_urlsafe(18)
+    try:
+        fd = os.open(pw_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made meanwhile by another `llamas up` or `make flower`
+        return pw_file.read_text().strip(), False
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+    return password, True
+
+
+def _announce_flower_password(password: str, pw_file: Path, out: Console = console) -> None:
+    out.print(f"[bold]flower[/]  created a password for Flower's user '{FLOWER_USER}' (shown once, kept in "
+              f"{pw_file}):\n        [bold yellow]{password}[/]", highlight=False)
+
+
+def flower_login() -> str:
+    """``user:password`` for Flower's basic auth (``make flower``), telling stderr where the password is kept."""
+    home = HerderSettings().home
+    password, created = flower_password(home)
+    # stderr: the caller captures stdout, which must hold the login alone.
+    note = Console(stderr=True)
+    if created:
+        _announce_flower_password(password, home / FLOWER_PASSWORD, note)
+    else:
+        note.print(f"[bold]flower[/]  user '{FLOWER_USER}', password in {home / FLOWER_PASSWORD}", highlight=False)
+    return f"{FLOWER_USER}:{password}"
+
+
+def refuse_if_running(home: Path) -> None:
+    """Refuse, in one line, while a set recorded for this home still runs; forget a dead one."""
+    record = RunRecord.load(home / RUN_RECORD)
+    if record is None:
+        return
+    running = record.survivors()
+    if not running:
+        return  # every process of it is gone: the record is replaced by ours
+    pids = ", ".join(f"{pid} ({name})" for pid, name in sorted(running.items()))
+    if record.up_alive():
+        raise SystemExit(f"llamas up is already running for {home} (pid {record.pid}; running: {pids}); "
+                         "stop it with Ctrl-C where it runs, or with `llamas down`")
+    raise SystemExit(f"a previous llamas up for {home} (pid {record.pid}) died and left processes running: "
+                     f"{pids}; stop them with `llamas down`")
+
+
+def down(grace_s: float) -> None:
+    """Stop the set recorded for this home (``llamas down``)."""
+    home = HerderSettings().home
+    record = RunRecord.load(home / RUN_RECORD)
+    if record is None:
+        console.print(f"nothing to stop: no llamas up is recorded in {home / RUN_RECORD}", highlight=False)
+        return
+    stopped = record.stop(grace_s)
+    if not stopped:
+        console.print(f"nothing was running; removed the stale record {record.path}", highlight=False)
+        return
+    left = record.survivors()
+    if left:
+        raise SystemExit(f"could not stop {', '.join(map(str, sorted(left)))}: still running after SIGKILL "
+                         "(processes of another user?)")
+    console.print(f"stopped llamas up (pid {record.pid}): "
+                  f"{', '.join(f'{pid} ({name})' for pid, name in sorted(stopped.items()))}", highlight=False)
 
 
 def _demo(gateway: str, api_key: str, model: str) -> None:
@@ -107,10 +189,10 @@ def check_port(port: int, what: str, option: str) -> None:
             ) from None
 
 
-def _where(gateway: str, flower: str, key_file: Path) -> None:
+def _where(gateway: str, flower: str, key_file: Path, pw_file: Path) -> None:
     console.print(f"""
 [bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics)
-[bold]flower[/]  {flower}
+[bold]flower[/]  {flower}  (user {FLOWER_USER}, password in {pw_file})
 [bold]try it[/]  export LLAMAS_API_KEY=$(cat {key_file})
   curl {gateway}/v1/chat/completions -H "Authorization: Bearer $LLAMAS_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
   python -c 'import os, openai; c = openai.OpenAI(base_url="{gateway}/v1", api_key=os.environ["LLAMAS_API_KEY"]); print(c.chat.completions.create(model="smollm2", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)'
@@ -121,12 +203,27 @@ def _where(gateway: str, flower: str, key_file: Path) -> None:
 def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555,
        models: list[str] | None = None) -> None:
     """Run the service in the foreground until interrupted; one worker per model."""
-    import redis
-
     settings = HerderSettings()
+    # Before the ports: a stale set holds them, and its message says more.
+    refuse_if_running(settings.home)
     check_port(port, "HTTP gateway", "--port")
     check_port(flower_port, "Flower dashboard", "--flower-port")
     settings.home.mkdir(parents=True, exist_ok=True)
+    record = RunRecord.new(settings.home / RUN_RECORD, {"gateway": port, "flower": flower_port})
+    record.save()
+    # Everything started from here on (the embedded Redis too) inherits the
+    # token, which is how `llamas down` finds leftovers wherever they are.
+    os.environ[RUN_TOKEN_ENV] = record.token
+    try:
+        _up(settings, record, concurrency, port, flower_port, models)
+    finally:
+        record.discard()
+
+
+def _up(settings: HerderSettings, record: RunRecord, concurrency: int | None, port: int, flower_port: int,
+        models: list[str] | None) -> None:
+    import redis
+
     embedded = redis_server.ensure(settings.redis_url)
     where = "embedded Valkey (nothing answered there)" if embedded else "existing server"
     console.print(f"[bold]redis[/]   {settings.redis_url} — {where}")
@@ -139,11 +236,15 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
         console.print(f"[bold]model[/]   {spec.name} id {spec.model_id[:16]}…")
     console.print(f"[bold]ledger[/]  {settings.ledger_url}")
     api_key = demo_key(settings)
+    pw_file = settings.home / FLOWER_PASSWORD
+    flower_pw, created = flower_password(settings.home)
+    if created:
+        _announce_flower_password(flower_pw, pw_file)
 
     env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url)
     logs = settings.home / "logs"
     node = os.uname().nodename
-    supervisor = Supervisor(report=lambda text: console.print(f"[red]{text}[/]"))
+    supervisor = Supervisor(report=lambda text: console.print(f"[red]{text}[/]"), record=record)
     r = redis.Redis.from_url(settings.redis_url)
     gateway, flower = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{flower_port}"
     try:
@@ -176,8 +277,7 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
             name="flower",
             argv=python_module("celery", "-A", "llama_tasks", "flower", f"--port={flower_port}",
                                "--address=127.0.0.1"),
-            # Read-only API for local tools; Flower listens on loopback only.
-            env=dict(env, FLOWER_UNAUTHENTICATED_API="true"), log=logs / "flower.log",
+            env=flower_env(env, flower_pw), log=logs / "flower.log",
         ))
         for worker_name, worker in workers.items():
             beat = _wait(worker.name, worker, lambda: r.get(HERD_PREFIX + worker_name))
@@ -186,7 +286,7 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
         _wait("gateway", api, lambda: port_answers(port))
         _wait("flower", dashboard, lambda: port_answers(flower_port))
-        _where(gateway, flower, settings.home / "demo.key")
+        _where(gateway, flower, settings.home / "demo.key", pw_file)
         _demo(gateway, api_key, specs[0].name)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
         supervisor.run_forever()
@@ -195,6 +295,18 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
         if embedded is not None:
             embedded.stop()
         console.print("stopped.")
+
+
+def flower_env(env: dict[str, str], password: str) -> dict[str, str]:
+    """Flower's environment: basic auth on every page and API call.
+
+    Through the environment, not ``--basic-auth``: a command line is readable
+    by every user of the machine, a process's environment only by its owner.
+    An inherited FLOWER_UNAUTHENTICATED_API would open the API again.
+    """
+    flower_env = {k: v for k, v in env.items() if k != "FLOWER_UNAUTHENTICATED_API"}
+    flower_env["FLOWER_BASIC_AUTH"] = f"{FLOWER_USER}:{password}"
+    return flower_env
 
 
 def port_answers(port: int) -> bool:

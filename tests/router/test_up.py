@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from router.supervisor import RUN_TOKEN_ENV
 from router.up import port_answers
 from tests.processes import ROOT
 from tests.stack import free_port
@@ -36,6 +38,14 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Children, grandchildren… (Celery pool children and beat included)."""
+    found = []
+    for child in _children(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
 def _wait_for(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -45,9 +55,33 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _env(home: Path, redis_url: str) -> dict[str, str]:
+    return dict(os.environ, LLAMAS_HOME=str(home), LLAMAS_REDIS_URL=redis_url, COLUMNS="200")
+
+
+def _start_up(env: dict[str, str], log: Path, port: int, flower_port: int) -> subprocess.Popen[bytes]:
+    """``llamas up`` in the background, returned once it serves (or has exited)."""
+    ready = "Ctrl-C stops everything"
+    before = log.read_text().count(ready) if log.exists() else 0
+    out = open(log, "ab")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "router.cli", "up", "--port", str(port), "--flower-port", str(flower_port)],
+        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+    )
+    out.close()
+    _wait_for(lambda: log.read_text().count(ready) > before or up.poll() is not None, 180, "up")
+    assert up.poll() is None, log.read_text()
+    return up
+
+
+def _cli(env: dict[str, str], *argv: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "router.cli", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
 def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everything(tmp_path, redis_url):
     port, flower_port = free_port(), free_port()
-    env = dict(os.environ, LLAMAS_HOME=str(tmp_path / "home"), LLAMAS_REDIS_URL=redis_url, COLUMNS="200")
+    env = _env(tmp_path / "home", redis_url)
     log = tmp_path / "up.log"
     with open(log, "wb") as out:
         up = subprocess.Popen(
@@ -63,6 +97,18 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             assert "answer:" in text and "charged" in text and "refunded" in text
             children = _children(up.pid)
             assert len(children) == 4  # worker, herder, gateway, flower
+            # The running set is recorded, and Flower's password was made and shown once.
+            record = json.loads((tmp_path / "home" / "up.json").read_text())
+            assert record["pid"] == up.pid and sorted(record["components"].values()) == sorted(children)
+            assert record["ports"] == {"gateway": port, "flower": flower_port}
+            password = (tmp_path / "home" / "flower.password").read_text().strip()
+            assert password in text and "flower.password" in text
+
+            # A second `llamas up` for the same home is refused, naming the running one.
+            second = _cli(env, "up", "--port", str(free_port()), "--flower-port", str(free_port()))
+            assert second.returncode != 0
+            assert f"llamas up is already running for {tmp_path / 'home'} (pid {up.pid}" in second.stderr
+            assert "llamas down" in second.stderr and "Traceback" not in second.stderr
 
             # Kill the gateway: it is reported and restarted.
             gateway = next(p for p in children if "uvicorn" in Path(f"/proc/{p}/cmdline").read_text())
@@ -76,8 +122,102 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             up.wait(timeout=90)
     assert "stopped." in log.read_text()
     assert not [p for p in children if _alive(p)], "children left running"
-    # The demo key is kept for later runs, readable by its owner only.
+    assert not (tmp_path / "home" / "up.json").exists()
+    # The demo key and Flower's password are kept for later runs, readable by their owner only.
     assert (tmp_path / "home" / "demo.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "home" / "flower.password").stat().st_mode & 0o777 == 0o600
+
+
+def test_sigkill_of_up_stops_every_component_and_the_next_up_starts_on_the_same_ports(tmp_path, redis_url):
+    port, flower_port = free_port(), free_port()
+    home = tmp_path / "home"
+    env, log = _env(home, redis_url), tmp_path / "up.log"
+    first = _start_up(env, log, port, flower_port)
+    second, seen = None, []
+    try:
+        processes = _descendants(first.pid)
+        seen += processes
+        assert len(processes) >= 7  # 4 components, the worker's and herder's pool children, the beat
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        _wait_for(lambda: not [p for p in processes if _alive(p)], 60,
+                  f"every process of the killed up to exit: {[p for p in processes if _alive(p)]}")
+        # Its record stays behind (nothing ran to remove it) and describes only dead processes.
+        assert json.loads((home / "up.json").read_text())["pid"] == first.pid
+
+        second = _start_up(env, log, port, flower_port)
+        assert json.loads((home / "up.json").read_text())["pid"] == second.pid
+        processes = _descendants(second.pid)
+        seen += processes
+
+        down = _cli(env, "down")
+        assert down.returncode == 0, down.stderr
+        assert f"stopped llamas up (pid {second.pid})" in down.stdout
+        _wait_for(lambda: second.poll() is not None, 30, "the second up to exit")
+        assert not [p for p in processes if _alive(p)], "processes left running"
+        assert not (home / "up.json").exists()
+        assert "stopped." in log.read_text()
+    finally:
+        for up in (first, second):
+            if up is not None and up.poll() is None:
+                up.send_signal(signal.SIGINT)
+                up.wait(timeout=90)
+        for pid in seen:  # orphans, where the feature broke
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _leftover(token: str, ignore_sigterm: bool = False) -> subprocess.Popen[bytes]:
+    """A real process that carries a run's token, as a component of a killed up would."""
+    code = "import signal, time\n"
+    if ignore_sigterm:
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "print('ready', flush=True)\ntime.sleep(600)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, **{RUN_TOKEN_ENV: token}),
+                            stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"  # its handler is in place
+    return proc
+
+
+def test_a_stale_set_is_named_by_up_and_cleared_by_down(tmp_path, redis_url):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = _env(home, redis_url)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    token = os.urandom(16).hex()
+    polite, stubborn = _leftover(token), _leftover(token, ignore_sigterm=True)
+    # As a stale set would, something holds the gateway's port: the refusal
+    # must name the set, not merely the port (and a broken check starts nothing).
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (home / "up.json").write_text(json.dumps({
+            "token": token, "pid": dead.pid, "pid_started": None, "started_at": time.time(),
+            "ports": {"gateway": port, "flower": free_port()},
+            "components": {"gateway": polite.pid, "herder": stubborn.pid},
+        }))
+        refused = _cli(env, "up", "--port", str(port), "--flower-port", str(free_port()))
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        line = refused.stderr.strip()
+        assert "\n" not in line
+        assert f"a previous llamas up for {home} (pid {dead.pid}) died and left processes running" in line
+        assert str(polite.pid) in line and str(stubborn.pid) in line and "`llamas down`" in line
+
+        down = _cli(env, "down", "--grace", "1")
+        assert down.returncode == 0, down.stderr
+        assert str(polite.pid) in down.stdout and str(stubborn.pid) in down.stdout
+        assert polite.wait(timeout=10) == -signal.SIGTERM
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL  # after the grace
+        assert not (home / "up.json").exists()
+        assert "nothing to stop" in _cli(env, "down").stdout
+    finally:
+        taken.close()
+        for proc in (polite, stubborn):
+            proc.kill()
+            proc.wait()
 
 
 def test_a_taken_port_is_a_clear_error(tmp_path, redis_url):

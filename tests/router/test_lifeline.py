@@ -1,0 +1,116 @@
+"""Children die with their parent: a SIGKILLed parent leaves no orphan behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from llama_tasks import lifeline
+from tests.processes import ROOT, CeleryProcess
+
+pytestmark = pytest.mark.skipif(lifeline.UNSUPPORTED is not None, reason=str(lifeline.UNSUPPORTED))
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_a_child_that_asked_dies_when_its_parent_is_killed(tmp_path):
+    # parent: starts a child that asks for SIGTERM on its parent's death, prints its pid, waits.
+    parent_code = textwrap.dedent(f"""
+        import os, signal, subprocess, sys, time
+        from functools import partial
+        from llama_tasks import lifeline
+        lifeline.prepare()
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                 preexec_fn=partial(lifeline.die_with_parent, signal.SIGTERM, os.getpid()))
+        print(child.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        wait_for(lambda: not alive(child), 10, f"child {child} to die with its parent")
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_child_whose_parent_died_before_it_asked_dies_at_once():
+    # The race the parent_pid argument closes: by the time the child asks,
+    # it has already been re-parented, so it must signal itself.
+    code = "import signal; from llama_tasks import lifeline; lifeline.die_with_parent(signal.SIGTERM, 1)"
+    proc = subprocess.run([sys.executable, "-c", code + "; import time; time.sleep(60)"], cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_herder_main_process_takes_its_beat_and_pool_children_along(tmp_path):
+    herder = CeleryProcess("router", "herder", f"lifeline-{os.getpid()}", 2, dict(os.environ),
+                           tmp_path / "herder.log", extra=["-B", "-s", str(tmp_path / "beat-schedule")])
+    try:
+        herder.wait_log("ready.")
+        # Two pool children and the embedded beat, all forked by the main process.
+        wait_for(lambda: len(children(herder.proc.pid)) == 3, 30, "two pool children and the beat")
+        wait_for(lambda: "beat: Starting..." in herder.output(), 30, "the beat")
+        kids = children(herder.proc.pid)
+        herder.proc.send_signal(signal.SIGKILL)
+        herder.proc.wait()
+        wait_for(lambda: not any(alive(p) for p in kids), 20,
+                 f"beat and pool children {kids} to exit:\n{herder.output()}")
+    finally:
+        try:  # leave no orphan behind when the feature is broken
+            os.killpg(herder.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        herder.stop()
+
+
+#: Exactly 2000 letters: the model cannot stop early, so the child is busy for many seconds.
+LONG_GRAMMAR = "root ::= [a-z]{2000}"
+
+
+@pytest.mark.slow
+def test_sigkill_of_an_inference_worker_main_process_takes_its_busy_child_along(start_worker, send, make_job, r):
+    # An idle pool child exits by itself when the main process's pipe closes;
+    # a busy one would finish its generation first, unless it dies with its parent.
+    from llama_tasks import stream
+
+    worker = start_worker(concurrency=1)
+    (child,) = children(worker.proc.pid)
+    envelope, job = make_job(prompt="Letters:", max_tokens=2000, grammar=LONG_GRAMMAR, temperature=0.0)
+    send(envelope)
+    for event in stream.follow(r, job.job_id, timeout_s=60):
+        if event["event"] == "token":
+            break
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait()
+    wait_for(lambda: not alive(child), 5, f"busy pool child {child} to exit")

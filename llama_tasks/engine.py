@@ -8,9 +8,14 @@ formatting and token counting.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
+import os
+import secrets
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -108,14 +113,42 @@ def compile_grammar(llm: Llama, gbnf: str) -> LlamaGrammar:
     and free the probe.
     """
     grammar = LlamaGrammar.from_string(gbnf, verbose=False)
-    probe = llama_cpp.llama_sampler_init_grammar(
-        llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
-    )
+    with _stderr_without(grammar._grammar):
+        probe = llama_cpp.llama_sampler_init_grammar(
+            llm._model.vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8")
+        )
     if not probe:
         first_line = gbnf.strip().splitlines()[0] if gbnf.strip() else "(empty)"
         raise BadGrammar(f"llama.cpp could not parse the grammar starting {first_line[:80]!r}")
     llama_cpp.llama_sampler_free(probe)
     return grammar
+
+
+@contextlib.contextmanager
+def _stderr_without(secret: str) -> Iterator[None]:
+    """Pass through what C code writes to stderr meanwhile, minus ``secret``.
+
+    llama.cpp prints a grammar that fails to parse, whole, straight to file
+    descriptor 2 (not through its log callback); a grammar is requester text
+    and must not reach an operator's log. Writes go to a temporary file (a
+    pipe could fill and block) and are copied back with the grammar cut out,
+    so nothing another thread wrote in between is lost.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+            if text:
+                cleaned = text.replace(secret, "(grammar withheld)") if secret else text
+                sys.stderr.write(cleaned)
+                sys.stderr.flush()
 
 
 @dataclass
@@ -155,8 +188,12 @@ def generate(
     it can no longer turn out to be the start of a stop string, so the streamed
     pieces always join up to exactly the returned text.
     """
-    if job.seed is not None:
-        llm.set_seed(job.seed)
+    # The seed lives on the Llama object shared by every job of this process,
+    # and the sampler chain ``llm.generate`` builds reads it: set it for every
+    # job, so one requester's seed never decides (or reveals) another's
+    # sampling. A job that asks for no seed gets one nobody can predict;
+    # 0xFFFFFFFF is excluded because llama.cpp reads it as "choose one yourself".
+    llm.set_seed(job.seed if job.seed is not None else secrets.randbelow(llama_cpp.LLAMA_DEFAULT_SEED))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     hold_back = max((len(s) for s in stops), default=1) - 1
     text, emitted, completion, finish = "", 0, 0, "length"

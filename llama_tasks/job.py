@@ -6,8 +6,10 @@ runs them again because it trusts nothing it did not verify itself.
 
 from __future__ import annotations
 
+import copy
+import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llama_tasks.errors import (
@@ -26,30 +28,40 @@ SAMPLING_RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 1.0),
     "repeat_penalty": (0.5, 2.0),
 }
+DEFAULT_MODEL = "smollm2"
+#: max_tokens of a request that names none (the client's and the CLI's default).
+DEFAULT_MAX_TOKENS = 128
 #: Sampling defaults of every request, whoever builds it (client, gateway, herder, worker).
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 DEFAULT_REPEAT_PENALTY = 1.0
+#: Largest seed (llama.cpp takes a 32-bit seed; 0xFFFFFFFF means "random").
+MAX_SEED = 2**31 - 1
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 #: Grammars and schemas longer than this are refused before parsing.
 MAX_GRAMMAR_CHARS = 64_000
 
 
-@dataclass
-class Job:
-    """The signed payload of one generation attempt."""
+#: Chat roles a message may have (what the models' chat templates render).
+ROLES = ("system", "user", "assistant")
+#: Sampling parameters that must be whole numbers.
+INTEGER_SAMPLING = frozenset({"top_k"})
 
-    job_id: str
-    attempt: int
-    model: str
-    max_tokens: int
-    expires_at: float
-    issued_at: float
+
+@dataclass(kw_only=True)
+class Generation:
+    """What a requester may ask of one generation: the one declaration of these
+    fields and their defaults, shared by the client, the gateway, the herder
+    and the worker (``Job`` adds the envelope, the herder's ``Submission`` the payment).
+    """
+
+    model: str = DEFAULT_MODEL
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
     json_schema: dict[str, Any] | None = None
@@ -60,9 +72,35 @@ class Job:
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        # One stop string or a list of them, as OpenAI accepts; a bare string
+        # must not become a list of its characters.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+
+    def generation(self) -> dict[str, Any]:
+        """The generation fields alone, as JSON-ready values."""
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(Generation)}
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(kw_only=True)
+class Job(Generation):
+    """The signed payload of one generation attempt."""
+
+    job_id: str
+    attempt: int
+    expires_at: float
+    issued_at: float
+
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "Job":
-        known = {f for f in cls.__dataclass_fields__}
+        known = {f.name for f in fields(cls)}
         unknown = set(payload) - known
         if unknown:
             raise InvalidRequest(f"unknown fields {sorted(unknown)}")
@@ -74,48 +112,85 @@ class Job:
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def is_chat(self) -> bool:
-        return self.messages is not None
+
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is valid Unicode that UTF-8 can carry (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def validate(job: Job, max_tokens_cap: int) -> None:
-    """Raise the typed error for the first thing wrong with ``job``."""
-    if not isinstance(job.model, str) or not job.model:
+def check_text(name: str, value: object) -> None:
+    """Refuse text that cannot travel as UTF-8 (a lone surrogate such as ``"\\ud800"``)."""
+    if isinstance(value, str) and not _encodable(value):
+        raise InvalidRequest(f"{name} is not valid Unicode text (it contains a lone surrogate)")
+
+
+def _check_messages(messages: object) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m["content"], str):
+            raise InvalidRequest(f"messages[{i}] must be an object with exactly a role and a text content")
+        if m["role"] not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}")
+        check_text(f"messages[{i}].content", m["content"])
+    if not any(m["content"].strip() for m in messages):
+        raise EmptyPrompt()
+
+
+def validate(job: Generation, max_tokens_cap: int | None) -> None:
+    """Raise the typed error for the first thing wrong with ``job``.
+
+    ``max_tokens_cap`` is the herder's limit; a client that does not know it
+    passes None and checks everything else.
+    """
+    if not isinstance(job.model, str) or not job.model or not job.model.isprintable():
         raise InvalidRequest(f"model must be a model name, got {job.model!r}")
+    check_text("model", job.model)
     if job.messages is not None:
         if job.prompt is not None:
             raise InvalidRequest("give either a prompt or chat messages, not both")
-        if not isinstance(job.messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in job.messages
-        ):
-            raise InvalidRequest("messages must be a list of {role, content} strings")
-        if not any(m["content"].strip() for m in job.messages):
-            raise EmptyPrompt()
+        _check_messages(job.messages)
     elif not isinstance(job.prompt, str) or not job.prompt.strip():
         raise EmptyPrompt()
+    check_text("prompt", job.prompt)
+    cap = max_tokens_cap if max_tokens_cap is not None else 2**31 - 1
     if isinstance(job.max_tokens, bool) or not isinstance(job.max_tokens, int):
-        raise InvalidMaxTokens(job.max_tokens, max_tokens_cap)
-    if not 1 <= job.max_tokens <= max_tokens_cap:
-        raise InvalidMaxTokens(job.max_tokens, max_tokens_cap)
+        raise InvalidMaxTokens(job.max_tokens, cap)
+    if not 1 <= job.max_tokens <= cap:
+        raise InvalidMaxTokens(job.max_tokens, cap)
     for name, (low, high) in SAMPLING_RANGES.items():
         value = getattr(job, name)
         if (
             isinstance(value, bool)
-            or not isinstance(value, (int, float))
+            or not isinstance(value, int if name in INTEGER_SAMPLING else (int, float))
             or not math.isfinite(value)
             or not low <= value <= high
         ):
             raise SamplingOutOfRange(name, value, low, high)
     if job.seed is not None and (isinstance(job.seed, bool) or not isinstance(job.seed, int) or job.seed < 0):
-        raise SamplingOutOfRange("seed", job.seed, 0, 2**31 - 1)
+        raise SamplingOutOfRange("seed", job.seed, 0, MAX_SEED)
+    if job.seed is not None and job.seed > MAX_SEED:
+        raise SamplingOutOfRange("seed", job.seed, 0, MAX_SEED)
     if not isinstance(job.stop, list) or len(job.stop) > MAX_STOP_STRINGS:
         raise BadStop(f"at most {MAX_STOP_STRINGS} stop strings")
     for s in job.stop:
-        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
-            raise BadStop(f"each stop string must be 1..{MAX_STOP_CHARS} characters, got {s!r}")
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS or not _encodable(s):
+            raise BadStop(f"each stop string must be 1..{MAX_STOP_CHARS} characters of text, got {s!r}")
     if job.grammar is not None and job.json_schema is not None:
         raise InvalidRequest("give either a grammar or a JSON schema, not both")
     if job.grammar is not None and (not isinstance(job.grammar, str) or len(job.grammar) > MAX_GRAMMAR_CHARS):
         raise InvalidRequest(f"grammar must be a string of at most {MAX_GRAMMAR_CHARS} characters")
+    check_text("grammar", job.grammar)
+    if job.json_schema is not None:
+        if not isinstance(job.json_schema, dict):
+            raise InvalidRequest("json_schema must be a JSON object")
+        try:
+            size = len(json.dumps(job.json_schema, allow_nan=False).encode("utf-8"))
+        except (ValueError, TypeError, UnicodeEncodeError):
+            raise InvalidRequest("json_schema must be plain JSON text (no NaN, Infinity or lone surrogates)") from None
+        if size > MAX_GRAMMAR_CHARS:
+            raise InvalidRequest(f"json_schema must be at most {MAX_GRAMMAR_CHARS} bytes")

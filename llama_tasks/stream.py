@@ -1,8 +1,11 @@
 """Token streams: a Redis stream per job that requesters can follow live.
 
-Events are ``start`` (one per attempt: a reader drops what an earlier,
-interrupted attempt wrote), ``token`` (a piece of text), then ``end`` (with
-the finish reason) or ``error``.
+Events are ``start`` (one per attempt), ``token`` (a piece of text), then
+``end`` (with the finish reason) or ``error``. An attempt that runs again
+after its worker was lost writes a new ``start`` and its text from the
+beginning; ``follow_text`` turns that into what a reader must see: every
+piece of text once, and a ``restart`` event only when the new attempt's text
+contradicts what was already shown.
 """
 
 from __future__ import annotations
@@ -49,22 +52,36 @@ class StreamWriter:
         self._r.expire(self._key, self._ttl_s)
 
 
-def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
-    """Yield a job's events as they arrive, until ``end`` or ``error``.
+def _decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
 
+
+def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
+    """Yield a job's raw events as they arrive, until ``end`` or ``error``.
+
+    A reader that arrives late starts at the newest attempt's ``start``: what
+    an interrupted attempt wrote before it is of no use to anyone.
     Raises ``TimeoutError`` when no event arrives for ``timeout_s``.
     """
     last = "0-0"
+    existing = cast(list[Any], r.xrange(key(job_id)))
+    starts = [i for i, (_, raw) in enumerate(existing) if _decode(raw).get("event") == "start"]
+    for entry_id, raw in existing[starts[-1] if starts else 0:]:
+        last = entry_id
+        event = _decode(raw)
+        yield event
+        if event["event"] in ("end", "error"):
+            return
     while True:
         batch = cast(list[Any], r.xread({key(job_id): last}, block=int(timeout_s * 1000), count=100))
         if not batch:
             raise TimeoutError(f"no stream event for job {job_id} in {timeout_s}s")
         for entry_id, raw in batch[0][1]:
             last = entry_id
-            event = {
-                (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()
-            }
+            event = _decode(raw)
             yield event
             if event["event"] in ("end", "error"):
                 return
@@ -81,3 +98,49 @@ def collect_text(events: Iterator[dict[str, str]]) -> tuple[str, dict[str, str]]
             text.append(event["text"])
         last = event
     return "".join(text), last
+
+
+class TextFollower:
+    """What a reader of one job's stream has been shown, across attempts.
+
+    ``feed`` takes raw events in order and returns the events to show: token
+    pieces that extend the shown text (a new attempt retracing text already
+    shown is silent), and ``restart`` followed by the new attempt's whole text
+    when it departs from what was shown (the reader must discard it).
+    """
+
+    def __init__(self) -> None:
+        self.shown = ""
+        self._current = ""
+
+    def _catch_up(self, attempt: str) -> list[dict[str, str]]:
+        if self.shown.startswith(self._current):
+            return []  # retracing what the reader already has
+        if self._current.startswith(self.shown):
+            piece, self.shown = self._current[len(self.shown):], self._current
+            return [{"event": "token", "text": piece}]
+        self.shown = self._current
+        return [{"event": "restart", "attempt": attempt}, {"event": "token", "text": self._current}]
+
+    def feed(self, event: dict[str, str]) -> list[dict[str, str]]:
+        kind = event["event"]
+        if kind == "start":
+            self._current = ""
+            return []
+        if kind == "token":
+            self._current += event["text"]
+            return self._catch_up(event.get("attempt", ""))
+        if kind == "end" and self._current != self.shown:
+            # The final text stops short of what was shown, or departs from it.
+            restart = {"event": "restart", "attempt": event.get("attempt", "")}
+            text = [{"event": "token", "text": self._current}] if self._current else []
+            self.shown = self._current
+            return [restart, *text, event]
+        return [event]
+
+
+def follow_text(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
+    """``follow``, as a reader should see it: text once, ``restart`` when an attempt departs."""
+    follower = TextFollower()
+    for event in follow(r, job_id, timeout_s):
+        yield from follower.feed(event)

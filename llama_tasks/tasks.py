@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Task
 
-from llama_tasks import runtime
+from llama_tasks import redact, runtime
 from llama_tasks.app import app
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.errors import InvalidRequest, Rejected
@@ -15,6 +15,10 @@ from llama_tasks.errors import InvalidRequest, Rejected
 log = logging.getLogger(__name__)
 
 GENERATE = GENERATE_TASK
+
+# Envelopes carry prompts and results carry completions: Celery's own log
+# lines and events must show neither.
+redact.install_log_filter()
 
 
 @app.task(
@@ -25,11 +29,20 @@ GENERATE = GENERATE_TASK
     max_retries=0,
     # Expected refusals: logged as one line with their reason, not a traceback.
     throws=(Rejected, InvalidRequest),
+    Request=redact.PRIVATE_REQUEST,
 )
 def generate(self: Task, envelope: Any) -> dict[str, Any]:
     """Generate one signed job; the result document is the task's return value."""
     try:
-        return runtime.run_envelope(runtime.context(), envelope, self.request.id, self.request.hostname)
+        doc = runtime.run_envelope(runtime.context(), envelope, self.request.id, self.request.hostname)
     except (Rejected, InvalidRequest) as exc:
-        log.warning("task %s refused: %s: %s", self.request.id, type(exc).__name__, exc)
+        # The type and its numbers only: messages may quote the request.
+        log.warning("task %s refused: %s", self.request.id, redact.describe_error(exc))
         raise
+    timings = doc["timings"]
+    log.info(
+        "task %s: job %s attempt %d: %d prompt + %d completion tokens (%d chars), %s, %.2fs + %.2fs",
+        self.request.id, doc["job_id"], doc["attempt"], doc["prompt_tokens"], doc["completion_tokens"],
+        len(doc["text"]), doc["finish_reason"], timings["prompt_s"], timings["generation_s"],
+    )
+    return doc

@@ -6,128 +6,31 @@ hold and the job row are written in the caller's single transaction.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
+import secrets
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
-from urllib.parse import urlparse
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llama_tasks import engine
-from llama_tasks.errors import InvalidRequest
-from llama_tasks.job import (
-    DEFAULT_MIN_P,
-    DEFAULT_REPEAT_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-    Job,
-    validate,
-)
-from router import fees, ledger
-from router.errors import (
-    BadChannel,
-    BadDeadline,
-    BadReference,
-    InsufficientFee,
-    QueueFull,
-    ReferenceConflict,
-    RequestTooLarge,
-)
-from router.models import QUEUED, JobRow, width
+from llama_tasks.job import MAX_SEED, Job
+from router import fees, ledger, request, webhooks
+from router.errors import InsufficientFee, QueueFull, ReferenceConflict, RequestTooLarge
+from router.models import QUEUED, JobRow
+from router.request import Submission
 from router.settings import HerderSettings
 from router.tokens import TokenCounter
 
-#: Job fields that belong to the envelope rather than to the request.
-ENVELOPE_FIELDS = ("job_id", "attempt", "expires_at", "issued_at")
-GENERATION_FIELDS = tuple(f.name for f in fields(Job) if f.name not in ENVELOPE_FIELDS)
-
-
-#: Longest reference, callback task or queue, and webhook URL: their columns'
-#: widths, checked here because PostgreSQL would refuse them only at the INSERT.
-MAX_REFERENCE_CHARS = width("reference")
-MAX_CALLBACK_CHARS = width("callback_task")
-MAX_WEBHOOK_CHARS = width("webhook_url")
 #: PostgreSQL advisory lock that makes counting the queue and joining it one step
 #: (above 2**32, so it never meets dispatch's per-model crc32 keys).
 QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
-@dataclass
-class Submission:
-    """One paid request as a requester sends it (client, gateway or CLI)."""
-
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    max_tokens: int = 128
-    model: str = "smollm2"
-    stop: list[str] = field(default_factory=list)
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    min_p: float = DEFAULT_MIN_P
-    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
-    seed: int | None = None
-    fee: int | None = None
-    multiplier: float | str | None = None
-    reference: str | None = None
-    callback_task: str | None = None
-    callback_queue: str | None = None
-    webhook_url: str | None = None
-    deadline_s: float | None = None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Submission":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise InvalidRequest(f"unknown fields {sorted(unknown)}")
-        return cls(**data)
-
-    def generation(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {name: d[name] for name in GENERATION_FIELDS}
-
-    def fingerprint(self) -> str:
-        """sha256 of everything but the reference: equal requests, equal hash."""
-        d = asdict(self)
-        d.pop("reference")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
-
-
 def as_job(job_id: str, attempt: int, generation: dict[str, Any], expires_at: float, issued_at: float) -> Job:
     return Job(job_id=job_id, attempt=attempt, expires_at=expires_at, issued_at=issued_at, **generation)
-
-
-def _is_text(value: object, limit: int) -> bool:
-    """Printable text of 1 to ``limit`` characters (PostgreSQL refuses NUL in text)."""
-    return isinstance(value, str) and 1 <= len(value) <= limit and value.isprintable()
-
-
-def _check_reference(sub: Submission) -> None:
-    if sub.reference is not None and not _is_text(sub.reference, MAX_REFERENCE_CHARS):
-        raise BadReference(sub.reference, MAX_REFERENCE_CHARS)
-
-
-def _check_channels(sub: Submission) -> None:
-    for name in ("callback_task", "callback_queue"):
-        value = getattr(sub, name)
-        if value is not None and not _is_text(value, MAX_CALLBACK_CHARS):
-            raise BadChannel(f"{name} must be printable text of 1 to {MAX_CALLBACK_CHARS} characters")
-    if sub.callback_queue and not sub.callback_task:
-        raise BadChannel("callback_queue needs callback_task")
-    if sub.webhook_url is not None:
-        if not _is_text(sub.webhook_url, MAX_WEBHOOK_CHARS):
-            raise BadChannel(f"webhook must be a URL of at most {MAX_WEBHOOK_CHARS} characters")
-        url = urlparse(sub.webhook_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise BadChannel(f"webhook must be an http(s) URL, got {sub.webhook_url!r}")
 
 
 def _size(sub: Submission) -> int:
@@ -179,28 +82,13 @@ def admit(
     """
     now = time.time() if now is None else now
     account = ledger.account_by_key(session, api_key)
-    _check_reference(sub)
+    request.check_reference(sub)
     existing = _existing(session, account.id, sub)
     if existing is not None:
         return existing, False
 
-    size = _size(sub)
-    if size > settings.max_request_bytes:
-        raise RequestTooLarge(size, settings.max_request_bytes)
     job_id = uuid.uuid4().hex
-    job = as_job(job_id, 0, sub.generation(), 0.0, 0.0)
-    validate(job, settings.max_tokens_cap)
-    _check_channels(sub)
-    if sub.deadline_s is not None and (
-        isinstance(sub.deadline_s, bool)
-        or not isinstance(sub.deadline_s, (int, float))
-        or not math.isfinite(sub.deadline_s)  # NaN would never expire; SQLite stores it as NULL
-        or sub.deadline_s <= 0
-    ):
-        raise BadDeadline(sub.deadline_s)
-    prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
-    engine.check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
-    quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens)
+    quoted, prompt_tokens = price(settings, counter, sub)
     offered = fees.offer(quoted, sub.fee, sub.multiplier)
     if offered < quoted:
         raise InsufficientFee(quoted, offered)
@@ -221,7 +109,7 @@ def admit(
         reference=sub.reference,
         request_hash=sub.fingerprint(),
         model=sub.model,
-        request=json.dumps(sub.generation()),
+        request=json.dumps(_signed_generation(sub)),
         prompt_tokens=prompt_tokens,
         max_tokens=sub.max_tokens,
         quote=quoted,
@@ -243,6 +131,41 @@ def admit(
     session.add(row)
     session.flush()
     return row, True
+
+
+def price(settings: HerderSettings, counter: TokenCounter, sub: Submission) -> tuple[int, int]:
+    """``(quote, prompt_tokens)`` of a request that passes every check but the money.
+
+    Everything that can refuse a request without the ledger happens here —
+    fields, response channels, the webhook's target, the grammar or JSON
+    schema against the model's vocabulary, the context window — so quotes
+    and admissions refuse exactly the same requests.
+    """
+    request.check(sub, settings.max_tokens_cap)
+    size = _size(sub)
+    if size > settings.max_request_bytes:
+        raise RequestTooLarge(size, settings.max_request_bytes)
+    if sub.webhook_url is not None:
+        webhooks.check_target(sub.webhook_url, settings.webhook_allowed)
+    job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
+    prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
+    engine.check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
+    counter.check_grammar(job)  # BadGrammar now, not in a worker's slot after the hold
+    return fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens), prompt_tokens
+
+
+def _signed_generation(sub: Submission) -> dict[str, Any]:
+    """The generation fields the worker will get, with a seed fixed for the job.
+
+    A job that asks for no seed still gets one of its own, fresh from the OS,
+    so no job's sampling follows another's; and because every attempt of the
+    job uses it, an attempt that runs again after a lost worker reproduces the
+    text already streamed instead of contradicting it.
+    """
+    generation = sub.generation()
+    if generation["seed"] is None:
+        generation["seed"] = secrets.randbelow(MAX_SEED + 1)
+    return generation
 
 
 def priority(bid_ppm: int, created_at: float, aging_per_s: float) -> float:

@@ -8,46 +8,55 @@ calls the same admission code as the herder's tasks, directly.
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
+import math
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import anyio
+import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ConfigDict
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import NOTIFY_PREFIX, RESPONSE_PREFIX
-from llama_tasks.errors import InvalidRequest, LlamasError
-from llama_tasks.job import (
-    DEFAULT_MIN_P,
-    DEFAULT_REPEAT_PENALTY,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
-    DEFAULT_TOP_P,
-)
-from router import dispatch
-from router.admission import Submission
+from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
+from router import dispatch, openai_request, openai_shapes
 from router.errors import (
     AdmissionError,
     InsufficientFee,
     InsufficientFunds,
     JobNotQueued,
+    MalformedBody,
     NoWorkers,
     QueueFull,
     ReferenceConflict,
     UnknownAccount,
     UnknownJob,
     UnknownModelRequested,
+    UnsupportedParameter,
 )
 from router.metrics import ServiceCollector
+from router.preflight import GatewayPreflight
+from router.request import Submission
+from router.request import check as check_request
 from router.service import HerderService
+
+log = logging.getLogger(__name__)
+
+#: How long one wait on a token stream blocks before the gateway checks that its client is still there.
+FOLLOW_BLOCK_MS = 250
 
 #: Errors to HTTP: status and OpenAI-style type, by exception type, first match wins.
 ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
@@ -57,6 +66,8 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     (UnknownJob, 404, "not_found"),
     (UnknownModelRequested, 404, "model_not_found"),
     (ReferenceConflict, 409, "reference_conflict"),
+    (MalformedBody, 400, "invalid_request_error"),
+    (UnsupportedParameter, 400, "invalid_request_error"),
     (JobNotQueued, 409, "job_not_queued"),
     (QueueFull, 429, "queue_full"),
     (NoWorkers, 503, "no_worker"),
@@ -64,78 +75,33 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     (AdmissionError, 422, "invalid_request_error"),
     (LlamasError, 400, "invalid_request_error"),
 ]
-#: Without max_tokens a request may generate this many tokens.
-DEFAULT_MAX_TOKENS = 256
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: an error that quotes one quotes it as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    return value
 
 
 def error_body(exc: LlamasError) -> tuple[int, dict[str, Any], dict[str, str]]:
     status, kind = next((s, k) for t, s, k in ERROR_STATUS if isinstance(exc, t))
     headers = {"X-Needed": str(exc.needed)} if isinstance(exc, InsufficientFee) else {}
-    body = {"error": {"message": str(exc), "type": kind, "code": type(exc).__name__, **exc.as_dict()}}
-    return status, body, headers
+    fields = exc.as_dict()
+    param = fields.get("param") or (fields.get("name") if isinstance(exc, SamplingOutOfRange) else None)
+    body = {"error": {"message": str(exc), "type": kind, "code": type(exc).__name__, "param": param, **fields}}
+    return status, _finite(body), headers
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
-
-
-class _Common(BaseModel):
-    """Fields shared by both completion endpoints, plus the llamas extras."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str = "smollm2"
-    max_tokens: int | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    top_k: int = DEFAULT_TOP_K
-    min_p: float = DEFAULT_MIN_P
-    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    # llamas extras: the bid, idempotency, deadline, constrained output.
-    multiplier: float | None = None
-    fee: int | None = None
-    reference: str | None = None
-    deadline_s: float | None = None
-    grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def submission(self, headers: Any, **prompt: Any) -> Submission:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        schema = self.json_schema
-        if schema is None and self.response_format and self.response_format.get("type") == "json_schema":
-            schema = (self.response_format.get("json_schema") or {}).get("schema")
-        multiplier = self.multiplier if self.multiplier is not None else headers.get("x-llamas-multiplier")
-        fee = self.fee if self.fee is not None else headers.get("x-llamas-fee")
-        try:
-            fee = int(fee) if fee is not None else None
-        except ValueError:
-            raise InvalidRequest(f"fee must be an integer, got {fee!r}") from None
-        return Submission(
-            model=self.model, max_tokens=DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens, stop=stop,
-            grammar=self.grammar, json_schema=schema, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, min_p=self.min_p, repeat_penalty=self.repeat_penalty, seed=self.seed,
-            fee=fee, multiplier=multiplier, reference=self.reference, deadline_s=self.deadline_s, **prompt,
-        )
-
-
-class ChatRequest(_Common):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
-
-
-class CompletionRequest(_Common):
-    prompt: str
+def _openai_error(status: int, message: str, kind: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": None}},
+                        status_code=status)
 
 
 def _usage(resp: dict[str, Any]) -> dict[str, Any]:
@@ -170,8 +136,28 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse({"error": {"message": detail, "type": "invalid_request_error", "code": "invalid"}},
-                            status_code=422)
+        return _openai_error(422, _finite(detail), "invalid_request_error", "invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _openai_error(exc.status_code, str(exc.detail), "invalid_request_error", "http_error")
+
+    @app.exception_handler(redis.RedisError)
+    @app.exception_handler(OperationalError)
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        # Redis or the ledger went away after start-up: a 503 the client may retry, not a bug.
+        log.error("%s unavailable on %s %s: %s", "Redis" if isinstance(exc, redis.RedisError) else "the ledger",
+                  request.method, request.url.path, type(exc).__name__)
+        return _openai_error(503, "the service is temporarily unavailable; try again shortly",
+                             "service_unavailable", type(exc).__name__)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: logged by type and place only (the request may hold a prompt), answered in OpenAI's shape.
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        log.error("internal error on %s %s: %s at %s:%s", request.method, request.url.path, type(exc).__name__,
+                  where.filename if where else "?", where.lineno if where else "?")
+        return _openai_error(500, "internal error", "server_error", type(exc).__name__)
 
     def api_key(request: Request) -> str:
         auth = request.headers.get("authorization", "")
@@ -183,6 +169,8 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
     async def admit(request: Request, sub: Submission) -> dict[str, Any]:
         svc = service()
         key = api_key(request)
+        # Bad input is a 422 whatever the herd is doing (admission checks it again, as every path does).
+        check_request(sub, svc.settings.max_tokens_cap)
         if not dispatch.capacity(await run_in_threadpool(svc.herd)).get(sub.model):
             known = await run_in_threadpool(svc.counter.models)
             # An unknown model is a 404 even when nothing is running.
@@ -210,92 +198,86 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
                 return None
             await r.blpop([NOTIFY_PREFIX + job_id], timeout=0.5)
 
-    async def follow(job_id: str) -> AsyncIterator[dict[str, str]]:
-        r, last = aredis(), "0-0"
+    async def follow(request: Request, job_id: str) -> AsyncIterator[dict[str, str]]:
+        """The job's stream as a reader should see it; ends early if the client goes away."""
+        r, last, follower = aredis(), "0-0", token_stream.TextFollower()
         while True:
-            batch = cast(list[Any], await r.xread({token_stream.key(job_id): last}, block=1000, count=100))
+            batch = cast(list[Any], await r.xread({token_stream.key(job_id): last}, block=FOLLOW_BLOCK_MS,
+                                                  count=100))
             for entry_id, raw in (batch[0][1] if batch else []):
                 last = entry_id
-                event = {k.decode(): v.decode() for k, v in raw.items()}
-                yield event
-                if event["event"] in ("end", "error"):
-                    return
+                for event in follower.feed({k.decode(): v.decode() for k, v in raw.items()}):
+                    yield event
+                    if event["event"] in ("end", "error"):
+                        return
             if not batch:
+                if await request.is_disconnected():
+                    yield {"event": "disconnected"}
+                    return
                 # Nothing new: the job may have ended without generating (expired, cancelled).
                 if await r.exists(RESPONSE_PREFIX + job_id):
                     return
 
-    async def completion(request: Request, body: _Common, sub: Submission, chat: bool) -> Any:
+    async def completion(request: Request, sub: Submission, stream: bool, include_usage: bool,
+                         chat: bool) -> Any:
         key = api_key(request)
         doc = await admit(request, sub)
-        job_id, created = doc["job_id"], int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{job_id}", "created": created, "model": body.model}
-
-        def choice(text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
-            if not chat:
-                return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-            content = {"content": text} if text is not None else {}
-            if delta:
-                return {"index": 0, "delta": content, "finish_reason": finish}
-            return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "finish_reason": finish}
-
-        if not body.stream:
+        job_id = doc["job_id"]
+        shapes = openai_shapes.Shapes(job_id, sub.model, chat, int(time.time()))
+        if not stream:
             resp = await wait_response(request, key, job_id)
             if resp is None:
-                return JSONResponse({"error": {"message": "client disconnected"}}, status_code=499)
+                return _openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
             if resp["status"] != "done":
                 return _failed(resp)
-            return {**base, "object": kind, "choices": [choice(resp["text"], resp["finish_reason"], False)],
-                    "usage": _usage(resp)}
-
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return shapes.final(resp["text"], resp["finish_reason"], _usage(resp))
 
         async def events() -> AsyncIterator[str]:
             finished = False
             try:
                 if chat:
-                    first = {**base, "object": chunk_kind,
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None}]}
-                    yield f"data: {json.dumps(first)}\n\n"
-                async for event in follow(job_id):
+                    yield shapes.sse(shapes.role_chunk())
+                async for event in follow(request, job_id):
                     if event["event"] == "token":
-                        yield f"data: {json.dumps({**base, 'object': chunk_kind, 'choices': [choice(event['text'], None, True)]})}\n\n"
+                        yield shapes.sse(shapes.text_chunk(event["text"]))
+                    elif event["event"] == "restart":
+                        yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0)))
+                    elif event["event"] == "disconnected":
+                        return
                 resp = await wait_response(request, key, job_id)
                 finished = True
                 if resp is None:
                     return
                 if resp["status"] != "done":
                     err = {"error": {"message": resp.get("message"), "type": resp.get("error"), "code": resp["status"]}}
-                    yield f"data: {json.dumps(err)}\n\n"
+                    yield shapes.sse(err)
                 else:
-                    last = {**base, "object": chunk_kind, "choices": [choice(None, resp["finish_reason"], True)]}
-                    if not include_usage:
-                        last["usage"] = _usage(resp)
-                    yield f"data: {json.dumps(last)}\n\n"
-                    if include_usage:
-                        yield f"data: {json.dumps({**base, 'object': chunk_kind, 'choices': [], 'usage': _usage(resp)})}\n\n"
+                    for chunk in shapes.closing_chunks(resp["finish_reason"], _usage(resp), include_usage):
+                        yield shapes.sse(chunk)
                 yield "data: [DONE]\n\n"
             finally:
                 if not finished:
-                    # The client went away mid-stream: refund it if the job had not started.
-                    await cancel_if_queued(key, job_id)
+                    # The client went away before the end: refund it if the job had not started.
+                    # Shielded, because this cleanup runs inside the scope that was just cancelled.
+                    with anyio.CancelScope(shield=True):
+                        await cancel_if_queued(key, job_id)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Llamas-Job": job_id})
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatRequest) -> Any:
-        if body.max_completion_tokens is not None and body.max_tokens is None:
-            body.max_tokens = body.max_completion_tokens
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        return await completion(request, body, body.submission(request.headers, messages=messages), chat=True)
+    async def openai_call(request: Request, chat: bool) -> Any:
+        body = openai_request.parse_body(await request.body())
+        sub = openai_request.submission(body, request.headers, chat=chat)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await completion(request, sub, bool(body.get("stream")), include_usage, chat)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest) -> Any:
-        return await completion(request, body, body.submission(request.headers, prompt=body.prompt), chat=False)
+    @app.post("/v1/chat/completions", openapi_extra=openai_request.openapi_body(chat=True))
+    async def chat_completions(request: Request) -> Any:
+        return await openai_call(request, chat=True)
+
+    @app.post("/v1/completions", openapi_extra=openai_request.openapi_body(chat=False))
+    async def completions(request: Request) -> Any:
+        return await openai_call(request, chat=False)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -321,7 +303,14 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
     collector: dict[str, ServiceCollector] = {}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        admin_key = service().settings.admin_key
+        if admin_key:
+            # Revenue and refusals are business data: only the operator's key may read them.
+            given = request.headers.get("authorization", "").partition(" ")[2].strip()
+            if not hmac.compare_digest(given.encode(), admin_key.encode()):
+                return _openai_error(401, "/metrics needs the operator's key (LLAMAS_ADMIN_KEY) as a Bearer token",
+                                     "invalid_api_key", "UnknownAccount")
         if not collector:
             collector["c"] = ServiceCollector(service())
             registry.register(collector["c"])
@@ -367,3 +356,5 @@ def _failed(resp: dict[str, Any]) -> JSONResponse:
 
 
 app = create_app()
+# Only the process's own gateway checks its key and Redis at start-up (tests build theirs with create_app).
+app.add_middleware(GatewayPreflight)

@@ -15,9 +15,12 @@ from typing import Any
 import redis
 from celery import Celery
 
+from llama_tasks import redact
 from llama_tasks import stream as token_stream
-from router import fees, forwarding
-from router.errors import JobFailed, ResultTimeout
+from llama_tasks.job import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+from router import fees, forwarding, request
+from router.errors import JobFailed, ResultTimeout, StreamRestarted
+from router.request import Submission
 from router.settings import HERDER_QUEUE
 
 #: How often ``result()`` asks the herder directly, in case a response key was lost.
@@ -41,9 +44,11 @@ class Herder:
         self.redis = redis.Redis.from_url(redis_url or str(app.conf.broker_url))
 
     def _call(self, task: str, *args: Any, secret: bool = False, **kwargs: Any) -> Any:
-        # argsrepr keeps the API key out of events (Flower) and logs.
-        options: dict[str, Any] = {"argsrepr": "(…)"} if secret else {}
-        result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE, **options)
+        # What events (Flower) and logs show of the call: ids and sizes, never
+        # the API key (the first argument of secret calls) or a prompt.
+        shown = args[1:] if secret else args
+        result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE,
+                                    argsrepr=redact.describe(list(shown)), kwargsrepr=redact.describe(kwargs))
         try:
             # The herder's own workers answer, never the caller's: waiting from
             # inside a requester's Celery task (as the agent does) cannot deadlock.
@@ -66,38 +71,47 @@ class Herder:
         base, per = self.prices()
         return fees.offer(fees.quote(base, per, prompt_tokens, tokens), None, multiplier)
 
-    def quote(self, prompt: str | None = None, tokens: int = 128, *, messages: list[dict[str, str]] | None = None,
-              model: str = "smollm2") -> dict[str, Any]:
-        return self._call("router.quote", {"prompt": prompt, "messages": messages, "max_tokens": tokens, "model": model})
+    def quote(self, prompt: str | None = None, tokens: int = DEFAULT_MAX_TOKENS, *,
+              messages: list[dict[str, str]] | None = None, model: str = DEFAULT_MODEL) -> dict[str, Any]:
+        sub = Submission(prompt=prompt, messages=messages, max_tokens=tokens, model=model)
+        request.check(sub)
+        return self._call("router.quote", sub.to_dict())
 
     # --- requests -------------------------------------------------------------
 
-    def run(self, prompt: str | None = None, tokens: int = 128, *, messages: list[dict[str, str]] | None = None,
+    def run(self, prompt: str | None = None, tokens: int = DEFAULT_MAX_TOKENS, *,
+            messages: list[dict[str, str]] | None = None,
             fee: int | None = None, multiplier: float | None = None, bump: bool = False,
             reference: str | None = None, callback: str | tuple[str, str] | None = None,
-            webhook: str | None = None, deadline_s: float | None = None, stop: list[str] | None = None,
+            webhook: str | None = None, deadline_s: float | None = None, stop: str | list[str] | None = None,
             grammar: str | None = None, json_schema: dict[str, Any] | None = None,
-            model: str = "smollm2", **sampling: Any) -> "JobHandle":
+            model: str = DEFAULT_MODEL, **sampling: Any) -> "JobHandle":
         """Pay for one generation; returns its handle at once.
 
-        ``callback`` is a Celery task name, or ``(task, queue)``, that receives
-        the response with your ``reference``. With ``bump`` and no explicit
-        offer, the bid matches the last accepted multiplier when the queue is
-        not empty, so the request does not go to the back of a busy queue.
+        ``stop`` is one stop string or a list of them. ``sampling`` takes
+        ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty`` and
+        ``seed``. ``callback`` is a Celery task name, or ``(task, queue)``, that
+        receives the response with your ``reference``. With ``bump`` and no
+        explicit offer, the bid matches the last accepted multiplier when the
+        queue is not empty, so the request does not go to the back of a busy
+        queue. A request that cannot be right (a wrong type, a value out of
+        range, text that is not valid Unicode) raises its typed error here,
+        before anything is sent.
         """
-        if bump and fee is None and multiplier is None:
-            info = self.info()
-            if info["queue_length"] and info["last_multiplier"]:
-                multiplier = max(1.0, info["last_multiplier"])
         task, queue = (callback, None) if isinstance(callback, str) or callback is None else callback
-        request = {
+        sub = Submission.from_dict({
             "prompt": prompt, "messages": messages, "max_tokens": tokens, "model": model,
-            "stop": list(stop or []), "grammar": grammar, "json_schema": json_schema,
+            "stop": stop, "grammar": grammar, "json_schema": json_schema,
             "fee": fee, "multiplier": multiplier, "reference": reference,
             "callback_task": task, "callback_queue": queue, "webhook_url": webhook,
             "deadline_s": deadline_s, **sampling,
-        }
-        doc = self._call("router.submit", self.api_key, request, secret=True)
+        })
+        request.check(sub)
+        if bump and fee is None and multiplier is None:
+            info = self.info()
+            if info["queue_length"] and info["last_multiplier"]:
+                sub.multiplier = max(1.0, info["last_multiplier"])
+        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True)
         return JobHandle(self, doc)
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -162,9 +176,17 @@ class JobHandle:
         return response
 
     def stream(self, timeout: float = 300.0) -> Iterator[str]:
-        """Text pieces as the worker generates them (a retried attempt starts again)."""
-        for event in token_stream.follow(self._herder.redis, self.id, timeout_s=timeout):
+        """Text pieces as the worker generates them, each piece once.
+
+        When a worker is lost mid-job the attempt that runs again retraces the
+        same text silently (each job samples with its own fixed seed). Should it
+        write different text, ``StreamRestarted`` is raised: discard what was
+        shown, then call ``stream()`` again or ``result()``.
+        """
+        for event in token_stream.follow_text(self._herder.redis, self.id, timeout_s=timeout):
             if event["event"] == "token":
                 yield event["text"]
+            elif event["event"] == "restart":
+                raise StreamRestarted(self.id, int(event["attempt"] or 0))
             elif event["event"] == "error":
                 raise JobFailed(self.id, "failed", event.get("error"), event.get("message"))

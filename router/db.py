@@ -36,7 +36,8 @@ def make_engine(url: str) -> Engine:
         # A bare postgresql:// would pick psycopg2, which is not a dependency.
         parsed = parsed.set(drivername="postgresql+psycopg")
     # pre_ping: a herder outlives database restarts and idle-connection reaping.
-    return create_engine(parsed, pool_pre_ping=True)
+    # hide_parameters: a database error must not print a prompt into a log.
+    return create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
 
 
 def _sqlite_engine(url: str) -> Engine:

@@ -143,6 +143,20 @@ class BadChannel(AdmissionError):
     template = "bad response channel: {reason}"
 
 
+class MalformedBody(AdmissionError):
+    """Raised when an HTTP request body is not a JSON object in UTF-8."""
+
+    fields = ("reason",)
+    template = "malformed request body: {reason}"
+
+
+class UnsupportedParameter(AdmissionError):
+    """Raised when a request sets a parameter the service does not honour."""
+
+    fields = ("param", "reason")
+    template = "unsupported parameter {param!r}: {reason}"
+
+
 # --- jobs after admission ----------------------------------------------------
 
 
@@ -171,6 +185,18 @@ class JobFailed(JobError):
     template = "job {job_id} {state}: {error}: {message}"
 
 
+class StreamRestarted(JobError):
+    """Raised by a handle's ``stream()`` when a job's text starts over.
+
+    Its worker was lost and the attempt that ran again wrote different text:
+    what the stream showed is void. ``stream()`` again follows the new attempt
+    from its beginning; ``result()`` gives the final text.
+    """
+
+    fields = ("job_id", "attempt")
+    template = "job {job_id}: the worker was lost and attempt {attempt} started the text over"
+
+
 class ResultTimeout(JobError):
     """Raised when a job's response does not arrive in time."""
 
@@ -183,3 +209,16 @@ class NoWorkers(AdmissionError):
 
     fields = ("model",)
     template = "no worker is serving model {model!r} right now"
+
+
+class WebhookTargetRefused(BadChannel):
+    """Raised when a webhook's host is, or resolves to, an address that is not public.
+
+    Loopback, link-local, private, multicast, reserved and unspecified
+    addresses are refused unless the operator allows the host
+    (``LLAMAS_WEBHOOK_ALLOW_HOSTS``); delivery checks again when it connects.
+    """
+
+    # mypy takes BadChannel's one-field tuple as the type of every subclass's fields.
+    fields = ("host", "reason")  # type: ignore[assignment]
+    template = "webhook host {host!r} is refused: {reason}"

@@ -18,15 +18,14 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from llama_tasks import engine, signing
+from llama_tasks import signing
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.heartbeat import read_herd
-from llama_tasks.job import validate
 from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement
-from router.admission import Submission
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.errors import UnknownJob
 from router.models import DONE, FINAL_STATES, QUEUED, RUNNING, JobRow
+from router.request import Submission
 from router.settings import HerderSettings, get_settings
 from router.tokens import TokenCounter
 
@@ -92,11 +91,7 @@ class HerderService:
 
     def quote(self, sub: Submission) -> dict[str, Any]:
         """What ``sub`` would cost, counted exactly as admission counts it."""
-        job = admission.as_job("quote", 0, sub.generation(), 0.0, 0.0)
-        validate(job, self.settings.max_tokens_cap)
-        prompt_tokens = self.counter.prompt_tokens(job)
-        engine.check_fits(prompt_tokens, sub.max_tokens, self.settings.n_ctx)
-        quoted = fees.quote(self.settings.base_fee, self.settings.fee_per_token, prompt_tokens, sub.max_tokens)
+        quoted, prompt_tokens = admission.price(self.settings, self.counter, sub)
         return {
             "model": sub.model,
             "prompt_tokens": prompt_tokens,

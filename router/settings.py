@@ -41,6 +41,15 @@ class HerderSettings(WorkerSettings):
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
     webhook_timeout_s: float = Field(10.0, gt=0, description="Per webhook POST.")
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
+    webhook_allow_hosts: str = Field(
+        "",
+        description="Comma-separated host names or IP addresses that webhooks may target even though "
+        "they are loopback, link-local or private (refused by default).",
+    )
+    admin_key: str = Field(
+        "",
+        description="Operator key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
+    )
 
     @model_validator(mode="after")
     def _fees_are_positive(self) -> "HerderSettings":
@@ -48,6 +57,11 @@ class HerderSettings(WorkerSettings):
         if self.base_fee == 0 and self.fee_per_token == 0:
             raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")
         return self
+
+    @property
+    def webhook_allowed(self) -> set[str]:
+        """Hosts exempt from the private-address refusal, lower-cased."""
+        return {h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()}
 
     @property
     def ledger_url(self) -> str:

@@ -107,7 +107,8 @@ def fail_attempt(session: Session, settings: HerderSettings, task_id: str | None
         return None
     if retryable and row.attempt < settings.max_attempts:
         row.state, row.task_id, row.lease_until = QUEUED, None, None
-        log.warning("job %s attempt %d failed (%s: %s); queued again", row.id, row.attempt, error, message)
+        # The message stays out of the log: a worker's error text may quote the request.
+        log.warning("job %s attempt %d failed (%s); queued again", row.id, row.attempt, error)
         return None
     return _refund_all(session, row, FAILED, error, message, now)
 

@@ -42,6 +42,14 @@ class TokenCounter:
         with self._lock:
             return len(engine.prompt_tokens(self._vocab(job.model), job))
 
+    def check_grammar(self, job: Job) -> None:
+        """Raise ``BadGrammar`` unless the job's grammar or JSON schema compiles for its model."""
+        gbnf = engine.grammar_text(job)
+        if gbnf is None:
+            return
+        with self._lock:
+            engine.compile_grammar(self._vocab(job.model), gbnf)
+
     def completion_tokens(self, model: str, text: str) -> int:
         with self._lock:
             return engine.count_completion(self._vocab(model), text)

@@ -54,12 +54,15 @@ class Stack:
         self._gateway: subprocess.Popen[bytes] | None = None
         upgrade(db_url)
         self.sessions = make_sessionmaker(make_engine(db_url))
+        self.r = redis_lib.Redis.from_url(env["LLAMAS_REDIS_URL"])
+        # A previous stack of this test session shares the Redis database: its
+        # queued and unacknowledged messages must not reach this stack's worker.
+        self.r.delete("llama.smollm2", "herder", "requester", "unacked", "unacked_index")
         self.worker = llama_worker("llama", 1, env, tmp / "llama.log")
         self.herder = CeleryProcess("router", "herder", "herder", 2, env, tmp / "herder.log",
                                     extra=["-B", "-s", str(tmp / "beat-schedule")])
         self.requester = CeleryProcess("tests.router.requester_app", "requester", "requester", 1, env,
                                        tmp / "requester.log")
-        self.r = redis_lib.Redis.from_url(env["LLAMAS_REDIS_URL"])
         self.worker.wait_ready(self.r)
         self.herder.wait_log("ready.")
         self.requester.wait_log("ready.")
@@ -135,6 +138,8 @@ def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         LLAMAS_TIME_LIMIT_S="30",
         LLAMAS_VISIBILITY_TIMEOUT_S="60",
         LLAMAS_LEASE_GRACE_S="5",
+        # The webhook tests' receiver listens on loopback, which webhooks may not reach by default.
+        LLAMAS_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
     )
     s = Stack(tmp, db_url, env)
     try:

@@ -111,3 +111,33 @@ def test_vocab_only_load_counts_the_same_tokens(llm):
     for j in [job(prompt="Hello there, llama!"), job(prompt=None, messages=[{"role": "user", "content": "Hi ✨"}])]:
         assert engine.prompt_tokens(vocab, j) == engine.prompt_tokens(llm, j)
     assert engine.count_completion(vocab, "two words") == engine.count_completion(llm, "two words")
+
+
+def test_a_seed_belongs_to_its_job_alone(llm):
+    # Temperature 1.0 over 24 tokens: unseeded runs vary; a seeded run is fixed.
+    hot = dict(prompt="Once upon a time", max_tokens=24, temperature=1.0)
+    seeded, _ = run(llm, job(seed=7, **hot))
+    unseeded = [run(llm, job(**hot))[0].text for _ in range(4)]
+    again, _ = run(llm, job(seed=7, **hot))
+    assert again.text == seeded.text  # a seed still reproduces its text
+    # A seed left behind by the earlier job would make every later run its copy.
+    assert len(set(unseeded)) > 1, unseeded
+    assert unseeded.count(seeded.text) < len(unseeded), unseeded
+
+
+def test_an_unseeded_job_gets_a_fresh_seed_every_time(llm, monkeypatch):
+    seeds: list[int] = []
+    monkeypatch.setattr(llm, "set_seed", seeds.append)
+    for seed in (None, 123, None):
+        run(llm, job(seed=seed, max_tokens=1))
+    assert seeds[1] == 123
+    assert seeds[0] != seeds[2] and 0 <= min(seeds) and max(seeds) < 0xFFFFFFFF
+
+
+def test_a_grammar_that_does_not_parse_never_reaches_stderr(llm, capfd):
+    # llama.cpp prints a failed grammar whole to file descriptor 2; it is requester text.
+    with pytest.raises(BadGrammar):
+        engine.compile_grammar(llm, 'root ::= "zebra-violet-canary" [1-5')
+    err = capfd.readouterr().err
+    assert "zebra-violet-canary" not in err
+    assert "grammar withheld" in err  # the rest of llama.cpp's message still gets through

@@ -42,7 +42,9 @@ def test_max_tokens_outside_one_to_cap(max_tokens):
 @pytest.mark.parametrize(
     "name,value",
     [("temperature", -0.1), ("temperature", 2.5), ("temperature", math.nan), ("top_p", 1.5),
-     ("top_k", -1), ("min_p", 2), ("repeat_penalty", 0.1), ("temperature", "hot"), ("seed", -3)],
+     ("top_k", -1), ("min_p", 2), ("repeat_penalty", 0.1), ("temperature", "hot"), ("seed", -3),
+     ("top_k", 40.5), ("top_k", 40.0), ("top_p", math.inf), ("temperature", True), ("seed", 2**31),
+     ("seed", 1.5)],
 )
 def test_sampling_out_of_range_names_the_parameter(name, value):
     with pytest.raises(SamplingOutOfRange) as info:
@@ -50,7 +52,7 @@ def test_sampling_out_of_range_names_the_parameter(name, value):
     assert info.value.name == name
 
 
-@pytest.mark.parametrize("stop", [["a"] * 5, [""], ["x" * 65], "not-a-list"])
+@pytest.mark.parametrize("stop", [["a"] * 5, [""], ["x" * 65], 42, ["\ud800"]])
 def test_bad_stop_strings(stop):
     with pytest.raises(BadStop):
         validate(job(stop=stop), 8)
@@ -83,3 +85,41 @@ def test_errors_keep_their_fields_through_args():
 def test_model_must_be_a_name(model):
     with pytest.raises(InvalidRequest, match="model must be a model name"):
         validate(job(model=model), 8)
+
+
+def test_one_stop_string_is_one_stop_string_not_its_characters():
+    assert job(stop="abc").stop == ["abc"]
+    assert job(stop=None).stop == []
+
+
+@pytest.mark.parametrize("role", ["hacker", "", None, 3, "System"])
+def test_message_roles_are_checked(role):
+    with pytest.raises(InvalidRequest, match="role"):
+        validate(job(prompt=None, messages=[{"role": role, "content": "hi"}]), 8)
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "user"}], [{"role": "user", "content": "hi", "name": "x"}],
+                                      [{"role": "user", "content": ["hi"]}], "hi"])
+def test_messages_must_be_role_and_text(messages):
+    with pytest.raises(InvalidRequest):
+        validate(job(prompt=None, messages=messages), 8)
+
+
+@pytest.mark.parametrize("fields", [dict(prompt="a\ud800b"), dict(prompt=None, messages=[{"role": "user", "content": "\udfff"}]),
+                                    dict(grammar='root ::= "\ud800"'), dict(model="m\ud800")])
+def test_lone_surrogates_are_refused_as_invalid_requests(fields):
+    with pytest.raises(InvalidRequest):
+        validate(job(**fields), 8)
+
+
+def test_json_schema_must_be_plain_json():
+    with pytest.raises(InvalidRequest, match="json_schema"):
+        validate(job(json_schema={"maximum": math.nan}), 8)
+    with pytest.raises(InvalidRequest, match="json_schema"):
+        validate(job(json_schema=["not", "an", "object"]), 8)
+
+
+def test_a_client_without_the_cap_checks_everything_else():
+    validate(job(max_tokens=10**6), None)
+    with pytest.raises(InvalidMaxTokens):
+        validate(job(max_tokens=0), None)

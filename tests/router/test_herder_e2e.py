@@ -17,7 +17,7 @@ import pytest
 from llama_tasks import stream
 from llama_tasks.errors import BadGrammar
 from router import ledger, webhooks
-from router.errors import InsufficientFee, JobFailed
+from router.errors import InsufficientFee
 from tests.router.requester_app import RECEIVED_KEY
 
 pytestmark = pytest.mark.slow
@@ -60,14 +60,14 @@ def test_refusal_holds_nothing(stack):
     assert stack.balance(key) == 1_000
 
 
-def test_a_failed_job_returns_the_whole_hold(stack):
+def test_a_grammar_that_does_not_parse_is_refused_before_any_money_moves(stack):
+    # It used to be admitted, take a worker's slot, fail there and be refunded.
     key, herder = stack.account(1_000)
-    handle = herder.run("Pick:", 5, grammar="root ::= [1-5")  # the worker cannot parse it
-    with pytest.raises(JobFailed) as info:
-        handle.result(timeout=60)
-    assert info.value.error == BadGrammar.__name__
-    row = stack.job(handle.id)
-    assert (row.state, row.charged, row.refunded) == ("failed", 0, row.offered)
+    with pytest.raises(BadGrammar):
+        herder.run("Pick:", 5, grammar="root ::= [1-5")
+    with pytest.raises(BadGrammar):
+        herder.run("Pick:", 5, json_schema={"type": "object", "properties": {"a": {"$ref": "#/missing"}}})
+    assert herder.jobs() == []
     assert stack.balance(key) == 1_000 and stack.books() == []
 
 

@@ -1,0 +1,262 @@
+"""Bad input at the HTTP gateway: a 4xx in OpenAI's error shape, nothing held, no text in logs.
+
+In process: the real gateway, herder core and SQLite ledger, with one ghost
+worker heartbeat so admission dispatches into a recording sender.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from llama_cpp.llama_grammar import JSON_GBNF
+from llama_tasks import registry, signing
+from llama_tasks.constants import HERD_PREFIX
+from router import ledger
+from router.api import create_app
+from router.models import JobRow
+from router.service import HerderService
+from router.settings import HerderSettings
+
+DEPOSIT = 100_000
+SECRET = "zebra-violet-canary"
+
+
+class Gateway:
+    def __init__(self, svc: HerderService, key: str, sent: list[dict[str, Any]]) -> None:
+        self.svc, self.key, self.sent = svc, key, sent
+        self.http = TestClient(create_app(lambda: svc), raise_server_exceptions=False)
+
+    def post(self, body: Any, path: str = "/v1/chat/completions", raw: bytes | None = None) -> Any:
+        content = raw if raw is not None else json.dumps(body).encode()
+        return self.http.post(path, content=content, headers={"Authorization": f"Bearer {self.key}",
+                                                              "Content-Type": "application/json"})
+
+    def untouched(self) -> bool:
+        """Nothing was admitted: no job, the full balance, and the books balance."""
+        with self.svc.sessions.begin() as s:
+            account = ledger.account_by_key(s, self.key)
+            return (s.query(JobRow).count() == 0 and ledger.balance(s, account) == DEPOSIT
+                    and ledger.check(s) == [] and not self.sent)
+
+    def last_job(self) -> dict[str, Any]:
+        return self.sent[-1]
+
+    def admit_only(self, body: dict[str, Any], real: bool = True) -> Any:
+        """Post ``body``; stop the request once admitted (no worker answers here); returns the Submission."""
+        submit = self.svc.submit
+
+        def admitted(key: str, sub: Any) -> Any:
+            if real:
+                submit(key, sub)
+            raise _Admitted(sub)
+
+        self.svc.submit = admitted  # type: ignore[method-assign]
+        try:
+            reply = self.http.post("/v1/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {self.key}"})
+        finally:
+            self.svc.submit = submit  # type: ignore[method-assign]
+        assert reply.status_code == 500 and reply.json()["error"]["code"] == "_Admitted", reply.text
+        return self.admitted
+
+    admitted: Any = None
+
+
+class _Admitted(Exception):
+    def __init__(self, sub: Any) -> None:
+        super().__init__()
+        self.sub = sub
+        Gateway.admitted = sub
+
+
+@pytest.fixture
+def gw(r: Any, tmp_path: Path) -> Iterator[Gateway]:
+    signing.generate_keypair(tmp_path)
+    settings = HerderSettings(home=tmp_path, admin_key="operator-secret")
+    registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
+    sent: list[dict[str, Any]] = []
+    svc = HerderService(settings, lambda row, env: sent.append(json.loads(row.request)),
+                        lambda *a: None, lambda job_id: None)
+    with svc.sessions.begin() as s:
+        _, key = ledger.create_account(s, "input", DEPOSIT)
+    r.set(HERD_PREFIX + "ghost@input", json.dumps({"worker": "ghost@input", "model": "ghost", "slots": 64}), ex=60)
+    try:
+        yield Gateway(svc, key, sent)
+    finally:
+        r.delete(HERD_PREFIX + "ghost@input")
+
+
+def chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "ghost", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+
+
+def assert_openai_error(reply: Any, status: int, code: str | None = None, param: str | None = None) -> dict:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert isinstance(error["message"], str) and error["type"] and "code" in error
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "deadline_s", "min_p"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_422_in_openai_shape(gw: Gateway, field: str, constant: str) -> None:
+    raw = json.dumps(chat()).rstrip("}") + f', "{field}": {constant}}}'
+    error = assert_openai_error(gw.post(None, raw=raw.encode()), 422)
+    assert field in error["message"]
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("where", ["prompt", "message", "reference", "stop"])
+def test_a_lone_surrogate_is_422_and_never_logged(gw: Gateway, where: str, caplog: Any) -> None:
+    bad = SECRET + "\ud800"
+    body: dict[str, Any] = {"model": "ghost", "max_tokens": 4}
+    path = "/v1/chat/completions"
+    if where == "prompt":
+        body["prompt"], path = bad, "/v1/completions"
+    else:
+        body["messages"] = [{"role": "user", "content": bad if where == "message" else "hi"}]
+        if where != "message":
+            body[where] = bad
+    caplog.set_level(logging.DEBUG)
+    reply = gw.post(None, path=path, raw=json.dumps(body).encode())  # json.dumps writes "\ud800" escaped
+    assert_openai_error(reply, 422)
+    assert gw.untouched()
+    assert SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("fields,code", [
+    ({"grammar": "root ::= ( broken"}, "BadGrammar"),
+    ({"grammar": 'root ::= undefined-rule'}, "BadGrammar"),
+    ({"json_schema": {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}}, "BadGrammar"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+     "BadGrammar"),
+])
+def test_bad_grammars_and_schemas_are_refused_at_admission(gw: Gateway, fields: dict, code: str) -> None:
+    assert_openai_error(gw.post(chat(**fields)), 422, code)
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"top_k": 40.5}, "top_k"),
+    ({"temperature": True}, "temperature"),
+    ({"seed": "7"}, "seed"),
+    ({"top_p": "0.5"}, "top_p"),
+])
+def test_sampling_values_of_the_wrong_type_are_refused(gw: Gateway, fields: dict, param: str) -> None:
+    assert_openai_error(gw.post(chat(**fields)), 422, "SamplingOutOfRange", param)
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("body", [
+    chat(messages=[{"role": "hacker", "content": "hi"}]),
+    chat(messages=[{"role": "", "content": "hi"}]),
+    chat(messages=[]),
+    chat(max_tokens=True),
+    chat(max_tokens=4.0),
+    chat(multiplier=True),
+    chat(fee=True),
+    chat(deadline_s=True),
+    chat(stream="yes"),
+    chat(response_format={"type": "xml"}),
+    chat(max_tokens=4, max_completion_tokens=8),
+])
+def test_loose_input_is_refused(gw: Gateway, body: dict) -> None:
+    assert_openai_error(gw.post(body), 422)
+    assert gw.untouched()
+
+
+def test_a_body_that_is_not_utf8_or_not_json_gets_openai_shape(gw: Gateway) -> None:
+    assert_openai_error(gw.post(None, raw=b'{"prompt": "\xff\xfe"}'), 400, "MalformedBody")
+    assert_openai_error(gw.post(None, raw=b'{"prompt": '), 400, "MalformedBody")
+    assert_openai_error(gw.post(None, raw=b'["a list"]'), 400, "MalformedBody")
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"n": 2}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"user": "someone"}, "user"),
+    ({"made_up_option": 1}, "made_up_option"),
+    ({"stream_options": {"include_usage": True, "extra": 1}}, "stream_options"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+])
+def test_parameters_we_do_not_honour_are_refused_by_name(gw: Gateway, fields: dict, param: str) -> None:
+    error = assert_openai_error(gw.post(chat(**fields)), 400, "UnsupportedParameter", param)
+    assert param in error["message"]
+    assert gw.untouched()
+
+
+def test_neutral_values_of_openai_parameters_are_accepted(gw: Gateway) -> None:
+    gw.admit_only(chat(n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0, tools=[],
+                       stream_options=None))
+    assert len(gw.sent) == 1
+
+
+@pytest.mark.parametrize("body,expected", [
+    (chat(max_tokens=None, max_completion_tokens=9), {"max_tokens": 9}),
+    (chat(max_tokens=9, max_completion_tokens=9), {"max_tokens": 9}),
+    (chat(max_tokens=None, max_completion_tokens=7), {"max_tokens": 7}),
+    (chat(stop="abc"), {"stop": ["abc"]}),
+    (chat(response_format={"type": "json_object"}), {"grammar": JSON_GBNF}),
+    (chat(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "integer"}}}),
+     {"json_schema": {"type": "integer"}}),
+    (chat(messages=[{"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]),
+     {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]}),
+])
+def test_honoured_openai_parameters_reach_the_job(gw: Gateway, body: dict, expected: dict) -> None:
+    sub = gw.admit_only(body)
+    for name, value in expected.items():
+        assert getattr(sub, name) == value
+        assert gw.last_job()[name] == value
+
+
+def test_every_job_gets_its_own_seed_unless_it_asks_for_one(gw: Gateway) -> None:
+    for _ in range(3):
+        gw.admit_only(chat())
+    gw.admit_only(chat(seed=7))
+    seeds = [job["seed"] for job in gw.sent]
+    assert all(isinstance(s, int) for s in seeds) and len(set(seeds[:3])) == 3 and seeds[3] == 7
+
+
+def test_metrics_need_the_operator_key_when_one_is_set(gw: Gateway) -> None:
+    assert_openai_error(gw.http.get("/metrics"), 401)
+    assert_openai_error(gw.http.get("/metrics", headers={"Authorization": f"Bearer {gw.key}"}), 401)
+    ok = gw.http.get("/metrics", headers={"Authorization": "Bearer operator-secret"})
+    assert ok.status_code == 200 and "llamas_" in ok.text
+
+
+def test_unknown_routes_answer_in_openai_shape(gw: Gateway) -> None:
+    assert_openai_error(gw.http.get("/v1/nothing-here"), 404)
+
+
+def test_redis_gone_after_start_up_is_a_503_in_openai_shape(tmp_path: Path) -> None:
+    from tests.stack import free_port
+
+    signing.generate_keypair(tmp_path)
+    settings = HerderSettings(home=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    svc = HerderService(settings, lambda row, env: None, lambda *a: None, lambda job_id: None)
+    with svc.sessions.begin() as s:
+        _, key = ledger.create_account(s, "outage", DEPOSIT)
+    http = TestClient(create_app(lambda: svc), raise_server_exceptions=False)
+    reply = http.post("/v1/chat/completions", json=chat(), headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(reply, 503, "ConnectionError")
+    with svc.sessions.begin() as s:
+        assert s.query(JobRow).count() == 0 and ledger.check(s) == []

@@ -167,7 +167,7 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
         if (
             isinstance(value, bool)
             or not isinstance(value, int if name in INTEGER_SAMPLING else (int, float))
-            or not math.isfinite(value)
+            or (isinstance(value, float) and not math.isfinite(value))  # isfinite overflows on huge ints
             or not low <= value <= high
         ):
             raise SamplingOutOfRange(name, value, low, high)
@@ -189,7 +189,7 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
         if not isinstance(job.json_schema, dict):
             raise InvalidRequest("json_schema must be a JSON object")
         try:
-            size = len(json.dumps(job.json_schema, allow_nan=False).encode("utf-8"))
+            size = len(json.dumps(job.json_schema, allow_nan=False, ensure_ascii=False).encode("utf-8"))
         except (ValueError, TypeError, UnicodeEncodeError):
             raise InvalidRequest("json_schema must be plain JSON text (no NaN, Infinity or lone surrogates)") from None
         if size > MAX_GRAMMAR_CHARS:

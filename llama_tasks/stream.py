@@ -10,12 +10,17 @@ contradicts what was already shown.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import redis
 
 from llama_tasks.constants import STREAM_PREFIX
+
+
+#: Longest single blocking read of a stream, in seconds.
+BLOCK_S = 1.0
 
 
 def key(job_id: str) -> str:
@@ -59,12 +64,16 @@ def _decode(raw: dict[Any, Any]) -> dict[str, str]:
     }
 
 
-def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
+def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0,
+           ended: Callable[[], bool] | None = None) -> Iterator[dict[str, str]]:
     """Yield a job's raw events as they arrive, until ``end`` or ``error``.
 
     A reader that arrives late starts at the newest attempt's ``start``: what
-    an interrupted attempt wrote before it is of no use to anyone.
-    Raises ``TimeoutError`` when no event arrives for ``timeout_s``.
+    an interrupted attempt wrote before it is of no use to anyone. While the
+    stream is silent, ``ended()`` (when given) says whether the job is over
+    without having streamed (expired or cancelled while queued): then the
+    iteration just stops. Raises ``TimeoutError`` when no event arrives for
+    ``timeout_s``.
     """
     last = "0-0"
     existing = cast(list[Any], r.xrange(key(job_id)))
@@ -75,10 +84,19 @@ def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dic
         yield event
         if event["event"] in ("end", "error"):
             return
+    silent_until = time.monotonic() + timeout_s
     while True:
-        batch = cast(list[Any], r.xread({key(job_id): last}, block=int(timeout_s * 1000), count=100))
+        # Short blocks: a client's socket timeout (redis-py's default is 5 s)
+        # must not cut a long wait short, and ``ended`` is asked between them.
+        block_ms = int(max(1.0, min(BLOCK_S, silent_until - time.monotonic())) * 1000)
+        batch = cast(list[Any], r.xread({key(job_id): last}, block=block_ms, count=100))
         if not batch:
-            raise TimeoutError(f"no stream event for job {job_id} in {timeout_s}s")
+            if ended is not None and ended():
+                return
+            if time.monotonic() >= silent_until:
+                raise TimeoutError(f"no stream event for job {job_id} in {timeout_s}s")
+            continue
+        silent_until = time.monotonic() + timeout_s
         for entry_id, raw in batch[0][1]:
             last = entry_id
             event = _decode(raw)
@@ -139,8 +157,9 @@ class TextFollower:
         return [event]
 
 
-def follow_text(r: redis.Redis, job_id: str, timeout_s: float = 60.0) -> Iterator[dict[str, str]]:
+def follow_text(r: redis.Redis, job_id: str, timeout_s: float = 60.0,
+                ended: Callable[[], bool] | None = None) -> Iterator[dict[str, str]]:
     """``follow``, as a reader should see it: text once, ``restart`` when an attempt departs."""
     follower = TextFollower()
-    for event in follow(r, job_id, timeout_s):
+    for event in follow(r, job_id, timeout_s, ended):
         yield from follower.feed(event)

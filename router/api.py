@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: How long one wait on a token stream blocks before the gateway checks that its client is still there.
 FOLLOW_BLOCK_MS = 250
+#: Pause between tries while Redis does not answer.
+REDIS_RETRY_S = 0.5
 
 #: Errors to HTTP: status and OpenAI-style type, by exception type, first match wins.
 ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
@@ -84,7 +86,7 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_finite(k): _finite(v) for k, v in value.items()}
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
     return value
@@ -113,6 +115,7 @@ def _usage(resp: dict[str, Any]) -> dict[str, Any]:
 def create_app(service_factory: Callable[[], HerderService] | None = None) -> FastAPI:
     """Build the gateway around a ``HerderService`` (the process's own by default)."""
     app = FastAPI(title="llamas", version="1", docs_url="/docs")
+    app.add_middleware(LastResort)
 
     def service() -> HerderService:
         if service_factory is not None:
@@ -151,14 +154,6 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
         return _openai_error(503, "the service is temporarily unavailable; try again shortly",
                              "service_unavailable", type(exc).__name__)
 
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        # A bug: logged by type and place only (the request may hold a prompt), answered in OpenAI's shape.
-        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-        log.error("internal error on %s %s: %s at %s:%s", request.method, request.url.path, type(exc).__name__,
-                  where.filename if where else "?", where.lineno if where else "?")
-        return _openai_error(500, "internal error", "server_error", type(exc).__name__)
-
     def api_key(request: Request) -> str:
         auth = request.headers.get("authorization", "")
         scheme, _, key = auth.partition(" ")
@@ -185,25 +180,48 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
             await run_in_threadpool(service().cancel, key, job_id)
         except (JobNotQueued, UnknownJob):
             pass  # already running or finished: it completes and is charged as usual
+        except redis.RedisError:
+            pass  # cancelled in the ledger; only telling the job's other channels failed
+
+    async def final_from_ledger(key: str, job_id: str) -> dict[str, Any] | None:
+        """The job's response if the ledger says it has ended (Redis may have lost it, or be away)."""
+        doc = await run_in_threadpool(service().status, key, job_id)
+        return cast(dict[str, Any] | None, doc.get("response"))
 
     async def wait_response(request: Request, key: str, job_id: str) -> dict[str, Any] | None:
         """The final response, or None if the client went away (its queued job is cancelled)."""
         r = aredis()
         while True:
-            raw = await r.get(RESPONSE_PREFIX + job_id)
-            if raw:
-                return json.loads(raw)
+            try:
+                raw = await r.get(RESPONSE_PREFIX + job_id)
+                if raw:
+                    return cast(dict[str, Any], json.loads(raw))
+            except redis.RedisError:
+                # Redis is away: the job goes on (and is charged) regardless, and the
+                # ledger knows when it ends, so keep waiting rather than fail the client.
+                final = await final_from_ledger(key, job_id)
+                if final is not None:
+                    return final
+                await anyio.sleep(REDIS_RETRY_S)
             if await request.is_disconnected():
                 await cancel_if_queued(key, job_id)
                 return None
-            await r.blpop([NOTIFY_PREFIX + job_id], timeout=0.5)
+            try:
+                await r.blpop([NOTIFY_PREFIX + job_id], timeout=0.5)
+            except redis.RedisError:
+                await anyio.sleep(REDIS_RETRY_S)
 
     async def follow(request: Request, job_id: str) -> AsyncIterator[dict[str, str]]:
         """The job's stream as a reader should see it; ends early if the client goes away."""
         r, last, follower = aredis(), "0-0", token_stream.TextFollower()
         while True:
-            batch = cast(list[Any], await r.xread({token_stream.key(job_id): last}, block=FOLLOW_BLOCK_MS,
-                                                  count=100))
+            try:
+                batch = cast(list[Any], await r.xread({token_stream.key(job_id): last},
+                                                      block=FOLLOW_BLOCK_MS, count=100))
+            except redis.RedisError:
+                # Redis is away (or restarted empty): stop streaming; the caller
+                # then waits for the final response, from the ledger if need be.
+                return
             for entry_id, raw in (batch[0][1] if batch else []):
                 last = entry_id
                 for event in follower.feed({k.decode(): v.decode() for k, v in raw.items()}):
@@ -342,6 +360,34 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
         return JSONResponse({"status": status, **checks}, status_code=200 if healthy else 503)
 
     return app
+
+
+class LastResort:
+    """ASGI middleware: an exception nothing else handled is a 500 in OpenAI's shape, logged by type and place.
+
+    Not a FastAPI exception handler: Starlette re-raises what those handle so
+    the server logs it, and that traceback would quote the request (a prompt).
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        started = False
+
+        async def tracking_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+            log.error("internal error on %s %s: %s at %s:%s", scope.get("method"), scope.get("path"),
+                      type(exc).__name__, where.filename if where else "?", where.lineno if where else "?")
+            if scope["type"] == "http" and not started:
+                await _openai_error(500, "internal error", "server_error", type(exc).__name__)(scope, receive, send)
 
 
 def _ping_ledger(svc: HerderService) -> None:

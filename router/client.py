@@ -16,6 +16,7 @@ import redis
 from celery import Celery
 
 from llama_tasks import redact
+from llama_tasks.constants import RESPONSE_PREFIX
 from llama_tasks import stream as token_stream
 from llama_tasks.job import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
 from router import fees, forwarding, request
@@ -183,10 +184,18 @@ class JobHandle:
         write different text, ``StreamRestarted`` is raised: discard what was
         shown, then call ``stream()`` again or ``result()``.
         """
-        for event in token_stream.follow_text(self._herder.redis, self.id, timeout_s=timeout):
+        r = self._herder.redis
+        ended = False
+        for event in token_stream.follow_text(r, self.id, timeout_s=timeout,
+                                              ended=lambda: bool(r.exists(RESPONSE_PREFIX + self.id))):
             if event["event"] == "token":
                 yield event["text"]
             elif event["event"] == "restart":
                 raise StreamRestarted(self.id, int(event["attempt"] or 0))
             elif event["event"] == "error":
                 raise JobFailed(self.id, "failed", event.get("error"), event.get("message"))
+            elif event["event"] == "end":
+                ended = True
+        if not ended:
+            # The job ended without streaming (expired or cancelled while queued): say how.
+            self.result(timeout)

@@ -26,6 +26,8 @@ from router.errors import BadChannel, BadDeadline, BadReference, InvalidOffer
 MAX_REFERENCE_CHARS = 200
 MAX_CALLBACK_CHARS = 200
 MAX_WEBHOOK_CHARS = 2000
+#: Longest deadline: a year, far past any generation, far below what a float timestamp can hold.
+MAX_DEADLINE_S = 365 * 86400
 
 
 @dataclass(kw_only=True)
@@ -95,8 +97,9 @@ def _check_deadline(deadline_s: object) -> None:
     if deadline_s is not None and (
         isinstance(deadline_s, bool)
         or not isinstance(deadline_s, (int, float))
-        or not math.isfinite(deadline_s)  # NaN would never expire; SQLite stores it as NULL
-        or deadline_s <= 0
+        # NaN would never expire (SQLite stores it as NULL); no deadline is centuries away.
+        or (isinstance(deadline_s, float) and not math.isfinite(deadline_s))
+        or not 0 < deadline_s <= MAX_DEADLINE_S
     ):
         raise BadDeadline(deadline_s if isinstance(deadline_s, (int, float)) else repr(deadline_s))
 

@@ -7,8 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,3 +81,15 @@ class CeleryProcess:
 def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) -> CeleryProcess:
     queue = "llama." + env.get("LLAMAS_MODEL", "smollm2")
     return CeleryProcess("llama_tasks", queue, name, concurrency, env, log)
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",
+             on_timeout: Callable[[], str] = lambda: "") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` after the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")

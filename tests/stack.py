@@ -22,7 +22,7 @@ from router.models import JobRow, Transfer
 from tests.processes import ROOT, CeleryProcess, llama_worker
 
 
-def _postgres_database() -> str | None:
+def postgres_database() -> str | None:
     import psycopg
 
     base = os.environ.get("LLAMAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -38,7 +38,7 @@ def _postgres_database() -> str | None:
     return base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
 
 
-def _drop_postgres_database(db_url: str) -> None:
+def drop_postgres_database(db_url: str) -> None:
     import psycopg
 
     base, name = db_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
@@ -126,7 +126,7 @@ def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     if kind == "sqlite":
         db_url = f"sqlite:///{tmp / 'ledger.db'}"
     else:
-        found = _postgres_database()
+        found = postgres_database()
         if found is None:
             pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
         db_url = found
@@ -148,7 +148,7 @@ def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         s.stop()
         s.sessions.kw["bind"].dispose()
         if kind == "postgresql":
-            _drop_postgres_database(db_url)
+            drop_postgres_database(db_url)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -4,7 +4,6 @@ session's real Redis, and real agent worker processes beside the ``stack``."""
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,23 +18,11 @@ from agent.settings import AgentSettings
 from agent.store import OutcomeStore, Summary, Tick
 from agent.world import World
 from router.db import make_engine
-from tests.processes import CeleryProcess
+from tests.processes import CeleryProcess, wait_for
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 #: Opening balance of a test agent's paper account, and its price.
 DEPOSIT, PRICE = 100_000, 250
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",
-             on_timeout: Callable[[], str] = lambda: "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

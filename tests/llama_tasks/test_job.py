@@ -123,3 +123,15 @@ def test_a_client_without_the_cap_checks_everything_else():
     validate(job(max_tokens=10**6), None)
     with pytest.raises(InvalidMaxTokens):
         validate(job(max_tokens=0), None)
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_k", "repeat_penalty", "min_p"])
+def test_huge_integers_are_out_of_range_not_an_overflow(name):
+    with pytest.raises(SamplingOutOfRange):
+        validate(job(**{name: 10**400}), 8)
+
+
+@pytest.mark.parametrize("schema", [{"\ud800": None}, {"type": "string", "enum": ["\ud800"]}])
+def test_a_lone_surrogate_inside_a_json_schema_is_refused(schema):
+    with pytest.raises(InvalidRequest, match="json_schema"):
+        validate(job(json_schema=schema), 8)

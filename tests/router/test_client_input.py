@@ -57,3 +57,15 @@ def test_quote_checks_too(herder: Any) -> None:
     with pytest.raises(InvalidRequest):
         client.quote("x\ud800")
     assert sent == []
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    (dict(prompt="hi", temperature=10**400), SamplingOutOfRange),
+    (dict(prompt="hi", deadline_s=10**400), BadDeadline),
+    (dict(prompt="hi", json_schema={"\ud800": None}), InvalidRequest),
+])
+def test_values_that_used_to_escape_as_bare_python_errors(herder: Any, kwargs: dict, error: type) -> None:
+    client, sent = herder
+    with pytest.raises(error):
+        client.run(**kwargs)
+    assert sent == []

@@ -260,3 +260,22 @@ def test_redis_gone_after_start_up_is_a_503_in_openai_shape(tmp_path: Path) -> N
     assert_openai_error(reply, 503, "ConnectionError")
     with svc.sessions.begin() as s:
         assert s.query(JobRow).count() == 0 and ledger.check(s) == []
+
+
+def test_junk_values_are_quoted_back_safely(gw: Gateway) -> None:
+    # The error echoes the bad value: a surrogate in a nested key must not break the JSON body.
+    raw = json.dumps(chat()).rstrip("}") + ', "temperature": {"\\ud800": [NaN, {"a": Infinity}]}}'
+    assert_openai_error(gw.post(None, raw=raw.encode()), 422, "SamplingOutOfRange", "temperature")
+    assert gw.untouched()
+
+
+def test_a_bug_is_a_500_in_openai_shape_and_its_message_stays_out_of_the_log(gw: Gateway, caplog: Any) -> None:
+    def broken(key: str, sub: Any) -> Any:
+        raise RuntimeError(f"something quoting the prompt: {SECRET}")
+
+    gw.svc.submit = broken  # type: ignore[method-assign]
+    caplog.set_level(logging.DEBUG)
+    reply = gw.post(chat())
+    assert_openai_error(reply, 500, "RuntimeError")
+    assert SECRET not in reply.text and SECRET not in caplog.text
+    assert "RuntimeError" in caplog.text  # the operator still learns what broke, and where

@@ -12,6 +12,7 @@ exactly the open jobs' offers, every ending happens once and never changes.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import uuid
 from collections import Counter
@@ -87,9 +88,10 @@ PPM = 1_000_000
 #: Gives an empty, migrated ledger: its URL, a home directory, and how to dispose of it.
 Databases = Callable[[], tuple[str, Path, Callable[[], None]]]
 
+#: Sizes of `make test`'s run; a long run raises them (LLAMAS_STATEFUL_EXAMPLES, LLAMAS_STATEFUL_STEPS).
 MACHINE_SETTINGS = settings(
-    max_examples=50,
-    stateful_step_count=30,
+    max_examples=int(os.environ.get("LLAMAS_STATEFUL_EXAMPLES", "50")),
+    stateful_step_count=int(os.environ.get("LLAMAS_STATEFUL_STEPS", "30")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

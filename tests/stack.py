@@ -38,6 +38,16 @@ def postgres_database() -> str | None:
     return base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + "/" + name
 
 
+def fresh_ledger(kind: str, tmp: Path) -> str:
+    """URL of an empty ledger: a SQLite file in ``tmp``, or a new PostgreSQL database (skips when none answers)."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp / 'ledger.db'}"
+    found = postgres_database()
+    if found is None:
+        pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
+    return found
+
+
 def drop_postgres_database(db_url: str) -> None:
     import psycopg
 
@@ -123,13 +133,7 @@ class Stack:
 def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Run a stack on ``kind`` ("sqlite" or "postgresql") for the duration of a fixture."""
     tmp = tmp_path_factory.mktemp(f"stack-{kind}")
-    if kind == "sqlite":
-        db_url = f"sqlite:///{tmp / 'ledger.db'}"
-    else:
-        found = postgres_database()
-        if found is None:
-            pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
-        db_url = found
+    db_url = fresh_ledger(kind, tmp)
     env = dict(
         os.environ,
         LLAMAS_DATABASE_URL=db_url,

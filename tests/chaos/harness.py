@@ -31,8 +31,9 @@ from llama_tasks import stream as token_stream
 from llama_tasks.constants import HERD_PREFIX
 from router import Herder, ledger
 from router.models import FINAL_STATES, OPEN_STATES, JobRow
-from tests.processes import CeleryProcess
-from tests.stack import Stack, drop_postgres_database, postgres_database, free_port
+from tests.processes import CeleryProcess, descendants
+from tests.processes import wait_for as poll
+from tests.stack import Stack, drop_postgres_database, free_port, fresh_ledger
 
 #: ``make chaos`` sets this: both ledgers, full sizes, the long state machine.
 FULL = os.environ.get("LLAMAS_CHAOS_FULL") == "1"
@@ -65,50 +66,8 @@ def prompt(text: str) -> str:
 
 
 def wait_for(condition: Callable[[], T | None], what: str, timeout_s: float = 60.0, every_s: float = 0.05) -> T:
-    """Poll ``condition`` until it returns something true; its value, or ``TimeoutError`` naming ``what``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout_s:.0f}s")
-        time.sleep(every_s)
-
-
-# --- processes ---------------------------------------------------------------------
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process from /proc, or None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name is in parentheses and may hold spaces: fields start after the last ')'.
-    fields = raw[raw.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie has already died: only its exit status is left)."""
-    stat = _stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (pool children, an embedded beat and theirs)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[0] != "Z":
-            parents[int(entry.name)] = stat[1]
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [p for p, pp in parents.items() if pp == parent]
-        found += children
-        frontier += children
-    return found
+    """``tests.processes.wait_for`` with the description first, as the scenarios read best."""
+    return cast(T, poll(condition, timeout_s, what, every_s=every_s))
 
 
 # --- the stack -------------------------------------------------------------------
@@ -247,13 +206,7 @@ def start_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp(f"chaos-{kind}")
     home = tmp / "home"
     signing.generate_keypair(home)
-    if kind == "sqlite":
-        db_url = f"sqlite:///{tmp / 'ledger.db'}"
-    else:
-        found = postgres_database()
-        if found is None:
-            pytest.skip("no PostgreSQL answers at 127.0.0.1:5432 and LLAMAS_TEST_POSTGRES_URL is unset")
-        db_url = found
+    db_url = fresh_ledger(kind, tmp)
     # Same settings a production Redis must have (noeviction), nothing persisted: a restart loses everything.
     valkey = ValkeyServer(port=free_port(), data_dir=tmp / "valkey",
                           config={"save": "", "appendonly": "no", "maxmemory-policy": "noeviction"})

@@ -34,12 +34,12 @@ from tests.chaos.harness import (
     STORY_GRAMMAR,
     ChaosStack,
     Ghost,
-    alive,
     first_token,
     prompt,
     size,
     wait_for,
 )
+from tests.processes import alive
 from tests.router.requester_app import RECEIVED_KEY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]

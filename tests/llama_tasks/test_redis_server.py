@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
-from tests.processes import ROOT
+from tests.processes import ROOT, alive, wait_for
 from tests.stack import free_port
 
 STARTER = """
@@ -20,18 +18,6 @@ sys.stdin.read()  # until killed
 """
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_a_sigkilled_starter_takes_its_embedded_valkey_with_it() -> None:
     port = free_port()
     starter = subprocess.Popen([sys.executable, "-c", STARTER, str(port)], cwd=ROOT, stdin=subprocess.PIPE,
@@ -41,7 +27,4 @@ def test_a_sigkilled_starter_takes_its_embedded_valkey_with_it() -> None:
     assert alive(valkey)
     starter.send_signal(signal.SIGKILL)
     starter.wait()
-    deadline = time.monotonic() + 15
-    while alive(valkey) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(valkey), "the embedded Valkey outlived the process that started it"
+    wait_for(lambda: not alive(valkey), 15, "the embedded Valkey to die with the process that started it")

@@ -5,12 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,6 +26,8 @@ from llama_tasks.errors import (
     Unsigned,
     WrongModel,
 )
+
+from tests.events import captured_events, text_forms
 
 pytestmark = pytest.mark.slow
 
@@ -201,41 +199,6 @@ def test_worker_refuses_to_start_when_the_model_file_is_missing_or_changed(start
         assert "loaded" not in out
 
 
-@contextmanager
-def captured_events(app: Any, timeout_s: float = 30.0) -> Iterator[list[dict[str, Any]]]:
-    """Every Celery event on the test broker from now until the block ends (what Flower sees)."""
-    events: list[dict[str, Any]] = []
-    with app.connection_for_read() as listen, app.connection_for_write() as speak:
-        receiver = app.events.Receiver(listen, handlers={"*": events.append})
-        thread = threading.Thread(target=receiver.capture, kwargs={"wakeup": False}, daemon=True)
-        thread.start()
-        # Listening once an event sent after the start comes back.
-        probe = app.events.Dispatcher(speak, enabled=True)
-        deadline = time.monotonic() + timeout_s
-        while not any(e.get("type") == "test-probe" for e in events):
-            assert time.monotonic() < deadline, "the event receiver never started"
-            probe.send("test-probe")
-            time.sleep(0.05)
-        try:
-            yield events
-        finally:
-            receiver.should_stop = True
-            thread.join(timeout=10)
-
-
-def wait_for_events(events: list[dict[str, Any]], wanted: set[tuple[str, str]], timeout_s: float = 30.0) -> None:
-    """Wait until an event of each ``(type, task id)`` in ``wanted`` has arrived."""
-    deadline = time.monotonic() + timeout_s
-    while not wanted <= {(e.get("type", ""), e.get("uuid", "")) for e in events}:
-        assert time.monotonic() < deadline, f"missing events {wanted}"
-        time.sleep(0.05)
-
-
-def text_forms(text: str) -> list[str]:
-    """``text`` as it would appear in a log line or event: raw, repr-escaped, JSON-escaped."""
-    return [text, repr(text)[1:-1], json.dumps(text)[1:-1]]
-
-
 def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker, send, make_job, celery_app):
     worker = start_worker(concurrency=1)
     secret = f"zebra{uuid.uuid4().hex[:12]}"
@@ -246,18 +209,18 @@ def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker
         doc = done.get(timeout=60)
         with pytest.raises(BadStop):
             refused.get(timeout=60)
-        wait_for_events(events, {("task-succeeded", done.id), ("task-failed", refused.id)})
+        events.wait_for_tasks({("task-succeeded", done.id), ("task-failed", refused.id)})
     completion = doc["text"].strip()
     assert len(completion) >= 20, doc  # long enough not to turn up by chance
     log = worker.output()
     # What the worker's own events carry (the test's task-sent events are the sender's business).
-    shown = json.dumps([e for e in events if e.get("type") != "task-sent"], ensure_ascii=False)
+    shown = json.dumps([e for e in events.events if e.get("type") != "task-sent"], ensure_ascii=False)
     for place, text in (("log", log), ("events", shown)):
         for form in text_forms(secret) + text_forms(completion):
             assert form not in text, f"{form!r} appears in the worker's {place}"
     # Ids, sizes and counts remain, and the result store keeps the text.
     assert "succeeded in" in log and "refused: BadStop" in log
     assert f"{doc['completion_tokens']} completion tokens" in log and doc["job_id"] in log
-    received = [e for e in events if e.get("type") == "task-received" and e.get("uuid") == done.id]
+    received = [e for e in events.events if e.get("type") == "task-received" and e.get("uuid") == done.id]
     assert received and doc["job_id"] in received[0]["args"]
     assert done.result["text"] == doc["text"] and secret not in json.dumps(received)

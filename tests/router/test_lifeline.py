@@ -7,50 +7,26 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
 from llama_tasks import lifeline
-from tests.processes import ROOT, CeleryProcess
+from tests.processes import ROOT, CeleryProcess, alive, children, wait_for
 
 pytestmark = pytest.mark.skipif(lifeline.UNSUPPORTED is not None, reason=str(lifeline.UNSUPPORTED))
 
 
-def alive(pid: int) -> bool:
-    """Running, not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def test_a_child_that_asked_dies_when_its_parent_is_killed(tmp_path):
     # parent: starts a child that asks for SIGTERM on its parent's death, prints its pid, waits.
-    parent_code = textwrap.dedent(f"""
-        import os, signal, subprocess, sys, time
+    parent_code = textwrap.dedent("""
+        import os, signal, subprocess, sys
         from functools import partial
         from llama_tasks import lifeline
         lifeline.prepare()
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+        child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"],
                                  preexec_fn=partial(lifeline.die_with_parent, signal.SIGTERM, os.getpid()))
         print(child.pid, flush=True)
-        time.sleep(600)
+        signal.pause()  # until killed
     """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
@@ -68,7 +44,7 @@ def test_a_child_whose_parent_died_before_it_asked_dies_at_once():
     # The race the parent_pid argument closes: by the time the child asks,
     # it has already been re-parented, so it must signal itself.
     code = "import signal; from llama_tasks import lifeline; lifeline.die_with_parent(signal.SIGTERM, 1)"
-    proc = subprocess.run([sys.executable, "-c", code + "; import time; time.sleep(60)"], cwd=ROOT, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code + "; signal.pause()"], cwd=ROOT, timeout=60)
     assert proc.returncode == -signal.SIGTERM
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +19,8 @@ from celery.utils.saferepr import saferepr
 from llama_tasks import app as worker_app, redact
 from router.app import app
 from router.settings import HERDER_QUEUE
-from tests.llama_tasks.test_worker import captured_events, text_forms, wait_for_events
+from tests.events import captured_events, text_forms
+from tests.processes import wait_for
 from tests.router.requester_app import RECEIVED_KEY
 from tests.stack import running_stack
 
@@ -53,26 +53,23 @@ def test_the_herder_keeps_prompts_and_completions_out_of_its_log_and_the_events(
         for refused in refusals:
             refused.get(timeout=60, propagate=False)
             assert refused.state == "FAILURE"
-        deadline = time.monotonic() + 30
-        while handle.id not in b"".join(stack.r.lrange(RECEIVED_KEY, 0, -1)).decode():
-            assert time.monotonic() < deadline, "the requester's callback never arrived"
-            time.sleep(0.05)
+        # The callback reaches the requester's own worker (another process): polled.
+        wait_for(lambda: handle.id in b"".join(stack.r.lrange(RECEIVED_KEY, 0, -1)).decode(), 30,
+                 "the requester's callback")
         task_id = stack.job(handle.id).task_id
-        wait_for_events(events, {("task-succeeded", task_id)} | {("task-failed", r.id) for r in refusals})
-        while not [e for e in events if e.get("name") == "requester.inference_response"]:
-            assert time.monotonic() < deadline, "the herder sent no event for the callback"
-            time.sleep(0.05)
+        events.wait_for_tasks({("task-succeeded", task_id)} | {("task-failed", r.id) for r in refusals})
+        events.wait(lambda _: bool(events.named("requester.inference_response")), "event for the callback")
     completion = response["text"].strip()
     assert len(completion) >= 20, response  # long enough not to turn up by chance
-    shown = json.dumps(events, ensure_ascii=False)
+    shown = json.dumps(events.events, ensure_ascii=False)
     places = {"herder log": stack.herder.output(), "worker log": stack.worker.output(), "events": shown}
     for place, text in places.items():
         for form in text_forms(secret) + text_forms(completion):
             assert form not in text, f"{form!r} appears in the {place}"
     # Ids and counts are still there to operate by.
-    sent = [e for e in events if e.get("type") == "task-sent" and e.get("uuid") == task_id]
+    sent = [e for e in events.events if e.get("type") == "task-sent" and e.get("uuid") == task_id]
     assert sent and handle.id in sent[0]["args"]
-    callback = [e for e in events if e.get("name") == "requester.inference_response"]
+    callback = events.named("requester.inference_response")
     assert handle.id in callback[0]["args"]
     assert "router.settle" in places["herder log"] and "raised expected" in places["herder log"]
 

@@ -15,44 +15,10 @@ import pytest
 
 from router.supervisor import RUN_TOKEN_ENV
 from router.up import port_answers
-from tests.processes import ROOT
+from tests.processes import ROOT, alive, children, descendants, wait_for
 from tests.stack import free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is not running.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Children, grandchildren… (Celery pool children and beat included)."""
-    found = []
-    for child in _children(pid):
-        found += [child, *_descendants(child)]
-    return found
-
-
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _env(home: Path, redis_url: str) -> dict[str, str]:
@@ -69,7 +35,7 @@ def _start_up(env: dict[str, str], log: Path, port: int, flower_port: int) -> su
         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     out.close()
-    _wait_for(lambda: log.read_text().count(ready) > before or up.poll() is not None, 180, "up")
+    wait_for(lambda: log.read_text().count(ready) > before or up.poll() is not None, 180, "up")
     assert up.poll() is None, log.read_text()
     return up
 
@@ -89,17 +55,17 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )
         try:
-            _wait_for(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, 180, "up")
+            wait_for(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, 180, "up")
             text = log.read_text()
             assert up.poll() is None, text
             assert "created 'demo' with 1,000,000 credits" in text and "llm_" in text
             assert f"http://127.0.0.1:{port}" in text and f"http://127.0.0.1:{flower_port}" in text
             assert "answer:" in text and "charged" in text and "refunded" in text
-            children = _children(up.pid)
-            assert len(children) == 4  # worker, herder, gateway, flower
+            components = children(up.pid)
+            assert len(components) == 4  # worker, herder, gateway, flower
             # The running set is recorded, and Flower's password was made and shown once.
             record = json.loads((tmp_path / "home" / "up.json").read_text())
-            assert record["pid"] == up.pid and sorted(record["components"].values()) == sorted(children)
+            assert record["pid"] == up.pid and sorted(record["components"].values()) == sorted(components)
             assert record["ports"] == {"gateway": port, "flower": flower_port}
             password = (tmp_path / "home" / "flower.password").read_text().strip()
             assert password in text and "flower.password" in text
@@ -111,17 +77,17 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             assert "llamas down" in second.stderr and "Traceback" not in second.stderr
 
             # Kill the gateway: it is reported and restarted.
-            gateway = next(p for p in children if "uvicorn" in Path(f"/proc/{p}/cmdline").read_text())
+            gateway = next(p for p in components if "uvicorn" in Path(f"/proc/{p}/cmdline").read_text())
             os.kill(gateway, signal.SIGKILL)
-            _wait_for(lambda: "gateway exited" in log.read_text(), 30, "the death report")
-            _wait_for(lambda: gateway not in _children(up.pid) and len(_children(up.pid)) == 4, 60, "restart")
-            _wait_for(lambda: port_answers(port), 60, "the restarted gateway")
-            children = _children(up.pid)
+            wait_for(lambda: "gateway exited" in log.read_text(), 30, "the death report")
+            wait_for(lambda: gateway not in children(up.pid) and len(children(up.pid)) == 4, 60, "restart")
+            wait_for(lambda: port_answers(port), 60, "the restarted gateway")
+            components = children(up.pid)
         finally:
             up.send_signal(signal.SIGINT)
             up.wait(timeout=90)
     assert "stopped." in log.read_text()
-    assert not [p for p in children if _alive(p)], "children left running"
+    assert not [p for p in components if alive(p)], "children left running"
     assert not (tmp_path / "home" / "up.json").exists()
     # The demo key and Flower's password are kept for later runs, readable by their owner only.
     assert (tmp_path / "home" / "demo.key").stat().st_mode & 0o777 == 0o600
@@ -135,26 +101,26 @@ def test_sigkill_of_up_stops_every_component_and_the_next_up_starts_on_the_same_
     first = _start_up(env, log, port, flower_port)
     second, seen = None, []
     try:
-        processes = _descendants(first.pid)
+        processes = descendants(first.pid)
         seen += processes
         assert len(processes) >= 7  # 4 components, the worker's and herder's pool children, the beat
         first.send_signal(signal.SIGKILL)
         first.wait()
-        _wait_for(lambda: not [p for p in processes if _alive(p)], 60,
-                  f"every process of the killed up to exit: {[p for p in processes if _alive(p)]}")
+        wait_for(lambda: not [p for p in processes if alive(p)], 60,
+                  f"every process of the killed up to exit: {[p for p in processes if alive(p)]}")
         # Its record stays behind (nothing ran to remove it) and describes only dead processes.
         assert json.loads((home / "up.json").read_text())["pid"] == first.pid
 
         second = _start_up(env, log, port, flower_port)
         assert json.loads((home / "up.json").read_text())["pid"] == second.pid
-        processes = _descendants(second.pid)
+        processes = descendants(second.pid)
         seen += processes
 
         down = _cli(env, "down")
         assert down.returncode == 0, down.stderr
         assert f"stopped llamas up (pid {second.pid})" in down.stdout
-        _wait_for(lambda: second.poll() is not None, 30, "the second up to exit")
-        assert not [p for p in processes if _alive(p)], "processes left running"
+        wait_for(lambda: second.poll() is not None, 30, "the second up to exit")
+        assert not [p for p in processes if alive(p)], "processes left running"
         assert not (home / "up.json").exists()
         assert "stopped." in log.read_text()
     finally:
@@ -163,16 +129,16 @@ def test_sigkill_of_up_stops_every_component_and_the_next_up_starts_on_the_same_
                 up.send_signal(signal.SIGINT)
                 up.wait(timeout=90)
         for pid in seen:  # orphans, where the feature broke
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 
 def _leftover(token: str, ignore_sigterm: bool = False) -> subprocess.Popen[bytes]:
     """A real process that carries a run's token, as a component of a killed up would."""
-    code = "import signal, time\n"
+    code = "import signal\n"
     if ignore_sigterm:
         code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    code += "print('ready', flush=True)\ntime.sleep(600)\n"
+    code += "print('ready', flush=True)\nwhile True:\n    signal.pause()  # until killed\n"
     proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, **{RUN_TOKEN_ENV: token}),
                             stdout=subprocess.PIPE, start_new_session=True)
     assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"  # its handler is in place

@@ -36,9 +36,10 @@ result_expires = _settings.result_expires_s
 # Task arguments stay out of the result store: requests carry API keys.
 result_extended = False
 
-worker_concurrency = _settings.concurrency
 # Beat (the herder's -B) keeps its schedule state with the rest of ours.
 beat_schedule_filename = str(_settings.home / "celerybeat-schedule")
+# The inference workers' pool (threads, one per slot) is set by their app;
+# the herder's processes stay prefork.
 worker_pool = "prefork"
 # Task events let Flower show tasks as they run.
 worker_send_task_events = True

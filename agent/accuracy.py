@@ -16,9 +16,9 @@ from llama_cpp import Llama
 
 from agent.errors import UnparseableAnswer
 from agent.grading import LABELS, POSITIVE, GradingRequest, LabelledRoom, Method, label_of_grade
-from llama_tasks import engine, registry
+from llama_tasks import engine, generation, registry
+from llama_tasks.batching import BatchEngine
 from llama_tasks.job import Job
-from llama_tasks.placement import place
 from llama_tasks.settings import cpu_count
 
 #: Context window of the in-process model: the workers' default.
@@ -63,23 +63,32 @@ class Report:
                 f"buy decisions right {self.decisions}/{self.total}")
 
 
-def load_model(models_file: Path, model: str) -> Llama:
+@dataclass
+class LocalModel:
+    """A model loaded in this process the way a worker holds it: vocabulary and batch engine."""
+
+    name: str
+    vocab: Llama
+    engine: BatchEngine
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def load_model(models_file: Path, model: str) -> LocalModel:
     """Load ``model`` from the registry once, on the CPU with every core."""
     spec = registry.lookup(models_file, model)
     registry.verify(spec)
-    return engine.load(spec, place(0, [], 1, cpu_count()), N_CTX)
+    batch = BatchEngine.load(spec.path, slots=1, n_ctx_per_slot=N_CTX, n_threads=cpu_count(), n_gpu_layers=0)
+    return LocalModel(spec.name, engine.load_vocab(spec), batch.start())
 
 
-def generate(llm: Llama, request: GradingRequest, model: str) -> str:
+def generate(local: LocalModel, request: GradingRequest) -> str:
     """The text a worker would return for ``request``."""
-    job = Job(job_id="accuracy", attempt=1, model=model, max_tokens=request.max_tokens, expires_at=0.0,
+    job = Job(job_id="accuracy", attempt=1, model=local.name, max_tokens=request.max_tokens, expires_at=0.0,
               issued_at=0.0, prompt=request.prompt, messages=request.messages, grammar=request.grammar,
               temperature=0.0)
-    tokens = engine.prompt_tokens(llm, job)
-    engine.check_fits(len(tokens), job.max_tokens, llm.n_ctx())
-    _, template_stops = engine.render(llm, job)
-    grammar = engine.compile_grammar(llm, request.grammar)
-    return engine.generate(llm, job, tokens, template_stops, grammar, lambda _: None).text
+    return generation.run(local.engine, generation.sequences(local.vocab, job, N_CTX, None)).first.text
 
 
 def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Callable[[GradingRequest], str],

@@ -175,13 +175,13 @@ def accuracy(
         if limit:
             rooms = [r for label in grading.LABELS for r in [x for x in rooms if x.label == label][:limit]]
         _out.print(f"model {settings.agent_model}: {len(rooms)} labelled rooms, greedy decoding")
-        llm = acc.load_model(settings.models_file, settings.agent_model)
+        local = acc.load_model(settings.models_file, settings.agent_model)
 
         def show(room: grading.LabelledRoom, text: str, predicted: str) -> None:
             mark = "[green]ok[/green]" if predicted == room.label else "[red]xx[/red]"
             _out.print(f"  {mark} {room.room:8} {room.label:8} → {predicted:10} {text.strip()!r}")
 
         for m in methods:
-            report = acc.evaluate(m, rooms, lambda request: acc.generate(llm, request, settings.agent_model),
+            report = acc.evaluate(m, rooms, lambda request: acc.generate(local, request),
                                   show if verbose else None)
             _out.print(f"{escape(report.summary())}  [dim]{escape(m.description)}[/dim]")

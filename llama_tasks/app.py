@@ -1,9 +1,15 @@
 """The Celery application of the inference workers and its lifecycle hooks.
 
-Start a worker with ``celery -A llama_tasks worker -Q llama.<model>``. The
-main process checks the model and key before it forks (refusing to start
-otherwise) and publishes heartbeats; each prefork child loads the model once
-in ``worker_process_init``.
+Start a worker with ``celery -A llama_tasks worker -Q llama.<model>``. By
+default it is one process with a pool of ``LLAMAS_SLOTS`` threads: the
+process loads the model once into a batch engine before it consumes, and the
+task threads hand their jobs to that engine, which decodes them together. One
+such process serves one GPU (or the CPU); start one per GPU (``llamas up``
+does). The main process checks the model and key first (refusing to start
+otherwise) and publishes heartbeats with the engine's slots and busy slots.
+
+Other pools are refused: a prefork child would hold a model copy of its own
+and decode one job at a time.
 """
 
 from __future__ import annotations
@@ -13,52 +19,75 @@ import sys
 from typing import Any
 
 import redis
-from billiard.process import current_process
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
 from llama_tasks import lifeline, runtime
-from llama_tasks.errors import LlamasError
+from llama_tasks.errors import LlamasError, OneGpuPerProcess, UnsupportedPool
 from llama_tasks.heartbeat import Heartbeat
+from llama_tasks.placement import place
 from llama_tasks.registry import ModelSpec
-from llama_tasks.settings import get_settings
+from llama_tasks.settings import cpu_count, get_settings
 
 log = logging.getLogger(__name__)
 
 app = Celery("llama_tasks")
 app.config_from_object("celeryconfig")
 app.conf.task_default_queue = get_settings().queue
-# An embedded beat (-B) dies with this worker's main process, as the pool children do.
+# The batching layout is the default: one process, one engine, a task thread per slot.
+app.conf.worker_pool = "threads"
+app.conf.worker_concurrency = get_settings().slots
+# An embedded beat (-B) dies with this worker's process.
 lifeline.connect_celery_signals()
 
 # Signals are process-global, and the herder imports this package too: only a
 # worker started for *this* app may load models and beat.
 _serving: ModelSpec | None = None
-#: Prefork children of this worker, as started (``-c`` overrides settings).
+#: Task slots of this worker as started (``-c`` overrides settings).
 _concurrency = 1
 _heartbeat: Heartbeat | None = None
 
 
+def _pool_name(sender: Any) -> str:
+    """The pool this worker runs, as ``-P`` names it.
+
+    Celery reads an explicit ``-P prefork`` as "no choice" and takes our
+    configured default instead, so the command line is read too: a pool
+    asked for must never be silently replaced.
+    """
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg in ("-P", "--pool") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--pool="):
+            return arg.split("=", 1)[1]
+        if arg.startswith("-P"):
+            return arg[2:].lstrip("=")
+    return getattr(getattr(sender, "pool_cls", None), "__module__", "").rsplit(".", 1)[-1]
+
+
 @worker_init.connect
-def _check_before_fork(sender: Any = None, **_: Any) -> None:
+def _check_and_load(sender: Any = None, **_: Any) -> None:
     global _serving, _concurrency
     if getattr(sender, "app", None) is not app:
         return
+    settings = get_settings()
+    _concurrency = int(getattr(sender, "concurrency", 0) or 1)
     try:
-        spec = runtime.check_startup(get_settings())
+        pool = _pool_name(sender)
+        if pool not in ("threads", "thread"):
+            raise UnsupportedPool(pool)
+        spec = runtime.check_startup(settings)
+        if len(settings.gpu_ids) > 1:
+            raise OneGpuPerProcess(settings.gpus)
+        runtime.start_process(settings, place(0, settings.gpu_ids, 1, settings.threads or cpu_count()), _concurrency)
     except LlamasError as exc:
         # SystemExit passes through Celery's signal dispatch, which would
         # otherwise log an ordinary exception and start a useless worker.
         print(f"llamas worker refuses to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    _serving, _concurrency = spec, int(getattr(sender, "concurrency", 0) or 1)
-
-
-@worker_process_init.connect
-def _load_model(**_: Any) -> None:
-    if _serving is not None:
-        runtime.start_process(get_settings(), current_process().index, _concurrency)
+    _serving = spec
 
 
 @worker_ready.connect
@@ -68,6 +97,9 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         return
     settings, spec = get_settings(), _serving
     hostname = sender.hostname
+    loaded = runtime.context()
+    # Loaded before Celery set up its logging: said now.
+    log.info("%s", loaded.describe())
 
     def describe() -> dict[str, Any]:
         return {
@@ -77,7 +109,10 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
             "queue": settings.queue,
             "slots": _concurrency,
             "gpus": settings.gpu_ids,
-            "busy": len(active_requests),
+            # Sequences in the engine's slots (a job with n choices holds n).
+            "busy": loaded.engine.busy(),
+            "jobs": len(active_requests),
+            "n_ctx": settings.n_ctx,
         }
 
     _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s)

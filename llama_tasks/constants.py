@@ -19,3 +19,5 @@ GENERATE_TASK = "llama_tasks.generate"
 #: ``METRICS_PREFIX + name`` → Redis hashes holding the service's counters and
 #: histograms, so every herder and gateway process adds to the same figures.
 METRICS_PREFIX = "llamas:metrics:"
+#: ``CANCEL_PREFIX + job_id`` exists while the herder wants a running job stopped.
+CANCEL_PREFIX = "llamas:cancel:"

@@ -1,22 +1,18 @@
-"""Plain functions over llama-cpp-python: load, format, count, constrain, generate.
+"""Plain functions over llama-cpp-python's vocabulary: format, count, constrain.
 
-Nothing here knows about Celery or Redis, so the herder (vocab-only load, for
-quotes) and the worker (full load, for generation) share exactly the same
-formatting and token counting.
+Nothing here knows about Celery or Redis, so the herder (for quotes) and the
+worker (before it hands a job to ``batching``) share exactly the same
+formatting and token counting; both load the vocabulary alone.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import json
 import os
-import secrets
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, cast
 
@@ -27,20 +23,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from llama_tasks.errors import BadGrammar, ContextOverflow
 from llama_tasks.job import Job
-from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
-
-
-def load(spec: ModelSpec, placement: Placement, n_ctx: int) -> Llama:
-    """Load ``spec`` for generation, placed as ``placement`` says."""
-    return Llama(
-        model_path=spec.path,
-        n_ctx=n_ctx,
-        n_threads=placement.n_threads,
-        n_threads_batch=placement.n_threads,
-        n_gpu_layers=placement.n_gpu_layers,
-        verbose=False,
-    )
 
 
 def load_vocab(spec: ModelSpec) -> Llama:
@@ -149,97 +132,3 @@ def _stderr_without(secret: str) -> Iterator[None]:
                 cleaned = text.replace(secret, "(grammar withheld)") if secret else text
                 sys.stderr.write(cleaned)
                 sys.stderr.flush()
-
-
-@dataclass
-class Generation:
-    """What one generation produced, with its timings."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence or stop string) or "length"
-    prompt_s: float  # until the first token was sampled (prompt processing)
-    generation_s: float  # from the first token to the end
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.completion_tokens / self.generation_s if self.generation_s > 0 else 0.0
-
-
-def _earliest_stop(text: str, stops: list[str], start: int) -> int:
-    """Index of the first stop string in ``text`` at or after ``start``, or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
-def generate(
-    llm: Llama,
-    job: Job,
-    tokens: list[int],
-    stops: list[str],
-    grammar: LlamaGrammar | None,
-    on_text: Callable[[str], None],
-) -> Generation:
-    """Generate up to ``job.max_tokens`` after ``tokens``, streaming text to ``on_text``.
-
-    Stops at end of sequence, at the first stop string (which is cut off, as
-    in OpenAI's API), or at max tokens. Text is handed to ``on_text`` only once
-    it can no longer turn out to be the start of a stop string, so the streamed
-    pieces always join up to exactly the returned text.
-    """
-    # The seed lives on the Llama object shared by every job of this process,
-    # and the sampler chain ``llm.generate`` builds reads it: set it for every
-    # job, so one requester's seed never decides (or reveals) another's
-    # sampling. A job that asks for no seed gets one nobody can predict;
-    # 0xFFFFFFFF is excluded because llama.cpp reads it as "choose one yourself".
-    llm.set_seed(job.seed if job.seed is not None else secrets.randbelow(llama_cpp.LLAMA_DEFAULT_SEED))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    hold_back = max((len(s) for s in stops), default=1) - 1
-    text, emitted, completion, finish = "", 0, 0, "length"
-    started = time.perf_counter()
-    first_token_at: float | None = None
-    history = list(tokens)
-    for token in llm.generate(
-        tokens,
-        temp=job.temperature,
-        top_p=job.top_p,
-        top_k=job.top_k,
-        min_p=job.min_p,
-        repeat_penalty=job.repeat_penalty,
-        grammar=grammar,
-        reset=True,
-    ):
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        if llama_cpp.llama_token_is_eog(llm._model.vocab, token):
-            finish = "stop"
-            break
-        completion += 1
-        history.append(token)
-        text += decoder.decode(llm.detokenize([token], prev_tokens=history[:-1]))
-        cut = _earliest_stop(text, stops, max(0, emitted - hold_back))
-        if cut >= 0:
-            text, finish = text[:cut], "stop"
-            break
-        safe = len(text) - hold_back
-        if safe > emitted:
-            on_text(text[emitted:safe])
-            emitted = safe
-        if completion >= job.max_tokens:
-            break
-    if finish == "length":
-        # Bytes of a character the token limit cut in half.
-        text += decoder.decode(b"", final=True)
-    if len(text) > emitted:
-        on_text(text[emitted:])
-    ended = time.perf_counter()
-    first = first_token_at or ended
-    return Generation(
-        text=text,
-        prompt_tokens=len(tokens),
-        completion_tokens=completion,
-        finish_reason=finish,
-        prompt_s=first - started,
-        generation_s=ended - first,
-    )

@@ -75,6 +75,26 @@ class MissingPublicKey(ConfigError):
     )
 
 
+class OneGpuPerProcess(ConfigError):
+    """Raised when one batching worker process is given several GPUs."""
+
+    fields = ("gpus",)
+    template = (
+        "LLAMAS_GPUS={gpus!r} names several GPUs, and one worker process serves one GPU: "
+        "start one worker per GPU (LLAMAS_GPUS=<id> each), or let `llamas up` start them"
+    )
+
+
+class UnsupportedPool(ConfigError):
+    """Raised when a worker is started with a pool other than threads."""
+
+    fields = ("pool",)
+    template = (
+        "-P {pool} is not supported: a llamas worker is one process whose task threads share one "
+        "batch engine (the default pool, threads; -c sets its slots)"
+    )
+
+
 # --- envelopes: rejected, never generated, never retried --------------------
 
 
@@ -170,8 +190,32 @@ class BadGrammar(InvalidRequest):
     template = "grammar does not parse: {detail}"
 
 
+class BadLogprobs(InvalidRequest):
+    """Raised when logprobs or top_logprobs ask for something that cannot be given."""
+
+    fields = ("param", "detail")
+    template = "bad {param}: {detail}"
+
+
 class BadStop(InvalidRequest):
     """Raised when stop strings are too many, too long or empty."""
 
     fields = ("detail",)
     template = "bad stop strings: {detail}"
+
+
+class GenerationTimedOut(InvalidRequest):
+    """Raised when a generation runs past the soft time limit (not retried: it would again)."""
+
+    fields = ("limit_s",)
+    template = "generation took longer than {limit_s}s"
+
+
+# --- the engine: the attempt failed, another may succeed --------------------
+
+
+class EngineFailed(LlamasError):
+    """Raised when the batch engine cannot decode (llama.cpp refused, or it is stopping)."""
+
+    fields = ("detail",)
+    template = "the engine failed: {detail}"

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from llama_tasks.errors import (
+    BadLogprobs,
     BadStop,
     EmptyPrompt,
     InvalidMaxTokens,
@@ -43,6 +44,10 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 #: Grammars and schemas longer than this are refused before parsing.
 MAX_GRAMMAR_CHARS = 64_000
+#: Most completions (``n``) one request may ask for: each is a sequence in a worker's batch.
+MAX_CHOICES = 8
+#: Most alternatives per generated token a request may ask to see (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
 
 
 #: Chat roles a message may have (what the models' chat templates render).
@@ -71,6 +76,12 @@ class Generation:
     min_p: float = DEFAULT_MIN_P
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int | None = None
+    #: Completions to generate from the prompt, each sampled on its own; all are paid for.
+    n: int = 1
+    #: Return each generated token's log probability.
+    logprobs: bool = False
+    #: With ``logprobs``, also this many likeliest alternatives at each position.
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         # One stop string or a list of them, as OpenAI accepts; a bare string
@@ -141,6 +152,22 @@ def _check_messages(messages: object) -> None:
         raise EmptyPrompt()
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_choices(job: Generation) -> None:
+    """``n``, ``logprobs`` and ``top_logprobs``: types, ranges, and alternatives only with logprobs."""
+    if not _is_int(job.n) or not 1 <= job.n <= MAX_CHOICES:
+        raise SamplingOutOfRange("n", job.n, 1, MAX_CHOICES)
+    if not isinstance(job.logprobs, bool):
+        raise BadLogprobs("logprobs", f"must be true or false, got {job.logprobs!r}")
+    if not _is_int(job.top_logprobs) or not 0 <= job.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise SamplingOutOfRange("top_logprobs", job.top_logprobs, 0, MAX_TOP_LOGPROBS)
+    if job.top_logprobs and not job.logprobs:
+        raise BadLogprobs("top_logprobs", "alternatives are returned only with logprobs true")
+
+
 def validate(job: Generation, max_tokens_cap: int | None) -> None:
     """Raise the typed error for the first thing wrong with ``job``.
 
@@ -175,6 +202,7 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
         raise SamplingOutOfRange("seed", job.seed, 0, MAX_SEED)
     if job.seed is not None and job.seed > MAX_SEED:
         raise SamplingOutOfRange("seed", job.seed, 0, MAX_SEED)
+    _check_choices(job)
     if not isinstance(job.stop, list) or len(job.stop) > MAX_STOP_STRINGS:
         raise BadStop(f"at most {MAX_STOP_STRINGS} stop strings")
     for s in job.stop:

@@ -1,8 +1,10 @@
 """What a worker process holds and how it runs one signed envelope.
 
-``start_process`` fills the per-process context once (the model, the herder's
-public key, a Redis client); ``run_envelope`` is the whole life of a task,
-as a plain function that tests can call without Celery.
+``start_process`` fills the per-process context once (the model in a batch
+engine, the herder's public key, a Redis client); ``run_envelope`` is the
+whole life of a task, as a plain function that tests can call without Celery.
+Celery's task threads call it concurrently: the engine decodes their jobs
+together.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from llama_cpp import Llama
 
-from llama_tasks import claims, engine, registry, signing
+from llama_tasks import claims, engine, generation, registry, signing
+from llama_tasks.batching import BatchEngine
+from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, LlamasError, WrongModel
 from llama_tasks.job import Job, validate
-from llama_tasks.placement import Placement, place
+from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
-from llama_tasks.settings import WorkerSettings, cpu_count
+from llama_tasks.settings import WorkerSettings
 from llama_tasks.stream import StreamWriter
 
 log = logging.getLogger(__name__)
@@ -34,12 +38,20 @@ class ProcessContext:
 
     settings: WorkerSettings
     spec: ModelSpec
-    llm: Llama
+    vocab: Llama  # tokenizer, chat template and grammar parsing (no weights)
+    engine: BatchEngine  # the weights, one context, ``slots`` sequences
     placement: Placement
     public_key: Ed25519PublicKey
     redis: redis.Redis
     loads: int
-    child_index: int
+    load_s: float
+
+    def describe(self) -> str:
+        """One log line: what this process loaded and how it runs it."""
+        return (
+            f"pid {os.getpid()} loaded {self.spec.name} in {self.load_s:.2f}s: gpu={self.placement.gpu} "
+            f"threads={self.placement.n_threads} slots={self.engine.slots} context={self.engine.n_ctx_per_slot} per slot"
+        )
 
 
 _context: ProcessContext | None = None
@@ -55,38 +67,36 @@ def check_startup(settings: WorkerSettings) -> ModelSpec:
     return spec
 
 
-def start_process(settings: WorkerSettings, child_index: int, concurrency: int) -> ProcessContext:
-    """Load the model into this process, pinned by ``child_index`` of ``concurrency``."""
+def start_process(settings: WorkerSettings, placement: Placement, slots: int) -> ProcessContext:
+    """Load the model into this process as ``placement`` says, with ``slots`` sequences."""
     global _context, _load_count
     spec = registry.lookup(settings.models_file, settings.model)
-    placement = place(child_index, settings.gpu_ids, concurrency, cpu_count())
     if placement.cuda_visible_devices is not None:
         # Must be set before the CUDA runtime initialises inside the load.
         os.environ["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
     started = time.perf_counter()
-    llm = engine.load(spec, placement, settings.n_ctx)
+    batch = BatchEngine.load(
+        spec.path, slots=slots, n_ctx_per_slot=settings.n_ctx,
+        n_threads=placement.n_threads, n_gpu_layers=placement.n_gpu_layers,
+    ).start()
     _load_count += 1
-    log.info(
-        "child %d (pid %d) loaded %s in %.2fs: gpu=%s threads=%d",
-        child_index, os.getpid(), spec.name, time.perf_counter() - started,
-        placement.gpu, placement.n_threads,
-    )
     _context = ProcessContext(
         settings=settings,
         spec=spec,
-        llm=llm,
+        vocab=engine.load_vocab(spec),
+        engine=batch,
         placement=placement,
         public_key=signing.load_public(settings.public_key, settings.public_key_file),
         redis=redis.Redis.from_url(settings.redis_url),
         loads=_load_count,
-        child_index=child_index,
+        load_s=time.perf_counter() - started,
     )
     return _context
 
 
 def context() -> ProcessContext:
     if _context is None:
-        raise RuntimeError("this process has not loaded a model (worker_process_init did not run)")
+        raise RuntimeError("this process has not loaded a model (the worker's start-up hooks did not run)")
     return _context
 
 
@@ -103,42 +113,34 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
         raise WrongModel(job.model, ctx.spec.name)
     if job.expires_at < received_at:
         raise Expired(job.job_id, job.expires_at, received_at)
-    claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s)
+    # The claim names this process, which also beats: if it dies, the herder
+    # knows this attempt died with it.
+    claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s, worker, os.getpid())
     stream = StreamWriter(ctx.redis, job.job_id, job.attempt, ctx.settings.stream_ttl_s)
     stream.start(worker, os.getpid())
+    cancel_key = CANCEL_PREFIX + job.job_id
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        tokens = engine.prompt_tokens(ctx.llm, job)
-        engine.check_fits(len(tokens), job.max_tokens, ctx.llm.n_ctx())
-        gbnf = engine.grammar_text(job)
-        grammar = engine.compile_grammar(ctx.llm, gbnf) if gbnf else None
-        _, template_stops = engine.render(ctx.llm, job)
-        result = engine.generate(
-            ctx.llm, job, tokens, job.stop + template_stops, grammar, stream.token
+        specs = generation.sequences(
+            ctx.vocab, job, ctx.engine.n_ctx_per_slot, stream.token, ctx.settings.soft_time_limit_s
         )
+        result = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
-        claims.finish(ctx.redis, job.job_id, job.attempt, message_id)
+        claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
         raise
-    stream.end(result.finish_reason)
-    claims.finish(ctx.redis, job.job_id, job.attempt, message_id)
+    stream.end(result.first.finish_reason)
+    claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
+    doc = result.document()
     return {
         "task_id": message_id,
         "job_id": job.job_id,
         "attempt": job.attempt,
         "model": ctx.spec.name,
         "model_id": ctx.spec.model_id,
-        "text": result.text,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "finish_reason": result.finish_reason,
+        **doc,
         "worker": worker,
         "pid": os.getpid(),
         "load_count": ctx.loads,
-        "timings": {
-            "queue_wait_s": max(0.0, received_at - job.issued_at),
-            "prompt_s": result.prompt_s,
-            "generation_s": result.generation_s,
-            "tokens_per_s": result.tokens_per_s,
-        },
+        "timings": {"queue_wait_s": max(0.0, received_at - job.issued_at), **doc["timings"]},
     }

@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 #: embedded Redis-compatible server when nothing answers on it.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODEL = "smollm2"
+#: Slots per worker process. Batching more sequences raises throughput until
+#: the machine's compute is saturated; 8 measured best on a 2-core CPU (see
+#: tests/bench/results) and costs one KV memory of n_ctx tokens per slot.
+DEFAULT_SLOTS = 8
 
 
 class WorkerSettings(BaseSettings):
@@ -34,9 +38,21 @@ class WorkerSettings(BaseSettings):
         "",
         description="Herder's Ed25519 public key (base64). Empty: read <home>/herder.pub.",
     )
-    gpus: str = Field("", description="Comma-separated GPU ids, one per prefork child.")
-    slots: int = Field(0, ge=0, le=256, description="Worker processes; 0 = one per GPU, or 1.")
-    n_ctx: int = Field(2048, ge=128, le=131072, description="Context window in tokens.")
+    gpus: str = Field(
+        "", description="GPU ids, comma-separated: a worker process serves one; `llamas up` starts one per id."
+    )
+    slots: int = Field(
+        DEFAULT_SLOTS, ge=1, le=256,
+        description="Jobs one worker process decodes at once, batched in one context (its task threads).",
+    )
+    threads: int = Field(
+        0, ge=0, le=1024,
+        description="CPU threads of llama.cpp in a worker; 0 = every core. Two workers sharing the cores "
+        "should split them: llama.cpp's threads wait on each other, and oversubscribed they crawl.",
+    )
+    n_ctx: int = Field(
+        2048, ge=128, le=131072, description="Context of one slot: the most prompt + max_tokens of one job."
+    )
     max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
     soft_time_limit_s: int = Field(300, ge=1, description="Soft limit for one generation.")
     time_limit_s: int = Field(330, ge=1, description="Hard limit; the child is killed past it.")
@@ -73,11 +89,6 @@ class WorkerSettings(BaseSettings):
             return [int(part) for part in self.gpus.split(",") if part.strip()]
         except ValueError:
             raise ValueError(f"LLAMAS_GPUS must be comma-separated integers, got {self.gpus!r}")
-
-    @property
-    def concurrency(self) -> int:
-        """Prefork children: explicit slots, else one per GPU, else one."""
-        return self.slots or len(self.gpu_ids) or 1
 
     @property
     def queue(self) -> str:

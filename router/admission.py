@@ -112,9 +112,11 @@ def admit(
         request=json.dumps(_signed_generation(sub)),
         prompt_tokens=prompt_tokens,
         max_tokens=sub.max_tokens,
+        n=sub.n,
         quote=quoted,
         base_fee=settings.base_fee,
         fee_per_token=settings.fee_per_token,
+        fee_per_cached_token=settings.cached_token_fee,
         offered=offered,
         bid_ppm=bid,
         priority=priority(bid, now, settings.aging_per_s),
@@ -149,9 +151,12 @@ def price(settings: HerderSettings, counter: TokenCounter, sub: Submission) -> t
         webhooks.check_target(sub.webhook_url, settings.webhook_allowed)
     job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
     prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
+    # Each of the n completions is its own sequence of prompt + max_tokens.
     engine.check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
     counter.check_grammar(job)  # BadGrammar now, not in a worker's slot after the hold
-    return fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens), prompt_tokens
+    # Nothing assumed cached: the hold must cover the worst case.
+    quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens, sub.n)
+    return quoted, prompt_tokens
 
 
 def _signed_generation(sub: Submission) -> dict[str, Any]:

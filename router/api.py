@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import NOTIFY_PREFIX, RESPONSE_PREFIX
 from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
+from router import choices as completions
 from router import dispatch, openai_request, openai_shapes
 from router.errors import (
     AdmissionError,
@@ -107,9 +108,17 @@ def _openai_error(status: int, message: str, kind: str, code: str) -> JSONRespon
 
 
 def _usage(resp: dict[str, Any]) -> dict[str, Any]:
+    # completion_tokens is already the sum over every choice.
     p, c = resp.get("prompt_tokens") or 0, resp.get("completion_tokens") or 0
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": resp.get("cached_tokens") or 0},
             "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
+
+
+def _choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
+    # A response a herder wrote before choices existed carries one completion's fields.
+    return cast(list[dict[str, Any]], resp.get("choices")) or completions.stored(
+        None, resp.get("text"), resp.get("finish_reason"), resp.get("completion_tokens"))
 
 
 def create_app(service_factory: Callable[[], HerderService] | None = None) -> FastAPI:
@@ -175,11 +184,13 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
             raise exc
         return await run_in_threadpool(svc.submit, key, sub)
 
-    async def cancel_if_queued(key: str, job_id: str) -> None:
+    async def cancel_on_disconnect(key: str, job_id: str) -> None:
+        """Nobody is listening any more: a queued job ends with a full refund, a
+        running one stops at its next step and is charged for what it generated."""
         try:
             await run_in_threadpool(service().cancel, key, job_id)
         except (JobNotQueued, UnknownJob):
-            pass  # already running or finished: it completes and is charged as usual
+            pass  # already finished
         except redis.RedisError:
             pass  # cancelled in the ledger; only telling the job's other channels failed
 
@@ -204,7 +215,7 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
                     return final
                 await anyio.sleep(REDIS_RETRY_S)
             if await request.is_disconnected():
-                await cancel_if_queued(key, job_id)
+                await cancel_on_disconnect(key, job_id)
                 return None
             try:
                 await r.blpop([NOTIFY_PREFIX + job_id], timeout=0.5)
@@ -241,14 +252,14 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
         key = api_key(request)
         doc = await admit(request, sub)
         job_id = doc["job_id"]
-        shapes = openai_shapes.Shapes(job_id, sub.model, chat, int(time.time()))
+        shapes = openai_shapes.Shapes(job_id, sub.model, chat, int(time.time()), len(sub.prompt or ""))
         if not stream:
             resp = await wait_response(request, key, job_id)
             if resp is None:
                 return _openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
             if resp["status"] != "done":
                 return _failed(resp)
-            return shapes.final(resp["text"], resp["finish_reason"], _usage(resp))
+            return shapes.final(_choices(resp), _usage(resp))
 
         async def events() -> AsyncIterator[str]:
             finished = False
@@ -278,7 +289,7 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
                     # The client went away before the end: refund it if the job had not started.
                     # Shielded, because this cleanup runs inside the scope that was just cancelled.
                     with anyio.CancelScope(shield=True):
-                        await cancel_if_queued(key, job_id)
+                        await cancel_on_disconnect(key, job_id)
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Llamas-Job": job_id})
@@ -302,7 +313,9 @@ def create_app(service_factory: Callable[[], HerderService] | None = None) -> Fa
         info = await run_in_threadpool(service().info)
         return {"object": "list", "data": [
             {"id": m["name"], "object": "model", "created": 0, "owned_by": info["name"],
-             "llamas_model_id": m["id"], "slots": m["slots"]} for m in info["models"]
+             "llamas_model_id": m["id"], "slots": m["slots"],
+             # The most prompt + max_tokens one request may ask for: one slot's context.
+             "context_length": m["context_per_job"]} for m in info["models"]
         ]}
 
     @app.get("/info")

@@ -80,14 +80,17 @@ KEY_OPTION = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY)
 
 
 @app.command()
-def up(concurrency: int = typer.Option(0, "--concurrency", "-c", help="Worker processes (0 = settings)."),
+def up(slots: int = typer.Option(0, "--slots", "-s", min=0, max=256,
+                                 help="Jobs each worker batches at once (0 = LLAMAS_SLOTS, default 8)."),
        port: int = typer.Option(8000, help="Port of the HTTP gateway."),
        flower_port: int = typer.Option(5555, help="Port of Flower."),
-       model: list[str] = typer.Option([], help="Model to serve (repeatable; default LLAMAS_MODEL).")) -> None:
+       model: list[str] = typer.Option([], help="Model to serve (repeatable; default LLAMAS_MODEL)."),
+       gpu: list[int] = typer.Option([], help="GPU id to serve on, one worker each (repeatable; "
+                                              "default LLAMAS_GPUS, none = the CPU).")) -> None:
     """Start the whole service on this machine and answer a paid demo request."""
     from router.up import up as run_up
 
-    run_up(concurrency or None, port, flower_port, model or None)
+    run_up(slots or None, port, flower_port, model or None, gpu or None)
 
 
 @app.command()
@@ -109,11 +112,12 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
         out.print_json(json.dumps(doc))
         return
     out.print(f"[bold]{doc['name']}[/] {doc['version']} — base fee {doc['base_fee']}, "
-              f"fee per token {doc['fee_per_token']}, queue {doc['queue_length']}, running {doc['running']}, "
+              f"fee per token {doc['fee_per_token']} (cached {doc.get('fee_per_cached_token', doc['fee_per_token'])}), "
+              f"queue {doc['queue_length']}, running {doc['running']}, "
               f"last accepted multiplier {doc['last_multiplier'] or '—'}")
-    models = Table("model", "id", "slots", title="models")
+    models = Table("model", "id", "slots", "context per job", title="models")
     for m in doc["models"]:
-        models.add_row(m["name"], m["id"][:16] + "…", str(m["slots"]))
+        models.add_row(m["name"], m["id"][:16] + "…", str(m["slots"]), f"{m['context_per_job']} tokens")
     herd = Table("worker", "model", "slots", "busy", "gpus", title="herd")
     for w in doc["herd"]:
         herd.add_row(w["worker"], w["model"], str(w["slots"]), str(w["busy"]), ",".join(map(str, w["gpus"])) or "cpu")
@@ -127,13 +131,15 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
 @app.command()
 def quote(prompt: str, tokens: int = typer.Option(128, "--tokens", "-t", help="max_tokens"),
           model: str = typer.Option("smollm2"),
-          chat: bool = typer.Option(False, help="Send PROMPT as a user chat message.")) -> None:
-    """What a request would cost: base fee + fee per token × (prompt tokens + max tokens)."""
+          chat: bool = typer.Option(False, help="Send PROMPT as a user chat message."),
+          n: int = typer.Option(1, "--n", help="Completions asked for.")) -> None:
+    """What a request would cost: base fee + fee per token × (prompt tokens + n × max tokens)."""
     herder = _herder()
     doc = herder.quote(None if chat else prompt, tokens,
-                       messages=[{"role": "user", "content": prompt}] if chat else None, model=model)
+                       messages=[{"role": "user", "content": prompt}] if chat else None, model=model, n=n)
+    times = f"{doc['n']} × " if doc["n"] != 1 else ""
     out.print(f"{doc['quote']} = {doc['base_fee']} + {doc['fee_per_token']} × "
-              f"({doc['prompt_tokens']} prompt + {doc['max_tokens']} max tokens)")
+              f"({doc['prompt_tokens']} prompt + {times}{doc['max_tokens']} max tokens)")
 
 
 # --- requests -----------------------------------------------------------------
@@ -154,12 +160,15 @@ def run(
     model: str = typer.Option("smollm2"),
     reference: str | None = typer.Option(None, help="Idempotency reference."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the answer."),
+    n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; not with --stream)."),
 ) -> None:
     """Pay for one generation and print the answer."""
+    if stream and n != 1:
+        fail("--stream shows one completion; drop --stream to ask for --n completions")
     herder = _herder(_need_key(key))
     handle = herder.run(
         None if chat else prompt, tokens, messages=[{"role": "user", "content": prompt}] if chat else None,
-        fee=fee, multiplier=multiplier, deadline_s=deadline, stop=stop, model=model, reference=reference,
+        fee=fee, multiplier=multiplier, deadline_s=deadline, stop=stop, model=model, reference=reference, n=n,
     )
     if not as_json:
         err.print(f"job {handle.id}: quote {handle.doc['quote']}, held {handle.doc['offered']} "
@@ -178,8 +187,13 @@ def run(
     if as_json:
         return
     if not stream:
-        out.print(doc["text"], markup=False, highlight=False)
-    err.print(f"{doc['prompt_tokens']} prompt + {doc['completion_tokens']} completion tokens, "
+        choices = doc.get("choices") or [{"index": 0, "text": doc["text"]}]
+        for choice in choices:
+            if len(choices) > 1:
+                err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
+            out.print(choice["text"], markup=False, highlight=False)
+    err.print(f"{doc['prompt_tokens']} prompt ({doc.get('cached_tokens') or 0} cached) + "
+              f"{doc['completion_tokens']} completion tokens, "
               f"finish={doc['finish_reason']}; charged {doc['charged']}, refunded {doc['refunded']}",
               highlight=False)
 

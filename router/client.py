@@ -67,14 +67,15 @@ class Herder:
         info = self.info()
         return info["base_fee"], info["fee_per_token"]
 
-    def calculate_fee(self, prompt_tokens: int, tokens: int, multiplier: float = 1.0) -> int:
-        """The fee for a prompt of known length, computed here from the herder's prices."""
+    def calculate_fee(self, prompt_tokens: int, tokens: int, multiplier: float = 1.0, n: int = 1) -> int:
+        """The fee for a prompt of known length and ``n`` completions, computed here from the herder's prices."""
         base, per = self.prices()
-        return fees.offer(fees.quote(base, per, prompt_tokens, tokens), None, multiplier)
+        return fees.offer(fees.quote(base, per, prompt_tokens, tokens, n), None, multiplier)
 
     def quote(self, prompt: str | None = None, tokens: int = DEFAULT_MAX_TOKENS, *,
-              messages: list[dict[str, str]] | None = None, model: str = DEFAULT_MODEL) -> dict[str, Any]:
-        sub = Submission(prompt=prompt, messages=messages, max_tokens=tokens, model=model)
+              messages: list[dict[str, str]] | None = None, model: str = DEFAULT_MODEL,
+              n: int = 1) -> dict[str, Any]:
+        sub = Submission(prompt=prompt, messages=messages, max_tokens=tokens, model=model, n=n)
         request.check(sub)
         return self._call("router.quote", sub.to_dict())
 
@@ -86,9 +87,17 @@ class Herder:
             reference: str | None = None, callback: str | tuple[str, str] | None = None,
             webhook: str | None = None, deadline_s: float | None = None, stop: str | list[str] | None = None,
             grammar: str | None = None, json_schema: dict[str, Any] | None = None,
-            model: str = DEFAULT_MODEL, **sampling: Any) -> "JobHandle":
+            model: str = DEFAULT_MODEL, n: int = 1, logprobs: bool = False, top_logprobs: int = 0,
+            **sampling: Any) -> "JobHandle":
         """Pay for one generation; returns its handle at once.
 
+        ``n`` asks for that many completions of the prompt (the quote covers
+        ``n × tokens``; each is charged for what it used); ``logprobs`` for each
+        generated token's log probability, with ``top_logprobs`` alternatives.
+        The response's ``choices`` lists them all (``text`` is the first's) and
+        ``cached_tokens`` counts prompt tokens a worker had cached (charged at
+        ``fee_per_cached_token``). Stream single completions only: the HTTP
+        gateway refuses ``stream`` with ``n > 1`` or logprobs.
         ``stop`` is one stop string or a list of them. ``sampling`` takes
         ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty`` and
         ``seed``. ``callback`` is a Celery task name, or ``(task, queue)``, that
@@ -105,7 +114,7 @@ class Herder:
             "stop": stop, "grammar": grammar, "json_schema": json_schema,
             "fee": fee, "multiplier": multiplier, "reference": reference,
             "callback_task": task, "callback_queue": queue, "webhook_url": webhook,
-            "deadline_s": deadline_s, **sampling,
+            "deadline_s": deadline_s, "n": n, "logprobs": logprobs, "top_logprobs": top_logprobs, **sampling,
         })
         request.check(sub)
         if bump and fee is None and multiplier is None:
@@ -170,7 +179,7 @@ class JobHandle:
                 raise ResultTimeout(self.id, timeout)
 
     def result(self, timeout: float = 300.0) -> dict[str, Any]:
-        """The answer (text, tokens, charged, refunded, finish reason, timings); raises if none."""
+        """The answer (text, choices, tokens, cached tokens, charged, refunded, finish reason, timings); raises if none."""
         response = self.response(timeout)
         if response["status"] != "done":
             raise JobFailed(self.id, response["status"], response.get("error"), response.get("message"))

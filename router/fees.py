@@ -1,8 +1,11 @@
 """Fee arithmetic, in integers of the smallest money unit.
 
-A quote is ``base_fee + fee_per_token × (prompt_tokens + max_tokens)``. A
-requester offers a fee at least the quote, or a multiplier of it; on
-completion it pays the same multiplier of what it actually used.
+A quote is ``base_fee + fee_per_token × (prompt_tokens + n × max_tokens)``:
+the worst case, every one of the ``n`` completions running to ``max_tokens``
+and no prompt token found in a worker's cache. A requester offers a fee at
+least the quote, or a multiplier of it; on completion it pays the same
+multiplier of what it actually used (``cost``), where prompt tokens a worker
+reused from its prompt cache may cost less.
 """
 
 from __future__ import annotations
@@ -17,9 +20,21 @@ from router.ledger import MAX_AMOUNT
 PPM = 1_000_000
 
 
-def quote(base_fee: int, fee_per_token: int, prompt_tokens: int, tokens: int) -> int:
-    """The fee for a prompt of ``prompt_tokens`` and up to ``tokens`` more."""
-    return base_fee + fee_per_token * (prompt_tokens + tokens)
+def quote(base_fee: int, fee_per_token: int, prompt_tokens: int, tokens: int, n: int = 1) -> int:
+    """The fee for a prompt of ``prompt_tokens`` and ``n`` completions of up to ``tokens`` each."""
+    return base_fee + fee_per_token * (prompt_tokens + n * tokens)
+
+
+def cost(base_fee: int, fee_per_token: int, fee_per_cached_token: int, prompt_tokens: int,
+         cached_tokens: int, completion_tokens: int) -> int:
+    """What a finished job used: its fresh prompt and completion tokens, and its cached prompt tokens.
+
+    ``completion_tokens`` is the sum over every completion; ``cached_tokens``
+    must already lie in ``[0, prompt_tokens]``. With ``fee_per_cached_token``
+    at most ``fee_per_token`` this never exceeds the quote of the same tokens.
+    """
+    fresh = prompt_tokens - cached_tokens
+    return base_fee + fee_per_token * (fresh + completion_tokens) + fee_per_cached_token * cached_tokens
 
 
 def offer(quoted: int, fee: int | None, multiplier: float | str | None) -> int:

@@ -155,6 +155,11 @@ class JobRow(Base):
     #: quoted job. NULL only for jobs admitted before migration 0003.
     base_fee: Mapped[int | None] = mapped_column(BigInteger)
     fee_per_token: Mapped[int | None] = mapped_column(BigInteger)
+    #: Fee per prompt token a worker reused from its cache, as quoted. NULL only
+    #: for jobs admitted before migration 0004: charged at their ``fee_per_token``.
+    fee_per_cached_token: Mapped[int | None] = mapped_column(BigInteger)
+    #: Completions asked for; the quote covers ``n × max_tokens``.
+    n: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     #: What is held for this job: the requester's offer (raised bids add to it).
     offered: Mapped[int] = mapped_column(BigInteger)
     #: offered / quote in millionths: the bid of the fee market.
@@ -171,9 +176,15 @@ class JobRow(Base):
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     lease_until: Mapped[float | None] = mapped_column(Float, index=True)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    #: Text and finish reason of the first completion; ``completion_tokens`` sums every completion's.
     result_text: Mapped[str | None] = mapped_column(Text)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
+    #: Every completion (index, text, finish reason, recounted tokens, logprobs) as a JSON list;
+    #: NULL for jobs that did not finish, or finished before migration 0004.
+    choices: Mapped[str | None] = mapped_column(Text)
+    #: Prompt tokens the worker reused from its prompt cache (clamped to ``[0, prompt_tokens]``).
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
     charged: Mapped[int | None] = mapped_column(BigInteger)
     refunded: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(String(64))

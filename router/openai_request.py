@@ -1,9 +1,13 @@
 """OpenAI request bodies → ``Submission``: what the gateway honours, and what it refuses.
 
 Every parameter of OpenAI's chat and text completion APIs is either honoured,
-accepted only at the value that asks for nothing (``n: 1``, ``logprobs:
+accepted only at the value that asks for nothing (``best_of: 1``, ``echo:
 false``), or refused with a 400 that names it — never silently dropped.
 Values are then checked by the same ``request.check`` as the Python client's.
+
+``n`` and log probabilities are honoured without streaming only: the token
+stream carries one completion's text, so ``stream`` with ``n > 1`` or with
+logprobs is refused by name rather than answered with less than was asked.
 """
 
 from __future__ import annotations
@@ -14,28 +18,29 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF
 
-from llama_tasks.errors import InvalidRequest
+from llama_tasks.errors import InvalidRequest, SamplingOutOfRange
 from llama_tasks.job import DEFAULT_MODEL
 from router.errors import MalformedBody, UnsupportedParameter
 from router.request import Submission
 
 #: Without max_tokens a request may generate this many tokens.
 DEFAULT_MAX_TOKENS = 256
+#: Most alternatives ``logprobs: N`` may ask for on /v1/completions (OpenAI's legacy limit).
+MAX_LEGACY_LOGPROBS = 5
 
 #: Parameters both endpoints honour, by their OpenAI names (llamas extras included).
 COMMON = frozenset({
-    "model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed",
+    "model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "n", "logprobs",
     # llamas extras: more sampling, the bid, idempotency, deadline, constrained output.
     "top_k", "min_p", "repeat_penalty", "multiplier", "fee", "reference", "deadline_s",
     "grammar", "json_schema",
 })
-CHAT = COMMON | {"messages", "max_completion_tokens", "response_format"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs"}
 COMPLETION = COMMON | {"prompt"}
 
 #: OpenAI parameters accepted only at the value that asks for what we do anyway.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "logprobs": (False,),
+    # On /v1/completions alternatives are asked for with ``logprobs: N``.
     "top_logprobs": (0,),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
@@ -52,9 +57,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 }
 #: Why a parameter at another value is refused (shown in the error).
 WHY = {
-    "n": "one choice per request",
-    "logprobs": "log probabilities are not returned yet",
-    "top_logprobs": "log probabilities are not returned yet",
+    "top_logprobs": "text completions ask for alternatives with logprobs: N (0 to 5)",
     "tools": "tool calls are not supported",
     "tool_choice": "tool calls are not supported",
     "functions": "function calls are not supported",
@@ -165,6 +168,33 @@ def _stream_options(body: Mapping[str, Any]) -> None:
         raise UnsupportedParameter("stream_options", "only include_usage (true or false) is supported")
 
 
+def _legacy_logprobs(value: Any) -> dict[str, Any]:
+    """``logprobs``/``top_logprobs`` fields for /v1/completions' ``logprobs: N`` (N alternatives)."""
+    if value is None or value is False:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LEGACY_LOGPROBS:
+        raise SamplingOutOfRange("logprobs", value, 0, MAX_LEGACY_LOGPROBS)
+    return {"logprobs": True, "top_logprobs": value}
+
+
+def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields; refused with ``stream``."""
+    names = ("n", "top_logprobs") if chat else ("n",)
+    fields = {name: body[name] for name in names if body.get(name) is not None}
+    if chat:
+        if body.get("logprobs") is not None:
+            fields["logprobs"] = body["logprobs"]
+    else:
+        fields.update(_legacy_logprobs(body.get("logprobs")))
+    if body.get("stream") is True:
+        # The token stream carries one completion's text, and no probabilities.
+        if fields.get("n", 1) != 1:
+            raise UnsupportedParameter("n", "n > 1 is not streamed; ask without stream for several choices")
+        if fields.get("logprobs", False) is not False:
+            raise UnsupportedParameter("logprobs", "log probabilities are not streamed; ask without stream")
+    return fields
+
+
 def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Submission:
     """The ``Submission`` an OpenAI-style body asks for (checked); typed errors otherwise."""
     _refuse_unhonoured(body, CHAT if chat else COMPLETION)
@@ -175,6 +205,7 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) 
                      "reference", "deadline_s", "grammar", "json_schema")
         if body.get(name) is not None
     }
+    fields.update(_choices(body, chat))
     fields["model"] = body.get("model") if body.get("model") is not None else DEFAULT_MODEL
     fields["max_tokens"] = _max_tokens(body)
     fields["stop"] = body.get("stop")

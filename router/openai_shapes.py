@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,8 @@ class Shapes:
     model: str
     chat: bool
     created: int
+    #: Characters in a text completion's prompt: OpenAI's ``text_offset`` counts from the prompt's start.
+    prompt_chars: int = 0
 
     def _base(self, kind: str) -> dict[str, Any]:
         prefix = "chatcmpl" if self.chat else "cmpl"
@@ -34,9 +37,20 @@ class Shapes:
             return {"index": 0, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
         return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "finish_reason": finish}
 
-    def final(self, text: str, finish: str, usage: dict[str, Any]) -> dict[str, Any]:
+    def final(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion: every choice (``{index, text, finish_reason, logprobs}``, as stored)."""
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self._base(kind), "choices": [self._choice(text, finish, False)], "usage": usage}
+        return {**self._base(kind), "choices": [self._final_choice(c) for c in choices], "usage": usage}
+
+    def _final_choice(self, choice: dict[str, Any]) -> dict[str, Any]:
+        text, logprobs = choice.get("text") or "", choice.get("logprobs")
+        if self.chat:
+            return {"index": choice["index"], "message": {"role": "assistant", "content": text},
+                    "logprobs": None if logprobs is None else {"content": logprobs},
+                    "finish_reason": choice.get("finish_reason")}
+        return {"index": choice["index"], "text": text,
+                "logprobs": None if logprobs is None else legacy_logprobs(logprobs, self.prompt_chars),
+                "finish_reason": choice.get("finish_reason")}
 
     def role_chunk(self) -> dict[str, Any]:
         return {**self._base(self._chunk_kind),
@@ -62,3 +76,23 @@ class Shapes:
     @staticmethod
     def sse(doc: dict[str, Any]) -> str:
         return f"data: {json.dumps(doc)}\n\n"
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], start: int) -> dict[str, Any]:
+    """Chat-style logprob entries in the legacy ``/v1/completions`` shape.
+
+    ``text_offset`` is each token's character offset from the start of the
+    prompt (``start`` characters long). A token that ends inside a character
+    (its bytes are part of one) moves the offset only once the character is whole.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    offsets, offset = [], start
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(decoder.decode(bytes(entry["bytes"])))
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }

@@ -28,6 +28,9 @@ MAX_CALLBACK_CHARS = 200
 MAX_WEBHOOK_CHARS = 2000
 #: Longest deadline: a year, far past any generation, far below what a float timestamp can hold.
 MAX_DEADLINE_S = 365 * 86400
+#: Generation fields added after jobs were first fingerprinted: left out of the
+#: fingerprint at these defaults, so retrying an older job's submit still matches it.
+LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0}
 
 
 @dataclass(kw_only=True)
@@ -58,6 +61,9 @@ class Submission(Generation):
         """sha256 of everything but the reference: equal requests, equal hash."""
         d = asdict(self)
         d.pop("reference")
+        for name, default in LATER_DEFAULTS.items():
+            if type(d[name]) is type(default) and d[name] == default:
+                del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

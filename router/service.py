@@ -19,11 +19,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llama_tasks import signing
+from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.heartbeat import read_herd
-from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement
+from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement, worker_loss
 from router.db import make_engine, make_sessionmaker, upgrade
-from router.errors import UnknownJob
+from router.errors import JobNotQueued, UnknownJob
 from router.models import DONE, FINAL_STATES, QUEUED, RUNNING, JobRow
 from router.request import Submission
 from router.settings import HerderSettings, get_settings
@@ -96,8 +97,10 @@ class HerderService:
             "model": sub.model,
             "prompt_tokens": prompt_tokens,
             "max_tokens": sub.max_tokens,
+            "n": sub.n,
             "base_fee": self.settings.base_fee,
             "fee_per_token": self.settings.fee_per_token,
+            "fee_per_cached_token": self.settings.cached_token_fee,
             "quote": quoted,
         }
 
@@ -114,9 +117,17 @@ class HerderService:
         return self.describe(job_id)
 
     def cancel(self, api_key: str, job_id: str) -> dict[str, Any]:
-        with self.sessions.begin() as session:
-            account = ledger.account_by_key(session, api_key)
-            row = settlement.cancel(session, account, job_id, time.time())
+        """Cancel a job: a queued one ends now with a full refund; a running one
+        stops at the worker's next step and is charged for what it generated."""
+        try:
+            with self.sessions.begin() as session:
+                account = ledger.account_by_key(session, api_key)
+                row = settlement.cancel(session, account, job_id, time.time())
+        except JobNotQueued as exc:
+            if exc.state != RUNNING:
+                raise
+            self.redis.set(CANCEL_PREFIX + job_id, 1, ex=int(self.settings.lease_s) + 60)
+            return self.describe(job_id)
         self.forward(row.id)
         return self.describe(job_id)
 
@@ -155,6 +166,7 @@ class HerderService:
                 "model": row.model,
                 "prompt_tokens": row.prompt_tokens,
                 "max_tokens": row.max_tokens,
+                "n": row.n,
                 "quote": row.quote,
                 "offered": row.offered,
                 "multiplier": row.bid_ppm / fees.PPM,
@@ -212,10 +224,16 @@ class HerderService:
         self.dispatch()
 
     def tick(self) -> dict[str, int]:
-        """Periodic duties: deadlines, leases, dispatch."""
+        """Periodic duties: deadlines, lost workers, leases, dispatch."""
         now = time.time()
+        herd = self.herd()
         with self.sessions.begin() as session:
-            ended = settlement.expire_deadlines(session, now) + settlement.reap_leases(session, self.settings, now)
+            ended = settlement.expire_deadlines(session, now)
+            for task_id in worker_loss.lost_task_ids(session, self.redis, herd):
+                row = settlement.fail_attempt(session, self.settings, task_id, "WorkerLost",
+                                              "the worker running it stopped", retryable=True, now=now)
+                ended += [row] if row is not None else []
+            ended += settlement.reap_leases(session, self.settings, now)
             ended_ids = [row.id for row in ended]
         for job_id in ended_ids:
             self.forward(job_id)
@@ -280,18 +298,21 @@ class HerderService:
                     # Jobs ahead drain through every slot; a full herd frees one slot per job_s/slots.
                     wait = math.ceil((ahead + max(0, running - total_slots + 1)) / total_slots) * job_s
                 table.append({"multiplier": m, "position": ahead + 1, "expected_wait_s": wait})
-        models = [{"name": s.name, "id": s.model_id, "slots": slots.get(s.name, 0)}
+        # One job may hold one slot's context: prompt + max_tokens (× n choices, each in its own slot).
+        models = [{"name": s.name, "id": s.model_id, "slots": slots.get(s.name, 0),
+                   "context_per_job": self.settings.n_ctx}
                   for s in self.counter.models().values()]
         return {
             "name": self.settings.service_name,
             "version": _version(),
             "base_fee": self.settings.base_fee,
             "fee_per_token": self.settings.fee_per_token,
+            "fee_per_cached_token": self.settings.cached_token_fee,
             "last_multiplier": (last / fees.PPM) if last is not None else None,
             "queue_length": queued,
             "running": running,
             "models": models,
-            "herd": [{k: w.get(k) for k in ("worker", "model", "slots", "busy", "gpus")} for w in herd],
+            "herd": [{k: w.get(k) for k in ("worker", "model", "slots", "busy", "gpus", "n_ctx")} for w in herd],
             "price_discovery": table,
             "pid": os.getpid(),
         }

@@ -26,6 +26,11 @@ class HerderSettings(WorkerSettings):
     )
     base_fee: int = Field(1, ge=0, description="Flat fee per request, smallest money unit.")
     fee_per_token: int = Field(1, ge=0, description="Fee per prompt or completion token.")
+    fee_per_cached_token: int | None = Field(
+        None, ge=0,
+        description="Fee per prompt token a worker reused from its prompt cache, at most "
+        "fee_per_token; unset = fee_per_token. Quotes assume nothing is cached.",
+    )
     max_queue: int = Field(1000, ge=1, description="Queued jobs past which requests are refused.")
     aging_per_s: float = Field(
         0.0, ge=0, description="Multiplier a waiting job's effective bid gains per second."
@@ -56,7 +61,16 @@ class HerderSettings(WorkerSettings):
         # A zero quote would make every bid a division by zero and every job free.
         if self.base_fee == 0 and self.fee_per_token == 0:
             raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")
+        # Quotes price every prompt token as uncached: a dearer cached token
+        # could cost more than the hold that was meant to cover the worst case.
+        if self.fee_per_cached_token is not None and self.fee_per_cached_token > self.fee_per_token:
+            raise ValueError("LLAMAS_FEE_PER_CACHED_TOKEN cannot exceed LLAMAS_FEE_PER_TOKEN")
         return self
+
+    @property
+    def cached_token_fee(self) -> int:
+        """The fee per cached prompt token in force: ``fee_per_cached_token``, or ``fee_per_token``."""
+        return self.fee_per_token if self.fee_per_cached_token is None else self.fee_per_cached_token
 
     @property
     def webhook_allowed(self) -> set[str]:

@@ -4,7 +4,9 @@ Every function here takes the caller's transaction, locks the job row, and
 acts only if the job is still in the state it expects; a redelivered result,
 a late lease check or a second cancel therefore changes nothing. A finished
 job is charged ``multiplier × actual cost`` (at most its hold) and gets the
-rest back; any other ending returns the whole hold.
+rest back; any other ending returns the whole hold. The actual cost counts
+every completion's tokens, and the prompt tokens a worker reused from its
+cache at the cached-token fee the job was quoted with.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from router import choices as completions
 from router import fees, ledger
 from router.admission import priority
 from router.errors import InvalidOffer, JobNotQueued, UnknownJob
@@ -72,15 +75,13 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounter, do
     if row is None or row.state != RUNNING or row.id != doc.get("job_id") or row.attempt != doc.get("attempt"):
         log.info("ignoring result for task %s: not a running attempt", task_id)
         return None
-    text = doc.get("text")
-    text = text if isinstance(text, str) else ""  # str(None) would be charged as "None"
-    # Recount rather than trust the worker's own count; every token it
-    # generated is paid for, even one the database cannot store (NUL).
-    completion = counter.completion_tokens(row.model, text)
+    choices, completion = _recount(counter, row, doc)
+    cached = completions.cached_tokens(doc, row.prompt_tokens)
     # At the prices the job was quoted, whatever the prices are now.
     base_fee = settings.base_fee if row.base_fee is None else row.base_fee
     fee_per_token = settings.fee_per_token if row.fee_per_token is None else row.fee_per_token
-    actual = fees.quote(base_fee, fee_per_token, row.prompt_tokens, completion)
+    fee_per_cached = fee_per_token if row.fee_per_cached_token is None else row.fee_per_cached_token
+    actual = fees.cost(base_fee, fee_per_token, fee_per_cached, row.prompt_tokens, cached, completion)
     held = ledger.held_for(session, row.id)
     charge = min(fees.charge(row.offered, row.quote, actual), held)
     if charge:
@@ -88,12 +89,26 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounter, do
     if held - charge:
         ledger.release(session, _account(session, row), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
-    row.result_text, row.completion_tokens = _storable(text), completion
-    row.finish_reason = _storable(doc.get("finish_reason", "stop"), "finish_reason")
+    row.result_text, row.finish_reason = choices[0]["text"], choices[0]["finish_reason"]
+    row.completion_tokens, row.cached_tokens = completion, cached
+    row.choices = json.dumps(choices)
     row.charged, row.refunded = charge, held - charge
     row.worker = _storable(doc.get("worker", ""), "worker")
     row.timings = json.dumps(doc.get("timings", {}))
     return row
+
+
+def _recount(counter: TokenCounter, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """The result's completions, storable and each with its recounted tokens; and their sum."""
+    logprobs, top_logprobs = completions.asked(row.request)
+    choices = completions.from_result(doc, row.n, logprobs, top_logprobs)
+    for choice in choices:
+        # Recount rather than trust the worker's own count; every token it
+        # generated is paid for, even one the database cannot store (NUL).
+        choice["completion_tokens"] = counter.completion_tokens(row.model, choice["text"])
+        choice["text"] = _storable(choice["text"])
+        choice["finish_reason"] = _storable(choice["finish_reason"], "finish_reason")
+    return choices, sum(c["completion_tokens"] for c in choices)
 
 
 def fail_attempt(session: Session, settings: HerderSettings, task_id: str | None, error: str, message: str,
@@ -185,7 +200,9 @@ def response(row: JobRow) -> dict[str, Any]:
         "text": row.result_text,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
+        "cached_tokens": row.cached_tokens or 0,
         "finish_reason": row.finish_reason,
+        "choices": completions.stored(row.choices, row.result_text, row.finish_reason, row.completion_tokens),
         "offered": row.offered,
         "charged": row.charged,
         "refunded": row.refunded,

@@ -200,9 +200,9 @@ def _where(gateway: str, flower: str, key_file: Path, pw_file: Path) -> None:
 """, highlight=False, soft_wrap=True)
 
 
-def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555,
-       models: list[str] | None = None) -> None:
-    """Run the service in the foreground until interrupted; one worker per model."""
+def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
+       models: list[str] | None = None, gpus: list[int] | None = None) -> None:
+    """Run the service in the foreground until interrupted: one worker per model and GPU."""
     settings = HerderSettings()
     # Before the ports: a stale set holds them, and its message says more.
     refuse_if_running(settings.home)
@@ -215,13 +215,24 @@ def up(concurrency: int | None = None, port: int = 8000, flower_port: int = 5555
     # token, which is how `llamas down` finds leftovers wherever they are.
     os.environ[RUN_TOKEN_ENV] = record.token
     try:
-        _up(settings, record, concurrency, port, flower_port, models)
+        _up(settings, record, slots, port, flower_port, models, gpus)
     finally:
         record.discard()
 
 
-def _up(settings: HerderSettings, record: RunRecord, concurrency: int | None, port: int, flower_port: int,
-        models: list[str] | None) -> None:
+def worker_layout(model: str, node: str, gpus: list[int]) -> list[tuple[str, dict[str, str]]]:
+    """Each inference worker to start for ``model``: its node name and environment.
+
+    One process per GPU (each sees only its own), or one for the CPU: a
+    process batches its jobs in one engine, and that is the fast layout.
+    """
+    if not gpus:
+        return [(f"llama-{model}@{node}", {"LLAMAS_MODEL": model, "LLAMAS_GPUS": ""})]
+    return [(f"llama-{model}-gpu{g}@{node}", {"LLAMAS_MODEL": model, "LLAMAS_GPUS": str(g)}) for g in gpus]
+
+
+def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: int, flower_port: int,
+        models: list[str] | None, gpus: list[int] | None) -> None:
     import redis
 
     embedded = redis_server.ensure(settings.redis_url)
@@ -248,17 +259,20 @@ def _up(settings: HerderSettings, record: RunRecord, concurrency: int | None, po
     r = redis.Redis.from_url(settings.redis_url)
     gateway, flower = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{flower_port}"
     try:
+        # The worker's own defaults (a thread per slot, one engine) are the
+        # fast layout; only the number of slots is passed, when asked for.
+        env_slots = {"LLAMAS_SLOTS": str(slots)} if slots else {}
         workers = {
-            f"llama-{spec.name}@{node}": supervisor.add(Component(
-                name=f"worker {spec.name}",
+            name: supervisor.add(Component(
+                name=f"worker {name.split('@')[0].removeprefix('llama-')}",
                 argv=python_module(
-                    "celery", "-A", "llama_tasks", "worker", "-Q", queue_for(spec.name),
-                    "-n", f"llama-{spec.name}@{node}", "-c", str(concurrency or settings.concurrency),
-                    "-l", "info",
+                    "celery", "-A", "llama_tasks", "worker", "-Q", queue_for(spec.name), "-n", name, "-l", "info",
                 ),
-                env=dict(env, LLAMAS_MODEL=spec.name), log=logs / f"worker-{spec.name}.log",
+                env=dict(env, **worker_env, **env_slots),
+                log=logs / f"worker-{name.split('@')[0].removeprefix('llama-')}.log",
             ))
             for spec in specs
+            for name, worker_env in worker_layout(spec.name, node, settings.gpu_ids if gpus is None else gpus)
         }
         herder = supervisor.add(Component(
             name="herder",
@@ -281,7 +295,10 @@ def _up(settings: HerderSettings, record: RunRecord, concurrency: int | None, po
         ))
         for worker_name, worker in workers.items():
             beat = _wait(worker.name, worker, lambda: r.get(HERD_PREFIX + worker_name))
-            console.print(f"[bold]worker[/]  {worker_name}: {json.loads(beat)['slots']} slot(s), log {worker.log}")
+            doc = json.loads(beat)
+            where = f"GPU {doc['gpus'][0]}" if doc.get("gpus") else "CPU"
+            console.print(f"[bold]worker[/]  {worker_name}: {where}, {doc['slots']} slots batched in one engine, "
+                          f"{doc.get('n_ctx', settings.n_ctx)} tokens per job, log {worker.log}")
         _wait("herder", herder, lambda: "ready." in _read(herder.log))
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
         _wait("gateway", api, lambda: port_answers(port))

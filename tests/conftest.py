@@ -161,11 +161,11 @@ def start_worker(tmp_path: Path, r: Any) -> Iterator[Any]:
     """Start real worker processes; all are stopped when the test ends."""
     started: list[CeleryProcess] = []
 
-    def start(concurrency: int = 1, wait: bool = True, **env_overrides: str) -> CeleryProcess:
+    def start(concurrency: int = 1, wait: bool = True, pool: str | None = None, **env_overrides: str) -> CeleryProcess:
         env = dict(os.environ)
         env.update(env_overrides)
         name = f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        worker = llama_worker(name, concurrency, env, tmp_path / f"{name}.log")
+        worker = llama_worker(name, concurrency, env, tmp_path / f"{name}.log", pool)
         started.append(worker)
         if wait:
             worker.wait_ready(r)

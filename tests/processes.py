@@ -78,9 +78,11 @@ class CeleryProcess:
         self._log_file.close()
 
 
-def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path) -> CeleryProcess:
+def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path,
+                 pool: str | None = None) -> CeleryProcess:
+    """An inference worker: its default thread pool (``concurrency`` slots), or ``pool``."""
     queue = "llama." + env.get("LLAMAS_MODEL", "smollm2")
-    return CeleryProcess("llama_tasks", queue, name, concurrency, env, log)
+    return CeleryProcess("llama_tasks", queue, name, concurrency, env, log, ["-P", pool] if pool else None)
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",

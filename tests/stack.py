@@ -12,11 +12,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_lib
 
+from llama_tasks import stream as token_stream
 from router import Herder, ledger
+from router.client import JobHandle
+from router.errors import JobNotQueued
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.models import JobRow, Transfer
 from tests.processes import ROOT, CeleryProcess, llama_worker
@@ -56,6 +60,11 @@ def drop_postgres_database(db_url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+#: A job that holds the stack worker's only slot until it is released: 2,000
+#: letters take far longer than any test step that needs the slot busy.
+BLOCKER = dict(prompt="Letters:", tokens=2000, grammar="root ::= [a-z]{2000}", temperature=0.0)
+
+
 class Stack:
     """Herder + one inference worker + a requester app, sharing one ledger."""
 
@@ -69,6 +78,7 @@ class Stack:
         # queued and unacknowledged messages must not reach this stack's worker.
         self.r.delete("llama.smollm2", "herder", "requester", "unacked", "unacked_index")
         self.worker = llama_worker("llama", 1, env, tmp / "llama.log")
+        self._worker_starts = 1
         self.herder = CeleryProcess("router", "herder", "herder", 2, env, tmp / "herder.log",
                                     extra=["-B", "-s", str(tmp / "beat-schedule")])
         self.requester = CeleryProcess("tests.router.requester_app", "requester", "requester", 1, env,
@@ -76,6 +86,28 @@ class Stack:
         self.worker.wait_ready(self.r)
         self.herder.wait_log("ready.")
         self.requester.wait_log("ready.")
+
+    def replace_worker(self) -> None:
+        """Reap a killed inference worker and start another, as ``llamas up``'s supervisor does."""
+        self.worker.proc.wait(timeout=10)
+        self.worker.stop()
+        self._worker_starts += 1
+        self.worker = llama_worker("llama", 1, self.env, self.tmp / f"llama-{self._worker_starts}.log")
+        self.worker.wait_ready(self.r)
+
+    def occupy(self, herder: Herder) -> JobHandle:
+        """Start a ``BLOCKER`` and return once it holds the only slot (it has streamed a token)."""
+        handle = herder.run(**BLOCKER)
+        next(e for e in token_stream.follow(self.r, handle.id, timeout_s=30) if e["event"] == "token")
+        return handle
+
+    def release(self, handle: JobHandle) -> dict[str, Any]:
+        """Stop a blocker (a running job stops at the worker's next step) and return its result."""
+        try:
+            handle.cancel()
+        except JobNotQueued:
+            pass  # it had ended already
+        return handle.result(timeout=60)
 
     def account(self, deposit: int) -> tuple[str, Herder]:
         with self.sessions.begin() as s:
@@ -138,6 +170,9 @@ def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         os.environ,
         LLAMAS_DATABASE_URL=db_url,
         LLAMAS_TICK_S="0.5",
+        # One llama.cpp thread per worker: a test that adds a second worker must
+        # not oversubscribe two cores (llama.cpp's threads spin-wait on each other).
+        LLAMAS_THREADS="1",
         LLAMAS_SOFT_TIME_LIMIT_S="25",
         LLAMAS_TIME_LIMIT_S="30",
         LLAMAS_VISIBILITY_TIMEOUT_S="60",

@@ -3,13 +3,14 @@ import math
 import pytest
 
 from llama_tasks.errors import (
+    BadLogprobs,
     BadStop,
     EmptyPrompt,
     InvalidMaxTokens,
     InvalidRequest,
     SamplingOutOfRange,
 )
-from llama_tasks.job import Job, validate
+from llama_tasks.job import MAX_CHOICES, MAX_TOP_LOGPROBS, Generation, Job, validate
 
 
 def job(**fields):
@@ -135,3 +136,54 @@ def test_huge_integers_are_out_of_range_not_an_overflow(name):
 def test_a_lone_surrogate_inside_a_json_schema_is_refused(schema):
     with pytest.raises(InvalidRequest, match="json_schema"):
         validate(job(json_schema=schema), 8)
+
+
+# --- n, logprobs, top_logprobs ---------------------------------------------------
+
+
+def test_choices_and_logprobs_default_to_one_plain_completion():
+    j = job()
+    assert (j.n, j.logprobs, j.top_logprobs) == (1, False, 0)
+    assert {"n": 1, "logprobs": False, "top_logprobs": 0}.items() <= Generation().generation().items()
+
+
+@pytest.mark.parametrize("fields", [
+    dict(n=MAX_CHOICES), dict(n=1, logprobs=True), dict(logprobs=True, top_logprobs=MAX_TOP_LOGPROBS),
+    dict(n=3, logprobs=True, top_logprobs=0),
+])
+def test_choices_and_logprobs_within_their_ranges_pass(fields):
+    validate(job(**fields), 8)
+
+
+@pytest.mark.parametrize("name,value,low,high", [
+    ("n", 0, 1, MAX_CHOICES), ("n", MAX_CHOICES + 1, 1, MAX_CHOICES), ("n", -1, 1, MAX_CHOICES),
+    ("n", True, 1, MAX_CHOICES), ("n", 2.0, 1, MAX_CHOICES), ("n", "2", 1, MAX_CHOICES), ("n", None, 1, MAX_CHOICES),
+    ("top_logprobs", MAX_TOP_LOGPROBS + 1, 0, MAX_TOP_LOGPROBS), ("top_logprobs", -1, 0, MAX_TOP_LOGPROBS),
+    ("top_logprobs", True, 0, MAX_TOP_LOGPROBS), ("top_logprobs", 2.0, 0, MAX_TOP_LOGPROBS),
+])
+def test_n_and_top_logprobs_out_of_range_name_the_parameter(name, value, low, high):
+    with pytest.raises(SamplingOutOfRange) as info:
+        validate(job(logprobs=True, **{name: value}), 8)
+    assert info.value.as_dict() == {"name": name, "value": value, "low": low, "high": high}
+
+
+@pytest.mark.parametrize("value", [1, 0, "true", None, [True]])
+def test_logprobs_must_be_a_boolean(value):
+    with pytest.raises(BadLogprobs) as info:
+        validate(job(logprobs=value), 8)
+    assert info.value.param == "logprobs"
+
+
+def test_alternatives_without_logprobs_are_refused():
+    with pytest.raises(BadLogprobs) as info:
+        validate(job(top_logprobs=2), 8)
+    assert info.value.as_dict() == {"param": "top_logprobs",
+                                    "detail": "alternatives are returned only with logprobs true"}
+
+
+def test_choices_and_logprobs_travel_in_the_payload():
+    j = job(n=4, logprobs=True, top_logprobs=5)
+    assert Job.from_payload(j.to_payload()) == j
+    old = {k: v for k, v in j.to_payload().items() if k not in ("n", "logprobs", "top_logprobs")}
+    legacy = Job.from_payload(old)  # signed by a herder that predates these fields
+    assert (legacy.n, legacy.logprobs, legacy.top_logprobs) == (1, False, 0)

@@ -27,11 +27,21 @@ def test_negative_child_index_is_refused():
         place(-1, [0], 1, 1)
 
 
-def test_gpus_setting_parses_and_sets_concurrency():
+def test_gpus_setting_parses_and_slots_default_to_eight():
     s = WorkerSettings(gpus="0, 1,3")
     assert s.gpu_ids == [0, 1, 3]
-    assert s.concurrency == 3
-    assert WorkerSettings(gpus="").concurrency == 1
-    assert WorkerSettings(gpus="0,1", slots=5).concurrency == 5
+    assert WorkerSettings().slots == 8 and WorkerSettings(slots=3).slots == 3
     with pytest.raises(ValueError, match="LLAMAS_GPUS"):
         WorkerSettings(gpus="0,x")
+    with pytest.raises(ValueError):
+        WorkerSettings(slots=0)
+
+
+def test_up_starts_one_worker_per_gpu_or_one_for_the_cpu():
+    from router.up import worker_layout
+
+    assert worker_layout("smollm2", "host", []) == [("llama-smollm2@host", {"LLAMAS_MODEL": "smollm2", "LLAMAS_GPUS": ""})]
+    assert worker_layout("m", "h", [0, 2]) == [
+        ("llama-m-gpu0@h", {"LLAMAS_MODEL": "m", "LLAMAS_GPUS": "0"}),
+        ("llama-m-gpu2@h", {"LLAMAS_MODEL": "m", "LLAMAS_GPUS": "2"}),
+    ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 
@@ -28,6 +27,7 @@ from llama_tasks.errors import (
 )
 
 from tests.events import captured_events, text_forms
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +39,30 @@ def events(r, job_id):
     ]
 
 
-def test_ten_jobs_on_two_processes_load_the_model_once_per_process(start_worker, send, make_job, r):
-    worker = start_worker(concurrency=2)
+MODEL_ID = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def test_ten_jobs_on_one_batching_process_load_the_model_once(start_worker, send, make_job, r):
+    worker = start_worker(concurrency=4)
     results = [send(make_job(max_tokens=8)[0]) for _ in range(10)]
     docs = [res.get(timeout=120) for res in results]
     assert all(d["load_count"] == 1 for d in docs)
     assert all(d["worker"] == worker.name for d in docs)
-    assert len({d["pid"] for d in docs}) <= 2
-    assert worker.output().count("loaded smollm2") == 2  # one load per child, none per task
+    assert len({d["pid"] for d in docs}) == 1 == worker.output().count("loaded smollm2")  # none per task
+    assert "slots=4" in worker.output()
     for d in docs:
-        assert d["model_id"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+        assert d["model_id"] == MODEL_ID
         assert d["completion_tokens"] == 8 and d["finish_reason"] == "length"
-        assert set(d["timings"]) == {"queue_wait_s", "prompt_s", "generation_s", "tokens_per_s"}
+        assert set(d["timings"]) == {"queue_wait_s", "engine_queue_s", "prompt_s", "generation_s", "tokens_per_s"}
+        assert d["choices"] == [{"index": 0, "text": d["text"], "finish_reason": "length", "completion_tokens": 8,
+                                 "logprobs": None}]
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_a_pool_other_than_threads_is_refused_by_name(start_worker, pool):
+    worker = start_worker(wait=False, pool=pool)
+    assert worker.proc.wait(timeout=60) == 2
+    assert f"-P {pool} is not supported" in worker.output()
 
 
 def test_heartbeat_describes_the_worker(start_worker, r):
@@ -154,31 +166,8 @@ def test_the_stream_holds_the_same_text_as_the_result(start_worker, send, make_j
 
 
 # Exactly 300 lowercase letters: the model cannot stop early, so the job is
-# long enough to be killed in the middle.
+# long enough to be stopped in the middle.
 LONG_GRAMMAR = 'root ::= [a-z]{300}'
-
-
-def test_sigkill_of_the_busy_child_still_yields_exactly_one_result(start_worker, send, make_job, r):
-    worker = start_worker(concurrency=2)
-    envelope, job = make_job(prompt="Letters:", max_tokens=300, grammar=LONG_GRAMMAR, temperature=0.0)
-    res = send(envelope)
-    first = next(stream.follow(r, job.job_id, timeout_s=60))
-    assert first["event"] == "start"
-    # Wait for the first token, so the kill lands mid-generation.
-    for event in stream.follow(r, job.job_id, timeout_s=60):
-        if event["event"] == "token":
-            break
-    killed = int(first["pid"])
-    os.kill(killed, signal.SIGKILL)
-    doc = res.get(timeout=120)
-    assert doc["pid"] != killed
-    assert len(doc["text"]) == 300 and doc["finish_reason"] == "stop"
-    assert res.state == "SUCCESS"
-    kinds = [e["event"] for e in events(r, job.job_id)]
-    assert kinds.count("start") == 2 and kinds.count("end") == 1  # one lost attempt, one completion
-    text, _ = stream.collect_text(iter(events(r, job.job_id)))
-    assert text == doc["text"]
-    assert "WorkerLostError" in worker.output() or "SIGKILL" in worker.output()
 
 
 def test_worker_refuses_to_start_when_the_model_file_is_missing_or_changed(start_worker, tmp_path, r):
@@ -224,3 +213,30 @@ def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker
     received = [e for e in events.events if e.get("type") == "task-received" and e.get("uuid") == done.id]
     assert received and doc["job_id"] in received[0]["args"]
     assert done.result["text"] == doc["text"] and secret not in json.dumps(received)
+
+
+def test_a_batching_worker_reports_busy_slots_and_stops_a_cancelled_job(start_worker, send, make_job, r):
+    worker = start_worker(concurrency=3)
+    jobs = [make_job(prompt="Letters:", max_tokens=300, grammar=LONG_GRAMMAR, temperature=0.0) for _ in range(3)]
+    results = [send(envelope) for envelope, _ in jobs]
+    for _, job in jobs:  # every job is generating
+        for event in stream.follow(r, job.job_id, timeout_s=60):
+            if event["event"] == "token":
+                break
+    beat = wait_for(lambda: (d := json.loads(r.get(f"llamas:herd:{worker.name}") or "{}")).get("busy") == 3 and d,
+                    30, "a heartbeat with three busy slots")
+    assert beat["slots"] == 3 and beat["jobs"] == 3
+    r.set(f"llamas:cancel:{jobs[0][1].job_id}", 1, ex=60)
+    docs = [res.get(timeout=180) for res in results]
+    assert docs[0]["finish_reason"] == "cancelled" and docs[0]["completion_tokens"] < 300
+    assert [d["finish_reason"] for d in docs[1:]] == ["stop", "stop"]
+    assert all(len(d["text"]) == 300 for d in docs[1:])
+    assert len({d["pid"] for d in docs}) == 1
+    claim = json.loads(r.get(f"llamas:claim:{jobs[1][1].job_id}:1"))
+    assert claim["worker"] == worker.name and claim["pid"] == docs[1]["pid"] and claim["state"] == "done"
+
+
+def test_a_batching_worker_serves_one_gpu(start_worker):
+    worker = start_worker(wait=False, LLAMAS_GPUS="0,1")
+    assert worker.proc.wait(timeout=60) == 2
+    assert "one worker process serves one GPU" in worker.output()

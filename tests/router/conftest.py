@@ -149,7 +149,7 @@ class Herder:
         sub = self._submission(fields)
         job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
         return fees.quote(self.settings.base_fee, self.settings.fee_per_token,
-                          self.counter.prompt_tokens(job), sub.max_tokens)
+                          self.counter.prompt_tokens(job), sub.max_tokens, sub.n)
 
     @staticmethod
     def _submission(fields: dict[str, Any]) -> Submission:

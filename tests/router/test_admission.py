@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from llama_tasks.errors import (
+    BadLogprobs,
     BadStop,
     ContextOverflow,
     EmptyPrompt,
@@ -105,6 +107,15 @@ ON_THEIR_FACE = {
     "too-many-stops": Refusal({"stop": ["a"] * (MAX_STOP_STRINGS + 1)}, BadStop),
     "stop-too-long": Refusal({"stop": ["x" * (MAX_STOP_CHARS + 1)]}, BadStop),
     "stop-empty": Refusal({"stop": [""]}, BadStop),
+    "n-0": Refusal({"n": 0}, SamplingOutOfRange, {"name": "n", "value": 0, "low": 1, "high": 8}),
+    "n-9": Refusal({"n": 9}, SamplingOutOfRange, {"name": "n", "value": 9, "low": 1, "high": 8}),
+    "n-bool": Refusal({"n": True}, SamplingOutOfRange),
+    "logprobs-int": Refusal({"logprobs": 1}, BadLogprobs),
+    "top-logprobs-without-logprobs": Refusal({"top_logprobs": 2}, BadLogprobs,
+                                             {"param": "top_logprobs",
+                                              "detail": "alternatives are returned only with logprobs true"}),
+    "top-logprobs-21": Refusal({"logprobs": True, "top_logprobs": 21}, SamplingOutOfRange,
+                               {"name": "top_logprobs", "value": 21, "low": 0, "high": 20}),
     "too-large": Refusal({"prompt": "llama " * 400}, RequestTooLarge,
                          {"size_bytes": len(json.dumps(["llama " * 400, None, None, None, []])),
                           "limit_bytes": 1024}, {"max_request_bytes": 1024}),
@@ -365,3 +376,22 @@ def test_an_absurd_offer_is_refused_as_an_offer_with_nothing_held(
     with pytest.raises(InvalidOffer):
         herder.submit(key, **offer)
     assert_nothing_admitted(herder, balance=2**62)
+
+
+def test_choices_are_part_of_a_references_request_and_old_fingerprints_still_match(herder: Herder) -> None:
+    key = herder.account("alice", deposit=DEPOSIT)
+    job = herder.submit(key, reference="r", max_tokens=8)
+
+    again = herder.submit(key, reference="r", max_tokens=8, n=1, logprobs=False, top_logprobs=0)
+    assert again.id == job.id
+    with pytest.raises(ReferenceConflict):
+        herder.submit(key, reference="r", max_tokens=8, n=2)
+    with pytest.raises(ReferenceConflict):
+        herder.submit(key, reference="r", max_tokens=8, logprobs=True)
+    assert len(herder.jobs()) == 1
+    # A job admitted before n and logprobs existed was fingerprinted without them.
+    before = Submission(prompt="Say hello.", max_tokens=8).to_dict()
+    for name in ("reference", "n", "logprobs", "top_logprobs"):
+        del before[name]
+    assert job.request_hash == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
+    herder.assert_books()

@@ -10,12 +10,10 @@ import httpx
 import openai
 import pytest
 
-from llama_tasks import stream
 from router.models import JobRow
 
 pytestmark = pytest.mark.slow
 
-LONG = dict(prompt="Letters:", tokens=200, grammar="root ::= [a-z]{200}", temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +65,36 @@ def test_text_completions_plain_and_streaming(stack, gateway):
     pieces = list(oa.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=10,
                                         temperature=0, stream=True))
     assert "".join(p.choices[0].text for p in pieces) == plain.choices[0].text
+
+
+def test_n_choices_logprobs_and_cached_tokens_through_the_openai_client(stack, gateway):
+    key, _ = stack.account(100_000)
+    oa = client(gateway, key)
+    system = {"role": "system", "content": "You answer in one short sentence about animals. " * 8}
+    first = oa.chat.completions.create(
+        model="smollm2", messages=[system, {"role": "user", "content": "Name a colour."}], max_tokens=6,
+        n=3, temperature=1.0, seed=5, logprobs=True, top_logprobs=2,
+    )
+    row = stack.job(first.id.removeprefix("chatcmpl-"))
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert first.usage.completion_tokens == row.completion_tokens
+    # Charged for all three completions, never more than the quote of n × max_tokens.
+    assert row.quote == 1 + row.prompt_tokens + 3 * 6 and row.charged == 1 + row.prompt_tokens + row.completion_tokens
+    for choice in first.choices:
+        content = choice.logprobs.content
+        assert "".join(t.token for t in content) == choice.message.content
+        assert all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+    # The same system prompt again: the worker's prompt cache serves it.
+    second = oa.chat.completions.create(
+        model="smollm2", messages=[system, {"role": "user", "content": "Name a bird."}], max_tokens=4,
+    )
+    assert second.usage.prompt_tokens_details.cached_tokens > 60
+    assert stack.job(second.id.removeprefix("chatcmpl-")).cached_tokens == second.usage.prompt_tokens_details.cached_tokens
+    legacy = oa.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                   logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.top_logprobs) == 5
+    assert stack.books() == []
 
 
 def test_models_info_health_and_jobs(stack, gateway):
@@ -124,8 +152,7 @@ def test_error_statuses_are_openai_style(stack, gateway):
 
 def test_a_client_that_disconnects_from_a_queued_request_is_refunded(stack, gateway):
     key, herder = stack.account(100_000)
-    blocker = herder.run(**LONG)
-    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    blocker = stack.occupy(herder)
     ref = f"gone-{uuid.uuid4().hex}"
     with pytest.raises(httpx.ReadTimeout):
         post_timeout = httpx.Timeout(5.0, read=1.0)
@@ -140,7 +167,7 @@ def test_a_client_that_disconnects_from_a_queued_request_is_refunded(stack, gate
             break
         time.sleep(0.1)
     assert state == "cancelled"
-    done = blocker.result(timeout=120)
+    done = stack.release(blocker)
     assert stack.balance(key) == 100_000 - done["charged"]
 
 

@@ -8,13 +8,11 @@ import sys
 
 import pytest
 
-from llama_tasks import stream
 from tests.processes import ROOT
 from tests.stack import running_stack
 
 pytestmark = pytest.mark.slow
 
-LONG = dict(prompt="Letters:", tokens=200, grammar="root ::= [a-z]{200}", temperature=0.0)
 
 
 def llamas(stack, *args: str, key: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -58,8 +56,7 @@ def test_run_json_and_stream(sqlite_stack):
 
 def test_jobs_list_show_cancel_and_raise(sqlite_stack):
     key, herder = sqlite_stack.account(100_000)
-    blocker = herder.run(**LONG)
-    next(e for e in stream.follow(sqlite_stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    blocker = sqlite_stack.occupy(herder)
     waiting = herder.run("Wait.", 4)
     raised = llamas(sqlite_stack, "jobs", "raise", waiting.id, "--multiplier", "3", key=key)
     assert raised.returncode == 0 and "×3.00" in raised.stdout, raised.stderr
@@ -72,7 +69,7 @@ def test_jobs_list_show_cancel_and_raise(sqlite_stack):
     again = llamas(sqlite_stack, "jobs", "cancel", waiting.id, key=key)
     assert again.returncode == 1 and "is cancelled, not queued" in again.stderr
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
-    blocker.result(timeout=120)
+    sqlite_stack.release(blocker)
 
 
 def test_errors_are_one_line_and_a_nonzero_exit(sqlite_stack):

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from llama_tasks.errors import BadStop, InvalidRequest, SamplingOutOfRange
+from llama_tasks.errors import BadLogprobs, BadStop, InvalidRequest, SamplingOutOfRange
 from router import Herder
 from router.errors import BadDeadline, BadReference, InvalidOffer
 
@@ -37,6 +37,12 @@ def herder(monkeypatch: pytest.MonkeyPatch) -> tuple[Herder, list[tuple[str, Any
     (dict(prompt="hi", stop=["a"] * 9), BadStop),
     (dict(messages=[{"role": "hacker", "content": "hi"}]), InvalidRequest),
     (dict(prompt="hi", not_a_parameter=1), InvalidRequest),
+    (dict(prompt="hi", n=0), SamplingOutOfRange),
+    (dict(prompt="hi", n=9), SamplingOutOfRange),
+    (dict(prompt="hi", n=True), SamplingOutOfRange),
+    (dict(prompt="hi", logprobs=1), BadLogprobs),
+    (dict(prompt="hi", top_logprobs=3), BadLogprobs),
+    (dict(prompt="hi", logprobs=True, top_logprobs=21), SamplingOutOfRange),
 ])
 def test_bad_requests_raise_typed_errors_and_send_nothing(herder: Any, kwargs: dict, error: type) -> None:
     client, sent = herder
@@ -69,3 +75,19 @@ def test_values_that_used_to_escape_as_bare_python_errors(herder: Any, kwargs: d
     with pytest.raises(error):
         client.run(**kwargs)
     assert sent == []
+
+
+def test_choices_and_logprobs_are_sent_as_asked(herder: Any) -> None:
+    client, sent = herder
+    client.run("hi", n=3, logprobs=True, top_logprobs=2)
+    client.run("hi")
+    (_, (_, asked)), (_, (_, plain)) = sent
+    assert (asked["n"], asked["logprobs"], asked["top_logprobs"]) == (3, True, 2)
+    assert (plain["n"], plain["logprobs"], plain["top_logprobs"]) == (1, False, 0)
+
+
+def test_a_quote_for_several_completions_says_so(herder: Any) -> None:
+    client, sent = herder
+    client.quote("hi", 16, n=4)
+    (task, (request,)), = sent
+    assert task == "router.quote" and (request["n"], request["max_tokens"]) == (4, 16)

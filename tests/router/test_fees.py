@@ -163,3 +163,66 @@ def test_settings_refuse_fees_that_make_every_quote_zero(tmp_path):
     with pytest.raises(ValidationError, match="cannot both be 0"):
         HerderSettings(home=tmp_path, base_fee=0, fee_per_token=0)
     assert HerderSettings(home=tmp_path, base_fee=0, fee_per_token=1).fee_per_token == 1
+
+
+# --- several completions and cached prompt tokens ------------------------------
+
+
+def test_the_quote_covers_every_completion_and_assumes_nothing_cached() -> None:
+    assert fees.quote(5, 2, 10, 20, n=3) == 5 + 2 * (10 + 3 * 20)
+    assert fees.quote(5, 2, 10, 20) == fees.quote(5, 2, 10, 20, n=1) == 65
+
+
+def test_the_cost_charges_cached_prompt_tokens_at_their_own_fee() -> None:
+    # 10 prompt tokens, 4 of them cached at 1 instead of 3; 7 completion tokens over all choices.
+    assert fees.cost(5, 3, 1, 10, 4, 7) == 5 + 3 * (6 + 7) + 1 * 4 == 48
+    assert fees.cost(5, 3, 3, 10, 4, 7) == fees.quote(5, 3, 10, 7)  # cached at full price: no discount
+    assert fees.cost(5, 3, 0, 10, 10, 0) == 5  # a fully cached prompt at a zero fee, nothing generated
+
+
+@given(
+    base=st.integers(0, 1000), per=st.integers(1, 1000), cached_per=st.integers(0, 1000),
+    prompt=st.integers(0, 4096), cached=st.integers(0, 4096), max_tokens=st.integers(1, 2048),
+    n=st.integers(1, 8), used=st.lists(st.integers(0, 2048), min_size=1, max_size=8),
+)
+def test_a_cost_within_what_was_asked_never_exceeds_the_quote(
+    base: int, per: int, cached_per: int, prompt: int, cached: int, max_tokens: int, n: int, used: list[int]
+) -> None:
+    cached_per, cached = min(cached_per, per), min(cached, prompt)
+    completion = sum(min(u, max_tokens) for u in used[:n])
+    assert fees.cost(base, per, cached_per, prompt, cached, completion) <= fees.quote(base, per, prompt, max_tokens, n)
+
+
+def test_admission_quotes_n_completions_and_records_the_cached_token_fee(herder: Herder) -> None:
+    herder.configure(base_fee=11, fee_per_token=3, fee_per_cached_token=1)
+    key = herder.account("alice", deposit=10_000)
+
+    row = herder.submit(key, max_tokens=16, n=3, prompt="Name a llama.")
+
+    prompt_tokens = counted(herder.counter, prompt="Name a llama.")
+    assert row.quote == 11 + 3 * (prompt_tokens + 3 * 16)
+    assert (row.n, row.base_fee, row.fee_per_token, row.fee_per_cached_token) == (3, 11, 3, 1)
+    assert herder.balance("alice") == 10_000 - row.quote
+    herder.assert_books()
+
+
+def test_the_cached_token_fee_defaults_to_the_fee_per_token_and_never_exceeds_it(tmp_path: Any) -> None:
+    from pydantic import ValidationError
+
+    from router.settings import HerderSettings
+
+    assert HerderSettings(home=tmp_path, fee_per_token=4).cached_token_fee == 4
+    assert HerderSettings(home=tmp_path, fee_per_token=4, fee_per_cached_token=0).cached_token_fee == 0
+    with pytest.raises(ValidationError, match="cannot exceed"):
+        HerderSettings(home=tmp_path, fee_per_token=4, fee_per_cached_token=5)
+    with pytest.raises(ValidationError):
+        HerderSettings(home=tmp_path, fee_per_cached_token=-1)
+
+
+def test_the_cached_token_fee_is_read_from_the_environment(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router.settings import HerderSettings
+
+    monkeypatch.setenv("LLAMAS_FEE_PER_TOKEN", "6")
+    monkeypatch.setenv("LLAMAS_FEE_PER_CACHED_TOKEN", "2")
+    settings = HerderSettings(home=tmp_path)
+    assert (settings.fee_per_token, settings.fee_per_cached_token, settings.cached_token_fee) == (6, 2, 2)

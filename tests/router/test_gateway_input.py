@@ -48,7 +48,7 @@ class Gateway:
     def last_job(self) -> dict[str, Any]:
         return self.sent[-1]
 
-    def admit_only(self, body: dict[str, Any], real: bool = True) -> Any:
+    def admit_only(self, body: dict[str, Any], real: bool = True, path: str = "/v1/chat/completions") -> Any:
         """Post ``body``; stop the request once admitted (no worker answers here); returns the Submission."""
         submit = self.svc.submit
 
@@ -59,7 +59,7 @@ class Gateway:
 
         self.svc.submit = admitted  # type: ignore[method-assign]
         try:
-            reply = self.http.post("/v1/chat/completions", json=body,
+            reply = self.http.post(path, json=body,
                                    headers={"Authorization": f"Bearer {self.key}"})
         finally:
             self.svc.submit = submit  # type: ignore[method-assign]
@@ -184,9 +184,8 @@ def test_a_body_that_is_not_utf8_or_not_json_gets_openai_shape(gw: Gateway) -> N
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"best_of": 2}, "best_of"),
+    ({"echo": True}, "echo"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
@@ -201,6 +200,94 @@ def test_parameters_we_do_not_honour_are_refused_by_name(gw: Gateway, fields: di
     error = assert_openai_error(gw.post(chat(**fields)), 400, "UnsupportedParameter", param)
     assert param in error["message"]
     assert gw.untouched()
+
+
+def completion(**fields: Any) -> dict[str, Any]:
+    return {"model": "ghost", "prompt": "hi", "max_tokens": 4, **fields}
+
+
+@pytest.mark.parametrize("path,body,expected", [
+    ("/v1/chat/completions", chat(n=3), {"n": 3, "logprobs": False, "top_logprobs": 0}),
+    ("/v1/chat/completions", chat(logprobs=True), {"n": 1, "logprobs": True, "top_logprobs": 0}),
+    ("/v1/chat/completions", chat(n=2, logprobs=True, top_logprobs=20), {"n": 2, "logprobs": True, "top_logprobs": 20}),
+    ("/v1/chat/completions", chat(n=None, logprobs=None, top_logprobs=None), {"n": 1, "logprobs": False, "top_logprobs": 0}),
+    ("/v1/completions", completion(n=8, logprobs=5), {"n": 8, "logprobs": True, "top_logprobs": 5}),
+    ("/v1/completions", completion(logprobs=0), {"n": 1, "logprobs": True, "top_logprobs": 0}),
+    ("/v1/completions", completion(logprobs=False, top_logprobs=0), {"n": 1, "logprobs": False, "top_logprobs": 0}),
+    ("/v1/completions", completion(logprobs=None), {"n": 1, "logprobs": False, "top_logprobs": 0}),
+])
+def test_n_and_logprobs_are_honoured(gw: Gateway, path: str, body: dict, expected: dict) -> None:
+    sub = gw.admit_only(body, path=path)
+    for name, value in expected.items():
+        assert getattr(sub, name) == value
+        assert gw.last_job()[name] == value
+
+
+def test_the_hold_covers_every_completion(gw: Gateway) -> None:
+    gw.admit_only(chat(n=3, max_tokens=10))
+    with gw.svc.sessions.begin() as s:
+        row = s.query(JobRow).one()
+        settings = gw.svc.settings
+        assert row.n == 3
+        assert row.quote == row.offered == settings.base_fee + settings.fee_per_token * (row.prompt_tokens + 30)
+        assert ledger.balance(s, ledger.account_by_key(s, gw.key)) == DEPOSIT - row.offered
+
+
+@pytest.mark.parametrize("path,fields,param", [
+    ("/v1/chat/completions", {"n": 0}, "n"),
+    ("/v1/chat/completions", {"n": 9}, "n"),
+    ("/v1/chat/completions", {"n": True}, "n"),
+    ("/v1/chat/completions", {"n": 2.0}, "n"),
+    ("/v1/chat/completions", {"n": "2"}, "n"),
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": "true"}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": True}, "top_logprobs"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),  # alternatives without logprobs
+    ("/v1/chat/completions", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/completions", {"logprobs": 6}, "logprobs"),
+    ("/v1/completions", {"logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"logprobs": True}, "logprobs"),  # legacy logprobs is a count
+    ("/v1/completions", {"logprobs": 2.0}, "logprobs"),
+    ("/v1/completions", {"n": 0}, "n"),
+])
+def test_bad_n_and_logprobs_are_422_naming_them_with_nothing_held(
+    gw: Gateway, path: str, fields: dict, param: str
+) -> None:
+    body = chat(**fields) if path == "/v1/chat/completions" else completion(**fields)
+    assert_openai_error(gw.post(body, path=path), 422, param=param)
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("path,fields,param", [
+    ("/v1/chat/completions", {"n": 2}, "n"),
+    ("/v1/chat/completions", {"logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"n": 3}, "n"),
+    ("/v1/completions", {"logprobs": 2}, "logprobs"),
+    ("/v1/completions", {"logprobs": 0}, "logprobs"),
+])
+def test_streaming_several_choices_or_logprobs_is_refused_by_name(
+    gw: Gateway, path: str, fields: dict, param: str
+) -> None:
+    body = (chat if path == "/v1/chat/completions" else completion)(stream=True, **fields)
+    error = assert_openai_error(gw.post(body, path=path), 400, "UnsupportedParameter", param)
+    assert "stream" in error["message"]
+    assert gw.untouched()
+
+
+@pytest.mark.parametrize("fields", [{"top_logprobs": 2}, {"logprobs": 2, "top_logprobs": 2}])
+def test_text_completions_ask_for_alternatives_with_logprobs_not_top_logprobs(gw: Gateway, fields: dict) -> None:
+    error = assert_openai_error(gw.post(completion(**fields), path="/v1/completions"), 400,
+                                "UnsupportedParameter", "top_logprobs")
+    assert "logprobs: N" in error["message"]
+    assert gw.untouched()
+
+
+def test_streaming_one_plain_choice_is_still_accepted(gw: Gateway) -> None:
+    gw.admit_only(chat(stream=True, n=1, logprobs=False))
+    assert len(gw.sent) == 1 and gw.last_job()["n"] == 1
 
 
 def test_neutral_values_of_openai_parameters_are_accepted(gw: Gateway) -> None:

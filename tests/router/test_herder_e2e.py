@@ -18,6 +18,7 @@ from llama_tasks import stream
 from llama_tasks.errors import BadGrammar
 from router import ledger, webhooks
 from router.errors import InsufficientFee
+from tests.processes import llama_worker, wait_for
 from tests.router.requester_app import RECEIVED_KEY
 
 pytestmark = pytest.mark.slow
@@ -41,12 +42,11 @@ def test_a_paid_request_is_charged_for_actual_tokens_and_the_rest_returned(stack
 
 def test_bids_are_served_highest_first_while_the_only_slot_is_busy(stack):
     key, herder = stack.account(100_000)
-    blocker = herder.run(**LONG)
-    # Wait until the blocker holds the slot, so the rest queue up.
-    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    blocker = stack.occupy(herder)  # holds the only slot, so the rest queue up
     jobs = {m: herder.run(f"Name a colour ({m}).", 4, multiplier=m) for m in (1.0, 2.0, 1.5)}
     assert [jobs[m].position() for m in (2.0, 1.5, 1.0)] == [1, 2, 3]
-    for h in [blocker, *jobs.values()]:
+    stack.release(blocker)
+    for h in jobs.values():
         h.result(timeout=120)
     started = {m: stack.job(h.id).dispatched_at for m, h in jobs.items()}
     assert started[2.0] < started[1.5] < started[1.0]
@@ -73,14 +73,16 @@ def test_a_grammar_that_does_not_parse_is_refused_before_any_money_moves(stack):
 
 def test_expiry_and_cancel_return_everything(stack):
     key, herder = stack.account(100_000)
-    blocker = herder.run(**LONG)
-    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    blocker = stack.occupy(herder)
     doomed = herder.run("Too late.", 8, deadline_s=0.2)
     cancelled = herder.run("Never mind.", 8)
     cancelled.cancel()
     assert doomed.response(timeout=30)["status"] == "expired"
     assert cancelled.response(timeout=30)["status"] == "cancelled"
-    done = blocker.result(timeout=120)
+    done = stack.release(blocker)
+    # Stopped mid-generation: charged for the letters it made, the rest of its hold returned.
+    assert done["finish_reason"] == "cancelled" and 0 < len(done["text"]) < 2000
+    assert done["charged"] == 1 + done["prompt_tokens"] + done["completion_tokens"]
     assert stack.balance(key) == 100_000 - done["charged"]
     assert stack.books() == []
 
@@ -164,19 +166,36 @@ def test_a_forged_result_or_one_for_an_unknown_job_changes_nothing(stack):
     assert stack.books() == []
 
 
-def test_sigkill_of_a_worker_mid_job_charges_once_and_delivers_once(stack):
+def test_sigkill_of_a_batching_worker_with_jobs_in_flight_completes_each_once(stack):
+    """A batching worker is one process: killed, it takes every job it was
+    decoding with it. The herder sees the process gone from the herd, sends
+    each job again, and each is completed, charged and delivered once."""
     key, herder = stack.account(100_000)
-    reference = f"kill-{uuid.uuid4().hex}"
-    handle = herder.run(**LONG, reference=reference, callback=("requester.inference_response", "requester"))
-    first = next(stream.follow(stack.r, handle.id, timeout_s=30))
-    next(e for e in stream.follow(stack.r, handle.id, timeout_s=30) if e["event"] == "token")
-    os.kill(int(first["pid"]), signal.SIGKILL)
-    doc = handle.result(timeout=120)
-    assert doc["status"] == "done" and len(doc["text"]) == 200
-    assert stack.captures(handle.id) == 1
-    time.sleep(1.0)
-    received = [json.loads(x) for x in stack.r.lrange(RECEIVED_KEY, 0, -1)]
-    assert len([x for x in received if x["reference"] == reference]) == 1
+    doomed = llama_worker(f"doomed-{uuid.uuid4().hex[:6]}", 3, stack.env, stack.tmp / "doomed.log")
+    try:
+        doomed.wait_ready(stack.r)
+        refs = [f"kill-{uuid.uuid4().hex}" for _ in range(4)]
+        # Four slots in the herd (the stack's worker has one): all four run at once.
+        handles = [herder.run(**LONG, reference=ref, callback=("requester.inference_response", "requester"))
+                   for ref in refs]
+        starts = {}
+        for h in handles:
+            starts[h.id] = next(stream.follow(stack.r, h.id, timeout_s=60))
+            next(e for e in stream.follow(stack.r, h.id, timeout_s=60) if e["event"] == "token")
+        on_doomed = [h for h in handles if starts[h.id]["worker"] == doomed.name]
+        assert len(on_doomed) == 3
+        os.kill(doomed.proc.pid, signal.SIGKILL)
+        docs = [h.result(timeout=180) for h in handles]
+    finally:
+        doomed.stop()
+    assert all(d["status"] == "done" and len(d["text"]) == 200 for d in docs)
+    for h, d in zip(handles, docs):
+        assert stack.captures(h.id) == 1
+        assert d["attempts"] == (2 if h in on_doomed else 1)
+        assert d["worker"] != doomed.name
+    received = wait_for(lambda: (got := [json.loads(x) for x in stack.r.lrange(RECEIVED_KEY, 0, -1)])
+                        and {x["reference"] for x in got} >= set(refs) and got, 30, "every callback")
+    assert sorted(x["reference"] for x in received if x["reference"] in refs) == sorted(refs)  # once each
     assert stack.books() == []
 
 
@@ -199,12 +218,12 @@ def test_the_client_computes_fees_itself_and_bumps_its_bid_on_a_busy_queue(stack
     assert herder.calculate_fee(prompt_tokens=10, tokens=20, multiplier=2) == 62
     quoted = herder.quote("Hello there", 10)
     assert quoted["quote"] == herder.calculate_fee(quoted["prompt_tokens"], 10)
-    blocker = herder.run(**LONG)
-    next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
+    blocker = stack.occupy(herder)
     rich = herder.run("Me first.", 4, multiplier=3)
     bumped = herder.run("And me.", 4, bump=True)
     assert bumped.doc["multiplier"] == pytest.approx(3.0, abs=0.01)
     assert bumped.position() == 2  # level with the last bid, behind it by arrival
-    for h in (blocker, rich, bumped):
+    stack.release(blocker)
+    for h in (rich, bumped):
         h.result(timeout=120)
     assert stack.books() == []

@@ -68,25 +68,3 @@ def test_sigkill_of_the_herder_main_process_takes_its_beat_and_pool_children_alo
         except ProcessLookupError:
             pass
         herder.stop()
-
-
-#: Exactly 2000 letters: the model cannot stop early, so the child is busy for many seconds.
-LONG_GRAMMAR = "root ::= [a-z]{2000}"
-
-
-@pytest.mark.slow
-def test_sigkill_of_an_inference_worker_main_process_takes_its_busy_child_along(start_worker, send, make_job, r):
-    # An idle pool child exits by itself when the main process's pipe closes;
-    # a busy one would finish its generation first, unless it dies with its parent.
-    from llama_tasks import stream
-
-    worker = start_worker(concurrency=1)
-    (child,) = children(worker.proc.pid)
-    envelope, job = make_job(prompt="Letters:", max_tokens=2000, grammar=LONG_GRAMMAR, temperature=0.0)
-    send(envelope)
-    for event in stream.follow(r, job.job_id, timeout_s=60):
-        if event["event"] == "token":
-            break
-    worker.proc.send_signal(signal.SIGKILL)
-    worker.proc.wait()
-    wait_for(lambda: not alive(child), 5, f"busy pool child {child} to exit")

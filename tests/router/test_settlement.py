@@ -530,3 +530,248 @@ def test_concurrent_ticks_end_each_job_once(herder: Herder, alice: str) -> None:
     assert len(ended) == len(set(ended)) == 8
     assert sorted(herder.job(j).state for j in ended) == [EXPIRED] * 4 + [FAILED] * 4
     herder.assert_books()
+
+
+# --- several completions, cached prompt tokens, logprobs ------------------------
+
+OTHER = "Alpacas are smaller."
+
+
+def choice(index: int, text: str, finish: str = "stop", **extra: Any) -> dict[str, Any]:
+    """One completion of a worker's result document."""
+    return {"index": index, "text": text, "finish_reason": finish, "completion_tokens": 1, "logprobs": None,
+            **extra}
+
+
+def test_n_completions_are_each_recounted_and_cached_prompt_tokens_cost_their_own_fee(
+    herder: Herder, alice: str
+) -> None:
+    herder.configure(base_fee=5, fee_per_token=3, fee_per_cached_token=1)
+    job = herder.submit(alice, max_tokens=32, n=3, prompt="Tell me about the llamas of the high Andes.")
+    assert job.prompt_tokens > 4 and job.quote == 5 + 3 * (job.prompt_tokens + 3 * 32)
+    herder.claim(slots=1)
+    tokens = [herder.counter.completion_tokens("smollm2", t) for t in (TEXT, OTHER)]
+
+    row = settle(herder, herder.result(job.id, TEXT, completion_tokens=1, cached_tokens=4, choices=[
+        choice(0, TEXT), choice(1, OTHER, "length"), choice(2, "")]))
+
+    assert row is not None and row.state == DONE
+    completion = tokens[0] + tokens[1]
+    cost = 5 + 3 * (job.prompt_tokens - 4 + completion) + 1 * 4
+    assert (row.completion_tokens, row.cached_tokens, row.charged, row.refunded) == (
+        completion, 4, cost, job.offered - cost)
+    assert herder.transfers(job.id) == [("hold", job.offered), ("capture", cost), ("release", job.offered - cost)]
+    response = settlement.response(herder.job(job.id))
+    assert (response["text"], response["finish_reason"], response["cached_tokens"]) == (TEXT, "stop", 4)
+    assert response["choices"] == [
+        {"index": 0, "text": TEXT, "finish_reason": "stop", "completion_tokens": tokens[0], "logprobs": None},
+        {"index": 1, "text": OTHER, "finish_reason": "length", "completion_tokens": tokens[1], "logprobs": None},
+        {"index": 2, "text": "", "finish_reason": "stop", "completion_tokens": 0, "logprobs": None},
+    ]
+    herder.assert_books()
+
+
+def test_a_multiplier_applies_to_the_discounted_cost(herder: Herder, alice: str) -> None:
+    herder.configure(base_fee=10, fee_per_token=4, fee_per_cached_token=0)
+    job = herder.submit(alice, max_tokens=16, n=2, multiplier="1.5")
+    herder.claim(slots=1)
+
+    row = settle(herder, herder.result(job.id, TEXT, cached_tokens=job.prompt_tokens,
+                                       choices=[choice(0, TEXT), choice(1, TEXT)]))
+
+    completion = 2 * herder.counter.completion_tokens("smollm2", TEXT)
+    cost = 10 + 4 * completion  # the whole prompt was cached, at 0
+    assert job.offered == -(-3 * job.quote // 2)
+    assert row is not None and row.charged == job.offered * cost // job.quote
+    herder.assert_books()
+
+
+@pytest.mark.parametrize(("reported", "kept"), [
+    (-3, 0), ("PROMPT+1", "PROMPT"), (10**9, "PROMPT"), (True, 0), (2.0, 0), (None, 0), ("5", 0)])
+def test_the_workers_cached_tokens_are_clamped_to_the_prompt(
+    herder: Herder, alice: str, reported: Any, kept: Any
+) -> None:
+    herder.configure(fee_per_cached_token=0)
+    job = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=1)
+    values = {"PROMPT": job.prompt_tokens, "PROMPT+1": job.prompt_tokens + 1}
+    reported, kept = values.get(reported, reported), values.get(kept, kept)
+
+    row = settle(herder, herder.result(job.id, TEXT, cached_tokens=reported))
+
+    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    assert row is not None and row.cached_tokens == kept
+    assert row.charged == 5 + 2 * (job.prompt_tokens - kept + completion)
+    herder.assert_books()
+
+
+def test_the_cached_token_fee_is_the_one_quoted_not_the_one_in_force_at_settlement(
+    herder: Herder, alice: str
+) -> None:
+    herder.configure(fee_per_cached_token=1)
+    job = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=1)
+    herder.configure(fee_per_cached_token=0, fee_per_token=1)  # repriced while the job ran
+
+    row = settle(herder, herder.result(job.id, TEXT, cached_tokens=3))
+
+    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    assert row is not None and row.charged == 5 + 2 * (job.prompt_tokens - 3 + completion) + 1 * 3
+    herder.assert_books()
+
+
+def test_a_job_quoted_before_cached_fees_existed_pays_full_price_for_cached_tokens(
+    herder: Herder, alice: str
+) -> None:
+    herder.configure(fee_per_cached_token=0)
+    job = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=1)
+    with herder.sessions.begin() as session:  # as migration 0004 leaves a job admitted before it
+        session.get(JobRow, job.seq).fee_per_cached_token = None  # type: ignore[union-attr]
+
+    row = settle(herder, herder.result(job.id, TEXT, cached_tokens=3))
+
+    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    assert row is not None and row.charged == fees.quote(5, 2, job.prompt_tokens, completion)
+    herder.assert_books()
+
+
+def test_a_result_without_choices_settles_as_one_choice_and_nothing_cached(herder: Herder, alice: str) -> None:
+    job = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=1)
+    doc = herder.result(job.id, TEXT, finish_reason="length", prompt_tokens=job.prompt_tokens,
+                        completion_tokens=9)
+    assert "choices" not in doc and "cached_tokens" not in doc  # what a worker before choices sends
+
+    row = settle(herder, doc)
+
+    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    assert row is not None and (row.charged, row.cached_tokens) == (fees.quote(5, 2, job.prompt_tokens, completion), 0)
+    response = settlement.response(herder.job(job.id))
+    assert (response["text"], response["finish_reason"], response["cached_tokens"]) == (TEXT, "length", 0)
+    assert response["choices"] == [{"index": 0, "text": TEXT, "finish_reason": "length",
+                                    "completion_tokens": completion, "logprobs": None}]
+    herder.assert_books()
+
+
+def test_a_job_finished_before_choices_were_stored_still_reports_one(herder: Herder, alice: str) -> None:
+    job = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=1)
+    settle(herder, herder.result(job.id, TEXT))
+    with herder.sessions.begin() as session:  # as migration 0004 leaves a job that finished before it
+        row = session.get(JobRow, job.seq)
+        assert row is not None
+        row.choices, row.cached_tokens = None, None
+
+    response = settlement.response(herder.job(job.id))
+
+    assert response["cached_tokens"] == 0
+    assert response["choices"] == [{"index": 0, "text": TEXT, "finish_reason": "stop",
+                                    "completion_tokens": herder.job(job.id).completion_tokens, "logprobs": None}]
+
+
+def test_a_worker_that_returns_more_choices_than_asked_is_paid_for_those_asked(
+    herder: Herder, alice: str
+) -> None:
+    job = herder.submit(alice, max_tokens=32, n=2)
+    herder.claim(slots=1)
+
+    row = settle(herder, herder.result(job.id, TEXT, choices=[choice(i, TEXT * (i + 1)) for i in range(4)]))
+
+    counted = [herder.counter.completion_tokens("smollm2", TEXT * k) for k in (1, 2)]
+    assert row is not None and row.completion_tokens == sum(counted)
+    assert [c["text"] for c in settlement.response(row)["choices"]] == [TEXT, TEXT * 2]
+    herder.assert_books()
+
+
+def test_every_completion_that_overruns_is_still_capped_at_the_hold(herder: Herder, alice: str) -> None:
+    job = herder.submit(alice, max_tokens=2, n=3)
+    herder.claim(slots=1)
+
+    row = settle(herder, herder.result(job.id, TEXT, choices=[choice(i, TEXT * 3) for i in range(3)]))
+
+    assert row is not None and (row.charged, row.refunded) == (job.offered, 0)
+    assert herder.transfers(job.id) == [("hold", job.offered), ("capture", job.offered)]
+    herder.assert_books()
+
+
+def test_a_redelivered_result_of_n_completions_charges_once(herder: Herder, alice: str) -> None:
+    herder.configure(fee_per_cached_token=1)
+    job = herder.submit(alice, max_tokens=32, n=2)
+    herder.claim(slots=1)
+    doc = herder.result(job.id, TEXT, cached_tokens=2, choices=[choice(0, TEXT), choice(1, OTHER)])
+    first = settle(herder, doc)
+    assert first is not None
+    after_first = snapshot(herder)
+
+    assert settle(herder, doc) is None
+    assert settle(herder, doc | {"cached_tokens": 0, "choices": [choice(0, TEXT * 9)]}, now=T0 + 3600) is None
+    assert run_together(4, lambda i: settle(herder, dict(doc))) == [None] * 4
+
+    assert snapshot(herder) == after_first
+    assert [kind for kind, _ in herder.transfers(job.id)] == ["hold", "capture", "release"]
+    assert herder.job(job.id).cached_tokens == 2
+    herder.assert_books()
+
+
+def test_logprobs_are_kept_as_asked_and_made_plain_json(herder: Herder, alice: str) -> None:
+    job = herder.submit(alice, max_tokens=32, n=2, logprobs=True, top_logprobs=1)
+    plain = herder.submit(alice, max_tokens=32)
+    herder.claim(slots=2)
+    entry = {"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
+             "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]},
+                              {"token": "Hey", "logprob": -2.5, "bytes": [72, 101, 121]}]}
+    ruled_out = {"token": "é", "logprob": float("-inf"), "bytes": "junk", "top_logprobs": []}
+    logprobs = [entry, ruled_out]
+
+    settle(herder, herder.result(job.id, "Hi", choices=[choice(0, "Hi", logprobs=logprobs),
+                                                        choice(1, "Hi", logprobs=None)]))
+    settle(herder, herder.result(plain.id, "Hi", choices=[choice(0, "Hi", logprobs=logprobs)]))
+
+    asked = settlement.response(herder.job(job.id))["choices"]
+    assert asked[0]["logprobs"] == [
+        {"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
+         "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]}]},  # one alternative, as asked
+        {"token": "é", "logprob": -9999.0, "bytes": [195, 169], "top_logprobs": []},  # -inf is not JSON
+    ]
+    assert asked[1]["logprobs"] is None  # the worker sent none for this one
+    assert settlement.response(herder.job(plain.id))["choices"][0]["logprobs"] is None  # not asked for
+    herder.assert_books()
+
+
+@pytest.mark.parametrize(("choices", "texts"), [
+    ("not a list", [TEXT]),  # the top-level text, as from a worker before choices
+    ([], [TEXT]),
+    ([None, {"text": None}], ["", ""]),
+    ([{"text": OTHER, "logprobs": [None, {"logprob": 10**400, "bytes": [256], "top_logprobs": "x"}]}], [OTHER]),
+])
+def test_a_malformed_result_still_settles_on_what_can_be_read(
+    herder: Herder, alice: str, choices: Any, texts: list[str]
+) -> None:
+    job = herder.submit(alice, max_tokens=32, n=2, logprobs=True, top_logprobs=2)
+    herder.claim(slots=1)
+
+    row = settle(herder, herder.result(job.id, TEXT, choices=choices, cached_tokens=[1]))
+
+    assert row is not None and row.state == DONE and row.cached_tokens == 0
+    completion = sum(herder.counter.completion_tokens("smollm2", t) for t in texts)
+    assert (row.completion_tokens, row.charged) == (completion, fees.quote(5, 2, job.prompt_tokens, completion))
+    stored = settlement.response(row)["choices"]
+    assert [c["text"] for c in stored] == texts
+    if texts == [OTHER]:
+        assert stored[0]["logprobs"] == [
+            {"token": "", "logprob": -9999.0, "bytes": [], "top_logprobs": []},
+            {"token": "", "logprob": -9999.0, "bytes": [], "top_logprobs": []}]
+    herder.assert_books()
+
+
+def test_choices_are_kept_in_the_order_of_their_index(herder: Herder, alice: str) -> None:
+    job = herder.submit(alice, max_tokens=32, n=3)
+    herder.claim(slots=1)
+
+    row = settle(herder, herder.result(job.id, TEXT, choices=[choice(2, "two"), choice(0, "zero"), choice(1, "one")]))
+
+    assert row is not None and row.result_text == "zero"
+    assert [(c["index"], c["text"]) for c in settlement.response(row)["choices"]] == [
+        (0, "zero"), (1, "one"), (2, "two")]
+    herder.assert_books()

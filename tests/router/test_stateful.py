@@ -36,7 +36,8 @@ from hypothesis.stateful import (
 from sqlalchemy import delete, func, make_url, select, text, update
 from sqlalchemy.orm import Session
 
-from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens
+from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
+from llama_tasks.job import MAX_CHOICES
 from router import ledger, settlement
 from router.admission import Submission, admit, as_job
 from router.db import make_engine, make_sessionmaker, upgrade
@@ -120,6 +121,10 @@ COMPLETIONS = st.tuples(_PIECES, st.booleans(), _PIECES).map(lambda p: p[0] + ("
 #: Mostly none; 0 and -1 are refused.
 DEADLINES = st.one_of(st.none(), st.integers(-1, 40).map(float))
 DEPOSITS = st.integers(0, 3_000)
+#: Completions asked for: mostly one or a few, sometimes out of range (refused).
+CHOICES = st.sampled_from([1, 1, 1, 2, 2, 3, 3, 0, MAX_CHOICES + 1])
+#: What a worker says it found in its prompt cache: often more than the prompt, or nonsense.
+CACHED = st.one_of(st.none(), st.integers(-2, 40), st.just(True))
 REFERENCES = st.one_of(st.none(), st.sampled_from(["r1", "r2", "r3"]))
 
 
@@ -163,6 +168,7 @@ class ModelJob:
     deadline_at: float | None
     base_fee: int
     fee_per_token: int
+    fee_per_cached_token: int
     state: str = QUEUED
     attempt: int = 0
     task_id: str | None = None
@@ -294,7 +300,7 @@ class HerderCore(RuleBasedStateMachine):
         prompt_tokens = self.counter.prompt_tokens(as_job("model", 0, sub.generation(), 0.0, 0.0))
         if prompt_tokens + sub.max_tokens > N_CTX:
             return None
-        return self.settings.base_fee + self.settings.fee_per_token * (prompt_tokens + sub.max_tokens)
+        return self.settings.base_fee + self.settings.fee_per_token * (prompt_tokens + sub.n * sub.max_tokens)
 
     def _expect_admission(self, account: ModelAccount, sub: Submission) -> tuple[type[Exception] | None, int, int]:
         """The refusal ``admit`` must raise (None: admitted), the quote and the offer."""
@@ -308,6 +314,8 @@ class HerderCore(RuleBasedStateMachine):
             return EmptyPrompt, 0, 0
         if not 1 <= sub.max_tokens <= self.settings.max_tokens_cap:
             return InvalidMaxTokens, 0, 0
+        if not 1 <= sub.n <= MAX_CHOICES:
+            return SamplingOutOfRange, 0, 0
         if sub.deadline_s is not None and sub.deadline_s <= 0:
             return BadDeadline, 0, 0
         quote = self._quote(sub)
@@ -350,6 +358,7 @@ class HerderCore(RuleBasedStateMachine):
                 priority=_priority(offered, quote, self.now), created_at=self.now,
                 deadline_at=None if sub.deadline_s is None else self.now + sub.deadline_s,
                 base_fee=self.settings.base_fee, fee_per_token=self.settings.fee_per_token,
+                fee_per_cached_token=self.settings.cached_token_fee,
             )
             assert row.priority == job.priority
         event("admitted")
@@ -359,14 +368,14 @@ class HerderCore(RuleBasedStateMachine):
             self.references[name, sub.reference] = job.id
 
     @precondition(lambda self: self.accounts)
-    @rule(data=st.data(), chat=st.booleans(), max_tokens=st.integers(0, 64),
+    @rule(data=st.data(), chat=st.booleans(), max_tokens=st.integers(0, 64), n=CHOICES,
           offer=OFFERS, reference=REFERENCES, deadline_s=DEADLINES)
-    def submit(self, data: st.DataObject, chat: bool, max_tokens: int, offer: tuple[str, Any],
+    def submit(self, data: st.DataObject, chat: bool, max_tokens: int, n: int, offer: tuple[str, Any],
                reference: str | None, deadline_s: float | None) -> None:
         name = data.draw(st.sampled_from(sorted(self.accounts)))
         prompt, messages = (None, data.draw(MESSAGES)) if chat else (data.draw(TEXT), None)
         sub = Submission(prompt=prompt, messages=messages, max_tokens=max_tokens, model=MODEL,
-                         reference=reference, deadline_s=deadline_s)
+                         reference=reference, deadline_s=deadline_s, n=n)
         if offer[0] == "over":
             quote = self._quote(sub)
             offer = ("fee", max(1, (quote or 0) + offer[1]))
@@ -382,10 +391,12 @@ class HerderCore(RuleBasedStateMachine):
             sub = replace(sub, max_tokens=sub.max_tokens % 64 + 1)
         self._submit(name, sub)
 
-    @rule(base_fee=st.integers(0, 5), fee_per_token=st.integers(1, 3))
-    def reprice(self, base_fee: int, fee_per_token: int) -> None:
+    @rule(base_fee=st.integers(0, 5), fee_per_token=st.integers(1, 3), cached=st.one_of(st.none(), st.integers(0, 3)))
+    def reprice(self, base_fee: int, fee_per_token: int, cached: int | None) -> None:
         """The operator changes the prices; jobs already quoted keep theirs."""
-        self.settings = self.settings.model_copy(update={"base_fee": base_fee, "fee_per_token": fee_per_token})
+        self.settings = self.settings.model_copy(update={
+            "base_fee": base_fee, "fee_per_token": fee_per_token,
+            "fee_per_cached_token": None if cached is None else min(cached, fee_per_token)})
 
     # --- dispatch -------------------------------------------------------------
 
@@ -411,9 +422,17 @@ class HerderCore(RuleBasedStateMachine):
 
     # --- results --------------------------------------------------------------
 
-    def _deliver(self, attempt: Attempt, job_id: str, attempt_no: int, text_: str) -> None:
-        doc = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no, "text": text_,
-               "finish_reason": "length", "worker": "w1", "timings": {"total_s": 0.5}}
+    def _deliver(self, attempt: Attempt, job_id: str, attempt_no: int, texts: list[str], cached: Any,
+                 legacy: bool) -> None:
+        """A result of ``texts`` (a worker before choices sends only the first) and ``cached`` prompt tokens."""
+        doc: dict[str, Any] = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no,
+                               "text": texts[0], "finish_reason": "length", "worker": "w1", "timings": {"total_s": 0.5}}
+        if legacy:
+            texts = texts[:1]
+        else:
+            doc["cached_tokens"] = cached
+            doc["choices"] = [{"index": i, "text": t, "finish_reason": "stop", "completion_tokens": 0,
+                               "logprobs": None} for i, t in enumerate(texts)]
         job = self.jobs[attempt.job_id]
         current = job.state == RUNNING and job.task_id == attempt.task_id
         with self.sessions.begin() as session:
@@ -423,29 +442,37 @@ class HerderCore(RuleBasedStateMachine):
                 return
             row = call()
             assert row is not None and row.state == DONE
-            completion = self.counter.completion_tokens(MODEL, text_)
+            # Every completion asked for is paid for, and no more than were asked for.
+            completion = sum(self.counter.completion_tokens(MODEL, t) for t in texts[: job.sub.n])
+            valid = isinstance(cached, int) and not isinstance(cached, bool) and not legacy
+            cached = min(max(cached, 0), job.prompt_tokens) if valid else 0
             # At the prices the job was quoted, whatever they are now.
-            actual = job.base_fee + job.fee_per_token * (job.prompt_tokens + completion)
+            actual = (job.base_fee + job.fee_per_token * (job.prompt_tokens - cached + completion)
+                      + job.fee_per_cached_token * cached)
             charge = min(job.offered, job.offered * actual // job.quote)
-            assert (row.charged, row.refunded, row.completion_tokens) == (charge, job.offered - charge, completion)
+            assert (row.charged, row.refunded, row.completion_tokens, row.cached_tokens) == (
+                charge, job.offered - charge, completion, cached)
+            event(f"settled {min(len(texts), job.sub.n)} of {job.sub.n} choices")
         self._end(job, DONE, charge, job.offered - charge)
 
     @precondition(lambda self: any(j.state == RUNNING for j in self.jobs.values()))
-    @rule(data=st.data(), text_=COMPLETIONS)
-    def complete(self, data: st.DataObject, text_: str) -> None:
+    @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
+          legacy=st.booleans())
+    def complete(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool) -> None:
         """The current attempt of a running job reports its result."""
         job = data.draw(st.sampled_from(self._in_state(RUNNING)))
         assert job.task_id is not None
-        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, text_)
+        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, texts, cached, legacy)
 
     @precondition(lambda self: self.attempts)
-    @rule(data=st.data(), text_=COMPLETIONS, forge=st.sampled_from(["none", "attempt", "job"]))
-    def redeliver(self, data: st.DataObject, text_: str, forge: str) -> None:
+    @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
+          legacy=st.booleans(), forge=st.sampled_from(["none", "attempt", "job"]))
+    def redeliver(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, forge: str) -> None:
         """Any attempt's result arrives (again, late, or with a forged attempt or job)."""
         attempt = data.draw(st.sampled_from(self.attempts))
         job_id = uuid.uuid4().hex if forge == "job" else attempt.job_id
         attempt_no = attempt.attempt + (1 if forge == "attempt" else 0)
-        self._deliver(attempt, job_id, attempt_no, text_)
+        self._deliver(attempt, job_id, attempt_no, texts, cached, legacy)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), retryable=st.booleans())

@@ -34,7 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
 
 
 def first_token_then_kill(stack: Stack, job_id: str) -> int:
-    """SIGKILL the worker child generating ``job_id`` once it has streamed its first token."""
+    """SIGKILL the worker generating ``job_id`` once it has streamed its first token, then start another."""
     pid = None
     for event in token_stream.follow(stack.r, job_id, timeout_s=60):
         if event["event"] == "start":
@@ -43,6 +43,7 @@ def first_token_then_kill(stack: Stack, job_id: str) -> int:
             break
     assert pid is not None and event["event"] == "token", event
     os.kill(pid, signal.SIGKILL)
+    stack.replace_worker()
     return pid
 
 

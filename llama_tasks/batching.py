@@ -1,0 +1,507 @@
+"""Continuous batching: one llama.cpp context decodes every active sequence per step.
+
+A ``BatchEngine`` owns one context with ``slots`` sequences (each with its own
+KV memory of ``n_ctx_per_slot`` tokens) and a thread that loops: admit waiting
+sequences into free slots, put one token of every generating sequence and as
+much waiting prompt as fits into one ``llama_batch``, decode it once, then
+sample each sequence with its own sampler chain (penalties, grammar, top-k,
+top-p, min-p, temperature and its own seeded RNG). A sequence joins at the
+next step and frees its slot the step it finishes, is cancelled or runs out of
+time. Callers (Celery's task threads) ``submit`` and wait on the ``Ticket``.
+
+A free slot keeps what its last sequence left in its KV memory, and a new
+sequence goes to the free slot that shares the longest prefix with its
+prompt: the shared part is not computed again (the prompt cache).
+
+ctypes releases the GIL around every llama.cpp call, so the task threads,
+heartbeats and Redis writes run while a step decodes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+from llama_cpp import LlamaGrammar
+from llama_cpp import _logger as llama_logger
+from llama_cpp._internals import LlamaModel, LlamaSampler
+
+from llama_tasks.errors import ContextOverflow, EngineFailed, GenerationTimedOut
+
+log = logging.getLogger(__name__)
+
+#: Prompt tokens one step may decode (llama.cpp's n_batch): a long prompt is
+#: fed in chunks so the sequences already generating are not stalled for it.
+STEP_TOKENS = 512
+#: Generated tokens the repeat penalty looks back over (llama-cpp-python's default).
+PENALTY_LAST_N = 64
+
+
+@dataclass(kw_only=True)
+class SequenceSpec:
+    """One sequence to generate: its prompt tokens and how to sample after them."""
+
+    tokens: list[int]
+    max_tokens: int
+    stops: list[str] = field(default_factory=list)
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int = 0
+    grammar: LlamaGrammar | None = None
+    #: None: no log probabilities; k >= 0: each token's, with its k best alternatives.
+    top_logprobs: int | None = None
+    #: Receives the text as it becomes final (never a piece of a stop string).
+    on_text: Callable[[str], None] | None = None
+    #: Seconds the sequence may take from admission; past it, it fails.
+    time_limit_s: float | None = None
+
+
+@dataclass
+class SequenceResult:
+    """What one sequence produced, with its timings."""
+
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop", "length" or "cancelled"
+    logprobs: list[dict[str, Any]] | None
+    queue_s: float  # waiting for a free slot
+    prompt_s: float  # from admission until the first token was sampled
+    generation_s: float  # from the first token to the end
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+
+class Ticket:
+    """A submitted sequence: wait for its result, or cancel it."""
+
+    def __init__(self, spec: SequenceSpec) -> None:
+        self.spec = spec
+        self.submitted_at = time.perf_counter()
+        self._done = threading.Event()
+        self._result: SequenceResult | None = None
+        self._error: BaseException | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop at the next step; the result keeps the text made so far."""
+        self.cancelled = True
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Whether the sequence finished within ``timeout`` seconds."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> SequenceResult:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the sequence has not finished")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _finish(self, result: SequenceResult | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+
+def _earliest_stop(text: str, stops: list[str], start: int) -> int:
+    """Index of the first stop string in ``text`` at or after ``start``, or -1."""
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class _Text:
+    """The completion text of one sequence, released as it becomes final.
+
+    Text is handed on only once it can no longer turn out to be the start of
+    a stop string, so the pieces always join up to exactly the final text.
+    """
+
+    def __init__(self, stops: list[str], on_text: Callable[[str], None] | None) -> None:
+        self.stops, self.on_text = stops, on_text
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.hold_back = max((len(s) for s in stops), default=1) - 1
+        self.text, self.emitted = "", 0
+
+    def add(self, piece: bytes) -> bool:
+        """Append a token's bytes; True when a stop string ended the text."""
+        self.text += self.decoder.decode(piece)
+        cut = _earliest_stop(self.text, self.stops, max(0, self.emitted - self.hold_back))
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return True
+        safe = len(self.text) - self.hold_back
+        if safe > self.emitted:
+            self._emit(safe)
+        return False
+
+    def close(self, flush_bytes: bool) -> str:
+        if flush_bytes:  # bytes of a character the token limit cut in half
+            self.text += self.decoder.decode(b"", final=True)
+        if len(self.text) > self.emitted:
+            self._emit(len(self.text))
+        return self.text
+
+    def _emit(self, upto: int) -> None:
+        piece, self.emitted = self.text[self.emitted:upto], upto
+        if self.on_text is not None:
+            self.on_text(piece)
+
+
+@dataclass
+class _Slot:
+    """One sequence id of the context and what its KV memory holds."""
+
+    seq_id: int
+    cached: list[int] = field(default_factory=list)
+    last_used: float = 0.0
+    active: "_Active | None" = None
+
+
+class _Active:
+    """A sequence running in a slot."""
+
+    def __init__(self, ticket: Ticket, slot: _Slot, reused: int, sampler: LlamaSampler) -> None:
+        self.ticket, self.slot, self.sampler = ticket, slot, sampler
+        spec = ticket.spec
+        self.pending = spec.tokens[reused:]  # prompt tokens still to decode
+        self.cached_tokens = reused
+        self.admitted_at = time.perf_counter()
+        self.deadline = self.admitted_at + spec.time_limit_s if spec.time_limit_s else math.inf
+        self.first_token_at: float | None = None
+        self.text = _Text(spec.stops, spec.on_text)
+        self.completion = 0
+        self.next_token: int | None = None  # sampled, not yet decoded
+        self.batch_index = -1  # where this step's logits for it are
+        self.logprobs: list[dict[str, Any]] | None = [] if spec.top_logprobs is not None else None
+
+
+class BatchEngine:
+    """Decodes up to ``slots`` sequences together from one context.
+
+    Build it with ``BatchEngine.load`` (which loads the weights) or give it a
+    loaded ``LlamaModel``; ``start()`` creates the context and the thread.
+    """
+
+    def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int,
+                 flash_attn: bool = True) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.model, self.slots, self.n_ctx_per_slot, self.n_threads = model, slots, n_ctx_per_slot, n_threads
+        self.flash_attn = flash_attn
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._waiting: deque[Ticket] = deque()
+        self._lock = threading.Condition()
+        self._ctx: Any = None
+        self._batch: Any = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    @classmethod
+    def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int) -> "BatchEngine":
+        # llama.cpp's own log (every layer, every buffer) only on errors.
+        llama_logger.set_verbose(False)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        model = LlamaModel(path_model=path, params=params, verbose=False)
+        return cls(model, slots, n_ctx_per_slot, n_threads)
+
+    # --- life cycle ----------------------------------------------------------
+
+    def start(self) -> "BatchEngine":
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.slots * self.n_ctx_per_slot
+        params.n_seq_max = self.slots
+        # Each sequence its own KV stream: attention of one job never spans
+        # another's cells, and a slot holds exactly n_ctx_per_slot tokens.
+        params.kv_unified = False
+        params.n_batch = params.n_ubatch = STEP_TOKENS
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        self._ctx = llama_cpp.llama_init_from_model(self.model.model, params)
+        if not self._ctx:
+            raise EngineFailed("llama.cpp could not create a context")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(STEP_TOKENS + self.slots, 0, 1)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+        self._thread = threading.Thread(target=self._loop, name="llamas-batch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None and self._ctx is None:
+            return  # never started, or stopped already
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    # --- what callers see ----------------------------------------------------
+
+    def submit(self, spec: SequenceSpec) -> Ticket:
+        if len(spec.tokens) + spec.max_tokens > self.n_ctx_per_slot:
+            raise ContextOverflow(len(spec.tokens), spec.max_tokens, self.n_ctx_per_slot)
+        if not spec.tokens:
+            raise ValueError("a sequence needs at least one prompt token")
+        ticket = Ticket(spec)
+        with self._lock:
+            if self._stopping:
+                raise EngineFailed("the engine is stopping")
+            self._waiting.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def busy(self) -> int:
+        """Sequences in a slot now."""
+        return sum(1 for s in self._slots if s.active is not None)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # --- the loop -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self.busy():
+                    self._lock.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a bug or llama.cpp refusing: fail what runs, keep serving
+                log.exception("batch step failed")
+                for slot in self._slots:
+                    if slot.active is not None:
+                        self._release(slot.active, None, EngineFailed(f"decoding failed: {exc}"))
+                        self._forget(slot)
+        for slot in self._slots:
+            if slot.active is not None:
+                self._release(slot.active, None, EngineFailed("the engine stopped"))
+        for ticket in self._waiting:
+            ticket._finish(None, EngineFailed("the engine stopped"))
+        self._waiting.clear()
+
+    def _admit(self) -> None:
+        """Move waiting sequences into free slots, each where its prompt is cached longest."""
+        while self._waiting:
+            free = [s for s in self._slots if s.active is None]
+            if not free:
+                return
+            ticket = self._waiting.popleft()
+            if ticket.cancelled:
+                ticket._finish(self._cancelled_before_start(ticket))
+                continue
+            tokens = ticket.spec.tokens
+            slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
+            # At least the last prompt token is decoded again: its logits are the first sample.
+            reused = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reused, -1):
+                reused = 0
+                llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            slot.cached = slot.cached[:reused]
+            slot.active = _Active(ticket, slot, reused, self._sampler(ticket.spec))
+
+    def _sampler(self, spec: SequenceSpec) -> LlamaSampler:
+        """The chain llama-cpp-python's ``Llama.generate`` builds, so answers match it."""
+        sampler = LlamaSampler()
+        sampler.add_penalties(
+            n_vocab=self._n_vocab, penalty_last_n=PENALTY_LAST_N, penalty_repeat=spec.repeat_penalty,
+            penalty_freq=0.0, penalty_present=0.0,
+        )
+        if spec.grammar is not None:
+            sampler.add_grammar(self.model, spec.grammar)
+        if spec.temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(spec.top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(spec.top_p, 1)
+            sampler.add_min_p(spec.min_p, 1)
+            sampler.add_temp(spec.temperature)
+            sampler.add_dist(spec.seed)
+        return sampler
+
+    def _step(self) -> None:
+        active = [s.active for s in self._slots if s.active is not None]
+        now = time.perf_counter()
+        for seq in active:
+            if seq.ticket.cancelled:
+                self._end(seq, "cancelled")
+            elif now > seq.deadline:
+                self._release(seq, None, GenerationTimedOut(seq.ticket.spec.time_limit_s))
+        active = [seq for seq in active if seq.slot.active is seq]
+        if not active:
+            return
+        batch, n = self._batch, 0
+        fed: list[tuple[_Active, list[int]]] = []
+
+        def add(seq: _Active, token: int, pos: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
+            batch.seq_id[n][0], batch.logits[n] = seq.slot.seq_id, logits
+            if logits:
+                seq.batch_index = n
+            n += 1
+
+        # Generating sequences first, one token each: a joining prompt never stalls them.
+        for seq in active:
+            if seq.next_token is not None:
+                add(seq, seq.next_token, len(seq.slot.cached), True)
+                fed.append((seq, [seq.next_token]))
+        budget = STEP_TOKENS - n
+        for seq in active:
+            if seq.next_token is None and seq.pending and budget > 0:
+                chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
+                start = len(seq.slot.cached)
+                for i, token in enumerate(chunk):
+                    add(seq, token, start + i, not seq.pending and i == len(chunk) - 1)
+                fed.append((seq, chunk))
+                budget -= len(chunk)
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineFailed(f"llama_decode returned {rc}")
+        self.steps += 1
+        for seq, tokens in fed:
+            seq.slot.cached.extend(tokens)
+            seq.next_token = None
+            if not seq.pending and seq.batch_index >= 0:
+                try:
+                    self._sample(seq)
+                except Exception as exc:  # its stream's Redis went away: this job fails, the batch goes on
+                    if seq.slot.active is seq:
+                        self._release(seq, None, exc)
+            seq.batch_index = -1
+
+    def _sample(self, seq: _Active) -> None:
+        spec = seq.ticket.spec
+        # The sampler copies the logits it works on: the context's stay as decoded.
+        token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx, seq.batch_index)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+            self._end(seq, "stop")
+            return
+        seq.completion += 1
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprobs(seq.batch_index, token, spec.top_logprobs or 0))
+        if seq.text.add(self._piece(token)):
+            self._end(seq, "stop")
+        elif seq.completion >= spec.max_tokens:
+            self._end(seq, "length")
+        else:
+            seq.next_token = token
+
+    # --- log probabilities ----------------------------------------------------
+
+    def _logprobs(self, index: int, token: int, top: int) -> dict[str, Any]:
+        """The model's log probability of ``token`` and of its ``top`` best alternatives.
+
+        From the raw logits (a log-softmax), before penalties, grammar or
+        temperature, as OpenAI reports them.
+        """
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, index), shape=(self._n_vocab,))
+        shifted = logits.astype(np.float64) - float(logits.max())
+        logprobs = shifted - math.log(float(np.exp(shifted).sum()))
+        best = np.argpartition(-logprobs, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        return {
+            **self._token_doc(token, float(logprobs[token])),
+            "top_logprobs": [self._token_doc(int(t), float(logprobs[t])) for t in best],
+        }
+
+    def _token_doc(self, token: int, logprob: float) -> dict[str, Any]:
+        piece = self._piece(token)
+        return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    # --- ending a sequence ------------------------------------------------------
+
+    def _end(self, seq: _Active, finish: str) -> None:
+        ended = time.perf_counter()
+        first = seq.first_token_at or ended
+        try:
+            text = seq.text.close(flush_bytes=finish == "length")
+        except Exception as exc:  # the last piece could not be streamed
+            self._release(seq, None, exc)
+            return
+        self._release(seq, SequenceResult(
+            text=text,
+            prompt_tokens=len(seq.ticket.spec.tokens),
+            cached_tokens=seq.cached_tokens,
+            completion_tokens=seq.completion,
+            finish_reason=finish,
+            logprobs=seq.logprobs,
+            queue_s=seq.admitted_at - seq.ticket.submitted_at,
+            prompt_s=first - seq.admitted_at,
+            generation_s=ended - first,
+        ))
+
+    def _release(self, seq: _Active, result: SequenceResult | None, error: BaseException | None = None) -> None:
+        slot = seq.slot
+        slot.active, slot.last_used = None, time.perf_counter()
+        if seq.pending:
+            # A prompt cut off half-fed: the slot's memory still matches ``cached``.
+            seq.pending = []
+        seq.sampler.close()
+        seq.ticket._finish(result, error)
+
+    def _forget(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.cached = []
+
+    def _cancelled_before_start(self, ticket: Ticket) -> SequenceResult:
+        return SequenceResult(
+            text="", prompt_tokens=len(ticket.spec.tokens), cached_tokens=0, completion_tokens=0,
+            finish_reason="cancelled", logprobs=[] if ticket.spec.top_logprobs is not None else None,
+            queue_s=time.perf_counter() - ticket.submitted_at, prompt_s=0.0, generation_s=0.0,
+        )
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

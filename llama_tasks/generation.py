@@ -1,0 +1,120 @@
+"""One job on the batch engine: its sequences in, its choices out.
+
+Plain functions: the Celery task (``runtime``) and in-process users (the
+agent's offline evaluation, tests) run a ``Job`` the same way.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+from llama_cpp import Llama
+
+from llama_tasks import engine
+from llama_tasks.batching import BatchEngine, SequenceResult, SequenceSpec, Ticket
+from llama_tasks.job import MAX_SEED, Job
+
+#: How often a waiting job asks whether it was cancelled, in seconds.
+CANCEL_POLL_S = 0.25
+
+
+@dataclass
+class JobResult:
+    """Every choice of one job, and what they share."""
+
+    choices: list[SequenceResult]
+
+    @property
+    def first(self) -> SequenceResult:
+        return self.choices[0]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+    def document(self) -> dict[str, Any]:
+        """The fields of the task's result that describe the generation."""
+        first = self.first
+        return {
+            "text": first.text,
+            "prompt_tokens": first.prompt_tokens,
+            "cached_tokens": min(c.cached_tokens for c in self.choices),
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": first.finish_reason,
+            "choices": [
+                {
+                    "index": i,
+                    "text": c.text,
+                    "finish_reason": c.finish_reason,
+                    "completion_tokens": c.completion_tokens,
+                    "logprobs": c.logprobs,
+                }
+                for i, c in enumerate(self.choices)
+            ],
+            "timings": {
+                "engine_queue_s": first.queue_s,
+                "prompt_s": first.prompt_s,
+                "generation_s": max(c.generation_s for c in self.choices),
+                "tokens_per_s": first.tokens_per_s,
+            },
+        }
+
+
+def sequences(vocab: Llama, job: Job, n_ctx_per_slot: int, on_text: Callable[[str], None] | None,
+              time_limit_s: float | None = None) -> list[SequenceSpec]:
+    """The sequences of ``job`` (one per choice), or the typed error that refuses it."""
+    tokens = engine.prompt_tokens(vocab, job)
+    engine.check_fits(len(tokens), job.max_tokens, n_ctx_per_slot)
+    gbnf = engine.grammar_text(job)
+    grammar = engine.compile_grammar(vocab, gbnf) if gbnf else None
+    _, template_stops = engine.render(vocab, job)
+    # Every job samples from its own seed: one requester's never decides (or
+    # reveals) another's. 0xFFFFFFFF is excluded: llama.cpp reads it as "pick one".
+    seed = job.seed if job.seed is not None else secrets.randbelow(llama_cpp.LLAMA_DEFAULT_SEED)
+    n = getattr(job, "n", 1)
+    top = getattr(job, "top_logprobs", 0) if getattr(job, "logprobs", False) else None
+    return [
+        SequenceSpec(
+            tokens=tokens,
+            max_tokens=job.max_tokens,
+            stops=job.stop + template_stops,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            top_k=job.top_k,
+            min_p=job.min_p,
+            repeat_penalty=job.repeat_penalty,
+            # Choices differ by seed; choice 0 uses the job's, so n=1 is unchanged.
+            seed=(seed + i) % (MAX_SEED + 1),
+            grammar=grammar,
+            top_logprobs=top,
+            # The job's stream carries its first choice.
+            on_text=on_text if i == 0 else None,
+            time_limit_s=time_limit_s,
+        )
+        for i in range(n)
+    ]
+
+
+def run(batch: BatchEngine, specs: list[SequenceSpec], cancelled: Callable[[], bool] | None = None) -> JobResult:
+    """Submit ``specs`` together and wait for all; ``cancelled()`` is asked while waiting."""
+    tickets: list[Ticket] = []
+    try:
+        for spec in specs:
+            tickets.append(batch.submit(spec))
+        for ticket in tickets:
+            while not ticket.done():
+                if cancelled is not None and cancelled():
+                    for t in tickets:
+                        t.cancel()
+                    cancelled = None
+                ticket.wait(CANCEL_POLL_S)
+        return JobResult([t.result() for t in tickets])
+    finally:
+        # Whatever went wrong here (a Redis error while polling), no slot stays taken.
+        for t in tickets:
+            if not t.done():
+                t.cancel()

@@ -1,0 +1,242 @@
+"""The batch engine on the real bundled SmolLM2: many sequences, one context, one decode per step."""
+
+from __future__ import annotations
+
+import threading
+
+import llama_cpp
+import numpy as np
+import pytest
+from llama_cpp import Llama
+
+from llama_tasks import engine, generation, registry
+from llama_tasks.batching import BatchEngine, SequenceSpec
+from llama_tasks.errors import ContextOverflow, GenerationTimedOut
+from llama_tasks.job import Job
+
+N_CTX = 512
+PROMPTS = (
+    "Write a haiku about llamas in the mountains.",
+    "Explain in two sentences why the sky is blue.",
+    "Give three tips for a good night's sleep.",
+    "What is the capital of France, and what is it famous for?",
+    "Describe a cup of coffee to someone who has never had one.",
+    "List four animals that live in the ocean.",
+    "Summarise the plot of Cinderella in a few sentences.",
+    "Why do people keep llamas as pack animals?",
+)
+#: 300 lowercase letters: the model cannot stop early.
+LONG_GRAMMAR = "root ::= [a-z]{300}"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return registry.builtin_models()["smollm2"]
+
+
+@pytest.fixture(scope="module")
+def vocab(spec):
+    return engine.load_vocab(spec)
+
+
+@pytest.fixture(scope="module")
+def single(spec):
+    """llama-cpp-python's own single-sequence path, with the engine's attention kernel."""
+    return Llama(model_path=spec.path, n_ctx=N_CTX, n_threads=2, n_threads_batch=2, flash_attn=True, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def batch(spec):
+    started = BatchEngine.load(spec.path, slots=8, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    yield started
+    started.stop()
+
+
+def chat(vocab, content, **fields):
+    values = dict(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=48, temperature=0.0,
+                  messages=[{"role": "user", "content": content}])
+    values.update(fields)
+    return generation.sequences(vocab, Job(**values), N_CTX, None)
+
+
+def reference(single, seq: SequenceSpec) -> str:
+    """What llama-cpp-python alone generates greedily for ``seq``'s prompt, from an empty cache."""
+    single.reset()
+    out = single.create_completion(seq.tokens, max_tokens=seq.max_tokens, temperature=0.0, stop=seq.stops)
+    return out["choices"][0]["text"]
+
+
+def test_eight_prompts_decoded_together_equal_the_single_sequence_path(batch, vocab, single):
+    seqs = [chat(vocab, p)[0] for p in PROMPTS]
+    steps = batch.steps
+    tickets = [batch.submit(s) for s in seqs]
+    results = [t.result(timeout=300) for t in tickets]
+    assert [r.text for r in results] == [reference(single, s) for s in seqs]
+    # Decoded together: far fewer steps than tokens.
+    assert batch.steps - steps < sum(r.completion_tokens for r in results) / 2
+
+
+def test_sequences_join_and_leave_mid_batch_without_changing_answers(batch, vocab, single):
+    long_seq = chat(vocab, PROMPTS[0], max_tokens=120)[0]
+    started = threading.Event()
+    long_seq.on_text = lambda _piece: started.set()
+    long_ticket = batch.submit(long_seq)
+    assert started.wait(120)  # the long one is generating: the others join it
+    joiners = [chat(vocab, p, max_tokens=8)[0] for p in PROMPTS[1:4]]
+    short = [batch.submit(s).result(timeout=120) for s in joiners]  # each joins, finishes, leaves
+    long_result = long_ticket.result(timeout=300)
+    assert [r.text for r in short] == [reference(single, s) for s in joiners]
+    assert long_result.text == reference(single, long_seq)
+    assert long_result.completion_tokens == 120 or long_result.finish_reason == "stop"
+
+
+def test_a_cancelled_sequence_frees_its_slot_within_one_step(spec, vocab):
+    one_slot = BatchEngine.load(spec.path, slots=1, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    try:
+        long_seq = chat(vocab, "Letters:", max_tokens=300, grammar=LONG_GRAMMAR)[0]
+        pieces: list[str] = []
+        first = threading.Event()
+        at_cancel: list[int] = []
+
+        def on_text(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) == 3:
+                at_cancel.append(one_slot.steps)
+                ticket.cancel()
+                first.set()
+
+        long_seq.on_text = on_text
+        ticket = one_slot.submit(long_seq)
+        waiting = one_slot.submit(chat(vocab, PROMPTS[1], max_tokens=4)[0])  # needs the only slot
+        cancelled = ticket.result(timeout=120)
+        assert first.is_set()
+        assert cancelled.finish_reason == "cancelled"
+        # Stopped at the step after the cancel (the stream got the text held back for stop strings).
+        assert cancelled.text == "".join(pieces) and cancelled.completion_tokens < 20
+        # The waiting sequence got the slot: everything after the cancel took few steps.
+        after = waiting.result(timeout=120)
+        assert after.completion_tokens == 4
+        assert one_slot.steps - at_cancel[0] <= 1 + 1 + after.completion_tokens
+    finally:
+        one_slot.stop()
+
+
+def test_grammars_stop_strings_and_free_text_share_a_batch(batch, vocab, single):
+    digit = chat(vocab, "Rate 'what a lovely day' from 1 to 5.", grammar="root ::= [1-5]")[0]
+    stopped = chat(vocab, "Count from 1 to 20 separated by commas.", max_tokens=60, stop=["7"])[0]
+    schema = chat(vocab, "Give a JSON object with a mood.", max_tokens=40,
+                  json_schema={"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}},
+                               "required": ["mood"]})[0]
+    free = chat(vocab, PROMPTS[5])[0]
+    results = [t.result(timeout=300) for t in [batch.submit(s) for s in (digit, stopped, schema, free)]]
+    assert results[0].text in {"1", "2", "3", "4", "5"} and results[0].finish_reason == "stop"
+    assert "7" not in results[1].text and results[1].finish_reason == "stop" and "6" in results[1].text
+    assert results[2].text.startswith('{') and '"mood"' in results[2].text
+    assert results[3].text == reference(single, free)
+    # Grammar-free sequences match llama-cpp-python alone; the stop string is cut as it cuts it.
+    assert results[1].text == reference(single, stopped)
+
+
+def test_a_shared_prefix_is_served_from_the_prompt_cache(spec, vocab, single):
+    system = "You are a careful assistant who grades the sentiment of chat rooms. " * 6
+    fresh = BatchEngine.load(spec.path, slots=2, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    try:
+        def ask(question: str) -> SequenceSpec:
+            job = Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=12, temperature=0.0,
+                      messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+                      logprobs=True, top_logprobs=5)
+            return generation.sequences(vocab, job, N_CTX, None)[0]
+
+        first, second = ask("Is 'great news everyone' positive?"), ask("Is 'the train is late again' positive?")
+        a = fresh.submit(first).result(timeout=120)
+        b = fresh.submit(second).result(timeout=120)
+        shared = engine.prompt_tokens(vocab, Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0,
+                                                 messages=[{"role": "system", "content": system}]))
+        assert a.cached_tokens == 0 and a.text == reference(single, first)
+        assert b.cached_tokens >= len(shared) - 1 > 60
+        assert b.cached_tokens < b.prompt_tokens
+        again = fresh.submit(second).result(timeout=120)
+        assert again.cached_tokens == again.prompt_tokens - 1
+        # A cache hit is exactly llama.cpp's answer for the prompt decoded in the
+        # same two pieces: the reused entries are the right ones. (Decoded in one
+        # piece, the last bits can differ, as in llama-server.)
+        k = b.cached_tokens
+        single.reset()
+        single.eval(second.tokens[:k])
+        single.eval(second.tokens[k:])
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(single.ctx, -1), shape=(single.n_vocab(),))
+        shifted = logits.astype(np.float64) - float(logits.max())
+        expected = shifted - np.log(np.exp(shifted).sum())
+        assert b.logprobs
+        for top in b.logprobs[0]["top_logprobs"]:
+            token = vocab.tokenize(bytes(top["bytes"]), add_bos=False, special=True)
+            assert len(token) == 1 and top["logprob"] == pytest.approx(expected[token[0]], abs=1e-4)
+        assert b.logprobs[0]["token"] == b.logprobs[0]["top_logprobs"][0]["token"]
+    finally:
+        fresh.stop()
+
+
+def test_n_choices_differ_by_seed_and_all_are_returned(batch, vocab):
+    seqs = chat(vocab, "Name a colour.", max_tokens=6, temperature=1.0, seed=11, n=3)
+    assert [s.seed for s in seqs] == [11, 12, 13]
+    result = generation.run(batch, seqs)
+    assert len(result.choices) == 3
+    assert result.completion_tokens == sum(c.completion_tokens for c in result.choices)
+    again = generation.run(batch, chat(vocab, "Name a colour.", max_tokens=6, temperature=1.0, seed=11, n=3))
+    assert [c.text for c in again.choices] == [c.text for c in result.choices]  # seeded: reproducible
+    doc = result.document()
+    assert [c["index"] for c in doc["choices"]] == [0, 1, 2] and doc["text"] == result.choices[0].text
+
+
+def test_logprobs_describe_each_generated_token(batch, vocab, spec):
+    seq = chat(vocab, PROMPTS[3], max_tokens=10, logprobs=True, top_logprobs=3)[0]
+    result = batch.submit(seq).result(timeout=120)
+    assert result.logprobs is not None and len(result.logprobs) == result.completion_tokens
+    assert "".join(bytes(e["bytes"]).decode("utf-8", "replace") for e in result.logprobs) == result.text
+    for entry in result.logprobs:
+        tops = entry["top_logprobs"]
+        assert len(tops) == 3 and entry["logprob"] <= 0.0
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+        assert tops[0]["token"] == entry["token"] and tops[0]["logprob"] == entry["logprob"]  # greedy took the best
+    # The same numbers llama-cpp-python reports for the same tokens.
+    every_logit = Llama(model_path=spec.path, n_ctx=N_CTX, n_threads=2, flash_attn=True, logits_all=True,
+                        verbose=False)
+    ref = every_logit.create_completion(seq.tokens, max_tokens=10, temperature=0.0, logprobs=3)
+    ref = ref["choices"][0]["logprobs"]
+    assert ref["tokens"] == [e["token"] for e in result.logprobs]
+    for mine, theirs in zip(result.logprobs, ref["token_logprobs"]):
+        assert mine["logprob"] == pytest.approx(theirs, abs=1e-3)
+
+
+def test_no_logprobs_unless_asked(batch, vocab):
+    result = batch.submit(chat(vocab, PROMPTS[2], max_tokens=3)[0]).result(timeout=120)
+    assert result.logprobs is None
+
+
+def test_a_sequence_past_its_time_limit_fails_typed(batch, vocab):
+    seq = chat(vocab, "Letters:", max_tokens=300, grammar=LONG_GRAMMAR)[0]
+    seq.time_limit_s = 0.05
+    with pytest.raises(GenerationTimedOut):
+        batch.submit(seq).result(timeout=120)
+
+
+def test_a_job_that_cannot_fit_one_slot_is_refused_with_both_numbers(batch, vocab):
+    seq = chat(vocab, "hello", max_tokens=8)[0]
+    seq.max_tokens = N_CTX
+    with pytest.raises(ContextOverflow) as info:
+        batch.submit(seq)
+    assert info.value.as_dict() == {"prompt_tokens": len(seq.tokens), "max_tokens": N_CTX, "n_ctx": N_CTX}
+
+
+def test_a_stream_that_fails_ends_its_own_job_and_no_other(batch, vocab, single):
+    broken = chat(vocab, PROMPTS[6], max_tokens=20)[0]
+
+    def on_text(_piece: str) -> None:
+        raise ConnectionError("the stream's Redis went away")
+
+    broken.on_text = on_text
+    healthy = chat(vocab, PROMPTS[7], max_tokens=20)[0]
+    tickets = [batch.submit(broken), batch.submit(healthy)]
+    with pytest.raises(ConnectionError):
+        tickets[0].result(timeout=120)
+    assert tickets[1].result(timeout=120).text == reference(single, healthy)

@@ -17,7 +17,7 @@ help:
 	@echo "make chaos   the full fault-and-abuse suite against the real stack (takes longer)"
 	@echo "make flower  Flower alone, with the password that llamas up made"
 	@echo "make agent   the example agent, against a running make run"
-	@echo "make bench   compare with llama-cpp-python; writes tests/bench/results/latest.{md,png}"
+	@echo "make bench   compare with llama-cpp-python and llama-server; writes tests/bench/results/latest.{md,png}"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,9 +92,13 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	@touch $(BENCH_STAMP)
 
-# Side by side with llama-cpp-python in process and its own server (~7 min on
-# two cores): writes tests/bench/results/latest.md and latest.png.
+# Side by side with llama-cpp-python in process, its own server and llama.cpp's
+# llama-server (~5 min on two cores): writes tests/bench/results/latest.md and
+# latest.png. The first run builds llama-server from the llama.cpp vendored by
+# the installed llama-cpp-python (~10 min on two cores, one line per step; cached in
+# $(VENV)/llama-server/<version>/).
 bench: $(BENCH_STAMP)
+	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m tests.bench.llama_server
 	$(BIN)/python -m tests.bench.compare
 
 keys: $(STAMP)

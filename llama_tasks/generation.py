@@ -19,7 +19,7 @@ from llama_tasks.batching import BatchEngine, SequenceResult, SequenceSpec, Tick
 from llama_tasks.job import MAX_SEED, Job
 
 #: How often a waiting job asks whether it was cancelled, in seconds.
-CANCEL_POLL_S = 0.25
+CANCEL_POLL_S = 0.5
 
 
 @dataclass

@@ -1,22 +1,31 @@
-"""Side by side: llamas against plain llama-cpp-python and its own server.
+"""Side by side: llamas against llama-cpp-python and llama.cpp's own llama-server.
 
 Run ``python -m tests.bench.compare`` (or ``make bench``). In one run, on the
-bundled SmolLM2 GGUF, the same chat prompts, ``max_tokens`` and greedy
-sampling, it measures
+bundled SmolLM2 GGUF (or ``--model``), the same chat prompts, ``max_tokens``,
+greedy sampling and the same ``T`` threads for prompt and decode everywhere
+(``--threads``, default: every core), it measures
 
-1. in-process llama-cpp-python (``Llama.create_chat_completion``) with every
-   core (the baseline the issue names) and with one thread (faster on a small,
-   shared machine);
-2. llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``, its
-   defaults, loopback only);
-3. our HTTP gateway (``/v1/chat/completions``) in front of a full stack:
-   herder with beat, inference worker, SQLite ledger, funded account;
-4. our Python client (``Herder.run(...).result()``) on the same stack,
+1. in-process llama-cpp-python (``Llama(n_threads=T, n_threads_batch=T)``,
+   ``create_chat_completion``), one request at a time: the baseline at
+   concurrency 1, and its sequential throughput at every concurrency;
+2. llama-cpp-python's own OpenAI server (``python -m llama_cpp.server``,
+   loopback only), which runs one request at a time;
+3. llama.cpp's ``llama-server``, built by ``tests.bench.llama_server`` from the
+   llama.cpp that the installed llama-cpp-python vendors, with ``-np S
+   --cont-batching`` (``--slots S``): the batched peer;
+4. ours, through the HTTP gateway (``/v1/chat/completions``) and the Python
+   client (``Herder.run(...).result()``), in front of a full stack: herder
+   with beat, one inference worker started as ``llamas up`` starts it (no
+   ``-c``, no ``-P``: its own defaults decide the layout; ``LLAMAS_SLOTS=S``),
+   SQLite ledger, funded account,
 
 at each concurrency (closed loop: that many requests in flight), for several
 repetitions, interleaved so that every system sees the same noise of a
-shared machine. In-process llama-cpp-python runs one request at a time
-whatever the concurrency: its sequential throughput is the baseline.
+shared machine. Every slot holds ``--ctx-per-slot`` tokens of context.
+
+Memory: the resident memory of our worker's process tree with ``S`` slots
+against ``S`` single-slot llama-cpp-python processes (``tests.bench.memory``),
+each after warm-up requests.
 
 Then the herder's own overhead: the inference worker is swapped for
 ``tests.bench.stub_worker`` (answers at once, no model), and we time
@@ -35,12 +44,12 @@ import argparse
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,6 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.bench import llama_server, peers
+from tests.bench.memory import Memory, SingleSlots, tree_memory
+from tests.bench.peers import OurWorker, Server, free_port
 from tests.processes import ROOT, CeleryProcess
 
 #: Eight short chat prompts, sent in this order (cycled when a round needs more).
@@ -70,14 +82,16 @@ MAX_TOKENS = 64
 SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 CONCURRENCY = (1, 4, 8)
 REPETITIONS = 3
-#: Inference worker processes: one llama.cpp thread each on a 2-core machine (see ``--slots``).
-DEFAULT_SLOTS = 2
+#: Sequences batched at once: llama-server's ``-np`` and our ``LLAMAS_SLOTS`` (see ``--slots``).
+DEFAULT_SLOTS = 8
+#: Context of one slot in tokens (our worker's default ``LLAMAS_N_CTX``); llama-server gets ``slots ×`` this.
+CTX_PER_SLOT = 2048
 #: Herder worker processes, as ``llamas up`` starts it.
 HERDER_CONCURRENCY = 2
 #: Requests per measured round: twice the concurrency, at least one per prompt.
 MIN_REQUESTS = len(PROMPTS)
 REQUEST_TIMEOUT_S = 120.0
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = peers.READY_TIMEOUT_S
 #: Stub phase: sequential requests timed one by one, and requests in a burst.
 STUB_SEQUENTIAL = 20
 STUB_BURST = 80
@@ -87,14 +101,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Marks a database of the local Redis as taken (the same protocol as tests/conftest.py).
 SESSION_KEY = "llamas:test-session"
 
-INPROC, INPROC_1 = "in-process llama-cpp-python", "in-process llama-cpp-python, 1 thread"
-SERVER, GATEWAY, CLIENT = "llama-cpp-python server", "llamas gateway", "llamas client"
-SYSTEMS = (INPROC, INPROC_1, SERVER, GATEWAY, CLIENT)
+INPROC, SERVER, LLAMA_SERVER = "in-process llama-cpp-python", "llama-cpp-python server", "llama-server"
+GATEWAY, CLIENT = "llamas gateway", "llamas client"
+#: The report's key for how our inference worker was started.
+OUR_WORKER = "llamas worker"
+PEERS = (INPROC, SERVER, LLAMA_SERVER)
 OURS = (GATEWAY, CLIENT)
+SYSTEMS = PEERS + OURS
 #: Run one request at a time whatever the concurrency: measured once per repetition.
-SEQUENTIAL = (INPROC, INPROC_1)
-#: Seconds the measuring may take before further repetitions are dropped (whole run ≈ 8 min).
+SEQUENTIAL = (INPROC,)
+#: The targets, ours (the gateway) ÷ a peer at a concurrency: at 1 the in-process baseline, above it
+#: the batched llama-server. Measured and reported, not asserted.
+TARGET_C1 = (INPROC, 0.95)
+TARGET_BATCHED = (LLAMA_SERVER, 1.0)
+#: Seconds the measuring may take before further repetitions are dropped.
 BUDGET_S = 380.0
+#: The worker's own model name for ``--model``: registered in the run's home under this name.
+CUSTOM_MODEL = "bench"
 
 
 def log(text: str) -> None:
@@ -155,50 +178,6 @@ def configure(tmp: Path, redis_url: str) -> dict[str, str]:
 
     signing.generate_keypair(home)
     return dict(os.environ)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """An HTTP server subprocess in its own process group, stopped with the group."""
-
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log_path: Path,
-                 probe: str) -> None:
-        self.name, self.port, self.log_path = name, port, log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (open for the server's life; closed in stop)
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}"
-        self._wait(probe)
-
-    def _wait(self, probe: str) -> None:
-        import httpx
-
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + probe, timeout=1.0).status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} did not answer on {self.url}{probe}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 def stop_celery(process: CeleryProcess) -> None:
@@ -301,7 +280,7 @@ def messages(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
 
 
-# --- the four systems ------------------------------------------------------------
+# --- the systems -------------------------------------------------------------------
 
 
 def inprocess_call(llm: Any, max_tokens: int) -> Call:
@@ -333,7 +312,7 @@ def http_call(base_url: str, max_tokens: int, api_key: str | None, model: str) -
     return call
 
 
-def client_call(api_key: str, max_tokens: int) -> Call:
+def client_call(api_key: str, max_tokens: int, model: str = "smollm2") -> Call:
     """``Herder.run(...).result()``, one ``Herder`` per client thread."""
     from router import Herder
 
@@ -342,7 +321,7 @@ def client_call(api_key: str, max_tokens: int) -> Call:
     def call(k: int, i: int) -> tuple[int, str | None]:
         if k not in herders:
             herders[k] = Herder(api_key)
-        handle = herders[k].run(messages=messages(i), tokens=max_tokens, **SAMPLING)
+        handle = herders[k].run(messages=messages(i), tokens=max_tokens, model=model, **SAMPLING)
         result = handle.result(timeout=REQUEST_TIMEOUT_S)
         return int(result["completion_tokens"]), handle.id
 
@@ -352,19 +331,33 @@ def client_call(api_key: str, max_tokens: int) -> Call:
 # --- the stack -----------------------------------------------------------------
 
 
+#: ``threads=2`` in the worker's load line (``pid … loaded smollm2 in 0.31s: gpu=None threads=2 slots=8 …``).
+THREADS_LOGGED = re.compile(r"\bthreads=(\d+)")
+
+
 @dataclass
 class Stack:
-    """Herder with beat, one inference worker and the gateway, on a fresh SQLite ledger."""
+    """Herder with beat, one inference worker and the gateway, on a fresh SQLite ledger.
+
+    The worker is started as ``llamas up`` starts it (``peers.our_worker_argv``),
+    with ``worker_env`` on top of ``env`` (``LLAMAS_SLOTS`` and the like).
+    """
 
     env: dict[str, str]
     tmp: Path
     slots: int
     herder_concurrency: int
+    model: str = "smollm2"
+    worker_env: dict[str, str] = field(default_factory=dict)
+    worker_args: list[str] = field(default_factory=list)
     api_key: str = ""
     herder: CeleryProcess | None = None
     worker: CeleryProcess | None = None
     gateway: Server | None = None
     sessions: Any = None
+    #: The worker's first heartbeat (its slots as it counts them), and the threads its log says it loaded with.
+    heartbeat: dict[str, Any] = field(default_factory=dict)
+    worker_threads: str = "?"
 
     def start(self) -> None:
         import redis
@@ -377,8 +370,8 @@ class Stack:
         self.sessions = make_sessionmaker(make_engine(url))
         with self.sessions.begin() as session:
             _, self.api_key = ledger.create_account(session, "bench", FUNDS)
-        self.worker = CeleryProcess("llama_tasks", "llama.smollm2", "bench-llama", self.slots, self.env,
-                                    self.tmp / "worker.log")
+        self.worker = OurWorker(f"llama.{self.model}", "bench-llama", dict(self.env, **self.worker_env),
+                                self.tmp / "worker.log", self.worker_args)
         self.herder = CeleryProcess("router", "herder", "bench-herder", self.herder_concurrency, self.env,
                                     self.tmp / "herder.log",
                                     extra=["-B", "-s", str(self.tmp / "beat-schedule")])
@@ -387,9 +380,14 @@ class Stack:
                                           "--port", str(port), "--log-level", "warning"],
                               port, self.env, self.tmp / "gateway.log", "/health")
         r = redis.Redis.from_url(self.env["LLAMAS_REDIS_URL"])
-        self.worker.wait_ready(r, READY_TIMEOUT_S)
+        self.heartbeat = self.worker.wait_ready(r, READY_TIMEOUT_S)
         self.herder.wait_log("ready.", READY_TIMEOUT_S)
         r.close()
+
+    def note_threads(self) -> None:
+        """What the worker's log says its model loaded with (read after a warm-up: children load lazily)."""
+        found = sorted(set(THREADS_LOGGED.findall(self.worker.output()))) if self.worker else []  # type: ignore[attr-defined]
+        self.worker_threads = ",".join(found) or "?"
 
     def swap_worker(self, process: CeleryProcess) -> None:
         import redis
@@ -434,7 +432,16 @@ class Run:
     overhead: dict[str, list[float]] = field(default_factory=dict)
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     herder_tasks: dict[str, list[float]] = field(default_factory=dict)
-    server_threads: int = 0
+    #: The systems this run compares (``--only`` narrows them), in the order they are first measured.
+    systems: list[str] = field(default_factory=list)
+    #: How each system was started, as the report prints it (no machine paths).
+    commands: dict[str, str] = field(default_factory=dict)
+    #: Resident memory after warm-up: a label -> what its processes hold.
+    memory: dict[str, Memory] = field(default_factory=dict)
+    model_name: str = ""
+    #: Our worker as it described itself: slots from its heartbeat, threads from its log.
+    our_slots: str = "?"
+    our_threads: str = "?"
     reps_done: int = 0
     started: float = field(default_factory=time.time)
     #: 1-minute load average when the run started: other processes sharing the cores.
@@ -446,7 +453,9 @@ class Run:
         return [r for r in self.rounds if r.system == system and r.concurrency == concurrency]
 
     def median(self, system: str, concurrency: int, what: Callable[[Round], float]) -> float:
-        return statistics.median(what(r) for r in self.of(system, concurrency))
+        """Median of ``what`` over the rounds of ``system`` at ``concurrency``; NaN when it was not measured."""
+        rounds = self.of(system, concurrency)
+        return statistics.median(what(r) for r in rounds) if rounds else math.nan
 
 
 def measure(run: Run, calls: dict[str, Call]) -> None:
@@ -472,6 +481,8 @@ def measure(run: Run, calls: dict[str, Call]) -> None:
                 wall, samples = closed_loop(calls[system], requests, inflight, run.args.round_timeout)
                 rnd = Round(system, inflight, rep, wall, samples)
                 run.rounds.append(rnd)
+                if not rnd.tokens:
+                    log(f"WARNING: {system} generated no tokens (does the model's chat template suit it?)")
                 log(f"rep {rep + 1} c={inflight} {system:40s} {rnd.tokens_per_s:6.1f} tok/s  "
                     f"p50 {rnd.latency(50):5.2f}s  p95 {rnd.latency(95):5.2f}s  ({rnd.tokens} tokens, {wall:.1f}s)")
         run.reps_done = rep + 1
@@ -640,8 +651,60 @@ def overhead(run: Run, stack: Stack) -> None:
 # --- report ------------------------------------------------------------------------
 
 
+def _div(a: float, b: float) -> float:
+    """``a / b``, NaN where either was not measured or ``b`` is nothing (a peer that generated no tokens)."""
+    return a / b if b and not (math.isnan(a) or math.isnan(b)) else math.nan
+
+
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}×" if b else "–"
+    ratio = _div(a, b)
+    return "–" if math.isnan(ratio) else f"{ratio:.2f}×"
+
+
+def _verdict(ratio: float, target: float) -> str:
+    if math.isnan(ratio):
+        return "not measured (or the peer generated no tokens)"
+    if ratio >= target:
+        return f"**met** ({ratio:.2f} ≥ {target:.2f}, {ratio / target - 1:+.0%} to spare)"
+    return (f"**missed** by {target - ratio:.2f} ({ratio:.2f} < {target:.2f}: ours needs "
+            f"{target / ratio - 1:+.0%} tokens/s)")
+
+
+def targets(run: Run) -> list[str]:
+    """One line per target: ours (the gateway; the client in brackets) ÷ the peer the target names."""
+    lines = []
+    for c in run.args.concurrency:
+        peer, target = TARGET_C1 if c == 1 else TARGET_BATCHED
+        base = run.median(peer, c, lambda r: r.tokens_per_s)
+        ours, client = (_div(run.median(s, c, lambda r: r.tokens_per_s), base) for s in (GATEWAY, CLIENT))
+        lines.append(f"- concurrency {c}: {GATEWAY} ÷ {peer} = {_verdict(ours, target)}"
+                     + ("" if math.isnan(client) else f"; {CLIENT}: {client:.2f}"))
+    return lines
+
+
+def memory_lines(run: Run) -> list[str]:
+    if not run.memory:
+        return []
+    mib = 1 << 20
+    lines = [
+        "",
+        "## Resident memory after warm-up",
+        "",
+        ("Summed over each process tree from `/proc`: RSS counts pages shared between processes (the mmap'd "
+         "model) once per process, PSS splits them between their sharers. Our worker is measured after "
+         f"{2 * run.args.slots} warm-up requests, {run.args.slots} at a time; each single-slot process is an "
+         "in-process `Llama` like the baseline above, in its own process, after one warm-up request."),
+        "",
+        "| what | processes | RSS MiB | PSS MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {label} | {m.processes} | {m.rss / mib:.0f} | {m.pss / mib:.0f} |" for label, m in run.memory.items()]
+    ours = next((m for label, m in run.memory.items() if label.startswith("llamas")), None)
+    single = next((m for label, m in run.memory.items() if "single-slot" in label), None)
+    if ours and single:
+        lines += ["", (f"Ours ÷ {run.args.slots} single-slot processes: RSS **{_ratio(ours.rss, single.rss)}**, "
+                       f"PSS {_ratio(ours.pss, single.pss)}.")]
+    return lines
 
 
 def report(run: Run, command: str) -> str:
@@ -652,109 +715,116 @@ def report(run: Run, command: str) -> str:
         return r.tokens_per_s
 
     lines = [
-        "# llamas benchmark: side by side with llama-cpp-python",
+        "# llamas benchmark: side by side with llama-cpp-python and llama-server",
         "",
         (f"`{command}` — {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}, {cores} cores "
-         f"({platform.machine()}), SmolLM2-135M-Instruct Q4_1, {len(PROMPTS)} chat prompts, "
-         f"max_tokens {a.max_tokens}, temperature 0 (EOS still stops), {run.reps_done} repetition(s) "
+         f"({platform.machine()}), `{run.model_name}`, {len(PROMPTS)} chat prompts, max_tokens {a.max_tokens}, "
+         f"temperature 0 (EOS still stops), **{a.threads} thread(s) for prompt and decode in every system**, "
+         f"{a.slots} slots of {a.ctx_per_slot} tokens where a system batches, {run.reps_done} repetition(s) "
          f"interleaved with the order rotated; every figure is the median over repetitions. "
          f"Rounds: {MIN_REQUESTS} requests, or twice the concurrency when more. Load average (1 min) "
          f"{run.load_at_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: anything above 0 is "
          f"other work sharing these cores, which is why only medians and ratios mean anything."),
         "",
-        (f"- **in-process**: `Llama(n_threads={cores})` (every core) and `Llama(n_threads=1)`, one request at a "
-         f"time: their sequential throughput is the baseline at every concurrency."),
-        (f"- **server**: `python -m llama_cpp.server --model … --n_ctx 2048` with its defaults "
-         f"(n_threads={run.server_threads}); it runs one request at a time."),
-        (f"- **ours**: the gateway (`/v1/chat/completions`) and the Python client (`Herder.run().result()`) in "
-         f"front of the herder (`-c {a.herder_concurrency} -B`) and one inference worker `-c {a.slots}` "
-         f"({max(1, cores // a.slots)} llama.cpp thread(s) per child), on a SQLite ledger. Why one thread per "
-         f"child: a 135M model decodes a token in milliseconds, so llama.cpp's per-token thread barrier dominates "
-         f"and stalls whenever another process takes a core (compare the two in-process rows); single-thread "
-         f"children decode independently."),
+        "How each system was started (`$MODEL` is the GGUF file):",
+        "",
+    ]
+    lines += [f"- **{system}**: `{cmd}`" for system, cmd in run.commands.items() if system != OUR_WORKER]
+    if OUR_WORKER in run.commands:
+        lines.append(
+            f"- **ours**: the inference worker `{run.commands[OUR_WORKER]}` (its heartbeat says {run.our_slots} "
+            f"slot(s), its log threads={run.our_threads}) behind the herder (`celery -A router worker -Q herder "
+            f"-c {a.herder_concurrency} -B`) and the gateway (`uvicorn router.api:app`) on a SQLite ledger; "
+            f"requests go through the gateway's `/v1/chat/completions` ({GATEWAY}) and the Python client's "
+            f"`Herder.run(...).result()` ({CLIENT}).")
+    lines += [
+        "",
+        ("In-process llama-cpp-python runs one request at a time: its sequential throughput is the baseline at "
+         "every concurrency. llama-cpp-python's server serialises requests too."),
         "",
         ("| concurrency | system | completion tok/s | p50 latency s | p95 latency s | tokens/round "
-         f"| ours ÷ in-process ({cores} threads) | ours ÷ in-process (1 thread) | ours ÷ server |"),
+         "| ours ÷ in-process | ours ÷ llama-server | ours ÷ llama-cpp-python server |"),
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in a.concurrency:
-        base = {s: run.median(s, c, tps) for s in (INPROC, INPROC_1, SERVER)}
-        for system in SYSTEMS:
+        base = {s: run.median(s, c, tps) for s in (INPROC, LLAMA_SERVER, SERVER)}
+        for system in run.systems:
             value = run.median(system, c, tps)
-            ratios = [_ratio(value, base[s]) if system in OURS else "" for s in (INPROC, INPROC_1, SERVER)]
+            ratios = [_ratio(value, base[s]) if system in OURS else "" for s in (INPROC, LLAMA_SERVER, SERVER)]
             label = system + (" (sequential)" if system in SEQUENTIAL and c > 1 else "")
             lines.append(
                 f"| {c} | {label} | {value:.1f} | {run.median(system, c, lambda r: r.latency(50)):.2f} "
                 f"| {run.median(system, c, lambda r: r.latency(95)):.2f} "
                 f"| {run.median(system, c, lambda r: r.tokens):.0f} | " + " | ".join(ratios) + " |"
             )
-    c1 = a.concurrency[0]
-    c4 = 4 if 4 in a.concurrency else a.concurrency[-1]
-    lines += [
-        "",
-        ("Targets (measured, not asserted): at concurrency "
-         f"{c1}, gateway ÷ in-process = **{run.median(GATEWAY, c1, tps) / run.median(INPROC, c1, tps):.2f}** "
-         f"({run.median(GATEWAY, c1, tps) / run.median(INPROC_1, c1, tps):.2f} against 1 thread; target ≥ 0.95); "
-         f"at concurrency {c4}, gateway ÷ server = "
-         f"**{run.median(GATEWAY, c4, tps) / run.median(SERVER, c4, tps):.2f}** (target ≥ 2)."),
-        "",
-        "## Where our requests spend their time (median ms per request)",
-        "",
-        ("reach: sent → herder starts admitting; admit+wait: → dispatch starts (quote, hold, commit, any wait "
-         "for a slot); deliver: → worker starts it (claim, sign, broker, pool hand-off); generate: prompt + decode; "
-         "settle: decode done → herder starts settling (result store, link callback, result polling); answer: → "
-         "requester has it (settlement and forwarding transactions, notify, reply). Slot gap: a slot's idle time "
-         "from the generation that freed it to the start of the queued job it took next. Slot utilisation: "
-         "generation time ÷ (wall time × slots)."),
-        "",
-        "| system | concurrency | " + " | ".join(STAGES) + " | slot gap | slot utilisation |",
-        "|---|---:|" + "---:|" * (len(STAGES) + 2),
-    ]
-    for b in run.breakdown:
-        gap = "–" if b["slot gap"] is None else f"{b['slot gap']:.1f}"
-        lines.append(f"| {b['system']} | {b['concurrency']} | "
-                     + " | ".join(f"{b[k]:.1f}" for k in STAGES) + f" | {gap} | {b['utilisation']:.0%} |")
-    if run.overhead:
-        requests = run.overhead.pop("_requests", [0.0])[0]
+    lines += ["", "Targets (measured, not asserted):", "", *targets(run)]
+    lines += memory_lines(run)
+    if run.breakdown:
         lines += [
             "",
-            "## The herder's own overhead (stub worker: answers at once, no model)",
+            "## Where our requests spend their time (median ms per request)",
             "",
-            (f"`tests.bench.stub_worker` (`-P threads -c {STUB_THREADS}`) replaces the inference worker: "
-             f"{STUB_SEQUENTIAL} sequential requests time submit-to-result, bursts of {STUB_BURST} with "
-             f"{STUB_THREADS} in flight time the rates."),
+            ("reach: sent → herder starts admitting; admit+wait: → dispatch starts (quote, hold, commit, any wait "
+             "for a slot); deliver: → worker starts it (claim, sign, broker, pool hand-off); generate: prompt + "
+             "decode; settle: decode done → herder starts settling (result store, link callback, result polling); "
+             "answer: → requester has it (settlement and forwarding transactions, notify, reply). Slot gap: a "
+             "slot's idle time from the generation that freed it to the start of the queued job it took next. "
+             "Slot utilisation: generation time ÷ (wall time × slots)."),
             "",
-            "| measure | median |",
-            "|---|---:|",
+            "| system | concurrency | " + " | ".join(STAGES) + " | slot gap | slot utilisation |",
+            "|---|---:|" + "---:|" * (len(STAGES) + 2),
         ]
-        lines += [f"| {name} | {statistics.median(values):.1f} |" for name, values in run.overhead.items()]
-        procs = ("herder", "gateway", "worker", "requester")
-        lines += [
-            "",
-            (f"CPU per request in the bursts (ms, median over repetitions); a {cores}-core machine cannot "
-             "complete more than cores ÷ total per second:"),
-            "",
-            "| path | " + " | ".join(procs) + " | total | ceiling/s |",
-            "|---|" + "---:|" * (len(procs) + 2),
-        ]
-        for path, per in run.cpu.items():
-            med = {p: statistics.median(per[p]) for p in procs}
-            total = sum(med.values()) - (med["gateway"] if path == "client" else 0.0)
-            lines.append(f"| {path} | " + " | ".join(f"{med[p]:.1f}" for p in procs)
-                         + f" | {total:.1f} | {cores * 1000 / total:.0f} |")
-        if run.herder_tasks:
-            lines += [
-                "",
-                "Herder tasks during the stub phase (from its log):",
-                "",
-                "| task | runs per request | median ms | p95 ms |",
-                "|---|---:|---:|---:|",
-            ]
-            for task, ms in sorted(run.herder_tasks.items(), key=lambda kv: -len(kv[1])):
-                lines.append(f"| {task} | {len(ms) / max(1.0, requests):.2f} | {statistics.median(ms):.1f} "
-                             f"| {percentile(ms, 95):.1f} |")
+        for b in run.breakdown:
+            gap = "–" if b["slot gap"] is None else f"{b['slot gap']:.1f}"
+            lines.append(f"| {b['system']} | {b['concurrency']} | "
+                         + " | ".join(f"{b[k]:.1f}" for k in STAGES) + f" | {gap} | {b['utilisation']:.0%} |")
+    lines += overhead_lines(run, cores)
     lines += ["", f"Whole run: {time.time() - run.started:.0f}s.", ""]
     return "\n".join(lines)
+
+
+def overhead_lines(run: Run, cores: int) -> list[str]:
+    if not run.overhead:
+        return []
+    requests = run.overhead.pop("_requests", [0.0])[0]
+    lines = [
+        "",
+        "## The herder's own overhead (stub worker: answers at once, no model)",
+        "",
+        (f"`tests.bench.stub_worker` (`-P threads -c {STUB_THREADS}`) replaces the inference worker: "
+         f"{STUB_SEQUENTIAL} sequential requests time submit-to-result, bursts of {STUB_BURST} with "
+         f"{STUB_THREADS} in flight time the rates."),
+        "",
+        "| measure | median |",
+        "|---|---:|",
+    ]
+    lines += [f"| {name} | {statistics.median(values):.1f} |" for name, values in run.overhead.items()]
+    procs = ("herder", "gateway", "worker", "requester")
+    lines += [
+        "",
+        (f"CPU per request in the bursts (ms, median over repetitions); a {cores}-core machine cannot "
+         "complete more than cores ÷ total per second:"),
+        "",
+        "| path | " + " | ".join(procs) + " | total | ceiling/s |",
+        "|---|" + "---:|" * (len(procs) + 2),
+    ]
+    for path, per in run.cpu.items():
+        med = {p: statistics.median(per[p]) for p in procs}
+        total = sum(med.values()) - (med["gateway"] if path == "client" else 0.0)
+        lines.append(f"| {path} | " + " | ".join(f"{med[p]:.1f}" for p in procs)
+                     + f" | {total:.1f} | {cores * 1000 / total:.0f} |")
+    if run.herder_tasks:
+        lines += [
+            "",
+            "Herder tasks during the stub phase (from its log):",
+            "",
+            "| task | runs per request | median ms | p95 ms |",
+            "|---|---:|---:|---:|",
+        ]
+        for task, ms in sorted(run.herder_tasks.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"| {task} | {len(ms) / max(1.0, requests):.2f} | {statistics.median(ms):.1f} "
+                         f"| {percentile(ms, 95):.1f} |")
+    return lines
 
 
 def chart(run: Run, path: Path) -> None:
@@ -764,10 +834,11 @@ def chart(run: Run, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cs = run.args.concurrency
-    width = 0.8 / len(SYSTEMS)
+    systems = [s for s in run.systems if any(run.of(s, c) for c in cs)]
+    width = 0.8 / max(1, len(systems))
     fig, ax = plt.subplots(figsize=(9, 4.8))
-    for j, system in enumerate(SYSTEMS):
-        xs = [i + (j - (len(SYSTEMS) - 1) / 2) * width for i in range(len(cs))]
+    for j, system in enumerate(systems):
+        xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(cs))]
         values = [[r.tokens_per_s for r in run.of(system, c)] for c in cs]
         med = [statistics.median(v) for v in values]
         err = [[m - min(v) for m, v in zip(med, values)], [max(v) - m for m, v in zip(med, values)]]
@@ -775,8 +846,8 @@ def chart(run: Run, path: Path) -> None:
         ax.bar(xs, med, width, yerr=err, capsize=3, label=label)
     ax.set_xticks(range(len(cs)), [f"concurrency {c}" for c in cs])
     ax.set_ylabel("completion tokens/s (median; whiskers: min–max)")
-    ax.set_title(f"SmolLM2-135M Q4_1, max_tokens {run.args.max_tokens}, {os.cpu_count()} cores, "
-                 f"{run.reps_done} repetition(s)")
+    ax.set_title(f"{run.model_name}, max_tokens {run.args.max_tokens}, {run.args.threads} threads everywhere, "
+                 f"{run.args.slots} slots, {run.reps_done} repetition(s)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -787,84 +858,185 @@ def chart(run: Run, path: Path) -> None:
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
     p = argparse.ArgumentParser(prog="python -m tests.bench.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=REPETITIONS, help="repetitions of every round (medians reported)")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("--threads", type=int, default=cores,
+                   help=f"threads for prompt and decode in every system (default: the {cores} cores)")
     p.add_argument("--slots", type=int, default=DEFAULT_SLOTS,
-                   help="inference worker processes (-c); the cores are split between them")
+                   help="sequences batched at once: llama-server's -np, our LLAMAS_SLOTS, and how many "
+                        "single-slot processes the memory comparison starts")
+    p.add_argument("--ctx-per-slot", type=int, default=CTX_PER_SLOT,
+                   help="context tokens of one slot (our LLAMAS_N_CTX; llama-server gets -c slots × this)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a GGUF file to compare on instead of the bundled SmolLM2 (registered for ours as "
+                        f"{CUSTOM_MODEL!r} in the run's own home)")
+    p.add_argument("--only", choices=("peers", "ours"), default=None,
+                   help="measure only the peers (no Redis, no stack, no stub phase) or only ours")
+    p.add_argument("--worker-args", default="",
+                   help="extra options for our inference worker's command line, e.g. '-c 4' for fewer task "
+                        "threads than slots (default: none, as `llamas up` starts it)")
     p.add_argument("--herder-concurrency", type=int, default=HERDER_CONCURRENCY,
                    help="herder worker processes (-c), as `llamas up` starts it")
-    p.add_argument("--server-threads", type=int, default=None,
-                   help="--n_threads for llama-cpp-python's server (default: the server's own default)")
     p.add_argument("--budget-s", type=float, default=BUDGET_S,
                    help="seconds of measuring after which further repetitions are dropped")
+    p.add_argument("--no-memory", action="store_true", help="skip the resident-memory comparison")
     p.add_argument("--no-stub", action="store_true", help="skip the herder-overhead phase")
     p.add_argument("--round-timeout", type=float, default=180.0, help="seconds a round may take")
+    p.add_argument("--build-jobs", type=int, default=None,
+                   help="compile jobs when llama-server must be built (default: every core)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.md and latest.png go")
     return p.parse_args(argv)
 
 
-def _check_extras() -> None:
+def _check_extras(systems: list[str]) -> None:
     import importlib.util
 
-    missing = [m for m in ("matplotlib", "sse_starlette", "starlette_context") if importlib.util.find_spec(m) is None]
+    needed = ["matplotlib"] + (["sse_starlette", "starlette_context"] if SERVER in systems else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"the benchmark needs {', '.join(missing)}: pip install -e '.[bench]'")
 
 
+class Shown:
+    """Command lines as the report prints them: machine paths replaced by names that mean something anywhere."""
+
+    def __init__(self, model: str, tmp: Path) -> None:
+        venv = Path(sys.prefix)
+        self.paths = [(model, "$MODEL"), (str(tmp), "$TMP"), (sys.executable, "python"),
+                      (str(venv), str(venv.relative_to(ROOT)) if venv.is_relative_to(ROOT) else "$VENV")]
+
+    def __call__(self, argv: list[str], env: dict[str, str] | None = None) -> str:
+        text = shlex.join([*(f"{k}={v}" for k, v in (env or {}).items()), *argv])
+        for path, name in self.paths:
+            text = text.replace(path, name)
+        return re.sub(r"--port \d+", "--port $PORT", text)  # a free port, different every run
+
+
+def start_ours(run: Run, env: dict[str, str], tmp: Path, model: str, calls: dict[str, Call],
+               shown: Shown) -> Stack:
+    """The full stack with our worker as ``llamas up`` starts it; adds our two systems to ``calls``."""
+    a = run.args
+    name = "smollm2"
+    if a.model is not None:
+        from llama_tasks.registry import add_model
+
+        add_model(Path(env["LLAMAS_HOME"]) / "models.json", CUSTOM_MODEL, Path(model))
+        name = CUSTOM_MODEL
+    worker_env = {"LLAMAS_SLOTS": str(a.slots), "LLAMAS_N_CTX": str(a.ctx_per_slot), "LLAMAS_MODEL": name,
+                  "LLAMAS_THREADS": str(a.threads)}
+    setting = peers.thread_setting()
+    if setting is not None:  # otherwise the worker's own default decides; the report says what it used
+        worker_env[setting] = str(a.threads)
+    stack = Stack(dict(env, LLAMAS_N_CTX=str(a.ctx_per_slot)), tmp, a.slots, a.herder_concurrency, name,
+                  worker_env, shlex.split(a.worker_args))
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+    run.our_slots = str(stack.heartbeat.get("slots", "?"))
+    run.commands[OUR_WORKER] = shown(stack.worker.argv, worker_env)  # type: ignore[union-attr]
+    log(f"stack up: herder, worker ({run.commands[OUR_WORKER]}), gateway {stack.gateway.url}")  # type: ignore[union-attr]
+    calls[GATEWAY] = http_call(stack.gateway.url, a.max_tokens, stack.api_key, name)  # type: ignore[union-attr]
+    calls[CLIENT] = client_call(stack.api_key, a.max_tokens, name)
+    return stack
+
+
+def start_peers(run: Run, env: dict[str, str], tmp: Path, model: str, calls: dict[str, Call], shown: Shown,
+                servers: dict[str, Server]) -> None:
+    """The peers the run compares, with the same threads; adds them to ``calls`` and ``servers``."""
+    a = run.args
+    if SERVER in run.systems:
+        port = free_port()
+        argv = peers.llama_cpp_server_argv(model, a.threads, a.ctx_per_slot, port)
+        servers[SERVER] = Server(SERVER, argv, port, env, tmp / "llama-cpp-python-server.log", "/v1/models")
+        run.commands[SERVER] = shown(argv)
+        calls[SERVER] = http_call(servers[SERVER].url, a.max_tokens, None, run.model_name)
+    if LLAMA_SERVER in run.systems:
+        port = free_port()
+        argv = peers.llama_server_argv(llama_server.ensure(jobs=a.build_jobs), model, a.threads, a.slots,
+                                       a.ctx_per_slot, port)
+        servers[LLAMA_SERVER] = Server(LLAMA_SERVER, argv, port, env, tmp / "llama-server.log", "/health")
+        run.commands[LLAMA_SERVER] = shown(argv)
+        calls[LLAMA_SERVER] = http_call(servers[LLAMA_SERVER].url, a.max_tokens, None, run.model_name)
+    if INPROC in run.systems:
+        from llama_cpp import Llama
+
+        kwargs = peers.inprocess_kwargs(model, a.threads, a.ctx_per_slot)
+        run.commands[INPROC] = "Llama(" + ", ".join(f"{k}={v!r}" for k, v in kwargs.items()).replace(
+            repr(model), "$MODEL") + ").create_chat_completion(...)"
+        calls[INPROC] = inprocess_call(Llama(**kwargs), a.max_tokens)
+    for name in servers:
+        log(f"{name} up: {run.commands[name]}")
+
+
+def single_slot_memory(run: Run, model: str) -> None:
+    """``--slots`` single-slot llama-cpp-python processes, each after one warm-up request."""
+    a = run.args
+    log(f"starting {a.slots} single-slot llama-cpp-python processes for the memory comparison")
+    procs = SingleSlots(a.slots, model, a.threads, a.ctx_per_slot, PROMPTS[0], a.max_tokens, SAMPLING)
+    try:
+        procs.start()
+        run.memory[f"{a.slots} × single-slot llama-cpp-python (in-process `Llama`, one process each)"] = \
+            procs.memory()
+    finally:
+        procs.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    _check_extras()
+    systems = [s for s in SYSTEMS if args.only is None or s in {"peers": PEERS, "ours": OURS}[args.only]]
+    _check_extras(systems)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m tests.bench.compare" + (" " + shlex.join(given) if given else "")
-    run = Run(args)
+    run = Run(args, systems=systems)
+    if LLAMA_SERVER in systems:
+        llama_server.ensure(jobs=args.build_jobs)  # before anything starts: a first build takes minutes
     tmp = Path(tempfile.mkdtemp(prefix="llamas-bench-"))
-    redis_handle = choose_redis()
-    log(f"redis {redis_handle.url}; logs in {tmp}")
+    with_ours = any(s in OURS for s in systems)
+    redis_handle = choose_redis() if with_ours else None
+    log(f"redis {redis_handle.url if redis_handle else '(none: peers only)'}; logs in {tmp}")
     stack: Stack | None = None
-    server: Server | None = None
+    servers: dict[str, Server] = {}
+    calls: dict[str, Call] = {}
     try:
-        env = configure(tmp, redis_handle.url)
-        from llama_cpp import Llama
-        from llama_cpp.server.settings import ModelSettings
-
+        env = configure(tmp, redis_handle.url) if redis_handle else dict(os.environ)
         from llama_tasks.registry import smollm2_path
 
-        model = str(smollm2_path())
-        cores = os.cpu_count() or 1
-        run.server_threads = args.server_threads or ModelSettings(model=model).n_threads
-        stack = Stack(env, tmp, args.slots, args.herder_concurrency)
-        stack.start()
-        log(f"stack up: herder, worker -c {args.slots}, gateway {stack.gateway.url}")  # type: ignore[union-attr]
-        port = free_port()
-        argv_server = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "2048",
-                       "--host", "127.0.0.1", "--port", str(port)]
-        if args.server_threads:
-            argv_server += ["--n_threads", str(args.server_threads)]
-        server = Server("llama-cpp-python server", argv_server, port, env, tmp / "llama-server.log", "/v1/models")
-        log(f"llama-cpp-python server up on {server.url} (n_threads={run.server_threads})")
-        calls: dict[str, Call] = {
-            INPROC: inprocess_call(Llama(model_path=model, n_ctx=2048, n_threads=cores, n_threads_batch=cores,
-                                         verbose=False), args.max_tokens),
-            INPROC_1: inprocess_call(Llama(model_path=model, n_ctx=2048, n_threads=1, n_threads_batch=1,
-                                           verbose=False), args.max_tokens),
-            SERVER: http_call(server.url, args.max_tokens, None, model),
-            GATEWAY: http_call(stack.gateway.url,  # type: ignore[union-attr]
-                               args.max_tokens, stack.api_key, "smollm2"),
-            CLIENT: client_call(stack.api_key, args.max_tokens),
-        }
-        for name, call in calls.items():  # warm up: model pages, prefix caches, every worker child
-            many = args.slots if name in OURS else 1
+        model = str(args.model.resolve()) if args.model else str(smollm2_path())
+        run.model_name = Path(model).name
+        shown = Shown(model, tmp)
+        if with_ours:
+            stack = start_ours(run, env, tmp, model, calls, shown)
+        start_peers(run, env, tmp, model, calls, shown, servers)
+        calls = {s: calls[s] for s in SYSTEMS if s in calls}
+        run.commands = {s: run.commands[s] for s in (*PEERS, OUR_WORKER) if s in run.commands}
+        for name, call in calls.items():  # warm up: model pages, prefix caches, every slot
+            many = args.slots if name in OURS or name == LLAMA_SERVER else 1
             closed_loop(call, 2 * many, many, args.round_timeout)
+        if stack is not None:
+            stack.note_threads()
+            run.our_threads = stack.worker_threads
+            if not args.no_memory:
+                run.memory[f"llamas worker, {args.slots} slots (its process tree)"] = \
+                    tree_memory(stack.worker.proc.pid)  # type: ignore[union-attr]
+        if LLAMA_SERVER in servers and not args.no_memory:
+            run.memory[f"llama-server -np {args.slots} (for reference)"] = tree_memory(servers[LLAMA_SERVER].proc.pid)
         log("warmed up; measuring")
         measure(run, calls)
-        breakdown(run, stack, GATEWAY, [r for r in run.rounds if r.system == GATEWAY])
-        breakdown(run, stack, CLIENT, [r for r in run.rounds if r.system == CLIENT])
-        server.stop()
-        server = None
-        calls.clear()  # frees the in-process models
-        if not args.no_stub:
+        if stack is not None:
+            breakdown(run, stack, GATEWAY, [r for r in run.rounds if r.system == GATEWAY])
+            breakdown(run, stack, CLIENT, [r for r in run.rounds if r.system == CLIENT])
+        for server in servers.values():
+            server.stop()
+        servers.clear()
+        calls.clear()  # frees the in-process model
+        if not args.no_memory:
+            single_slot_memory(run, model)
+        if stack is not None and not args.no_stub:
             stub = CeleryProcess("tests.bench.stub_worker", "llama.smollm2", "bench-stub", STUB_THREADS, env,
                                  tmp / "stub.log", extra=["-P", "threads"])
             stack.swap_worker(stub)
@@ -873,11 +1045,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in ("gateway", "client"):
                 breakdown(run, stack, f"{name} (stub)", [r for r in run.stub_rounds if r.system == f"{name} (stub)"])
     finally:
-        if server is not None:
+        for server in servers.values():
             server.stop()
         if stack is not None:
             stack.stop()
-        redis_handle.release()
+        if redis_handle is not None:
+            redis_handle.release()
     text = report(run, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.md").write_text(text)

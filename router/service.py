@@ -229,12 +229,15 @@ class HerderService:
         herd = self.herd()
         with self.sessions.begin() as session:
             ended = settlement.expire_deadlines(session, now)
-            for task_id in worker_loss.lost_task_ids(session, self.redis, herd):
-                row = settlement.fail_attempt(session, self.settings, task_id, "WorkerLost",
+            lost = worker_loss.lost_attempts(session, self.redis, herd)
+            for attempt in lost:
+                row = settlement.fail_attempt(session, self.settings, attempt.task_id, "WorkerLost",
                                               "the worker running it stopped", retryable=True, now=now)
                 ended += [row] if row is not None else []
             ended += settlement.reap_leases(session, self.settings, now)
             ended_ids = [row.id for row in ended]
+        for attempt in lost:
+            worker_loss.close_claim(self.redis, attempt)
         for job_id in ended_ids:
             self.forward(job_id)
         return {"ended": len(ended_ids), "dispatched": self.dispatch()}

@@ -10,6 +10,7 @@ to a dead worker, and its job can go again at once.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -20,8 +21,15 @@ from llama_tasks import claims
 from router.models import RUNNING, JobRow
 
 
-def lost_task_ids(session: Session, r: redis.Redis, herd: list[dict[str, Any]]) -> list[str]:
-    """Task ids of running attempts claimed by a process that no longer beats."""
+@dataclass(frozen=True)
+class LostAttempt:
+    task_id: str
+    job_id: str
+    attempt: int
+
+
+def lost_attempts(session: Session, r: redis.Redis, herd: list[dict[str, Any]]) -> list[LostAttempt]:
+    """Running attempts claimed by a process that no longer beats."""
     rows = session.execute(
         select(JobRow.task_id, JobRow.id, JobRow.attempt).where(JobRow.state == RUNNING).order_by(JobRow.seq)
     ).all()
@@ -30,8 +38,8 @@ def lost_task_ids(session: Session, r: redis.Redis, herd: list[dict[str, Any]]) 
     alive = {(w.get("worker"), w.get("pid")) for w in herd}
     held = claims.holders(r, [(job_id, attempt) for _, job_id, attempt in rows])
     return [
-        task_id
-        for (task_id, _, _), claim in zip(rows, held)
+        LostAttempt(task_id, job_id, attempt)
+        for (task_id, job_id, attempt), claim in zip(rows, held)
         if task_id is not None
         and claim is not None  # no claim yet: the message has not reached a worker (the lease covers it)
         and claim.get("state") == claims.RUNNING
@@ -39,3 +47,10 @@ def lost_task_ids(session: Session, r: redis.Redis, herd: list[dict[str, Any]]) 
         and claim.get("worker")
         and (claim.get("worker"), claim.get("pid")) not in alive
     ]
+
+
+def close_claim(r: redis.Redis, lost: LostAttempt) -> None:
+    """Mark a lost attempt's claim finished: when Redis hands its unacknowledged
+    message back (after the visibility timeout), a worker refuses it as a
+    replay instead of generating a job that has already gone again."""
+    claims.finish(r, lost.job_id, lost.attempt, lost.task_id)

@@ -212,7 +212,9 @@ class BatchEngine:
         self._waiting: deque[Ticket] = deque()
         self._lock = threading.Condition()
         self._ctx: Any = None
+        self._memory: Any = None
         self._batch: Any = None
+        self._n_vocab = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0

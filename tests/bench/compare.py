@@ -51,7 +51,6 @@ import re
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -65,18 +64,8 @@ from tests.bench import llama_server, peers
 from tests.bench.memory import Memory, SingleSlots, tree_memory
 from tests.bench.peers import OurWorker, Server, free_port
 from tests.processes import ROOT, CeleryProcess
+from tests.prompts import PROMPTS  # sent in this order, cycled when a round needs more
 
-#: Eight short chat prompts, sent in this order (cycled when a round needs more).
-PROMPTS = (
-    "Write a haiku about llamas in the mountains.",
-    "Explain in two sentences why the sky is blue.",
-    "Give three tips for a good night's sleep.",
-    "What is the capital of France, and what is it famous for?",
-    "Describe a cup of coffee to someone who has never had one.",
-    "List four animals that live in the ocean.",
-    "Summarise the plot of Cinderella in a few sentences.",
-    "Why do people keep llamas as pack animals?",
-)
 MAX_TOKENS = 64
 #: Greedy decoding, so every system generates the same continuation; EOS still stops.
 SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}

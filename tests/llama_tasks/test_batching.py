@@ -13,18 +13,9 @@ from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine, SequenceSpec
 from llama_tasks.errors import ContextOverflow, GenerationTimedOut
 from llama_tasks.job import Job
+from tests.prompts import PROMPTS
 
 N_CTX = 512
-PROMPTS = (
-    "Write a haiku about llamas in the mountains.",
-    "Explain in two sentences why the sky is blue.",
-    "Give three tips for a good night's sleep.",
-    "What is the capital of France, and what is it famous for?",
-    "Describe a cup of coffee to someone who has never had one.",
-    "List four animals that live in the ocean.",
-    "Summarise the plot of Cinderella in a few sentences.",
-    "Why do people keep llamas as pack animals?",
-)
 #: 300 lowercase letters: the model cannot stop early.
 LONG_GRAMMAR = "root ::= [a-z]{300}"
 

@@ -81,7 +81,8 @@ def _check_and_load(sender: Any = None, **_: Any) -> None:
         spec = runtime.check_startup(settings)
         if len(settings.gpu_ids) > 1:
             raise OneGpuPerProcess(settings.gpus)
-        runtime.start_process(settings, place(0, settings.gpu_ids, 1, settings.threads or cpu_count()), _concurrency)
+        gpu = settings.gpu_ids[0] if settings.gpu_ids else None
+        runtime.start_process(settings, place(gpu, settings.threads or cpu_count()), _concurrency)
     except LlamasError as exc:
         # SystemExit passes through Celery's signal dispatch, which would
         # otherwise log an ordinary exception and start a useless worker.

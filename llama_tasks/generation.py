@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import llama_cpp
 from llama_cpp import Llama
 
 from llama_tasks import engine
@@ -73,10 +72,9 @@ def sequences(vocab: Llama, job: Job, n_ctx_per_slot: int, on_text: Callable[[st
     grammar = engine.compile_grammar(vocab, gbnf) if gbnf else None
     _, template_stops = engine.render(vocab, job)
     # Every job samples from its own seed: one requester's never decides (or
-    # reveals) another's. 0xFFFFFFFF is excluded: llama.cpp reads it as "pick one".
-    seed = job.seed if job.seed is not None else secrets.randbelow(llama_cpp.LLAMA_DEFAULT_SEED)
-    n = getattr(job, "n", 1)
-    top = getattr(job, "top_logprobs", 0) if getattr(job, "logprobs", False) else None
+    # reveals) another's (the herder draws one for every job; this is for callers that do not).
+    seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    top = job.top_logprobs if job.logprobs else None
     return [
         SequenceSpec(
             tokens=tokens,
@@ -95,7 +93,7 @@ def sequences(vocab: Llama, job: Job, n_ctx_per_slot: int, on_text: Callable[[st
             on_text=on_text if i == 0 else None,
             time_limit_s=time_limit_s,
         )
-        for i in range(n)
+        for i in range(job.n)
     ]
 
 

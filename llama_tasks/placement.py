@@ -1,4 +1,4 @@
-"""Where a prefork child runs: one GPU by its child index, or a share of the cores."""
+"""Where a worker process runs its engine: on one GPU, or on the CPU."""
 
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ class Placement:
         return None if self.gpu is None else str(self.gpu)
 
 
-def place(child_index: int, gpus: list[int], concurrency: int, cpus: int) -> Placement:
-    """Pin child ``child_index`` to a GPU, or split ``cpus`` among the children.
+def place(gpu: int | None, threads: int) -> Placement:
+    """On ``gpu`` with every layer offloaded, or on the CPU; ``threads`` for llama.cpp's own work.
 
-    With GPUs, child *i* takes ``gpus[i % len(gpus)]`` (more children than GPUs
-    share them round-robin) and offloads every layer; the CPU threads it still
-    needs for sampling are a share of the cores. Without GPUs, each child gets
-    ``cpus // concurrency`` threads (at least one) so children do not fight.
+    A process serves one GPU (``llamas up`` starts one per GPU), so there is
+    nothing to share out here; the threads are still needed on a GPU for
+    sampling and what stays on the CPU.
     """
-    if child_index < 0:
-        raise ValueError(f"child index must be >= 0, got {child_index}")
-    n_threads = max(1, cpus // max(1, concurrency))
-    if gpus:
-        return Placement(gpu=gpus[child_index % len(gpus)], n_gpu_layers=-1, n_threads=n_threads)
-    return Placement(gpu=None, n_gpu_layers=0, n_threads=n_threads)
+    if gpu is not None and gpu < 0:
+        raise ValueError(f"a GPU id is >= 0, got {gpu}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if gpu is not None:
+        return Placement(gpu=gpu, n_gpu_layers=-1, n_threads=threads)
+    return Placement(gpu=None, n_gpu_layers=0, n_threads=threads)

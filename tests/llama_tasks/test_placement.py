@@ -4,27 +4,20 @@ from llama_tasks.placement import place
 from llama_tasks.settings import WorkerSettings
 
 
-def test_each_child_takes_one_gpu_by_index_and_offloads_everything():
-    gpus = [0, 1, 2, 3]
-    placements = [place(i, gpus, concurrency=4, cpus=16) for i in range(4)]
-    assert [p.gpu for p in placements] == [0, 1, 2, 3]
-    assert [p.cuda_visible_devices for p in placements] == ["0", "1", "2", "3"]
-    assert all(p.n_gpu_layers == -1 for p in placements)
+def test_a_gpu_process_sees_only_its_gpu_and_offloads_everything():
+    p = place(3, threads=16)
+    assert (p.gpu, p.cuda_visible_devices, p.n_gpu_layers, p.n_threads) == (3, "3", -1, 16)
 
 
-def test_gpu_ids_need_not_be_contiguous_and_extra_children_share_round_robin():
-    assert [place(i, [2, 5], 4, 8).gpu for i in range(4)] == [2, 5, 2, 5]
+def test_a_cpu_process_uses_the_threads_it_is_given():
+    p = place(None, threads=2)
+    assert (p.gpu, p.n_gpu_layers, p.n_threads, p.cuda_visible_devices) == (None, 0, 2, None)
 
 
-def test_without_gpus_children_split_the_cores():
-    p = place(1, [], concurrency=2, cpus=8)
-    assert (p.gpu, p.n_gpu_layers, p.n_threads, p.cuda_visible_devices) == (None, 0, 4, None)
-    assert place(0, [], concurrency=4, cpus=2).n_threads == 1  # never zero threads
-
-
-def test_negative_child_index_is_refused():
+@pytest.mark.parametrize("gpu, threads", [(-1, 1), (0, 0)])
+def test_a_negative_gpu_or_no_threads_is_refused(gpu, threads):
     with pytest.raises(ValueError):
-        place(-1, [0], 1, 1)
+        place(gpu, threads)
 
 
 def test_gpus_setting_parses_and_slots_default_to_eight():

@@ -88,7 +88,7 @@ def generate(local: LocalModel, request: GradingRequest) -> str:
     job = Job(job_id="accuracy", attempt=1, model=local.name, max_tokens=request.max_tokens, expires_at=0.0,
               issued_at=0.0, prompt=request.prompt, messages=request.messages, grammar=request.grammar,
               temperature=0.0)
-    return generation.run(local.engine, generation.sequences(local.vocab, job, N_CTX, None)).first.text
+    return generation.run(local.engine, generation.sequences(local.vocab, job, None)).first.text
 
 
 def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Callable[[GradingRequest], str],

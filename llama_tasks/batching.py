@@ -36,7 +36,8 @@ from llama_cpp import LlamaGrammar
 from llama_cpp import _logger as llama_logger
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
-from llama_tasks.errors import ContextOverflow, EngineFailed, GenerationTimedOut
+from llama_tasks import engine
+from llama_tasks.errors import EngineFailed, GenerationTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +273,7 @@ class BatchEngine:
     # --- what callers see ----------------------------------------------------
 
     def submit(self, spec: SequenceSpec) -> Ticket:
-        if len(spec.tokens) + spec.max_tokens > self.n_ctx_per_slot:
-            raise ContextOverflow(len(spec.tokens), spec.max_tokens, self.n_ctx_per_slot)
+        engine.check_fits(len(spec.tokens), spec.max_tokens, self.n_ctx_per_slot)
         if not spec.tokens:
             raise ValueError("a sequence needs at least one prompt token")
         ticket = Ticket(spec)
@@ -481,10 +481,8 @@ class BatchEngine:
 
     def _release(self, seq: _Active, result: SequenceResult | None, error: BaseException | None = None) -> None:
         slot = seq.slot
+        # A prompt cut off half-fed needs nothing more: ``cached`` holds what was decoded.
         slot.active, slot.last_used = None, time.perf_counter()
-        if seq.pending:
-            # A prompt cut off half-fed: the slot's memory still matches ``cached``.
-            seq.pending = []
         seq.sampler.close()
         seq.ticket._finish(result, error)
 

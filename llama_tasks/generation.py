@@ -63,11 +63,13 @@ class JobResult:
         }
 
 
-def sequences(vocab: Llama, job: Job, n_ctx_per_slot: int, on_text: Callable[[str], None] | None,
+def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
               time_limit_s: float | None = None) -> list[SequenceSpec]:
-    """The sequences of ``job`` (one per choice), or the typed error that refuses it."""
+    """The sequences of ``job`` (one per choice), or the typed error that refuses it.
+
+    Whether they fit a slot is the engine's to say, when they are submitted.
+    """
     tokens = engine.prompt_tokens(vocab, job)
-    engine.check_fits(len(tokens), job.max_tokens, n_ctx_per_slot)
     gbnf = engine.grammar_text(job)
     grammar = engine.compile_grammar(vocab, gbnf) if gbnf else None
     _, template_stops = engine.render(vocab, job)

@@ -121,9 +121,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
     cancel_key = CANCEL_PREFIX + job.job_id
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        specs = generation.sequences(
-            ctx.vocab, job, ctx.engine.n_ctx_per_slot, stream.token, ctx.settings.soft_time_limit_s
-        )
+        specs = generation.sequences(ctx.vocab, job, stream.token, ctx.settings.soft_time_limit_s)
         result = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))

@@ -18,8 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_MODEL = "smollm2"
 #: Slots per worker process. Batching more sequences raises throughput until
-#: the machine's compute is saturated; 8 measured best on a 2-core CPU (see
-#: tests/bench/results) and costs one KV memory of n_ctx tokens per slot.
+#: the machine's compute is saturated (on 2 cores, 8 at once gave 1.3-1.4× the
+#: sequential rate in tests/bench/results); each slot costs a KV memory of n_ctx tokens.
 DEFAULT_SLOTS = 8
 
 

@@ -85,21 +85,28 @@ def llama_worker(name: str, concurrency: int, env: dict[str, str], log: Path,
     return CeleryProcess("llama_tasks", queue, name, concurrency, env, log, ["-P", pool] if pool else None)
 
 
-def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",
-             on_timeout: Callable[[], str] = lambda: "", every_s: float = 0.05) -> Any:
-    """Poll ``condition`` until it returns something truthy (its value); fail with ``what`` after the deadline.
+def poll(condition: Callable[[], Any], timeout_s: float, every_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy (its value), or None after the deadline.
 
     The one polling loop of the tests: for conditions no event announces
-    (a process exiting, a row changing state in another process's ledger).
+    (a process exiting, a server answering, a row changing state in another
+    process's ledger).
     """
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")
+        if value or time.monotonic() >= deadline:
+            return value or None
         time.sleep(every_s)
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition",
+             on_timeout: Callable[[], str] = lambda: "", every_s: float = 0.05) -> Any:
+    """``poll``, failing the test with ``what`` if the condition never holds."""
+    value = poll(condition, timeout_s, every_s)
+    if value is None:
+        pytest.fail(f"timed out after {timeout_s}s waiting for {what}\n{on_timeout()}")
+    return value
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

@@ -13,11 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from tests.processes import ROOT, CeleryProcess
+from tests.processes import ROOT, CeleryProcess, poll
 
 READY_TIMEOUT_S = 120.0
 
@@ -95,18 +94,17 @@ class Server:
     def _wait(self, probe: str) -> None:
         import httpx
 
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        def answers() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
             try:
                 # llama-server answers /health with 503 while it loads the model.
-                if httpx.get(self.url + probe, timeout=1.0).status_code < 500:
-                    return
+                return httpx.get(self.url + probe, timeout=1.0).status_code < 500
             except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} did not answer on {self.url}{probe}")
+                return False
+
+        if not poll(answers, READY_TIMEOUT_S, every_s=0.2):
+            raise TimeoutError(f"{self.name} did not answer on {self.url}{probe}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

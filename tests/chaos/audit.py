@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from sqlalchemy import select
 from router import ledger
 from router.models import DONE, OPEN_STATES, WORLD, Account, JobRow, Transfer
 from tests.chaos.harness import MARKER, SETTLE_S, ChaosStack
+from tests.processes import poll
 from tests.router.requester_app import RECEIVED_KEY
 
 #: A status line of uvicorn's access log: ``"POST /v1/completions HTTP/1.1" 500``.
@@ -92,9 +92,8 @@ class Scenario:
     def finish(self) -> tuple[Row, list[str]]:
         """Drain, audit, and return the table row and every problem found."""
         problems: list[str] = []
-        deadline = time.monotonic() + SETTLE_S
-        while self.stack.open_jobs() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        # Whatever is still open after this is reported as lost, not failed here.
+        poll(lambda: not self.stack.open_jobs(), SETTLE_S, every_s=0.2)
         row = Row(self.title, requests=self.requests)
         self._books(row, problems)
         self._deliveries(row, problems)

@@ -47,7 +47,7 @@ def chat(vocab, content, **fields):
     values = dict(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=48, temperature=0.0,
                   messages=[{"role": "user", "content": content}])
     values.update(fields)
-    return generation.sequences(vocab, Job(**values), N_CTX, None)
+    return generation.sequences(vocab, Job(**values), None)
 
 
 def reference(single, seq: SequenceSpec) -> str:
@@ -136,7 +136,7 @@ def test_a_shared_prefix_is_served_from_the_prompt_cache(spec, vocab, single):
             job = Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=12, temperature=0.0,
                       messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
                       logprobs=True, top_logprobs=5)
-            return generation.sequences(vocab, job, N_CTX, None)[0]
+            return generation.sequences(vocab, job, None)[0]
 
         first, second = ask("Is 'great news everyone' positive?"), ask("Is 'the train is late again' positive?")
         a = fresh.submit(first).result(timeout=120)

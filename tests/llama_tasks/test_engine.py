@@ -41,7 +41,7 @@ def job(**fields):
 
 def run(batch, llm, j):
     pieces: list[str] = []
-    result = generation.run(batch, generation.sequences(llm, j, N_CTX, pieces.append))
+    result = generation.run(batch, generation.sequences(llm, j, pieces.append))
     return result.first, pieces
 
 
@@ -116,9 +116,9 @@ def test_bad_json_schema_is_a_typed_error():
         engine.grammar_text(job(json_schema={"type": "no-such-type"}))
 
 
-def test_context_overflow_reports_both_numbers(llm):
+def test_context_overflow_reports_both_numbers(batch, llm):
     with pytest.raises(ContextOverflow) as info:
-        generation.sequences(llm, job(prompt="word " * 500, max_tokens=20), N_CTX, None)
+        generation.run(batch, generation.sequences(llm, job(prompt="word " * 500, max_tokens=20), None))
     assert info.value.as_dict() == {"prompt_tokens": 501, "max_tokens": 20, "n_ctx": N_CTX}
 
 
@@ -142,7 +142,7 @@ def test_a_seed_belongs_to_its_job_alone(batch, llm):
 
 
 def test_an_unseeded_job_gets_a_fresh_seed_every_time(llm):
-    seeds = [generation.sequences(llm, job(seed=seed, max_tokens=1), N_CTX, None)[0].seed for seed in (None, 123, None)]
+    seeds = [generation.sequences(llm, job(seed=seed, max_tokens=1), None)[0].seed for seed in (None, 123, None)]
     assert seeds[1] == 123
     assert seeds[0] != seeds[2] and 0 <= min(seeds) and max(seeds) < llama_cpp.LLAMA_DEFAULT_SEED
 

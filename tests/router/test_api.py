@@ -3,7 +3,6 @@ and raw HTTP for the error cases."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import httpx
@@ -11,6 +10,7 @@ import openai
 import pytest
 
 from router.models import JobRow
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -158,15 +158,11 @@ def test_a_client_that_disconnects_from_a_queued_request_is_refunded(stack, gate
         post_timeout = httpx.Timeout(5.0, read=1.0)
         httpx.post(gateway + "/v1/completions", json={"prompt": "Wait for me", "max_tokens": 8, "reference": ref},
                    headers={"Authorization": f"Bearer {key}"}, timeout=post_timeout)
-    deadline = time.monotonic() + 20
-    state = None
-    while time.monotonic() < deadline:
+    def state() -> str | None:
         with stack.sessions.begin() as s:
-            state = s.query(JobRow.state).filter(JobRow.reference == ref).scalar()
-        if state == "cancelled":
-            break
-        time.sleep(0.1)
-    assert state == "cancelled"
+            return s.query(JobRow.state).filter(JobRow.reference == ref).scalar()
+
+    wait_for(lambda: state() == "cancelled", 20, "the disconnected request to be cancelled", lambda: str(state()))
     done = stack.release(blocker)
     assert stack.balance(key) == 100_000 - done["charged"]
 

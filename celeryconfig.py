@@ -1,4 +1,4 @@
-"""Celery settings for every llamas process, all taken from ``WorkerSettings``.
+"""Celery settings for every llamas process, all taken from ``SharedSettings``.
 
 This module only translates settings into Celery's names; it reads no
 environment itself. Invalid settings (for instance a Redis visibility timeout
@@ -6,9 +6,11 @@ that does not exceed the hard time limit) stop the process here, with the
 reason, before anything connects.
 """
 
-from llama_tasks.settings import get_settings
+from llama_tasks.settings import get_shared_settings
 
-_settings = get_settings()
+# The shared settings, not the worker's: the herder and the agent load this
+# module too, and a worker-only setting must not stop them.
+_settings = get_shared_settings()
 
 broker_url = _settings.redis_url
 result_backend = _settings.redis_url

@@ -1,7 +1,9 @@
 """``llamas world …`` and ``llamas agent …``: chat rooms, the agent's outcomes and its accuracy.
 
-Two typer apps for the ``llamas`` CLI to mount. Every refusal is one red
-line and exit status 1, never a traceback.
+Two typer apps that the ``llamas`` CLI mounts through the ``llamas.cli``
+entry points this package declares (see ``pyproject.toml``): the service
+never imports the agent by name. Every refusal is one red line and exit
+status 1, never a traceback.
 """
 
 from __future__ import annotations

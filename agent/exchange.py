@@ -22,7 +22,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from router.db import make_engine, make_sessionmaker
+from agent.db import make_engine, make_sessionmaker
 
 if TYPE_CHECKING:
     from agent.settings import AgentSettings

@@ -19,9 +19,9 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from agent.db import make_engine, make_sessionmaker
 from agent.exchange import ActionResponse
 from agent.strategy import BUY, ERROR, SKIP, Verdict
-from router.db import make_engine, make_sessionmaker
 
 SUBMITTING, REQUESTED = "submitting", "requested"
 OPEN_STATES = (SUBMITTING, REQUESTED)

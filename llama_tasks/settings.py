@@ -1,7 +1,11 @@
 """Worker-side configuration: the one place ``llama_tasks`` reads the environment.
 
-Every field has a default, bounds and a description; ``celeryconfig.py`` turns
-these values into Celery settings.
+``SharedSettings`` holds what every llamas process reads alike (the home,
+Redis, a job's context, the time limits and expiries); ``celeryconfig.py``
+turns those into Celery settings. ``WorkerSettings`` adds what only an
+inference worker needs (its model, GPUs, slots, threads and the herder's
+public key); the herder's settings extend ``SharedSettings`` too, not these.
+Every field has a default, bounds and a description.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ DEFAULT_MODEL = "smollm2"
 DEFAULT_SLOTS = 8
 
 
-class WorkerSettings(BaseSettings):
-    """Settings shared by the inference workers and ``celeryconfig.py``."""
+class SharedSettings(BaseSettings):
+    """Settings every llamas process reads alike: workers, the herder and ``celeryconfig.py``."""
 
     model_config = SettingsConfigDict(env_prefix="LLAMAS_", extra="ignore")
 
@@ -33,6 +37,53 @@ class WorkerSettings(BaseSettings):
         description="Directory for keys, the model registry and local state.",
     )
     redis_url: str = Field(DEFAULT_REDIS_URL, description="Broker, result store and streams.")
+    n_ctx: int = Field(
+        2048, ge=128, le=131072, description="Context of one slot: the most prompt + max_tokens of one job."
+    )
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
+    soft_time_limit_s: int = Field(300, ge=1, description="Soft limit for one generation.")
+    time_limit_s: int = Field(330, ge=1, description="Hard limit; the child is killed past it.")
+    visibility_timeout_s: int = Field(
+        3600, ge=1, description="Redis redelivers an unacked message after this long."
+    )
+    result_expires_s: int = Field(86400, ge=60, description="How long results are kept.")
+    heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="Heartbeat period.")
+    stream_ttl_s: int = Field(3600, ge=10, description="Token streams expire after this.")
+    claim_ttl_s: int = Field(7 * 86400, ge=60, description="How long replay claims are kept.")
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> "SharedSettings":
+        # A message still running when the visibility timeout passes would be
+        # delivered a second time and generated twice.
+        if self.visibility_timeout_s <= self.time_limit_s:
+            raise ValueError(
+                f"LLAMAS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}s) must exceed "
+                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s), or Redis would hand a running "
+                "generation to a second worker"
+            )
+        if self.soft_time_limit_s >= self.time_limit_s:
+            raise ValueError(
+                f"LLAMAS_SOFT_TIME_LIMIT_S ({self.soft_time_limit_s}s) must be below "
+                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s)"
+            )
+        return self
+
+    @property
+    def public_key_file(self) -> Path:
+        return self.home / "herder.pub"
+
+    @property
+    def private_key_file(self) -> Path:
+        return self.home / "herder.key"
+
+    @property
+    def models_file(self) -> Path:
+        return self.home / "models.json"
+
+
+class WorkerSettings(SharedSettings):
+    """Settings of an inference worker: the shared ones and the model, GPUs, slots and threads it serves with."""
+
     model: str = Field(DEFAULT_MODEL, min_length=1, description="Model this worker serves.")
     public_key: str = Field(
         "",
@@ -50,35 +101,9 @@ class WorkerSettings(BaseSettings):
         description="CPU threads of llama.cpp in a worker; 0 = every core. Two workers sharing the cores "
         "should split them: llama.cpp's threads wait on each other, and oversubscribed they crawl.",
     )
-    n_ctx: int = Field(
-        2048, ge=128, le=131072, description="Context of one slot: the most prompt + max_tokens of one job."
-    )
-    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a job may ask for.")
-    soft_time_limit_s: int = Field(300, ge=1, description="Soft limit for one generation.")
-    time_limit_s: int = Field(330, ge=1, description="Hard limit; the child is killed past it.")
-    visibility_timeout_s: int = Field(
-        3600, ge=1, description="Redis redelivers an unacked message after this long."
-    )
-    result_expires_s: int = Field(86400, ge=60, description="How long results are kept.")
-    heartbeat_interval_s: float = Field(2.0, gt=0, le=60, description="Heartbeat period.")
-    stream_ttl_s: int = Field(3600, ge=10, description="Token streams expire after this.")
-    claim_ttl_s: int = Field(7 * 86400, ge=60, description="How long replay claims are kept.")
 
     @model_validator(mode="after")
-    def _limits_are_consistent(self) -> "WorkerSettings":
-        # A message still running when the visibility timeout passes would be
-        # delivered a second time and generated twice.
-        if self.visibility_timeout_s <= self.time_limit_s:
-            raise ValueError(
-                f"LLAMAS_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}s) must exceed "
-                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s), or Redis would hand a running "
-                "generation to a second worker"
-            )
-        if self.soft_time_limit_s >= self.time_limit_s:
-            raise ValueError(
-                f"LLAMAS_SOFT_TIME_LIMIT_S ({self.soft_time_limit_s}s) must be below "
-                f"LLAMAS_TIME_LIMIT_S ({self.time_limit_s}s)"
-            )
+    def _gpus_parse(self) -> "WorkerSettings":
         self.gpu_ids  # parse early so a typo refuses to start
         return self
 
@@ -93,18 +118,6 @@ class WorkerSettings(BaseSettings):
     @property
     def queue(self) -> str:
         return queue_for(self.model)
-
-    @property
-    def public_key_file(self) -> Path:
-        return self.home / "herder.pub"
-
-    @property
-    def private_key_file(self) -> Path:
-        return self.home / "herder.key"
-
-    @property
-    def models_file(self) -> Path:
-        return self.home / "models.json"
 
 
 def queue_for(model: str) -> str:
@@ -124,12 +137,25 @@ def exit_on_invalid(exc: ValidationError) -> SystemExit:
 
 @lru_cache(maxsize=1)
 def get_settings() -> WorkerSettings:
-    """The process's settings; a process with invalid settings exits with the reason."""
+    """The worker process's settings; a process with invalid settings exits with the reason."""
     try:
         return WorkerSettings()
     except ValidationError as exc:
         # Raised as SystemExit so `celery -A ...` prints one clear line
         # instead of wrapping it in an import-error traceback.
+        raise exit_on_invalid(exc) from None
+
+
+@lru_cache(maxsize=1)
+def get_shared_settings() -> SharedSettings:
+    """The settings every process reads alike (``celeryconfig.py``); invalid ones exit with the reason.
+
+    A herder or an agent reads these, not ``get_settings()``: a worker-only
+    setting (a GPU list, say) must not stop a process that does not use it.
+    """
+    try:
+        return SharedSettings()
+    except ValidationError as exc:
         raise exit_on_invalid(exc) from None
 
 

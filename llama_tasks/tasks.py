@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 
 from llama_tasks import redact, runtime
-from llama_tasks.app import app
+from llama_tasks.celery import app
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.errors import InvalidRequest, Rejected
 

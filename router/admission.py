@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
@@ -18,11 +18,11 @@ from sqlalchemy.orm import Session
 from llama_tasks import engine
 from llama_tasks.job import MAX_SEED, Job
 from router import fees, ledger, request, webhooks
-from router.errors import InsufficientFee, QueueFull, ReferenceConflict, RequestTooLarge
+from router.errors import InsufficientFee, NoWorkers, QueueFull, ReferenceConflict, RequestTooLarge
 from router.models import QUEUED, JobRow
+from router.parts import TokenCounting
 from router.request import Submission
 from router.settings import HerderSettings
-from router.tokens import TokenCounter
 
 #: PostgreSQL advisory lock that makes counting the queue and joining it one step
 #: (above 2**32, so it never meets dispatch's per-model crc32 keys).
@@ -67,28 +67,41 @@ def _existing(session: Session, account_id: int, sub: Submission) -> JobRow | No
     return existing
 
 
+@dataclass(frozen=True)
+class Priced:
+    """A request's quote and prompt tokens, counted before any transaction opens."""
+
+    quote: int
+    prompt_tokens: int
+
+
 def admit(
     session: Session,
     settings: HerderSettings,
-    counter: TokenCounter,
+    priced: Priced,
     api_key: str,
     sub: Submission,
-    now: float | None = None,
+    now: float,
+    served: bool = True,
 ) -> tuple[JobRow, bool]:
-    """Admit ``sub`` for the key's account; returns the job and whether it is new.
+    """Admit ``sub``, already checked and priced, for the key's account;
+    returns the job and whether it is new.
 
-    Raises an ``AdmissionError``, ``InvalidRequest`` or ``InsufficientFunds``
-    with nothing held. The caller commits.
+    A retried reference returns its job even while no worker serves the model
+    (its money is already held); a new request for an unserved model is
+    refused with ``NoWorkers``. Raises an ``AdmissionError``,
+    ``InvalidRequest`` or ``InsufficientFunds`` with nothing held. The caller commits.
     """
-    now = time.time() if now is None else now
     account = ledger.account_by_key(session, api_key)
     request.check_reference(sub)
     existing = _existing(session, account.id, sub)
     if existing is not None:
         return existing, False
+    if not served:
+        raise NoWorkers(sub.model)
 
     job_id = uuid.uuid4().hex
-    quoted, prompt_tokens = price(settings, counter, sub)
+    quoted, prompt_tokens = priced.quote, priced.prompt_tokens
     offered = fees.offer(quoted, sub.fee, sub.multiplier)
     if offered < quoted:
         raise InsufficientFee(quoted, offered)
@@ -135,8 +148,8 @@ def admit(
     return row, True
 
 
-def price(settings: HerderSettings, counter: TokenCounter, sub: Submission) -> tuple[int, int]:
-    """``(quote, prompt_tokens)`` of a request that passes every check but the money.
+def price(settings: HerderSettings, counter: TokenCounting, sub: Submission) -> Priced:
+    """The quote and prompt tokens of a request that passes every check but the money.
 
     Everything that can refuse a request without the ledger happens here —
     fields, response channels, the webhook's target, the grammar or JSON
@@ -156,7 +169,7 @@ def price(settings: HerderSettings, counter: TokenCounter, sub: Submission) -> t
     counter.check_grammar(job)  # BadGrammar now, not in a worker's slot after the hold
     # Nothing assumed cached: the hold must cover the worst case.
     quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens, sub.n)
-    return quoted, prompt_tokens
+    return Priced(quoted, prompt_tokens)
 
 
 def _signed_generation(sub: Submission) -> dict[str, Any]:

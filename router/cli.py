@@ -4,6 +4,11 @@ Requests (info, quote, run, jobs) go through the broker to the herder, like
 any Python client; operator commands (accounts, ledger, keys, models) work
 on local files and the ledger directly. Every refusal or failure is one
 line on stderr and a non-zero exit code, never a traceback.
+
+Other installed packages add command groups through the ``llamas.cli`` entry
+point group: each entry point's name is the command, its object a
+``typer.Typer`` (the example agent adds ``llamas agent`` and ``llamas world``
+this way). This module imports none of them by name.
 """
 
 from __future__ import annotations
@@ -11,19 +16,23 @@ from __future__ import annotations
 import json
 import sys
 import time
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
-from agent.cli import agent_app, world_app
 from router.cli_accounts import accounts_app, ledger_app
+
+#: Entry point group through which installed packages add command groups.
+PLUGIN_GROUP = "llamas.cli"
 
 app = typer.Typer(help="llamas: paid, queued LLM inference on Celery.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -35,11 +44,40 @@ app.add_typer(models_app, name="models")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(jobs_app, name="jobs")
-app.add_typer(world_app, name="world")
-app.add_typer(agent_app, name="agent")
 
 out = Console()
 err = Console(stderr=True)
+
+
+def add_plugins(target: typer.Typer, plugins: list[EntryPoint] | None = None) -> list[str]:
+    """Mount every command group of ``PLUGIN_GROUP`` on ``target``; returns the names mounted.
+
+    A plugin that fails to load, is not a ``typer.Typer`` or would shadow a
+    command is skipped with one line on stderr: a broken package must not
+    take the whole CLI down with it.
+    """
+    taken = {group.name for group in target.registered_groups}
+    taken |= {command.name or (command.callback.__name__.replace("_", "-") if command.callback else None)
+              for command in target.registered_commands}
+    mounted = []
+    for plugin in entry_points(group=PLUGIN_GROUP) if plugins is None else plugins:
+        try:
+            if plugin.name in taken:
+                raise ValueError(f"the command name {plugin.name!r} is taken")
+            group = plugin.load()
+            if not isinstance(group, typer.Typer):
+                raise TypeError(f"{type(group).__name__} is not a typer.Typer")
+        # SystemExit too: a package may refuse its own configuration at import.
+        except (Exception, SystemExit) as exc:
+            reason = (str(exc).strip().splitlines() or [""])[0]
+            err.print(f"[yellow]warning:[/] skipped the command group {escape(repr(plugin.name))} "
+                      f"({escape(plugin.value)}): {escape(type(exc).__name__)}: {escape(reason)}",
+                      highlight=False, soft_wrap=True)
+            continue
+        target.add_typer(group, name=plugin.name)
+        taken.add(plugin.name)
+        mounted.append(plugin.name)
+    return mounted
 
 
 def fail(message: str) -> NoReturn:
@@ -264,8 +302,8 @@ def keys_generate(force: bool = typer.Option(False, help="Replace an existing ke
 @keys_app.command("show")
 def keys_show() -> None:
     """Print the public key workers must be configured with."""
-    settings = _settings()
-    public = signing.load_public(settings.public_key, settings.public_key_file)
+    # The herder's own file, not LLAMAS_PUBLIC_KEY: that setting is a worker's.
+    public = signing.load_public("", _settings().public_key_file)
     out.print(f"LLAMAS_PUBLIC_KEY={signing.encode_public(public)}  (key id {signing.key_id(public)})")
 
 
@@ -293,6 +331,7 @@ def main() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     try:
+        add_plugins(app)
         app()
     except LlamasError as exc:
         err.print(f"[red]error:[/] {exc}", highlight=False)

@@ -8,6 +8,8 @@ of ``router.errors`` and ``llama_tasks.errors``.
 
 from __future__ import annotations
 
+import functools
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,10 +18,10 @@ import redis
 from celery import Celery
 
 from llama_tasks import redact
-from llama_tasks.constants import RESPONSE_PREFIX
+from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from llama_tasks import stream as token_stream
 from llama_tasks.job import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
-from router import fees, forwarding, request
+from router import fees, request
 from router.errors import JobFailed, ResultTimeout, StreamRestarted
 from router.request import Submission
 from router.settings import HERDER_QUEUE
@@ -30,15 +32,34 @@ STATUS_POLL_S = 5.0
 RPC_TIMEOUT_S = 30.0
 
 
+@functools.cache
+def requester_app() -> Celery:
+    """A plain Celery app on the shared configuration, for sending to the herder.
+
+    Not the herder's own app: a requester needs the broker and the result
+    backend, not the herder's tasks, schedule and start-up checks.
+    """
+    app = Celery("llamas-requester")
+    app.config_from_object("celeryconfig")
+    return app
+
+
+def read_handle(r: redis.Redis, job_id: str, wait_s: float) -> dict[str, Any] | None:
+    """The response for a job if written, waiting up to ``wait_s`` for it."""
+    raw = r.get(RESPONSE_PREFIX + job_id)
+    if raw is None and wait_s > 0:
+        r.blpop([NOTIFY_PREFIX + job_id], timeout=max(1, int(wait_s)))
+        raw = r.get(RESPONSE_PREFIX + job_id)
+    return json.loads(raw) if raw else None
+
+
 class Herder:
     """A requester's connection to the service."""
 
     def __init__(self, api_key: str = "", app: Celery | None = None, redis_url: str | None = None,
                  timeout_s: float = RPC_TIMEOUT_S) -> None:
         if app is None:
-            from router.app import app as default_app
-
-            app = default_app
+            app = requester_app()
         self.app = app
         self.api_key = api_key
         self.timeout_s = timeout_s
@@ -166,7 +187,7 @@ class JobHandle:
         next_poll = time.monotonic() + STATUS_POLL_S
         while True:
             remaining = deadline - time.monotonic()
-            found = forwarding.read_handle(self._herder.redis, self.id, min(1.0, max(0.0, remaining)))
+            found = read_handle(self._herder.redis, self.id, min(1.0, max(0.0, remaining)))
             if found is not None:
                 return found
             if time.monotonic() >= next_poll or remaining <= 0:

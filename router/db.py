@@ -25,13 +25,25 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: Key of the PostgreSQL advisory lock that serializes concurrent upgrades.
 UPGRADE_LOCK_KEY = 0x6C6C616D6173  # "llamas"
+#: Execution option of connections that only read: SQLite starts their
+#: transactions deferred, so a reader never waits for (or holds) the write lock.
+READ_ONLY = "llamas_read_only"
+#: SQLite's ``synchronous`` settings we offer: FULL syncs the WAL at every
+#: commit; NORMAL syncs it at checkpoints only, which survives any crash of
+#: our processes but may lose the last commits to a power cut or an OS crash.
+SQLITE_SYNC_MODES = ("FULL", "NORMAL")
 
 
-def make_engine(url: str) -> Engine:
-    """Open an engine on the ledger at ``url`` (a SQLite file or PostgreSQL)."""
+def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
+    """Open an engine on the ledger at ``url`` (a SQLite file or PostgreSQL).
+
+    ``sqlite_synchronous`` (one of ``SQLITE_SYNC_MODES``) applies to SQLite only.
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+        if sqlite_synchronous not in SQLITE_SYNC_MODES:
+            raise ValueError(f"sqlite_synchronous must be one of {SQLITE_SYNC_MODES}, got {sqlite_synchronous!r}")
+        return _sqlite_engine(url, sqlite_synchronous)
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # A bare postgresql:// would pick psycopg2, which is not a dependency.
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -40,7 +52,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, synchronous: str) -> Engine:
     """Open a SQLite engine with WAL, a busy timeout and BEGIN IMMEDIATE."""
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
@@ -58,12 +70,14 @@ def _sqlite_engine(url: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
         finally:
             cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -73,6 +87,11 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     # expire_on_commit=False: callers read an account's fields after commit
     # (the CLI prints them) without a second round trip.
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for transactions that only read (SQLite: no write lock taken)."""
+    return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
 def alembic_config(url: str) -> Config:

@@ -28,6 +28,8 @@ from router.settings import HerderSettings
 
 #: send(job, envelope): puts one envelope on its model's queue.
 Sender = Callable[[JobRow, dict[str, Any]], None]
+#: A claimed attempt and its signed envelope.
+Order = tuple[JobRow, dict[str, Any]]
 
 
 def capacity(herd: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -86,6 +88,11 @@ def envelope(row: JobRow, key: Ed25519PrivateKey) -> dict[str, Any]:
     return signing.sign(job.to_payload(), key)
 
 
+def orders(rows: list[JobRow], key: Ed25519PrivateKey) -> list[Order]:
+    """The claimed rows with their signed envelopes, to send once the claim has committed."""
+    return [(row, envelope(row, key)) for row in rows]
+
+
 def dispatch(
     sessions: sessionmaker[Session],
     settings: HerderSettings,
@@ -98,9 +105,8 @@ def dispatch(
     sent = 0
     for model, slots in capacity(herd).items():
         with sessions.begin() as session:
-            rows = claim(session, settings, model, slots, now)
-            orders = [(row, envelope(row, key)) for row in rows]
-        for row, env in orders:
+            claimed = orders(claim(session, settings, model, slots, now), key)
+        for row, env in claimed:
             send(row, env)
             sent += 1
     return sent

@@ -14,7 +14,9 @@ import math
 from decimal import Decimal, InvalidOperation
 
 from router.errors import InvalidOffer
-from router.ledger import MAX_AMOUNT
+
+#: Largest amount a BIGINT balance column can hold, in the smallest money unit.
+MAX_AMOUNT = 2**63 - 1
 
 #: Bids are kept as multipliers in millionths, an integer.
 PPM = 1_000_000

@@ -15,7 +15,7 @@ import redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from llama_tasks.constants import NOTIFY_PREFIX, RESPONSE_PREFIX
+from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.models import JobRow
 
 HANDLE, CALLBACK, WEBHOOK = "handle", "callback", "webhook"
@@ -50,10 +50,3 @@ def to_handle(r: redis.Redis, response: dict[str, Any], ttl_s: int) -> None:
     pipe.execute()
 
 
-def read_handle(r: redis.Redis, job_id: str, wait_s: float) -> dict[str, Any] | None:
-    """The response for a job if written, waiting up to ``wait_s`` for it."""
-    raw = r.get(RESPONSE_PREFIX + job_id)
-    if raw is None and wait_s > 0:
-        r.blpop([NOTIFY_PREFIX + job_id], timeout=max(1, int(wait_s)))
-        raw = r.get(RESPONSE_PREFIX + job_id)
-    return json.loads(raw) if raw else None

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
+from router.fees import MAX_AMOUNT
 from router.errors import (
     AccountExists,
     HoldExceeded,
@@ -36,8 +37,6 @@ TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release"]
 
 #: Every API key starts with this, so a leaked one is recognisable in logs and scanners.
 API_KEY_PREFIX = "llm_"
-#: Largest amount a BIGINT balance column can hold, in the smallest money unit.
-MAX_AMOUNT = 2**63 - 1
 #: Longest account name (the column is VARCHAR(200)).
 MAX_NAME_LEN = 200
 _SYSTEM_IDS_KEY = "llamas.system_account_ids"

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from llama_tasks.constants import METRICS_PREFIX
+from router.keys import METRICS_PREFIX
 from router import dispatch, fees
 from router.models import QUEUED, RUNNING, JobRow
 

@@ -1,11 +1,17 @@
-"""Our responses in OpenAI's shapes: completions, stream chunks and SSE lines."""
+"""Our documents in OpenAI's shapes: completions, usage, failed jobs, stream chunks, SSE lines, the model list.
+
+The one place that knows OpenAI's shapes; it returns plain documents (and
+statuses), and the gateway's routers wrap them in responses.
+"""
 
 from __future__ import annotations
 
 import codecs
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+
+from router.choices import stored
 
 #: Field of the stream chunk that tells a reader to discard the text so far.
 RESTART_FIELD = "llamas_restart"
@@ -96,3 +102,41 @@ def legacy_logprobs(entries: list[dict[str, Any]], start: int) -> dict[str, Any]
         "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
         "text_offset": offsets,
     }
+
+
+def usage(resp: dict[str, Any]) -> dict[str, Any]:
+    """A final response's token counts and money, as OpenAI's ``usage`` (plus what was offered, charged, refunded)."""
+    # completion_tokens is already the sum over every choice.
+    p, c = resp.get("prompt_tokens") or 0, resp.get("completion_tokens") or 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": resp.get("cached_tokens") or 0},
+            "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
+
+
+def choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
+    """A final response's completions, as stored: ``{index, text, finish_reason, logprobs}`` each."""
+    # A response a herder wrote before choices existed carries one completion's fields.
+    return cast(list[dict[str, Any]], resp.get("choices")) or stored(
+        None, resp.get("text"), resp.get("finish_reason"), resp.get("completion_tokens"))
+
+
+def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed)."""
+    status = {"expired": 408, "cancelled": 409}.get(resp["status"], 500)
+    return status, {"error": {"message": resp.get("message"), "type": resp.get("error"),
+                              "code": resp["status"], "job_id": resp["job_id"]}}
+
+
+def failed_chunk(resp: dict[str, Any]) -> dict[str, Any]:
+    """The stream event that ends a streamed job that did not complete."""
+    return {"error": {"message": resp.get("message"), "type": resp.get("error"), "code": resp["status"]}}
+
+
+def model_list(info: dict[str, Any]) -> dict[str, Any]:
+    """``/v1/models`` from the herder's ``info`` document: every model the herd serves."""
+    return {"object": "list", "data": [
+        {"id": m["name"], "object": "model", "created": 0, "owned_by": info["name"],
+         "llamas_model_id": m["id"], "slots": m["slots"],
+         # The most prompt + max_tokens one request may ask for: one slot's context.
+         "context_length": m["context_per_job"]} for m in info["models"]
+    ]}

@@ -1,87 +1,118 @@
 """The herder's operations as plain methods: what the Celery tasks and the
-HTTP gateway call. One ``HerderService`` per process holds the database
-engine, the token counter, the signing key and a Redis client.
+HTTP gateway call.
+
+``HerderService`` is built from its parts (``router.parts``): a session
+factory, a token counter, the signing key, a Redis client, a transport, a
+forwarder, a herd source and a clock. Its constructor only stores them;
+``router.wiring.build`` makes the real ones for a process (migrating the
+ledger and loading the key), ``router.stub`` makes in-process ones.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import and_, func, or_, select
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
-from llama_tasks.heartbeat import read_herd
-from router import admission, dispatch, fees, forwarding, ledger, metrics, settlement, worker_loss
-from router.db import make_engine, make_sessionmaker, upgrade
+from router import admission, dispatch, forwarding, info, ledger, metrics, settlement, views, worker_loss
+from router.dispatch import Order
 from router.errors import JobNotQueued, UnknownJob
-from router.models import DONE, FINAL_STATES, QUEUED, RUNNING, JobRow
+from router.models import FINAL_STATES, RUNNING, JobRow
+from router.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.request import Submission
-from router.settings import HerderSettings, get_settings
-from router.tokens import TokenCounter
+from router.settings import HerderSettings
 
 log = logging.getLogger(__name__)
 
-#: Multipliers shown in Info's price-discovery table.
-DISCOVERY_MULTIPLIERS = (1.0, 1.5, 2.0, 5.0)
-#: Recent completed jobs averaged to estimate how long one job takes.
-DURATION_SAMPLE = 50
+#: A running attempt with no settled result after this long is looked up in the
+#: result store by the tick (its callback message may have been lost).
+RECONCILE_AFTER_S = 5.0
 
 
-def _version() -> str:
-    try:
-        return version("llamas")
-    except PackageNotFoundError:
-        return "0+unknown"
+@dataclass(frozen=True)
+class Delivery:
+    """A final response and the channels this process won the right to deliver it to."""
+
+    job_id: str
+    response: dict[str, Any]
+    channels: list[str]
+    callback: tuple[str | None, str | None]
+    times: tuple[float, float | None, float | None]
+
+
+def _take_channels(session: Session, row: JobRow) -> Delivery:
+    """Claim the job's undelivered channels in the caller's transaction."""
+    todo = [c for c in forwarding.channels(row) if forwarding.take(session, row.id, c)]
+    return Delivery(row.id, settlement.response(row), todo, (row.callback_task, row.callback_queue),
+                    (row.created_at, row.dispatched_at, row.finished_at))
 
 
 class HerderService:
     """The herder's state for one process and everything it can do."""
 
-    def __init__(self, settings: HerderSettings, send: dispatch.Sender,
-                 send_callback: Callable[[str, str, dict[str, Any]], None],
-                 send_webhook: Callable[[str], None]) -> None:
+    def __init__(self, settings: HerderSettings, *, sessions: sessionmaker[Session], counter: TokenCounting,
+                 key: Ed25519PrivateKey, redis_client: redis.Redis, transport: Transport, forwarder: Forwarder,
+                 herd: HerdSource, clock: Clock = time.time,
+                 read_sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
-        upgrade(settings.ledger_url)
-        self.engine = make_engine(settings.ledger_url)
-        self.sessions = make_sessionmaker(self.engine)
-        self.counter = TokenCounter(settings.models_file)
-        self.redis = redis.Redis.from_url(settings.redis_url)
-        self._key = signing.load_private(settings.private_key_file)
-        self._send_generation = send
-        self._send_callback = send_callback
-        self._send_webhook = send_webhook
+        self.sessions = sessions
+        #: For transactions that only read (on SQLite they take no write lock).
+        self.read_sessions = read_sessions or sessions
+        self.counter = counter
+        self.redis = redis_client
+        self.transport = transport
+        self.forwarder = forwarder
+        self._key = key
+        self._herd = herd
+        self._clock = clock
 
     # --- requests -------------------------------------------------------------
 
     def submit(self, api_key: str, sub: Submission) -> dict[str, Any]:
-        """Admit a request (or return the job its reference already names) and dispatch."""
-        now = time.time()
+        """Admit a request (or return the job its reference already names) and dispatch.
+
+        The one admission path of the gateway, the client and the CLI: the same
+        checks in the same order, everything but the money before the write
+        transaction opens (so SQLite's single writer is held only for the hold).
+        """
         try:
+            # Fields, channels, vocabulary and context (``price`` runs every check but the money).
+            priced = admission.price(self.settings, self.counter, sub)
+            # A worker that has just started may be newer than the cached herd: look again before refusing.
+            slots = (dispatch.capacity(self._herd()).get(sub.model, 0)
+                     or dispatch.capacity(self._herd(fresh=True)).get(sub.model, 0))
             try:
-                with self.sessions.begin() as session:
-                    row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
+                doc, orders, created = self._admit(api_key, sub, priced, slots)
             except IntegrityError:
                 # A concurrent submit with the same reference won the insert.
-                with self.sessions.begin() as session:
-                    row, created = admission.admit(session, self.settings, self.counter, api_key, sub, now)
+                doc, orders, created = self._admit(api_key, sub, priced, slots)
         except LlamasError as exc:
             self.refused(exc)
             raise
         if created:
             metrics.inc(self.redis, "admissions")
-            self.dispatch()
-        return self.describe(row.id)
+        self._send_all(orders)
+        return doc
+
+    def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
+               slots: int) -> tuple[dict[str, Any], list[Order], bool]:
+        """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
+        now = self._clock()
+        with self.sessions.begin() as session:
+            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0)
+            orders = self._claim(session, sub.model, slots, now) if created else []
+            return views.describe(session, row.id), orders, created
 
     def refused(self, exc: LlamasError) -> None:
         """Count a refusal by its reason, for the metrics."""
@@ -92,29 +123,22 @@ class HerderService:
 
     def quote(self, sub: Submission) -> dict[str, Any]:
         """What ``sub`` would cost, counted exactly as admission counts it."""
-        quoted, prompt_tokens = admission.price(self.settings, self.counter, sub)
+        priced = admission.price(self.settings, self.counter, sub)
         return {
             "model": sub.model,
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": priced.prompt_tokens,
             "max_tokens": sub.max_tokens,
             "n": sub.n,
             "base_fee": self.settings.base_fee,
             "fee_per_token": self.settings.fee_per_token,
             "fee_per_cached_token": self.settings.cached_token_fee,
-            "quote": quoted,
+            "quote": priced.quote,
         }
 
-    def _own(self, session: Session, api_key: str, job_id: str) -> JobRow:
-        account = ledger.account_by_key(session, api_key)
-        row = session.scalar(select(JobRow).where(JobRow.id == job_id))
-        if row is None or row.account_id != account.id:
-            raise UnknownJob(job_id)
-        return row
-
     def status(self, api_key: str, job_id: str) -> dict[str, Any]:
-        with self.sessions.begin() as session:
-            self._own(session, api_key, job_id)
-        return self.describe(job_id)
+        with self.read_sessions.begin() as session:
+            views.owned(session, api_key, job_id)
+            return views.describe(session, job_id)
 
     def cancel(self, api_key: str, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one ends now with a full refund; a running one
@@ -122,111 +146,90 @@ class HerderService:
         try:
             with self.sessions.begin() as session:
                 account = ledger.account_by_key(session, api_key)
-                row = settlement.cancel(session, account, job_id, time.time())
+                delivery = _take_channels(session, settlement.cancel(session, account, job_id, self._clock()))
         except JobNotQueued as exc:
             if exc.state != RUNNING:
                 raise
             self.redis.set(CANCEL_PREFIX + job_id, 1, ex=int(self.settings.lease_s) + 60)
             return self.describe(job_id)
-        self.forward(row.id)
+        self._deliver(delivery)
         return self.describe(job_id)
 
     def raise_bid(self, api_key: str, job_id: str, fee: int | None, multiplier: float | None) -> dict[str, Any]:
         with self.sessions.begin() as session:
             account = ledger.account_by_key(session, api_key)
             settlement.raise_bid(session, self.settings, account, job_id, fee, multiplier)
-        return self.describe(job_id)
+            return views.describe(session, job_id)
 
     def jobs(self, api_key: str, limit: int = 20) -> list[dict[str, Any]]:
         """The account's most recent jobs, newest first."""
-        with self.sessions.begin() as session:
-            account = ledger.account_by_key(session, api_key)
-            rows = session.scalars(
-                select(JobRow).where(JobRow.account_id == account.id)
-                .order_by(JobRow.seq.desc()).limit(max(1, min(limit, 500)))
-            )
-            return [
-                {"job_id": r.id, "state": r.state, "model": r.model, "reference": r.reference,
-                 "multiplier": r.bid_ppm / fees.PPM, "offered": r.offered, "charged": r.charged,
-                 "refunded": r.refunded, "completion_tokens": r.completion_tokens,
-                 "created_at": r.created_at, "finished_at": r.finished_at}
-                for r in rows
-            ]
+        with self.read_sessions.begin() as session:
+            return views.recent(session, api_key, limit)
 
     def describe(self, job_id: str) -> dict[str, Any]:
         """A job's public state: position while queued, the response once final."""
-        with self.sessions.begin() as session:
-            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            if row is None:
-                raise UnknownJob(job_id)
-            doc: dict[str, Any] = {
-                "job_id": row.id,
-                "reference": row.reference,
-                "state": row.state,
-                "model": row.model,
-                "prompt_tokens": row.prompt_tokens,
-                "max_tokens": row.max_tokens,
-                "n": row.n,
-                "quote": row.quote,
-                "offered": row.offered,
-                "multiplier": row.bid_ppm / fees.PPM,
-                "attempt": row.attempt,
-                "position": self._position(session, row) if row.state == QUEUED else 0,
-                "created_at": row.created_at,
-            }
-            if row.state in FINAL_STATES:
-                doc["response"] = settlement.response(row)
-            return doc
+        with self.read_sessions.begin() as session:
+            return views.describe(session, job_id)
 
-    @staticmethod
-    def _position(session: Session, row: JobRow) -> int:
-        ahead = session.scalar(
-            select(func.count()).select_from(JobRow).where(
-                JobRow.model == row.model,
-                JobRow.state == QUEUED,
-                or_(JobRow.priority > row.priority,
-                    and_(JobRow.priority == row.priority, JobRow.seq < row.seq)),
-            )
-        ) or 0
-        return ahead + 1
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """What workers verify this herder's envelopes with."""
+        return self._key.public_key()
 
     # --- the herd ---------------------------------------------------------------
 
     def herd(self) -> list[dict[str, Any]]:
-        return read_herd(self.redis)
+        return self._herd()
 
     def _send(self, row: JobRow, envelope: dict[str, Any]) -> None:
         if row.attempt > 1:
             metrics.inc(self.redis, "redeliveries")
-        self._send_generation(row, envelope)
+        self.transport.send(row, envelope)
 
     def dispatch(self) -> int:
-        return dispatch.dispatch(self.sessions, self.settings, self.herd(), self._key, self._send, time.time())
+        return dispatch.dispatch(self.sessions, self.settings, self._herd(), self._key, self._send, self._clock())
+
+    def _claim(self, session: Session, model: str, slots: int, now: float) -> list[Order]:
+        """Claim ``model``'s next jobs for its free slots in the caller's transaction."""
+        return dispatch.orders(dispatch.claim(session, self.settings, model, slots, now), self._key)
+
+    def _send_all(self, orders: list[Order]) -> None:
+        for row, envelope in orders:
+            self._send(row, envelope)
 
     def on_result(self, task_id: str, doc: dict[str, Any]) -> None:
-        """Settle a completed attempt whose authoritative result is ``doc``."""
+        """Settle a completed attempt; ``task_id`` is the one the herder chose for it."""
+        now = self._clock()
+        slots = dispatch.capacity(self._herd())
         with self.sessions.begin() as session:
-            row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, time.time())
+            row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
+            if row is None:
+                return
+            delivery = _take_channels(session, row)
+            # The freed slot's next job is claimed in the same transaction.
+            orders = self._claim(session, row.model, slots.get(row.model, 0), now)
         # Feed the freed slot first: forwarding takes longer than dispatching,
         # and the next job should not wait for it.
-        self.dispatch()
-        if row is not None:
-            self.forward(row.id)
+        self._send_all(orders)
+        self._deliver(delivery)
 
     def on_failure(self, task_id: str, exc: BaseException | None) -> None:
         """An attempt failed: typed refusals end the job, anything else may retry."""
         retryable = not isinstance(exc, (Rejected, InvalidRequest)) or isinstance(exc, Expired)
         error = type(exc).__name__ if exc is not None else "UnknownFailure"
         with self.sessions.begin() as session:
-            row = settlement.fail_attempt(session, self.settings, task_id, error, str(exc), retryable, time.time())
-        if row is not None:
-            self.forward(row.id)
+            row = settlement.fail_attempt(session, self.settings, task_id, error, str(exc), retryable,
+                                          self._clock())
+            delivery = _take_channels(session, row) if row is not None else None
+        if delivery is not None:
+            self._deliver(delivery)
         self.dispatch()
 
     def tick(self) -> dict[str, int]:
-        """Periodic duties: deadlines, lost workers, leases, dispatch."""
-        now = time.time()
-        herd = self.herd()
+        """Periodic duties: results whose callback was lost, deadlines, lost workers, leases, dispatch."""
+        settled = self.reconcile()
+        now = self._clock()
+        herd = self._herd()
         with self.sessions.begin() as session:
             ended = settlement.expire_deadlines(session, now)
             lost = worker_loss.lost_attempts(session, self.redis, herd)
@@ -235,12 +238,27 @@ class HerderService:
                                               "the worker running it stopped", retryable=True, now=now)
                 ended += [row] if row is not None else []
             ended += settlement.reap_leases(session, self.settings, now)
-            ended_ids = [row.id for row in ended]
+            deliveries = [_take_channels(session, row) for row in ended]
         for attempt in lost:
             worker_loss.close_claim(self.redis, attempt)
-        for job_id in ended_ids:
-            self.forward(job_id)
-        return {"ended": len(ended_ids), "dispatched": self.dispatch()}
+        for delivery in deliveries:
+            self._deliver(delivery)
+        return {"settled": settled, "ended": len(deliveries), "dispatched": self.dispatch()}
+
+    def reconcile(self) -> int:
+        """Settle running attempts whose outcome is already stored but whose
+        callback never arrived (the herder holding it died, say); returns how many."""
+        cutoff = self._clock() - RECONCILE_AFTER_S
+        with self.read_sessions.begin() as session:
+            task_ids = list(session.scalars(
+                select(JobRow.task_id).where(JobRow.state == RUNNING, JobRow.dispatched_at < cutoff)))
+        found = self.transport.stored_results(t for t in task_ids if t)
+        for task_id, stored in found.items():
+            if stored.state == "done" and stored.document is not None:
+                self.on_result(task_id, stored.document)
+            else:
+                self.on_failure(task_id, stored.error)
+        return len(found)
 
     # --- forwarding ---------------------------------------------------------------
 
@@ -250,18 +268,17 @@ class HerderService:
             row = session.scalar(select(JobRow).where(JobRow.id == job_id))
             if row is None or row.state not in FINAL_STATES:
                 return
-            response = settlement.response(row)
-            todo = [c for c in forwarding.channels(row) if forwarding.take(session, job_id, c)]
-            callback = (row.callback_task, row.callback_queue)
-            times = (row.created_at, row.dispatched_at, row.finished_at)
-        if forwarding.HANDLE in todo:
-            forwarding.to_handle(self.redis, response, self.settings.response_ttl_s)
-            # The handle channel is taken exactly once per job: count the outcome here.
-            metrics.record_outcome(self.redis, response, *times)
-        if forwarding.CALLBACK in todo and callback[0]:
-            self._send_callback(callback[0], callback[1] or "celery", response)
-        if forwarding.WEBHOOK in todo:
-            self._send_webhook(job_id)
+            delivery = _take_channels(session, row)
+        self._deliver(delivery)
+
+    def _deliver(self, d: Delivery) -> None:
+        if forwarding.HANDLE in d.channels:
+            self.forwarder.to_handle(d.response, d.times)
+        task, queue = d.callback
+        if forwarding.CALLBACK in d.channels and task:
+            self.forwarder.to_callback(task, queue or "celery", d.response)
+        if forwarding.WEBHOOK in d.channels:
+            self.forwarder.to_webhook(d.job_id)
 
     def webhook_target(self, job_id: str) -> tuple[str, str, dict[str, Any]]:
         """URL, secret and response of a job's webhook delivery."""
@@ -276,58 +293,23 @@ class HerderService:
     # --- Info -------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        herd = self.herd()
-        slots = dispatch.capacity(herd)
-        now = time.time()
-        with self.sessions.begin() as session:
-            queued = admission.queued_count(session)
-            last = session.scalar(select(JobRow.bid_ppm).order_by(JobRow.seq.desc()).limit(1))
-            running = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)) or 0
-            recent = list(session.execute(
-                select(JobRow.finished_at, JobRow.dispatched_at)
-                .where(JobRow.state == DONE).order_by(JobRow.seq.desc()).limit(DURATION_SAMPLE)
-            ))
-            durations = [f - d for f, d in recent if f is not None and d is not None]
-            job_s = sum(durations) / len(durations) if durations else None
-            total_slots = sum(slots.values())
-            table = []
-            for m in DISCOVERY_MULTIPLIERS:
-                p = admission.priority(int(m * fees.PPM), now, self.settings.aging_per_s)
-                ahead = session.scalar(
-                    select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED, JobRow.priority >= p)
-                ) or 0
-                wait = None
-                if job_s is not None and total_slots:
-                    # Jobs ahead drain through every slot; a full herd frees one slot per job_s/slots.
-                    wait = math.ceil((ahead + max(0, running - total_slots + 1)) / total_slots) * job_s
-                table.append({"multiplier": m, "position": ahead + 1, "expected_wait_s": wait})
-        # One job may hold one slot's context: prompt + max_tokens (× n choices, each in its own slot).
-        models = [{"name": s.name, "id": s.model_id, "slots": slots.get(s.name, 0),
-                   "context_per_job": self.settings.n_ctx}
-                  for s in self.counter.models().values()]
-        return {
-            "name": self.settings.service_name,
-            "version": _version(),
-            "base_fee": self.settings.base_fee,
-            "fee_per_token": self.settings.fee_per_token,
-            "fee_per_cached_token": self.settings.cached_token_fee,
-            "last_multiplier": (last / fees.PPM) if last is not None else None,
-            "queue_length": queued,
-            "running": running,
-            "models": models,
-            "herd": [{k: w.get(k) for k in ("worker", "model", "slots", "busy", "gpus", "n_ctx")} for w in herd],
-            "price_discovery": table,
-            "pid": os.getpid(),
-        }
+        herd = self._herd()
+        with self.read_sessions.begin() as session:
+            return info.describe(session, self.settings, self.counter, herd, self._clock())
+
+    def ping_ledger(self) -> None:
+        """Raise if the ledger does not answer."""
+        with self.read_sessions() as session:
+            session.execute(text("SELECT 1"))
 
 
 _service: HerderService | None = None
 _service_pid = 0
 
 
-def get_service(factory: Callable[[HerderSettings], HerderService]) -> HerderService:
+def get_service(factory: Callable[[], HerderService]) -> HerderService:
     """This process's service, built on first use (and again after a fork)."""
     global _service, _service_pid
     if _service is None or _service_pid != os.getpid():
-        _service, _service_pid = factory(get_settings()), os.getpid()
+        _service, _service_pid = factory(), os.getpid()
     return _service

@@ -1,28 +1,38 @@
 """Herder configuration: the one place ``router`` reads the environment.
 
-``HerderSettings`` extends the workers' settings (same ``LLAMAS_`` names for
-Redis, home, context window and time limits), adding the herder's own.
+``HerderSettings`` extends the settings every llamas process shares (same
+``LLAMAS_`` names for Redis, home, context window and time limits), adding
+the herder's own. It carries none of a worker's (model, GPUs, slots,
+threads): ``llamas up``, which starts workers, reads those from
+``llama_tasks.settings``.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from llama_tasks.settings import WorkerSettings, exit_on_invalid
+from llama_tasks.settings import SharedSettings, exit_on_invalid
 
 #: The queue the herder's Celery worker consumes.
 HERDER_QUEUE = "herder"
 
 
-class HerderSettings(WorkerSettings):
+class HerderSettings(SharedSettings):
     """Settings of the herder, the gateway and the ``llamas`` CLI."""
 
     service_name: str = Field("llamas", description="Name reported by Info.")
     api_key: str = Field("", description="The CLI's API key (`llamas run`, `llamas jobs`).")
     database_url: str = Field(
         "", description="SQLAlchemy URL of the ledger; empty = SQLite file <home>/ledger.db."
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "NORMAL",
+        description="SQLite ledger only: FULL syncs every commit to disk; NORMAL (WAL) syncs at checkpoints, "
+        "which survives any crash of our processes but may lose the last commits to a power cut or an OS "
+        "crash (books still balance: a lost commit is lost whole). Use PostgreSQL where that matters.",
     )
     base_fee: int = Field(1, ge=0, description="Flat fee per request, smallest money unit.")
     fee_per_token: int = Field(1, ge=0, description="Fee per prompt or completion token.")

@@ -24,7 +24,7 @@ from router.admission import priority
 from router.errors import InvalidOffer, JobNotQueued, UnknownJob
 from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
 from router.settings import HerderSettings
-from router.tokens import TokenCounter
+from router.parts import TokenCounting
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _refund_all(session: Session, row: JobRow, state: str, error: str, message: 
     return row
 
 
-def settle(session: Session, settings: HerderSettings, counter: TokenCounter, doc: dict[str, Any],
+def settle(session: Session, settings: HerderSettings, counter: TokenCounting, doc: dict[str, Any],
            now: float) -> JobRow | None:
     """Charge a completed attempt and record its answer; None if it is not current.
 
@@ -98,7 +98,7 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounter, do
     return row
 
 
-def _recount(counter: TokenCounter, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+def _recount(counter: TokenCounting, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
     """The result's completions, storable and each with its recounted tokens; and their sum."""
     logprobs, top_logprobs = completions.asked(row.request)
     choices = completions.from_result(doc, row.n, logprobs, top_logprobs)

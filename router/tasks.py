@@ -8,66 +8,29 @@ through the result backend; refusals raise the typed errors of
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery import Task
 
 from llama_tasks import redact
 from llama_tasks.errors import LlamasError
-from llama_tasks.settings import queue_for
-from llama_tasks.constants import GENERATE_TASK as GENERATE
-from router import webhooks
-from router.admission import Submission
-from router.app import app
+from router import webhooks, wiring
+from router.celery import app
 from router.errors import BadChannel
-from router.models import JobRow
+from router.request import Submission
 from router.service import HerderService, get_service
-from router.settings import HERDER_QUEUE, HerderSettings
+from router.settings import get_settings
 
 log = logging.getLogger(__name__)
-
-#: How long ``settle`` waits for the worker's result to reach the backend:
-#: Celery sends link callbacks just before it stores the result.
-RESULT_WAIT_S, RESULT_POLL_S = 2.0, 0.002
 
 # Requests, envelopes and results carry prompts and completions: Celery's own
 # log lines and events in this process must show neither.
 redact.install_log_filter()
 
 
-def _send_generation(row: JobRow, envelope: dict[str, Any]) -> None:
-    app.send_task(
-        GENERATE,
-        args=[envelope],
-        # What task events (Flower) show of the message: ids and sizes.
-        argsrepr=redact.describe({"envelope": envelope}),
-        kwargsrepr="{}",
-        queue=queue_for(row.model),
-        task_id=row.task_id,
-        # Immutable: the callback gets only the task id (settle reads the
-        # stored result), so the completion is not copied into one more
-        # message and its events.
-        link=app.signature("router.settle", args=(row.task_id,), immutable=True, queue=HERDER_QUEUE),
-        link_error=app.signature("router.settle_error", queue=HERDER_QUEUE),
-    )
-
-
-def _send_callback(task: str, queue: str, response: dict[str, Any]) -> None:
-    app.send_task(task, args=[response], queue=queue,
-                  argsrepr=redact.describe({"response": response}), kwargsrepr="{}")
-
-
-def _send_webhook(job_id: str) -> None:
-    deliver_webhook.apply_async(args=[job_id], queue=HERDER_QUEUE)
-
-
-def _build(settings: HerderSettings) -> HerderService:
-    return HerderService(settings, _send_generation, _send_callback, _send_webhook)
-
-
 def service() -> HerderService:
-    return get_service(_build)
+    """This process's herder, wired on first use (after the fork, in a pool child)."""
+    return get_service(lambda: wiring.build(get_settings(), app))
 
 
 # Expected refusals are returned to the requester, not logged as crashes.
@@ -112,44 +75,31 @@ def raise_bid(api_key: str, job_id: str, fee: int | None = None, multiplier: flo
     return service().raise_bid(api_key, job_id, fee, multiplier)
 
 
-def _backend_meta(task_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + RESULT_WAIT_S
-    while True:
-        meta = app.backend.get_task_meta(task_id, cache=False)
-        if meta.get("status") in ("SUCCESS", "FAILURE") or time.monotonic() > deadline:
-            return meta
-        time.sleep(RESULT_POLL_S)
-
-
 @app.task(name="router.settle", acks_late=True, **_PRIVATE)
-def settle(claimed: Any) -> None:
-    """Link callback of a generation: settle from the *stored* result, not the message.
+def settle(result: Any, task_id: Any = None) -> None:
+    """Link callback of a generation: ``result`` is the worker's document,
+    ``task_id`` the attempt's id as the herder fixed it when it sent the job.
 
-    ``claimed`` is the generation's task id (messages sent before the link
-    became immutable carry the worker's whole result; only its id is used).
+    Messages from before results travelled in the callback carry only the
+    task id: those are left to the tick, which settles from the result store.
     """
-    task_id = claimed.get("task_id") if isinstance(claimed, dict) else claimed
-    if not isinstance(task_id, str):
-        log.warning("settle: message without a task id ignored")
+    if not isinstance(task_id, str) or not isinstance(result, dict):
+        log.info("settle: message without a result; the tick settles it from the result store")
         return
-    meta = _backend_meta(task_id)
-    if meta.get("status") != "SUCCESS" or not isinstance(meta.get("result"), dict):
-        log.warning("settle: no stored result for task %s (status %s); ignored", task_id, meta.get("status"))
-        return
-    service().on_result(task_id, meta["result"])
+    service().on_result(task_id, result)
 
 
 @app.task(name="router.settle_error", acks_late=True, **_PRIVATE)
 def settle_error(task_id: Any) -> None:
-    """Error callback of a generation (Celery passes the failed task's id)."""
+    """Error callback of a generation (Celery passes the failed task's id; the
+    failure is stored before error callbacks run)."""
     if not isinstance(task_id, str):
         return
-    meta = _backend_meta(task_id)
-    if meta.get("status") != "FAILURE":
-        log.warning("settle_error: task %s is %s, not failed; ignored", task_id, meta.get("status"))
+    stored = service().transport.stored_results([task_id]).get(task_id)
+    if stored is None or stored.state != "failed":
+        log.warning("settle_error: task %s has no stored failure; ignored", task_id)
         return
-    result = meta.get("result")
-    service().on_failure(task_id, result if isinstance(result, BaseException) else None)
+    service().on_failure(task_id, stored.error)
 
 
 @app.task(name="router.tick", ignore_result=True, **_PRIVATE)

@@ -28,7 +28,7 @@ from rich.console import Console
 
 from llama_tasks import redis_server, registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from llama_tasks.settings import queue_for
+from llama_tasks.settings import get_settings as worker_settings, queue_for
 from router.settings import HERDER_QUEUE, HerderSettings
 from router.supervisor import RUN_TOKEN_ENV, Component, RunRecord, Supervisor, python_module
 
@@ -202,8 +202,15 @@ def _where(gateway: str, flower: str, key_file: Path, pw_file: Path) -> None:
 
 def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
        models: list[str] | None = None, gpus: list[int] | None = None) -> None:
-    """Run the service in the foreground until interrupted: one worker per model and GPU."""
+    """Run the service in the foreground until interrupted: one worker per model and GPU.
+
+    ``models`` and ``gpus`` default to the workers' own settings
+    (``LLAMAS_MODEL``, ``LLAMAS_GPUS``), which the herder's do not carry.
+    """
     settings = HerderSettings()
+    workers = worker_settings()
+    models = models or [workers.model]
+    gpus = workers.gpu_ids if gpus is None else gpus
     # Before the ports: a stale set holds them, and its message says more.
     refuse_if_running(settings.home)
     check_port(port, "HTTP gateway", "--port")
@@ -232,7 +239,7 @@ def worker_layout(model: str, node: str, gpus: list[int]) -> list[tuple[str, dic
 
 
 def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: int, flower_port: int,
-        models: list[str] | None, gpus: list[int] | None) -> None:
+        models: list[str], gpus: list[int]) -> None:
     import redis
 
     embedded = redis_server.ensure(settings.redis_url)
@@ -241,7 +248,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
     if not settings.private_key_file.exists():
         signing.generate_keypair(settings.home)
         console.print(f"[bold]keys[/]    created the herder's signing key pair in {settings.home}")
-    specs = [registry.lookup(settings.models_file, name) for name in (models or [settings.model])]
+    specs = [registry.lookup(settings.models_file, name) for name in models]
     for spec in specs:
         registry.verify(spec)
         console.print(f"[bold]model[/]   {spec.name} id {spec.model_id[:16]}…")
@@ -272,7 +279,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
                 log=logs / f"worker-{name.split('@')[0].removeprefix('llama-')}.log",
             ))
             for spec in specs
-            for name, worker_env in worker_layout(spec.name, node, settings.gpu_ids if gpus is None else gpus)
+            for name, worker_env in worker_layout(spec.name, node, gpus)
         }
         herder = supervisor.add(Component(
             name="herder",

@@ -20,7 +20,7 @@ class CeleryProcess:
     """A real ``celery -A <app> worker`` in a subprocess."""
 
     def __init__(self, app: str, queue: str, name: str, concurrency: int, env: dict[str, str],
-                 log: Path, extra: list[str] | None = None) -> None:
+                 log: Path, extra: list[str] | None = None, cwd: Path = ROOT) -> None:
         self.name = f"{name}@test"
         self.log = log
         cmd = [
@@ -30,7 +30,7 @@ class CeleryProcess:
         ]
         self._log_file = open(log, "wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+            cmd, cwd=cwd, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

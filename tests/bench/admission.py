@@ -29,17 +29,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from router import ledger
-from router.admission import Submission, admit, as_job
+from router import ledger, views
+from router.admission import Submission, admit, as_job, price
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.models import Account
-from router.service import HerderService
 from router.settings import HerderSettings
 from router.tokens import TokenCounter
 
@@ -139,18 +137,19 @@ def transaction(book: Ledger) -> Iterator[Session]:
 def admit_one(book: Ledger, counter: TokenCounter, i: int) -> None:
     """One admission, as ``HerderService.submit`` runs it (without the dispatch after)."""
     sub = submission(i)
+    priced = price(book.settings, counter, sub)  # outside the write transaction, as the service counts
     with transaction(book) as session:
-        admit(session, book.settings, counter, book.api_key, sub, time.time())
+        admit(session, book.settings, priced, book.api_key, sub, time.time())
 
 
 def admit_and_describe(book: Ledger, counter: TokenCounter, i: int) -> None:
     """``admit_one`` plus the second transaction ``submit`` opens to describe the new job."""
     sub = submission(i)
+    priced = price(book.settings, counter, sub)
     with transaction(book) as session:
-        row, _ = admit(session, book.settings, counter, book.api_key, sub, time.time())
-    # describe() needs only the sessions and _position of its service.
-    service = SimpleNamespace(sessions=book.sessions, _position=HerderService._position)
-    HerderService.describe(service, row.id)  # type: ignore[arg-type]
+        row, _ = admit(session, book.settings, priced, book.api_key, sub, time.time())
+    with book.sessions.begin() as session:
+        views.describe(session, row.id)
 
 
 def hold_one(book: Ledger, counter: TokenCounter, i: int) -> None:

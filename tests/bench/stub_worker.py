@@ -10,9 +10,7 @@ overhead figures: never run it beside a real herd.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from typing import Any
 
 import redis
@@ -20,13 +18,11 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
+from llama_tasks import scripted
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.heartbeat import Heartbeat
 from llama_tasks.registry import lookup
 from llama_tasks.settings import get_settings
-
-#: What every stub generation "says"; the herder recounts its tokens as usual.
-STUB_TEXT = "Llamas hum when they are content."
 
 app = Celery("stub_worker")
 app.config_from_object("celeryconfig")
@@ -42,30 +38,10 @@ app.tasks.pop(GENERATE_TASK, None)
 
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, max_retries=0, shared=False)
 def generate(self: Task, envelope: Any) -> dict[str, Any]:
-    """Answer one envelope with ``STUB_TEXT``; trusts its fields, checks nothing."""
-    received_at = time.time()
-    payload = envelope["payload"]
+    """Answer one envelope with ``SCRIPTED_TEXT``; trusts its fields, checks nothing."""
     settings = get_settings()
-    return {
-        "task_id": self.request.id,
-        "job_id": payload["job_id"],
-        "attempt": payload["attempt"],
-        "model": settings.model,
-        "model_id": lookup(settings.models_file, settings.model).model_id,
-        "text": STUB_TEXT,
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "finish_reason": "stop",
-        "worker": self.request.hostname,
-        "pid": os.getpid(),
-        "load_count": 0,
-        "timings": {
-            "queue_wait_s": max(0.0, received_at - float(payload.get("issued_at", received_at))),
-            "prompt_s": 0.0,
-            "generation_s": 0.0,
-            "tokens_per_s": 0.0,
-        },
-    }
+    model_id = lookup(settings.models_file, settings.model).model_id
+    return scripted.answer(envelope["payload"], self.request.id, self.request.hostname, model_id)
 
 
 @worker_init.connect

@@ -161,11 +161,13 @@ class Herder:
         sub = self._submission(fields)
         try:
             with self.sessions.begin() as session:
-                row, _ = admission.admit(session, self.settings, counter or self.counter,
+                row, _ = admission.admit(session, self.settings,
+                                         admission.price(self.settings, counter or self.counter, sub),
                                          api_key, sub, now)
         except IntegrityError:
             with self.sessions.begin() as session:
-                row, _ = admission.admit(session, self.settings, counter or self.counter,
+                row, _ = admission.admit(session, self.settings,
+                                         admission.price(self.settings, counter or self.counter, sub),
                                          api_key, sub, now)
         return row
 

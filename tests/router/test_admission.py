@@ -290,11 +290,12 @@ def test_a_retried_submit_returns_the_same_job_and_holds_once(herder: Herder) ->
     sub = Submission(prompt="Grade: llamas are great", max_tokens=8, reference="r-1")
 
     with herder.sessions.begin() as session:
-        first, created = admission.admit(session, herder.settings, herder.counter, key, sub, T0)
+        first, created = admission.admit(session, herder.settings, admission.price(herder.settings, herder.counter, sub),
+                                         key, sub, T0)
         assert created
     with herder.sessions.begin() as session:
-        again, created = admission.admit(session, herder.settings, herder.counter, key,
-                                         Submission(**vars(sub)), T0 + 5)
+        again, created = admission.admit(session, herder.settings, admission.price(herder.settings, herder.counter, sub),
+                                         key, Submission(**vars(sub)), T0 + 5)
         assert not created and again.id == first.id
 
     assert len(herder.jobs()) == 1

@@ -202,14 +202,14 @@ def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
     from router import ledger
     from router.admission import Submission
     from router.api import create_app
-    from router.service import HerderService
+    from router import stub
     from router.settings import HerderSettings
 
     signing.generate_keypair(tmp_path)
     settings = HerderSettings(home=tmp_path, max_queue=1)
     registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
-    sent: list[str] = []
-    svc = HerderService(settings, lambda row, env: sent.append(row.id), lambda *a: None, lambda job_id: None)
+    transport = stub.StubTransport()
+    svc = stub.build(settings, transport=transport, herd=stub.StaticHerd(["ghost"], 1))
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "q", 10_000)
     # One ghost worker with one slot: the first job takes it, the second waits.
@@ -227,7 +227,7 @@ def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
             held = sum(row.offered for row in s.query(JobRow).filter(JobRow.state.in_(["queued", "running"])))
             assert ledger.balance(s, ledger.account_by_key(s, key)) == 10_000 - held
             assert s.query(JobRow).count() == 2
-        assert len(sent) == 1
+        assert len(transport.sent) == 1
     finally:
         r.delete(HERD_PREFIX + "ghost@test")
 

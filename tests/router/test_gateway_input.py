@@ -13,19 +13,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from llama_cpp.llama_grammar import JSON_GBNF
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from router import ledger
+from router import ledger, stub
 from router.api import create_app
+from router.herd import HerdReader
 from router.models import JobRow
 from router.service import HerderService
 from router.settings import HerderSettings
 
 DEPOSIT = 100_000
 SECRET = "zebra-violet-canary"
+
+
+class Recorder(stub.StubTransport):
+    """Keeps the generation fields of every job sent (what the worker will be asked)."""
+
+    def __init__(self, sent: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.requests = sent
+
+    def send(self, row: JobRow, envelope: dict[str, Any]) -> None:
+        super().send(row, envelope)
+        self.requests.append(json.loads(row.request))
 
 
 class Gateway:
@@ -82,8 +96,7 @@ def gw(r: Any, tmp_path: Path) -> Iterator[Gateway]:
     settings = HerderSettings(home=tmp_path, admin_key="operator-secret")
     registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
     sent: list[dict[str, Any]] = []
-    svc = HerderService(settings, lambda row, env: sent.append(json.loads(row.request)),
-                        lambda *a: None, lambda job_id: None)
+    svc = stub.build(settings, transport=Recorder(sent), herd=stub.StaticHerd(["ghost"], 64))
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "input", DEPOSIT)
     r.set(HERD_PREFIX + "ghost@input", json.dumps({"worker": "ghost@input", "model": "ghost", "slots": 64}), ex=60)
@@ -339,7 +352,9 @@ def test_redis_gone_after_start_up_is_a_503_in_openai_shape(tmp_path: Path) -> N
 
     signing.generate_keypair(tmp_path)
     settings = HerderSettings(home=tmp_path, redis_url=f"redis://127.0.0.1:{free_port()}/0")
-    svc = HerderService(settings, lambda row, env: None, lambda *a: None, lambda job_id: None)
+    registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
+    # The herd is read from the (unreachable) Redis, as a real gateway reads it.
+    svc = stub.build(settings, herd=HerdReader(redis.Redis.from_url(settings.redis_url)))
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "outage", DEPOSIT)
     http = TestClient(create_app(lambda: svc), raise_server_exceptions=False)

@@ -149,7 +149,7 @@ def test_the_webhook_arrives_once_with_a_valid_signature(stack):
 
 
 def test_a_forged_result_or_one_for_an_unknown_job_changes_nothing(stack):
-    from router.app import app
+    from router.celery import app
 
     key, herder = stack.account(100_000)
     blocker = herder.run(**LONG)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from router import ledger
+from router import ledger, stub
 from router.api import create_app
 from router.models import JobRow
 from router.openai_shapes import legacy_logprobs
@@ -64,13 +64,24 @@ class ScriptedGateway:
         return self.svc.counter.completion_tokens(MODEL, text)
 
 
+class Answering(stub.StubTransport):
+    """Answers every job the moment it is sent, and writes responses where the gateway waits."""
+
+    def __init__(self, gateway: list["ScriptedGateway"], r: Any) -> None:
+        super().__init__(handles=r)
+        self.gateway = gateway
+
+    def send(self, row: JobRow, envelope: dict[str, Any]) -> None:
+        self.gateway[0].answer(row, envelope)
+
+
 @pytest.fixture
 def gw(r: Any, tmp_path: Path) -> Iterator[ScriptedGateway]:
     signing.generate_keypair(tmp_path)
     settings = HerderSettings(home=tmp_path, base_fee=5, fee_per_token=3, fee_per_cached_token=1)
     registry.add_model(settings.models_file, MODEL, Path(registry.smollm2_path()))
     gateway: list[ScriptedGateway] = []
-    svc = HerderService(settings, lambda row, env: gateway[0].answer(row, env), lambda *a: None, lambda job_id: None)
+    svc = stub.build(settings, transport=Answering(gateway, r), herd=stub.StaticHerd([MODEL], 4))
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "choices", DEPOSIT)
     gateway.append(ScriptedGateway(svc, key))

@@ -17,7 +17,7 @@ from celery.contrib.testing.mocks import TaskMessage
 from celery.utils.saferepr import saferepr
 
 from llama_tasks import app as worker_app, redact
-from router.app import app
+from router import app
 from router.settings import HERDER_QUEUE
 from tests.events import captured_events, text_forms
 from tests.processes import wait_for

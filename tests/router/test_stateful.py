@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
 from llama_tasks.job import MAX_CHOICES
 from router import ledger, settlement
-from router.admission import Submission, admit, as_job
+from router.admission import Submission, admit, as_job, price
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.dispatch import claim
 from router.errors import (
@@ -303,12 +303,12 @@ class HerderCore(RuleBasedStateMachine):
         return self.settings.base_fee + self.settings.fee_per_token * (prompt_tokens + sub.n * sub.max_tokens)
 
     def _expect_admission(self, account: ModelAccount, sub: Submission) -> tuple[type[Exception] | None, int, int]:
-        """The refusal ``admit`` must raise (None: admitted), the quote and the offer."""
-        if sub.reference is not None and (account.name, sub.reference) in self.references:
-            existing = self.jobs[self.references[account.name, sub.reference]]
-            if replace(existing.sub, reference=None) != replace(sub, reference=None):
-                return ReferenceConflict, 0, 0
-            return None, existing.quote, existing.offered
+        """The refusal ``admit`` must raise (None: admitted), the quote and the offer.
+
+        In the service's order: the request itself is checked and priced
+        before the ledger is read, then a reused reference is looked up,
+        then the money.
+        """
         content = sub.prompt if sub.messages is None else "".join(m["content"] for m in sub.messages)
         if not (content or "").strip():
             return EmptyPrompt, 0, 0
@@ -321,6 +321,11 @@ class HerderCore(RuleBasedStateMachine):
         quote = self._quote(sub)
         if quote is None:
             return ContextOverflow, 0, 0
+        if sub.reference is not None and (account.name, sub.reference) in self.references:
+            existing = self.jobs[self.references[account.name, sub.reference]]
+            if replace(existing.sub, reference=None) != replace(sub, reference=None):
+                return ReferenceConflict, 0, 0
+            return None, existing.quote, existing.offered
         offered = _offered(quote, sub)
         if offered < quote:
             return InsufficientFee, quote, offered
@@ -334,7 +339,8 @@ class HerderCore(RuleBasedStateMachine):
         account = self.accounts[name]
         refusal, quote, offered = self._expect_admission(account, sub)
         with self.sessions.begin() as session:
-            call = lambda: admit(session, self.settings, self.counter, account.api_key, sub, self.now)
+            call = lambda: admit(session, self.settings, price(self.settings, self.counter, sub), account.api_key, sub,
+                                 self.now)
             if refusal is not None:
                 exc = self._refused(session, refusal, call)
                 if isinstance(exc, InsufficientFee):

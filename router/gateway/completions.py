@@ -1,0 +1,124 @@
+"""OpenAI's ``/v1/chat/completions`` and ``/v1/completions`` (plain and SSE streaming), and ``/v1/models``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import anyio
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from router import openai_request, openai_shapes
+from router.gateway.deps import ApiKey, AsyncRedis, Service
+from router.gateway.errors import openai_error
+from router.gateway.waiting import AdmittedJob
+from router.request import Submission
+from router.service import HerderService
+
+router = APIRouter()
+
+
+@dataclass(frozen=True)
+class Call:
+    """One parsed completions request: what to submit and how to answer."""
+
+    sub: Submission
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+async def _parse(request: Request, chat: bool) -> Call:
+    body = openai_request.parse_body(await request.body())
+    sub = openai_request.submission(body, request.headers, chat=chat)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return Call(sub, bool(body.get("stream")), include_usage, chat)
+
+
+async def chat_call(request: Request) -> Call:
+    return await _parse(request, chat=True)
+
+
+async def text_call(request: Request) -> Call:
+    return await _parse(request, chat=False)
+
+
+async def admit(svc: HerderService, key: str, sub: Submission) -> dict[str, Any]:
+    """Submit ``sub`` for ``key`` through the service's one admission path
+    (the same checks, in the same order, as the client's and the CLI's)."""
+    return await run_in_threadpool(svc.submit, key, sub)
+
+
+async def completion(request: Request, call: Call, key: str, svc: HerderService,
+                     r: aioredis.Redis) -> Any:
+    """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
+    doc = await admit(svc, key, call.sub)
+    job = AdmittedJob(request, svc, r, key, doc["job_id"])
+    shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
+                                  len(call.sub.prompt or ""))
+    if call.stream:
+        return StreamingResponse(events(job, shapes, call.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id})
+    resp = await job.wait_response()
+    if resp is None:
+        return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
+    if resp["status"] != "done":
+        status, body = openai_shapes.failed(resp)
+        return JSONResponse(body, status_code=status)
+    return shapes.final(openai_shapes.choices(resp), openai_shapes.usage(resp))
+
+
+async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion, ``data: [DONE]`` last."""
+    finished = False
+    try:
+        if shapes.chat:
+            yield shapes.sse(shapes.role_chunk())
+        async for event in job.follow():
+            if event["event"] == "token":
+                yield shapes.sse(shapes.text_chunk(event["text"]))
+            elif event["event"] == "restart":
+                yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0)))
+            elif event["event"] == "disconnected":
+                return
+        resp = await job.wait_response()
+        finished = True
+        if resp is None:
+            return
+        if resp["status"] != "done":
+            yield shapes.sse(openai_shapes.failed_chunk(resp))
+        else:
+            for chunk in shapes.closing_chunks(resp["finish_reason"], openai_shapes.usage(resp), include_usage):
+                yield shapes.sse(chunk)
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            # The client went away before the end: refund it if the job had not started.
+            # Shielded, because this cleanup runs inside the scope that was just cancelled.
+            with anyio.CancelScope(shield=True):
+                await job.cancel_on_disconnect()
+
+
+# FastAPI resolves a route's dependencies in the order of its parameters, and
+# that is the order of the checks: the body (400/422), then the key (401).
+
+@router.post("/v1/chat/completions", openapi_extra=openai_request.openapi_body(chat=True))
+async def chat_completions(request: Request, call: Annotated[Call, Depends(chat_call)], key: ApiKey,
+                           svc: Service, r: AsyncRedis) -> Any:
+    return await completion(request, call, key, svc, r)
+
+
+@router.post("/v1/completions", openapi_extra=openai_request.openapi_body(chat=False))
+async def completions(request: Request, call: Annotated[Call, Depends(text_call)], key: ApiKey,
+                      svc: Service, r: AsyncRedis) -> Any:
+    return await completion(request, call, key, svc, r)
+
+
+@router.get("/v1/models")
+async def models(svc: Service) -> dict[str, Any]:
+    return openai_shapes.model_list(await run_in_threadpool(svc.info))

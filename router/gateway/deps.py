@@ -1,0 +1,71 @@
+"""What a route needs, as FastAPI dependencies: the herder's service, the async Redis client, the API key.
+
+All of it hangs off ``app.state`` (filled by ``install``) rather than module
+globals or closures, so several apps in one process (the tests build one per
+service) never share a service or a Redis client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Request
+
+from router.errors import UnknownAccount
+from router.service import HerderService
+
+#: Builds (or returns) the service a gateway serves; None means the process's own.
+ServiceFactory = Callable[[], HerderService]
+
+
+def install(app: FastAPI, service_factory: ServiceFactory | None) -> None:
+    """Give ``app`` its service factory and a slot for its Redis client (made on first use)."""
+    app.state.service_factory = service_factory
+    app.state.redis = None
+
+
+def service_of(app: FastAPI) -> HerderService:
+    """The service ``app`` serves: its factory's, or the herder process's own."""
+    factory: ServiceFactory | None = app.state.service_factory
+    if factory is not None:
+        return factory()
+    # Imported on first use: router.tasks builds the herder's Celery app, which
+    # an app given its own service (the tests') never needs.
+    from router.tasks import service as default_service
+
+    return default_service()
+
+
+def redis_of(app: FastAPI) -> aioredis.Redis:
+    """``app``'s async Redis client, made on first use (making one connects to nothing)."""
+    if app.state.redis is None:
+        app.state.redis = aioredis.Redis.from_url(service_of(app).settings.redis_url)
+    client: aioredis.Redis = app.state.redis
+    return client
+
+
+# The dependencies are coroutines so that FastAPI runs them on the event loop
+# (it would send a plain function to its thread pool), as the routes' own code.
+
+async def get_service(request: Request) -> HerderService:
+    return service_of(request.app)
+
+
+async def get_redis(request: Request) -> aioredis.Redis:
+    return redis_of(request.app)
+
+
+async def api_key(request: Request) -> str:
+    """The requester's Bearer API key; ``UnknownAccount`` (401) when there is none."""
+    auth = request.headers.get("authorization", "")
+    scheme, _, key = auth.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise UnknownAccount("(no Bearer API key)")
+    return key.strip()
+
+
+Service = Annotated[HerderService, Depends(get_service)]
+AsyncRedis = Annotated[aioredis.Redis, Depends(get_redis)]
+ApiKey = Annotated[str, Depends(api_key)]

@@ -1,0 +1,9 @@
+"""Redis keys the herder writes for requesters (workers never touch these)."""
+
+#: ``RESPONSE_PREFIX + job_id`` → the herder's final response for a waiting handle.
+RESPONSE_PREFIX = "llamas:response:"
+#: ``NOTIFY_PREFIX + job_id`` → a list pushed once the response is written.
+NOTIFY_PREFIX = "llamas:notify:"
+#: ``METRICS_PREFIX + name`` → Redis hashes holding the service's counters and
+#: histograms, so every herder and gateway process adds to the same figures.
+METRICS_PREFIX = "llamas:metrics:"

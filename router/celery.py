@@ -21,6 +21,9 @@ app = Celery("router")
 app.config_from_object("celeryconfig")
 app.conf.task_default_queue = HERDER_QUEUE
 app.conf.task_routes = {"router.*": {"queue": HERDER_QUEUE}}
+# A herder task takes milliseconds: a STARTED state in the result store would
+# cost a write per task and tell a waiting requester nothing.
+app.conf.task_track_started = False
 app.conf.beat_schedule = {
     "llamas-tick": {
         "task": "router.tick",

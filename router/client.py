@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
 
 from llama_tasks import redact
 from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
@@ -65,11 +66,27 @@ class Herder:
         self.timeout_s = timeout_s
         self.redis = redis.Redis.from_url(redis_url or str(app.conf.broker_url))
 
-    def _call(self, task: str, *args: Any, secret: bool = False, **kwargs: Any) -> Any:
+    def _call(self, task: str, *args: Any, secret: bool = False, retry: bool = True, **kwargs: Any) -> Any:
+        """Ask the herder; a call no herder answered in time is sent once more if ``retry``.
+
+        Every call expires with its wait: a herder killed holding it leaves
+        the message unacknowledged, and when Redis hands it back (after its
+        visibility timeout) nobody is waiting, so it must not run then.
+        Only calls that are safe to repeat retry (reads, cancels, and
+        submits that carry a ``reference``).
+        """
+        try:
+            return self._send(task, args, kwargs, secret)
+        except CeleryTimeout:
+            if not retry:
+                raise
+            return self._send(task, args, kwargs, secret)
+
+    def _send(self, task: str, args: tuple[Any, ...], kwargs: dict[str, Any], secret: bool) -> Any:
         # What events (Flower) and logs show of the call: ids and sizes, never
         # the API key (the first argument of secret calls) or a prompt.
         shown = args[1:] if secret else args
-        result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE,
+        result = self.app.send_task(task, args=args, kwargs=kwargs, queue=HERDER_QUEUE, expires=self.timeout_s,
                                     argsrepr=redact.describe(list(shown)), kwargsrepr=redact.describe(kwargs))
         try:
             # The herder's own workers answer, never the caller's: waiting from
@@ -142,7 +159,9 @@ class Herder:
             info = self.info()
             if info["queue_length"] and info["last_multiplier"]:
                 sub.multiplier = max(1.0, info["last_multiplier"])
-        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True)
+        # A submit is repeated only with a reference: the herder then returns
+        # the job the first one admitted instead of holding the offer twice.
+        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True, retry=sub.reference is not None)
         return JobHandle(self, doc)
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -178,7 +197,8 @@ class JobHandle:
         return self.doc
 
     def raise_bid(self, fee: int | None = None, multiplier: float | None = None) -> dict[str, Any]:
-        self.doc = self._herder._call("router.raise_bid", self._herder.api_key, self.id, fee, multiplier, secret=True)
+        self.doc = self._herder._call("router.raise_bid", self._herder.api_key, self.id, fee, multiplier, secret=True,
+                                      retry=False)
         return self.doc
 
     def response(self, timeout: float = 300.0) -> dict[str, Any]:
@@ -192,7 +212,10 @@ class JobHandle:
                 return found
             if time.monotonic() >= next_poll or remaining <= 0:
                 # The response key may have been lost (Redis flushed): ask the herder.
-                self.status()
+                try:
+                    self.status()
+                except CeleryTimeout:
+                    pass  # no herder answered the poll (one died holding it): keep waiting for the response
                 if "response" in self.doc:
                     return self.doc["response"]
                 next_poll = time.monotonic() + STATUS_POLL_S

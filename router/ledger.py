@@ -13,6 +13,7 @@ before it is changed and two concurrent spenders cannot both pass a check.
 from __future__ import annotations
 
 import hashlib
+import weakref
 import secrets
 from typing import Any, Literal, cast
 
@@ -39,7 +40,7 @@ TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release"]
 API_KEY_PREFIX = "llm_"
 #: Longest account name (the column is VARCHAR(200)).
 MAX_NAME_LEN = 200
-_SYSTEM_IDS_KEY = "llamas.system_account_ids"
+_SYSTEM_IDS: weakref.WeakKeyDictionary[Any, dict[str, int]] = weakref.WeakKeyDictionary()
 
 
 def hash_api_key(api_key: str) -> str:
@@ -60,8 +61,14 @@ def _valid_amount(amount: object) -> int:
 
 
 def _system_ids(session: Session) -> dict[str, int]:
-    """Ids of world, escrow and revenue, looked up once per session."""
-    ids = cast("dict[str, int] | None", session.info.get(_SYSTEM_IDS_KEY))
+    """Ids of world, escrow and revenue, looked up once per database connection pool.
+
+    The migration creates them and nothing ever changes them, so one lookup
+    serves every transaction of an engine (keyed by its pool, which a
+    read-only copy of the engine shares).
+    """
+    pool = session.get_bind().pool
+    ids = _SYSTEM_IDS.get(pool)
     if ids is None:
         rows = session.execute(
             select(Account.name, Account.id).where(
@@ -73,7 +80,7 @@ def _system_ids(session: Session) -> dict[str, int]:
         if missing:
             # The migration creates them; a ledger without them was never upgraded.
             raise UnknownAccount(", ".join(sorted(missing)))
-        session.info[_SYSTEM_IDS_KEY] = ids
+        _SYSTEM_IDS[pool] = ids
     return ids
 
 

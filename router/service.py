@@ -100,8 +100,6 @@ class HerderService:
         except LlamasError as exc:
             self.refused(exc)
             raise
-        if created:
-            metrics.inc(self.redis, "admissions")
         self._send_all(orders)
         return doc
 
@@ -112,7 +110,7 @@ class HerderService:
         with self.sessions.begin() as session:
             row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0)
             orders = self._claim(session, sub.model, slots, now) if created else []
-            return views.describe(session, row.id), orders, created
+            return views.describe_row(session, row), orders, created
 
     def refused(self, exc: LlamasError) -> None:
         """Count a refusal by its reason, for the metrics."""

@@ -75,7 +75,9 @@ def raise_bid(api_key: str, job_id: str, fee: int | None = None, multiplier: flo
     return service().raise_bid(api_key, job_id, fee, multiplier)
 
 
-@app.task(name="router.settle", acks_late=True, **_PRIVATE)
+# Nobody reads what the herder's own callbacks return: storing it would be
+# one more write to the result store per request.
+@app.task(name="router.settle", acks_late=True, ignore_result=True, **_PRIVATE)
 def settle(result: Any, task_id: Any = None) -> None:
     """Link callback of a generation: ``result`` is the worker's document,
     ``task_id`` the attempt's id as the herder fixed it when it sent the job.
@@ -89,7 +91,7 @@ def settle(result: Any, task_id: Any = None) -> None:
     service().on_result(task_id, result)
 
 
-@app.task(name="router.settle_error", acks_late=True, **_PRIVATE)
+@app.task(name="router.settle_error", acks_late=True, ignore_result=True, **_PRIVATE)
 def settle_error(task_id: Any) -> None:
     """Error callback of a generation (Celery passes the failed task's id; the
     failure is stored before error callbacks run)."""

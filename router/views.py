@@ -42,6 +42,11 @@ def describe(session: Session, job_id: str) -> dict[str, Any]:
     row = session.scalar(select(JobRow).where(JobRow.id == job_id))
     if row is None:
         raise UnknownJob(job_id)
+    return describe_row(session, row)
+
+
+def describe_row(session: Session, row: JobRow) -> dict[str, Any]:
+    """``describe`` of a row already loaded in ``session``."""
     doc: dict[str, Any] = {
         "job_id": row.id,
         "reference": row.reference,

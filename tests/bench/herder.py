@@ -27,6 +27,7 @@ import argparse
 import datetime
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -83,7 +84,8 @@ def stack_env(home: Path, redis_url: str) -> dict[str, str]:
 class Stack:
     """Herder (with beat) and stub workers from one tree, on a fresh home and Redis database."""
 
-    def __init__(self, tree: Path, tmp: Path, redis_url: str, workers: int, worker_threads: int) -> None:
+    def __init__(self, tree: Path, tmp: Path, redis_url: str, workers: int, worker_threads: int,
+                 herder_args: list[str] | None = None) -> None:
         import redis
 
         from llama_tasks import signing
@@ -98,7 +100,8 @@ class Stack:
         self.r.flushdb()
         self.r.set(SESSION_KEY, f"bench {os.getpid()}", ex=3600)
         self.herder = CeleryProcess("router", "herder", "bench-herder", os.cpu_count() or 1, self.env,
-                                    tmp / "herder.log", extra=["-B", "-s", str(tmp / "beat-schedule")], cwd=tree)
+                                    tmp / "herder.log", cwd=tree,
+                                    extra=["-B", "-s", str(tmp / "beat-schedule"), *(herder_args or [])])
         self.workers = [CeleryProcess("tests.bench.stub_worker", "llama.smollm2", f"stub{i}", worker_threads,
                                       self.env, tmp / f"stub{i}.log", extra=["-P", "threads"], cwd=tree)
                         for i in range(workers)]
@@ -109,9 +112,11 @@ class Stack:
 
     def _account(self) -> str:
         from router import ledger
-        from router.db import make_engine, make_sessionmaker
+        from router.db import make_engine, make_sessionmaker, upgrade
 
-        engine = make_engine(f"sqlite:///{self.tmp / 'home' / 'ledger.db'}")
+        url = f"sqlite:///{self.tmp / 'home' / 'ledger.db'}"
+        upgrade(url)  # the herder migrates on its first task; the account is needed before
+        engine = make_engine(url)
         try:
             with make_sessionmaker(engine).begin() as session:
                 return ledger.create_account(session, "bench", FUNDS)[1]
@@ -237,11 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inflight", type=int, default=16)
     p.add_argument("--sequential", type=int, default=100)
     p.add_argument("--burst", type=int, default=600)
+    p.add_argument("--herder-args", default="", help="more arguments for the herder's celery worker")
     p.add_argument("--no-admissions", action="store_true", help="skip the in-process admission rate")
     args = p.parse_args(argv)
     command = "python -m tests.bench.herder " + " ".join(argv if argv is not None else sys.argv[1:])
     chosen = choose_redis()
     redis_url = chosen.url
+    # This process is the requester: its Celery app reads the broker from the settings.
+    os.environ["LLAMAS_REDIS_URL"] = redis_url
     with tempfile.TemporaryDirectory(prefix="llamas-herder-bench-") as tmp_name:
         tmp = Path(tmp_name)
         trees = [("this checkout", ROOT)]
@@ -251,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         for rep in range(args.reps):
             for label, tree in trees:
                 run_dir = tmp / f"{len(measured[label].values.get('p50_ms', []))}-{label.split()[0]}"
-                stack = Stack(tree, run_dir, redis_url, args.workers, args.worker_threads)
+                stack = Stack(tree, run_dir, redis_url, args.workers, args.worker_threads,
+                              shlex.split(args.herder_args))
                 try:
                     measure_stack(stack, measured[label], args)
                 finally:

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import select
 
 from llama_tasks import runtime, signing
-from llama_tasks.errors import InvalidRequest
+from llama_tasks.errors import BadGrammar, InvalidRequest
 from llama_tasks.placement import place
 from llama_tasks.scripted import SCRIPTED_TEXT
 from llama_tasks.settings import WorkerSettings
 from router import ledger, stub
-from router.errors import NoWorkers, UnknownModelRequested
+from router.errors import InsufficientFee, NoWorkers, UnknownModelRequested
 from router.models import JobRow
 from router.request import Submission
 from router.service import RECONCILE_AFTER_S, HerderService
@@ -41,8 +41,9 @@ class Clock:
 
 
 @pytest.fixture
-def life(tmp_path: Path, redis_url: str) -> Iterator[tuple[HerderService, stub.StubTransport, str, Clock]]:
-    settings = HerderSettings(home=tmp_path, redis_url=redis_url, max_attempts=2)
+def life(tmp_path: Path, redis_url: str, ledger_url: str) -> Iterator[tuple[HerderService, stub.StubTransport, str, Clock]]:
+    """A herder on a fresh ledger (SQLite, and PostgreSQL where one answers) with two stub slots per model."""
+    settings = HerderSettings(home=tmp_path, redis_url=redis_url, database_url=ledger_url, max_attempts=2)
     transport, clock = stub.StubTransport(), Clock()
     svc = stub.build(settings, transport=transport, slots=2, clock=clock)
     with svc.sessions.begin() as s:
@@ -173,6 +174,39 @@ def test_a_retried_reference_gets_its_job_back_even_while_no_worker_serves(life:
                           counter=svc.counter)
     assert unserved.submit(key, Submission(prompt="Once", max_tokens=8, reference="r-1"))["job_id"] == first
     assert len(rows(svc)) == 1
+
+
+def test_bids_are_served_highest_first_while_the_slots_are_busy(life: Any) -> None:
+    svc, transport, key, _ = life
+    for i in range(2):
+        svc.submit(key, Submission(prompt=f"Take a slot {i}", max_tokens=8))
+    jobs = {m: svc.submit(key, Submission(prompt=f"Name a colour ({m}).", max_tokens=4, multiplier=m))["job_id"]
+            for m in (1.0, 2.0, 1.5)}
+    assert [svc.status(key, jobs[m])["position"] for m in (2.0, 1.5, 1.0)] == [1, 2, 3]
+
+    transport.join(svc, scripted(svc))
+    order = [job for job, _, _ in transport.sent]
+    assert order.index(jobs[2.0]) < order.index(jobs[1.5]) < order.index(jobs[1.0])
+    assert books(svc, key)[1] == []
+
+
+def test_an_offer_below_the_quote_is_refused_with_the_amount_needed_and_nothing_held(life: Any) -> None:
+    svc, transport, key, _ = life
+    with pytest.raises(InsufficientFee) as info:
+        svc.submit(key, Submission(prompt="Hello there", max_tokens=50, fee=3))
+    assert info.value.needed > 3
+    assert rows(svc) == [] and books(svc, key) == (DEPOSIT, []) and transport.sent == []
+
+
+def test_a_grammar_that_does_not_parse_is_refused_before_any_money_moves(life: Any) -> None:
+    # It used to be admitted, take a worker's slot, fail there and be refunded.
+    svc, transport, key, _ = life
+    with pytest.raises(BadGrammar):
+        svc.submit(key, Submission(prompt="Pick:", max_tokens=5, grammar="root ::= [1-5"))
+    with pytest.raises(BadGrammar):
+        svc.submit(key, Submission(prompt="Pick:", max_tokens=5,
+                                   json_schema={"type": "object", "properties": {"a": {"$ref": "#/missing"}}}))
+    assert rows(svc) == [] and books(svc, key) == (DEPOSIT, []) and transport.sent == []
 
 
 def test_n_choices_are_each_recounted_and_charged(life: Any) -> None:

@@ -17,7 +17,7 @@ import weakref
 import secrets
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, case, func, select, update
+from sqlalchemy import Connection, CursorResult, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -67,7 +67,8 @@ def _system_ids(session: Session) -> dict[str, int]:
     serves every transaction of an engine (keyed by its pool, which a
     read-only copy of the engine shares).
     """
-    pool = session.get_bind().pool
+    bind = session.get_bind()
+    pool = (bind.engine if isinstance(bind, Connection) else bind).pool
     ids = _SYSTEM_IDS.get(pool)
     if ids is None:
         rows = session.execute(

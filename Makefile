@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded chaos worker herder gateway flower agent bench keys clean
+.PHONY: help install run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
 
 help:
 	@echo "make run     bring the service up on embedded defaults and answer a paid request"
@@ -18,6 +18,7 @@ help:
 	@echo "make flower  Flower alone, with the password that llamas up made"
 	@echo "make agent   the example agent, against a running make run"
 	@echo "make bench   compare with llama-cpp-python and llama-server; writes tests/bench/results/latest.{md,png}"
+	@echo "make bench-herder  the herder's own cost against its targets, beside BASE (default HEAD~1)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +101,12 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/python -m tests.bench.llama_server
 	$(BIN)/python -m tests.bench.compare
+
+# The herder's cost per request with stub workers, this checkout beside the
+# commit BASE, interleaved (~10 min): writes tests/bench/results/herder.md.
+BASE ?= HEAD~1
+bench-herder: $(STAMP)
+	$(BIN)/python -m tests.bench.herder --base $(BASE)
 
 keys: $(STAMP)
 	$(BIN)/llamas keys generate

@@ -60,12 +60,17 @@ def render(llm: Llama, job: Job) -> tuple[str, list[str]]:
     return rendered.prompt, [s for s in rendered.stop or [] if s]
 
 
-def prompt_tokens(llm: Llama, job: Job) -> list[int]:
-    """Tokens of the rendered prompt, as the worker will feed them."""
-    text, _ = render(llm, job)
+def encode(llm: Llama, job: Job) -> tuple[list[int], list[str]]:
+    """The rendered prompt's tokens, as the worker will feed them, and the template's stop strings."""
+    text, stops = render(llm, job)
     # A chat template writes its own special tokens (BOS included); a raw
     # prompt gets the model's default BOS handling.
-    return llm.tokenize(text.encode("utf-8"), add_bos=not job.is_chat, special=True)
+    return llm.tokenize(text.encode("utf-8"), add_bos=not job.is_chat, special=True), stops
+
+
+def prompt_tokens(llm: Llama, job: Job) -> list[int]:
+    """Tokens of the rendered prompt, as the worker will feed them."""
+    return encode(llm, job)[0]
 
 
 def count_completion(llm: Llama, text: str) -> int:

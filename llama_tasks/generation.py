@@ -69,10 +69,9 @@ def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
 
     Whether they fit a slot is the engine's to say, when they are submitted.
     """
-    tokens = engine.prompt_tokens(vocab, job)
+    tokens, template_stops = engine.encode(vocab, job)  # rendered once
     gbnf = engine.grammar_text(job)
     grammar = engine.compile_grammar(vocab, gbnf) if gbnf else None
-    _, template_stops = engine.render(vocab, job)
     # Every job samples from its own seed: one requester's never decides (or
     # reveals) another's (the herder draws one for every job; this is for callers that do not).
     seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)

@@ -9,14 +9,18 @@ only one process can win, so no channel ever receives a response twice.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
-from router.models import JobRow
+from router import settlement
+from router.errors import UnknownJob
+from router.models import Account, JobRow
+from router.parts import Forwarder
 
 HANDLE, CALLBACK, WEBHOOK = "handle", "callback", "webhook"
 
@@ -50,3 +54,40 @@ def to_handle(r: redis.Redis, response: dict[str, Any], ttl_s: int) -> None:
     pipe.execute()
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """A final response and the channels this process won the right to deliver it to."""
+
+    job_id: str
+    response: dict[str, Any]
+    channels: list[str]
+    callback: tuple[str | None, str | None]
+    times: tuple[float, float | None, float | None]
+
+
+def claim(session: Session, row: JobRow) -> Delivery:
+    """Claim the job's undelivered channels in the caller's transaction."""
+    todo = [c for c in channels(row) if take(session, row.id, c)]
+    return Delivery(row.id, settlement.response(row), todo, (row.callback_task, row.callback_queue),
+                    (row.created_at, row.dispatched_at, row.finished_at))
+
+
+def deliver(forwarder: Forwarder, d: Delivery) -> None:
+    """Send a claimed delivery to its channels (after the claim has committed)."""
+    if HANDLE in d.channels:
+        forwarder.to_handle(d.response, d.times)
+    task, queue = d.callback
+    if CALLBACK in d.channels and task:
+        forwarder.to_callback(task, queue or "celery", d.response)
+    if WEBHOOK in d.channels:
+        forwarder.to_webhook(d.job_id)
+
+
+def webhook_target(session: Session, job_id: str) -> tuple[str, str, dict[str, Any]]:
+    """URL, secret and response of a job's webhook delivery."""
+    row = session.scalar(select(JobRow).where(JobRow.id == job_id))
+    if row is None or not row.webhook_url:
+        raise UnknownJob(job_id)
+    account = session.get(Account, row.account_id)
+    assert account is not None
+    return row.webhook_url, account.webhook_secret, settlement.response(row)

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,7 +26,7 @@ from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from router import admission, dispatch, forwarding, info, ledger, metrics, settlement, views, worker_loss
 from router.dispatch import Order
-from router.errors import JobNotQueued, UnknownJob
+from router.errors import JobNotQueued
 from router.models import FINAL_STATES, RUNNING, JobRow
 from router.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.request import Submission
@@ -38,24 +37,6 @@ log = logging.getLogger(__name__)
 #: A running attempt with no settled result after this long is looked up in the
 #: result store by the tick (its callback message may have been lost).
 RECONCILE_AFTER_S = 5.0
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A final response and the channels this process won the right to deliver it to."""
-
-    job_id: str
-    response: dict[str, Any]
-    channels: list[str]
-    callback: tuple[str | None, str | None]
-    times: tuple[float, float | None, float | None]
-
-
-def _take_channels(session: Session, row: JobRow) -> Delivery:
-    """Claim the job's undelivered channels in the caller's transaction."""
-    todo = [c for c in forwarding.channels(row) if forwarding.take(session, row.id, c)]
-    return Delivery(row.id, settlement.response(row), todo, (row.callback_task, row.callback_queue),
-                    (row.created_at, row.dispatched_at, row.finished_at))
 
 
 class HerderService:
@@ -144,7 +125,7 @@ class HerderService:
         try:
             with self.sessions.begin() as session:
                 account = ledger.account_by_key(session, api_key)
-                delivery = _take_channels(session, settlement.cancel(session, account, job_id, self._clock()))
+                delivery = forwarding.claim(session, settlement.cancel(session, account, job_id, self._clock()))
         except JobNotQueued as exc:
             if exc.state != RUNNING:
                 raise
@@ -203,7 +184,7 @@ class HerderService:
             row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
             if row is None:
                 return
-            delivery = _take_channels(session, row)
+            delivery = forwarding.claim(session, row)
             # The freed slot's next job is claimed in the same transaction.
             orders = self._claim(session, row.model, slots.get(row.model, 0), now)
         # Feed the freed slot first: forwarding takes longer than dispatching,
@@ -218,7 +199,7 @@ class HerderService:
         with self.sessions.begin() as session:
             row = settlement.fail_attempt(session, self.settings, task_id, error, str(exc), retryable,
                                           self._clock())
-            delivery = _take_channels(session, row) if row is not None else None
+            delivery = forwarding.claim(session, row) if row is not None else None
         if delivery is not None:
             self._deliver(delivery)
         self.dispatch()
@@ -236,7 +217,7 @@ class HerderService:
                                               "the worker running it stopped", retryable=True, now=now)
                 ended += [row] if row is not None else []
             ended += settlement.reap_leases(session, self.settings, now)
-            deliveries = [_take_channels(session, row) for row in ended]
+            deliveries = [forwarding.claim(session, row) for row in ended]
         for attempt in lost:
             worker_loss.close_claim(self.redis, attempt)
         for delivery in deliveries:
@@ -266,27 +247,16 @@ class HerderService:
             row = session.scalar(select(JobRow).where(JobRow.id == job_id))
             if row is None or row.state not in FINAL_STATES:
                 return
-            delivery = _take_channels(session, row)
+            delivery = forwarding.claim(session, row)
         self._deliver(delivery)
 
-    def _deliver(self, d: Delivery) -> None:
-        if forwarding.HANDLE in d.channels:
-            self.forwarder.to_handle(d.response, d.times)
-        task, queue = d.callback
-        if forwarding.CALLBACK in d.channels and task:
-            self.forwarder.to_callback(task, queue or "celery", d.response)
-        if forwarding.WEBHOOK in d.channels:
-            self.forwarder.to_webhook(d.job_id)
+    def _deliver(self, delivery: forwarding.Delivery) -> None:
+        forwarding.deliver(self.forwarder, delivery)
 
     def webhook_target(self, job_id: str) -> tuple[str, str, dict[str, Any]]:
         """URL, secret and response of a job's webhook delivery."""
-        with self.sessions.begin() as session:
-            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            if row is None or not row.webhook_url:
-                raise UnknownJob(job_id)
-            account = session.get(ledger.Account, row.account_id)
-            assert account is not None
-            return row.webhook_url, account.webhook_secret, settlement.response(row)
+        with self.read_sessions.begin() as session:
+            return forwarding.webhook_target(session, job_id)
 
     # --- Info -------------------------------------------------------------------
 

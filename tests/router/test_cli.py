@@ -92,3 +92,28 @@ def test_models_keys_and_ledger_check(sqlite_stack):
     assert keys.returncode == 0 and keys.stdout.startswith("LLAMAS_PUBLIC_KEY=")
     check = llamas(sqlite_stack, "ledger", "check")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_command_groups_come_from_entry_points_and_a_broken_one_is_skipped(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import EntryPoint
+
+    import typer
+
+    from router.cli import add_plugins
+
+    target = typer.Typer()
+    target.add_typer(typer.Typer(), name="keys")
+    plugins = [
+        EntryPoint("agent", "agent.cli:agent_app", "llamas.cli"),
+        EntryPoint("broken", "no_such_package.cli:app", "llamas.cli"),
+        EntryPoint("notatyper", "router.fees:PPM", "llamas.cli"),
+        EntryPoint("keys", "agent.cli:world_app", "llamas.cli"),
+    ]
+    assert add_plugins(target, plugins) == ["agent"]
+    skipped = capsys.readouterr().err
+    for name in ("broken", "notatyper", "keys"):
+        assert f"skipped the command group '{name}'" in skipped
+    # The installed package registers the example agent's groups.
+    from importlib.metadata import entry_points
+
+    assert {e.name for e in entry_points(group="llamas.cli")} >= {"agent", "world"}

@@ -14,3 +14,9 @@ HEARTBEAT_TTL_INTERVALS = 3
 GENERATE_TASK = "llama_tasks.generate"
 #: ``CANCEL_PREFIX + job_id`` exists while the herder wants a running job stopped.
 CANCEL_PREFIX = "llamas:cancel:"
+#: Redis stream on which workers publish each finished attempt's result for
+#: the herders (a consumer group shares it among them); entries are deleted
+#: once settled.
+RESULTS_STREAM = "llamas:results"
+#: Herders' consumer group on ``RESULTS_STREAM``.
+RESULTS_GROUP = "herders"

@@ -19,7 +19,7 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from llama_cpp import Llama
 
-from llama_tasks import claims, engine, generation, registry, signing
+from llama_tasks import claims, engine, generation, registry, results, signing
 from llama_tasks.batching import BatchEngine
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, LlamasError, WrongModel
@@ -130,7 +130,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
     stream.end(result.first.finish_reason)
     claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
     doc = result.document()
-    return {
+    answer = {
         "task_id": message_id,
         "job_id": job.job_id,
         "attempt": job.attempt,
@@ -142,3 +142,5 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
         "load_count": ctx.loads,
         "timings": {"queue_wait_s": max(0.0, received_at - job.issued_at), **doc["timings"]},
     }
+    results.publish(ctx.redis, answer)
+    return answer

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from llama_tasks import lifeline
 from router.preflight import herder_problem
@@ -50,3 +50,29 @@ def _check_before_fork(sender: Any = None, **_: Any) -> None:
         # exception would be logged and the worker started anyway).
         print(f"llamas herder refuses to start: {problem}", file=sys.stderr)
         raise SystemExit(2)
+
+
+_settler: Any = None
+
+
+@worker_ready.connect
+def _start_settler(sender: Any = None, **_: Any) -> None:
+    """Read the results stream in the herder's main process, beside its pool."""
+    global _settler
+    if getattr(sender, "app", None) is not app:
+        return
+    import os
+
+    import redis
+
+    from router.settler import Settler
+    from router.tasks import service
+
+    _settler = Settler(service, redis.Redis.from_url(get_settings().redis_url),
+                       consumer=f"{sender.hostname}:{os.getpid()}").start()
+
+
+@worker_shutdown.connect
+def _stop_settler(sender: Any = None, **_: Any) -> None:
+    if _settler is not None:
+        _settler.stop()

@@ -178,19 +178,48 @@ class HerderService:
 
     def on_result(self, task_id: str, doc: dict[str, Any]) -> None:
         """Settle a completed attempt; ``task_id`` is the one the herder chose for it."""
+        self.on_results([(task_id, doc)])
+
+    def on_results(self, results: list[tuple[str, dict[str, Any]]]) -> int:
+        """Settle completed attempts in one transaction; returns how many were current.
+
+        A batch whose transaction fails (one result the database refuses,
+        say) is settled again one result at a time, so one bad result never
+        holds up the others.
+        """
+        try:
+            return self._settle(results)
+        except Exception:
+            if len(results) == 1:
+                raise
+            log.warning("a batch of %d results failed to settle together; settling them one by one", len(results))
+            settled = 0
+            for one in results:
+                try:
+                    settled += self._settle([one])
+                except Exception as exc:  # logged by type: a result may quote its text
+                    log.error("result for task %s not settled: %s", one[0], type(exc).__name__)
+            return settled
+
+    def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> int:
         now = self._clock()
         slots = dispatch.capacity(self._herd())
+        deliveries, orders, models = [], [], set()
         with self.sessions.begin() as session:
-            row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
-            if row is None:
-                return
-            delivery = forwarding.claim(session, row)
-            # The freed slot's next job is claimed in the same transaction.
-            orders = self._claim(session, row.model, slots.get(row.model, 0), now)
-        # Feed the freed slot first: forwarding takes longer than dispatching,
-        # and the next job should not wait for it.
+            for task_id, doc in results:
+                row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
+                if row is not None:
+                    deliveries.append(forwarding.claim(session, row))
+                    models.add(row.model)
+            # The freed slots' next jobs are claimed in the same transaction.
+            for model in sorted(models):
+                orders += self._claim(session, model, slots.get(model, 0), now)
+        # Feed the freed slots first: forwarding takes longer than dispatching,
+        # and the next jobs should not wait for it.
         self._send_all(orders)
-        self._deliver(delivery)
+        for delivery in deliveries:
+            self._deliver(delivery)
+        return len(deliveries)
 
     def on_failure(self, task_id: str, exc: BaseException | None) -> None:
         """An attempt failed: typed refusals end the job, anything else may retry."""

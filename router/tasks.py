@@ -79,11 +79,13 @@ def raise_bid(api_key: str, job_id: str, fee: int | None = None, multiplier: flo
 # one more write to the result store per request.
 @app.task(name="router.settle", acks_late=True, ignore_result=True, **_PRIVATE)
 def settle(result: Any, task_id: Any = None) -> None:
-    """Link callback of a generation: ``result`` is the worker's document,
-    ``task_id`` the attempt's id as the herder fixed it when it sent the job.
+    """Settle one result sent as a message: ``result`` is the worker's
+    document, ``task_id`` the attempt's id as the herder fixed it.
 
-    Messages from before results travelled in the callback carry only the
-    task id: those are left to the tick, which settles from the result store.
+    Results now travel on the results stream (``router.settler``); this
+    task remains for messages sent as link callbacks by an earlier herder.
+    Those that carry only the task id are left to the tick, which settles
+    from the result store.
     """
     if not isinstance(task_id, str) or not isinstance(result, dict):
         log.info("settle: message without a result; the tick settles it from the result store")

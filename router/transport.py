@@ -1,9 +1,9 @@
 """The real transport and forwarder: Celery messages through Redis.
 
-Generation tasks go to the model's queue with the herder's settle tasks
-linked, so a worker's result comes back to the herder as a message; the
-result backend is what the herder's tick reads to settle an attempt whose
-callback was lost (a herder killed while holding it, say).
+Generation tasks go to the model's queue; workers publish results on the
+results stream that the herders read (``router.settler``), and failures come
+back through a linked error callback. The result backend is what the
+herder's tick reads to settle an attempt whose result never reached it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from router.models import JobRow
 from router.parts import StoredResult
 from router.settings import HERDER_QUEUE
 
-SETTLE_TASK, SETTLE_ERROR_TASK, WEBHOOK_TASK = "router.settle", "router.settle_error", "router.webhook"
+SETTLE_ERROR_TASK, WEBHOOK_TASK = "router.settle_error", "router.webhook"
 
 
 class CeleryTransport:
@@ -40,14 +40,9 @@ class CeleryTransport:
             kwargsrepr="{}",
             queue=queue_for(row.model),
             task_id=row.task_id,
-            # The worker's result document comes back as the callback's first
-            # argument, so settling needs no read of the result store (Celery
-            # sends link callbacks *before* it stores the result). The attempt's
-            # task id is fixed here by the herder; what the document claims is
-            # checked against it. The shown arguments are replaced, because the
-            # worker's task-sent event would otherwise quote the completion.
-            link=self.app.signature(SETTLE_TASK, args=(row.task_id,), queue=HERDER_QUEUE,
-                                    argsrepr="(result, task id)", kwargsrepr="{}"),
+            # A result comes back on the results stream (``router.settler``),
+            # published by the worker; a failure through this error callback,
+            # which Celery sends after it stores the failure.
             link_error=self.app.signature(SETTLE_ERROR_TASK, queue=HERDER_QUEUE),
         )
 

@@ -10,6 +10,7 @@ overhead figures: never run it beside a real herd.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -18,7 +19,7 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
-from llama_tasks import scripted
+from llama_tasks import results, scripted
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.heartbeat import Heartbeat
 from llama_tasks.registry import lookup
@@ -29,6 +30,12 @@ app.config_from_object("celeryconfig")
 app.conf.task_default_queue = get_settings().queue
 
 _heartbeat: Heartbeat | None = None
+
+
+@functools.cache
+def _redis() -> redis.Redis:
+    """This process's client for publishing results (made on first use, after any fork)."""
+    return redis.Redis.from_url(get_settings().redis_url)
 
 # Importing llama_tasks registered its real ``generate`` as a shared task,
 # which every app takes in when it is finalized (``.tasks`` finalizes this
@@ -41,7 +48,9 @@ def generate(self: Task, envelope: Any) -> dict[str, Any]:
     """Answer one envelope with ``SCRIPTED_TEXT``; trusts its fields, checks nothing."""
     settings = get_settings()
     model_id = lookup(settings.models_file, settings.model).model_id
-    return scripted.answer(envelope["payload"], self.request.id, self.request.hostname, model_id)
+    doc = scripted.answer(envelope["payload"], self.request.id, self.request.hostname, model_id)
+    results.publish(_redis(), doc)
+    return doc
 
 
 @worker_init.connect

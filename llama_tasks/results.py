@@ -1,0 +1,23 @@
+"""How a worker hands a finished attempt's result to the herders.
+
+Each result is added to one Redis stream that the herders read as a consumer
+group, in batches. Published by the worker itself before its task returns,
+it reaches a herder as soon as it is written (a Celery link callback is sent
+before Celery stores the result, and costs a task of its own per result).
+The result store keeps its copy as well: a herder's tick settles from there
+any attempt whose stream entry was lost.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from llama_tasks.constants import RESULTS_STREAM
+
+
+def publish(r: redis.Redis, doc: dict[str, Any]) -> None:
+    """Add one attempt's result document (it names its task, job and attempt) to the stream."""
+    r.xadd(RESULTS_STREAM, {"doc": json.dumps(doc)})

@@ -35,7 +35,8 @@ from router.settings import HerderSettings
 log = logging.getLogger(__name__)
 
 #: A running attempt with no settled result after this long is looked up in the
-#: result store by the tick (its callback message may have been lost).
+#: result store by the tick (its result may never have reached a herder: one
+#: that had read it from the results stream was killed, say).
 RECONCILE_AFTER_S = 5.0
 
 
@@ -74,10 +75,10 @@ class HerderService:
             slots = (dispatch.capacity(self._herd()).get(sub.model, 0)
                      or dispatch.capacity(self._herd(fresh=True)).get(sub.model, 0))
             try:
-                doc, orders, created = self._admit(api_key, sub, priced, slots)
+                doc, orders = self._admit(api_key, sub, priced, slots)
             except IntegrityError:
                 # A concurrent submit with the same reference won the insert.
-                doc, orders, created = self._admit(api_key, sub, priced, slots)
+                doc, orders = self._admit(api_key, sub, priced, slots)
         except LlamasError as exc:
             self.refused(exc)
             raise
@@ -85,13 +86,13 @@ class HerderService:
         return doc
 
     def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
-               slots: int) -> tuple[dict[str, Any], list[Order], bool]:
+               slots: int) -> tuple[dict[str, Any], list[Order]]:
         """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
         now = self._clock()
         with self.sessions.begin() as session:
             row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0)
             orders = self._claim(session, sub.model, slots, now) if created else []
-            return views.describe_row(session, row), orders, created
+            return views.describe_row(session, row), orders
 
     def refused(self, exc: LlamasError) -> None:
         """Count a refusal by its reason, for the metrics."""
@@ -185,41 +186,46 @@ class HerderService:
 
         A batch whose transaction fails (one result the database refuses,
         say) is settled again one result at a time, so one bad result never
-        holds up the others.
+        holds up the others. What was settled is sent on after the commit.
         """
         try:
-            return self._settle(results)
+            deliveries, orders = self._settle(results)
         except Exception:
             if len(results) == 1:
                 raise
             log.warning("a batch of %d results failed to settle together; settling them one by one", len(results))
-            settled = 0
+            deliveries, orders = [], []
             for one in results:
                 try:
-                    settled += self._settle([one])
+                    settled, claimed = self._settle([one])
                 except Exception as exc:  # logged by type: a result may quote its text
                     log.error("result for task %s not settled: %s", one[0], type(exc).__name__)
-            return settled
-
-    def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> int:
-        now = self._clock()
-        slots = dispatch.capacity(self._herd())
-        deliveries, orders, models = [], [], set()
-        with self.sessions.begin() as session:
-            for task_id, doc in results:
-                row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
-                if row is not None:
-                    deliveries.append(forwarding.claim(session, row))
-                    models.add(row.model)
-            # The freed slots' next jobs are claimed in the same transaction.
-            for model in sorted(models):
-                orders += self._claim(session, model, slots.get(model, 0), now)
+                    continue
+                deliveries += settled
+                orders += claimed
         # Feed the freed slots first: forwarding takes longer than dispatching,
         # and the next jobs should not wait for it.
         self._send_all(orders)
         for delivery in deliveries:
             self._deliver(delivery)
         return len(deliveries)
+
+    def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> tuple[list[forwarding.Delivery], list[Order]]:
+        """One transaction: charge each current attempt, claim its channels and its slot's next job."""
+        now = self._clock()
+        slots = dispatch.capacity(self._herd())
+        deliveries: list[forwarding.Delivery] = []
+        orders: list[Order] = []
+        models: set[str] = set()
+        with self.sessions.begin() as session:
+            for task_id, doc in results:
+                row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
+                if row is not None:
+                    deliveries.append(forwarding.claim(session, row))
+                    models.add(row.model)
+            for model in sorted(models):
+                orders += self._claim(session, model, slots.get(model, 0), now)
+        return deliveries, orders
 
     def on_failure(self, task_id: str, exc: BaseException | None) -> None:
         """An attempt failed: typed refusals end the job, anything else may retry."""
@@ -234,7 +240,7 @@ class HerderService:
         self.dispatch()
 
     def tick(self) -> dict[str, int]:
-        """Periodic duties: results whose callback was lost, deadlines, lost workers, leases, dispatch."""
+        """Periodic duties: results that never reached a herder, deadlines, lost workers, leases, dispatch."""
         settled = self.reconcile()
         now = self._clock()
         herd = self._herd()
@@ -254,8 +260,8 @@ class HerderService:
         return {"settled": settled, "ended": len(deliveries), "dispatched": self.dispatch()}
 
     def reconcile(self) -> int:
-        """Settle running attempts whose outcome is already stored but whose
-        callback never arrived (the herder holding it died, say); returns how many."""
+        """Settle running attempts whose outcome is already stored but never
+        reached a herder (the one that had read it died, say); returns how many."""
         cutoff = self._clock() - RECONCILE_AFTER_S
         with self.read_sessions.begin() as session:
             task_ids = list(session.scalars(

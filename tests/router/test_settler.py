@@ -101,3 +101,34 @@ def test_entries_a_dead_herder_took_are_reclaimed_by_another_and_settled_once(he
         charged = sum(transport.responses[j]["charged"] for j in jobs)
         assert ledger.balance(s, ledger.account_by_key(s, key)) == DEPOSIT - charged
     r.delete(stream)
+
+
+def test_a_result_that_fails_to_settle_does_not_hold_up_the_rest_of_its_batch(herder: Any) -> None:
+    svc, transport, key, r = herder
+
+    class Refusing:
+        """The real counter, except that it cannot count one text (a stand-in for any failure mid-batch)."""
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+        def completion_tokens(self, model: str, text: str) -> int:
+            if text == "boom":
+                raise RuntimeError("cannot count")
+            return int(self.real.completion_tokens(model, text))
+
+    svc.counter = Refusing(svc.counter)
+    worker = stub.scripted_worker(svc.public_key, svc.counter.models())
+    jobs = [svc.submit(key, Submission(prompt=f"Say hello {i}", max_tokens=16))["job_id"] for i in range(3)]
+    batch = []
+    for i, (task_id, envelope) in enumerate(list(transport.outbox)):
+        doc = worker(envelope, task_id)
+        batch.append((task_id, doc | {"text": "boom", "choices": None} if i == 1 else doc))
+
+    assert svc.on_results(batch) == 2
+    assert set(transport.responses) == {jobs[0], jobs[2]}
+    with svc.sessions.begin() as s:
+        assert ledger.check(s) == []

@@ -18,6 +18,11 @@ import redis
 from llama_tasks.constants import RESULTS_STREAM
 
 
+#: The most entries the stream keeps (roughly) while no herder reads it; older
+#: ones are trimmed, and the herders' tick settles those from the result store.
+MAX_ENTRIES = 100_000
+
+
 def publish(r: redis.Redis, doc: dict[str, Any]) -> None:
     """Add one attempt's result document (it names its task, job and attempt) to the stream."""
-    r.xadd(RESULTS_STREAM, {"doc": json.dumps(doc)})
+    r.xadd(RESULTS_STREAM, {"doc": json.dumps(doc)}, maxlen=MAX_ENTRIES, approximate=True)

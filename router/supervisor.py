@@ -125,6 +125,10 @@ class Supervisor:
     def run_forever(self, poll_s: float = 0.5) -> None:
         """Watch the components until SIGINT or SIGTERM, then stop them all."""
         signal.signal(signal.SIGTERM, _interrupt)
+        # Explicitly: a process started from a background job inherits SIGINT
+        # ignored, and Python then leaves it ignored, so Ctrl-C (or a test's
+        # SIGINT) would do nothing.
+        signal.signal(signal.SIGINT, _interrupt)
         try:
             while True:
                 self.check()

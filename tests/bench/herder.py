@@ -105,10 +105,14 @@ class Stack:
         self.workers = [CeleryProcess("tests.bench.stub_worker", "llama.smollm2", f"stub{i}", worker_threads,
                                       self.env, tmp / f"stub{i}.log", extra=["-P", "threads"], cwd=tree)
                         for i in range(workers)]
-        self.herder.wait_log("ready.", READY_TIMEOUT_S)
-        for worker in self.workers:
-            worker.wait_ready(self.r, READY_TIMEOUT_S)
-        self.api_key = self._account()
+        try:
+            self.herder.wait_log("ready.", READY_TIMEOUT_S)
+            for worker in self.workers:
+                worker.wait_ready(self.r, READY_TIMEOUT_S)
+            self.api_key = self._account()
+        except BaseException:
+            self.stop()  # nothing started here may outlive a failed start
+            raise
 
     def _account(self) -> str:
         from router import ledger

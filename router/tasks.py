@@ -78,19 +78,13 @@ def raise_bid(api_key: str, job_id: str, fee: int | None = None, multiplier: flo
 # Nobody reads what the herder's own callbacks return: storing it would be
 # one more write to the result store per request.
 @app.task(name="router.settle", acks_late=True, ignore_result=True, **_PRIVATE)
-def settle(result: Any, task_id: Any = None) -> None:
-    """Settle one result sent as a message: ``result`` is the worker's
-    document, ``task_id`` the attempt's id as the herder fixed it.
-
-    Results now travel on the results stream (``router.settler``); this
-    task remains for messages sent as link callbacks by an earlier herder.
-    Those that carry only the task id are left to the tick, which settles
-    from the result store.
+def settle(*claimed: Any) -> None:
+    """Link callbacks that an earlier herder attached to generations still in
+    flight when it was upgraded. Results now travel on the results stream
+    (``router.settler``); what such a message claims is never trusted — the
+    tick settles its attempt from the result store.
     """
-    if not isinstance(task_id, str) or not isinstance(result, dict):
-        log.info("settle: message without a result; the tick settles it from the result store")
-        return
-    service().on_result(task_id, result)
+    log.info("settle: a link callback from an earlier herder; the tick settles its attempt from the result store")
 
 
 @app.task(name="router.settle_error", acks_late=True, ignore_result=True, **_PRIVATE)

@@ -7,8 +7,11 @@ main process refuses to start without the signing key, before it forks.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
+
+import redis
 
 from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
@@ -61,10 +64,7 @@ def _start_settler(sender: Any = None, **_: Any) -> None:
     global _settler
     if getattr(sender, "app", None) is not app:
         return
-    import os
-
-    import redis
-
+    # Imported here: router.settler imports the service, and router.tasks this module.
     from router.settler import Settler
     from router.tasks import service
 

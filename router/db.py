@@ -94,6 +94,13 @@ def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
 
+def open_ledger(url: str, sqlite_synchronous: str = "FULL") -> tuple[sessionmaker[Session], sessionmaker[Session]]:
+    """Migrate the ledger at ``url`` and open it: session factories for writing and for reading only."""
+    upgrade(url)
+    engine = make_engine(url, sqlite_synchronous)
+    return make_sessionmaker(engine), make_read_sessionmaker(engine)
+
+
 def alembic_config(url: str) -> Config:
     """Build Alembic's configuration in code, so no alembic.ini is needed at run time."""
     config = Config()

@@ -27,7 +27,7 @@ from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from router import admission, dispatch, forwarding, info, ledger, metrics, settlement, views, worker_loss
 from router.dispatch import Order
 from router.errors import JobNotQueued
-from router.models import FINAL_STATES, RUNNING, JobRow
+from router.models import RUNNING, JobRow
 from router.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.request import Submission
 from router.settings import HerderSettings
@@ -275,15 +275,6 @@ class HerderService:
         return len(found)
 
     # --- forwarding ---------------------------------------------------------------
-
-    def forward(self, job_id: str) -> None:
-        """Deliver a final job's response to each of its channels, at most once each."""
-        with self.sessions.begin() as session:
-            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
-            if row is None or row.state not in FINAL_STATES:
-                return
-            delivery = forwarding.claim(session, row)
-        self._deliver(delivery)
 
     def _deliver(self, delivery: forwarding.Delivery) -> None:
         forwarding.deliver(self.forwarder, delivery)

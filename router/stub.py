@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from llama_tasks import registry, scripted, signing
 from llama_tasks.errors import Expired, WrongModel
 from router import forwarding
-from router.db import make_engine, make_read_sessionmaker, make_sessionmaker, upgrade
+from router.db import open_ledger
 from router.models import JobRow
 from router.parts import Clock, HerdSource, StoredResult, TokenCounting
 from router.service import HerderService
@@ -150,12 +149,10 @@ def build(settings: HerderSettings, *, transport: StubTransport | None = None,
     By default every registered model is served by one stub worker of
     ``slots`` slots, and the herder signs with a fresh key.
     """
-    counter = counter or TokenCounter(Path(settings.models_file))
+    counter = counter or TokenCounter(settings.models_file)
     read_sessions = sessions
     if sessions is None:
-        upgrade(settings.ledger_url)
-        engine = make_engine(settings.ledger_url, settings.sqlite_synchronous)
-        sessions, read_sessions = make_sessionmaker(engine), make_read_sessionmaker(engine)
+        sessions, read_sessions = open_ledger(settings.ledger_url, settings.sqlite_synchronous)
     transport = transport or StubTransport()
     return HerderService(
         settings,

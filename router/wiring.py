@@ -9,30 +9,26 @@ import redis
 from celery import Celery
 
 from llama_tasks import signing
-from router.db import make_engine, make_read_sessionmaker, make_sessionmaker, upgrade
+from router.db import open_ledger
 from router.herd import HerdReader
-from router.parts import Forwarder, Transport
 from router.service import HerderService
 from router.settings import HerderSettings
 from router.tokens import TokenCounter
 from router.transport import CeleryForwarder, CeleryTransport
 
 
-def build(settings: HerderSettings, app: Celery, *, transport: Transport | None = None,
-          forwarder: Forwarder | None = None) -> HerderService:
-    """A service on the real ledger, Redis and Celery ``app``; ``transport`` and
-    ``forwarder`` replace the Celery ones (tests, embedding programs)."""
-    upgrade(settings.ledger_url)
+def build(settings: HerderSettings, app: Celery) -> HerderService:
+    """A service on the real ledger, Redis and Celery ``app`` (``router.stub`` builds in-process ones)."""
+    sessions, read_sessions = open_ledger(settings.ledger_url, settings.sqlite_synchronous)
     r = redis.Redis.from_url(settings.redis_url)
-    engine = make_engine(settings.ledger_url, settings.sqlite_synchronous)
     return HerderService(
         settings,
-        sessions=make_sessionmaker(engine),
-        read_sessions=make_read_sessionmaker(engine),
+        sessions=sessions,
+        read_sessions=read_sessions,
         counter=TokenCounter(settings.models_file),
         key=signing.load_private(settings.private_key_file),
         redis_client=r,
-        transport=transport or CeleryTransport(app),
-        forwarder=forwarder or CeleryForwarder(app, r, settings.response_ttl_s),
+        transport=CeleryTransport(app),
+        forwarder=CeleryForwarder(app, r, settings.response_ttl_s),
         herd=HerdReader(r),
     )

@@ -76,7 +76,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
         return {"worker": hostname, "model": spec.name, "model_id": spec.model_id, "queue": settings.queue,
                 "slots": slots, "gpus": [], "busy": len(active_requests)}
 
-    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s)
+    _heartbeat = Heartbeat(_redis(), describe, settings.heartbeat_interval_s)
     _heartbeat.start()
 
 

@@ -156,7 +156,7 @@ def test_a_job_past_its_deadline_expires_on_the_tick_with_a_full_refund(life: An
     assert books(svc, key)[1] == []
 
 
-def test_every_path_refuses_an_unserved_model_and_an_unknown_one_before_holding(life: Any) -> None:
+def test_an_unserved_model_and_an_unknown_one_are_refused_before_anything_is_held(life: Any) -> None:
     svc, transport, key, _ = life
     unserved = stub.build(svc.settings, transport=transport, herd=stub.StaticHerd([], 1), sessions=svc.sessions,
                           counter=svc.counter)

@@ -58,7 +58,7 @@ def test_a_batch_of_results_is_settled_in_one_read_then_deleted(herder: Any) -> 
     jobs = published(svc, transport, r, stream, 8, key)
 
     assert reader.run_once(block_ms=None) == 8
-    assert {j for j in jobs} == set(transport.responses)
+    assert set(jobs) == set(transport.responses)
     assert all(transport.responses[j]["status"] == "done" for j in jobs)
     assert r.xlen(stream) == 0  # settled entries leave Redis
     with svc.sessions.begin() as s:

@@ -116,7 +116,10 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
             "n_ctx": settings.n_ctx,
         }
 
-    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s)
+    # A worker run for an operator signs its beats, so the herder can tell whose worker it is.
+    attest = loaded.operator.attest_heartbeat if loaded.operator is not None else None
+    _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s,
+                           attest=attest)
     _heartbeat.start()
 
 

@@ -75,6 +75,16 @@ class MissingPublicKey(ConfigError):
     )
 
 
+class MissingOperatorKey(ConfigError):
+    """Raised when a worker is run for an operator whose private key it cannot read."""
+
+    fields = ("operator", "path", "reason")
+    template = (
+        "LLAMAS_OPERATOR={operator!r} but its key {path} cannot be used ({reason}): copy there the key "
+        "`llamas operators add` wrote, or point LLAMAS_OPERATOR_KEY at it"
+    )
+
+
 class OneGpuPerProcess(ConfigError):
     """Raised when one batching worker process is given several GPUs."""
 

@@ -2,7 +2,9 @@
 
 The worker's main process writes one JSON document per worker to Redis every
 ``heartbeat_interval_s`` with a TTL of a few intervals, so a worker that dies
-drops out of the herd on its own.
+drops out of the herd on its own. A worker run for an operator signs each
+beat (worker, pid, operator, time and interval) with the operator's key, so a
+reader can tell whose worker it is and that the beat is recent.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from llama_tasks.constants import HEARTBEAT_TTL_INTERVALS, HERD_PREFIX
 
 log = logging.getLogger(__name__)
 
+#: Turns a heartbeat document into the one published (an operator's worker signs it).
+Attest = Callable[[dict[str, Any]], dict[str, Any]]
+
 
 def beat(r: redis.Redis, doc: dict[str, Any], interval_s: float) -> None:
     ttl_ms = int(interval_s * HEARTBEAT_TTL_INTERVALS * 1000)
@@ -35,12 +40,18 @@ def read_herd(r: redis.Redis) -> list[dict[str, Any]]:
 
 
 class Heartbeat:
-    """A daemon thread that publishes ``describe()`` until stopped."""
+    """A daemon thread that publishes ``describe()`` until stopped.
+
+    ``attest`` signs each beat (a worker run for an operator passes its
+    operator's signer); None publishes beats unsigned, as the house's.
+    """
 
     def __init__(
-        self, r: redis.Redis, describe: Callable[[], dict[str, Any]], interval_s: float
+        self, r: redis.Redis, describe: Callable[[], dict[str, Any]], interval_s: float,
+        attest: Attest | None = None,
     ) -> None:
         self._r, self._describe, self._interval_s = r, describe, interval_s
+        self._attest = attest
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamas-heartbeat", daemon=True)
         self._worker: str | None = None
@@ -51,7 +62,9 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                doc = self._describe() | {"ts": time.time(), "pid": os.getpid()}
+                doc = self._describe() | {"ts": time.time(), "pid": os.getpid(), "interval_s": self._interval_s}
+                if self._attest is not None:
+                    doc = self._attest(doc)
                 self._worker = doc["worker"]
                 beat(self._r, doc, self._interval_s)
             except redis.RedisError as exc:  # the broker may come back; keep beating

@@ -5,7 +5,9 @@ group, in batches. Published by the worker itself before its task returns,
 it reaches a herder as soon as it is written (a Celery link callback is sent
 before Celery stores the result, and costs a task of its own per result).
 The result store keeps its copy as well: a herder's tick settles from there
-any attempt whose stream entry was lost.
+any attempt whose stream entry was lost. Both copies are the one document the
+task returns, so an operator's attestation (``signing.ATTESTATION``) rides in
+whichever reaches the herder first.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """What a worker process holds and how it runs one signed envelope.
 
 ``start_process`` fills the per-process context once (the model in a batch
-engine, the herder's public key, a Redis client); ``run_envelope`` is the
-whole life of a task, as a plain function that tests can call without Celery.
+engine, the herder's public key, the operator's signing key, a Redis client);
+``run_envelope`` is the whole life of a task, as a plain function that tests
+can call without Celery.
 Celery's task threads call it concurrently: the engine decodes their jobs
 together.
 """
@@ -45,6 +46,8 @@ class ProcessContext:
     redis: redis.Redis
     loads: int
     load_s: float
+    #: Signs each result for the operator this worker runs for; None: the house's worker.
+    operator: signing.OperatorSigner | None = None
 
     def describe(self) -> str:
         """One log line: what this process loaded and how it runs it."""
@@ -60,10 +63,11 @@ _load_count = 0
 
 
 def check_startup(settings: WorkerSettings) -> ModelSpec:
-    """Verify what a worker needs before it forks: the model file and the key."""
+    """Verify what a worker needs before it forks: the model file, the herder's key and its operator's."""
     spec = registry.lookup(settings.models_file, settings.model)
     registry.verify(spec)
     signing.load_public(settings.public_key, settings.public_key_file)
+    signing.load_operator(settings.operator, settings.operator_key_path)
     return spec
 
 
@@ -90,6 +94,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int) ->
         redis=redis.Redis.from_url(settings.redis_url),
         loads=_load_count,
         load_s=time.perf_counter() - started,
+        operator=signing.load_operator(settings.operator, settings.operator_key_path),
     )
     return _context
 
@@ -142,5 +147,8 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
         "load_count": ctx.loads,
         "timings": {"queue_wait_s": max(0.0, received_at - job.issued_at), **doc["timings"]},
     }
+    if ctx.operator is not None:
+        # Signed once, here: the stream entry and the task's stored result are this same document.
+        answer = ctx.operator.attest_result(answer)
     results.publish(ctx.redis, answer)
     return answer

@@ -3,18 +3,20 @@
 ``SharedSettings`` holds what every llamas process reads alike (the home,
 Redis, a job's context, the time limits and expiries); ``celeryconfig.py``
 turns those into Celery settings. ``WorkerSettings`` adds what only an
-inference worker needs (its model, GPUs, slots, threads and the herder's
-public key); the herder's settings extend ``SharedSettings`` too, not these.
+inference worker needs (its model, GPUs, slots, threads, the herder's
+public key and the operator it runs for); the herder's settings extend
+``SharedSettings`` too, not these.
 Every field has a default, bounds and a description.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The broker URL a fresh laptop gets; only this URL may be served by the
@@ -25,6 +27,9 @@ DEFAULT_MODEL = "smollm2"
 #: the machine's compute is saturated (on 2 cores, 8 at once gave 1.3-1.4× the
 #: sequential rate in tests/bench/results); each slot costs a KV memory of n_ctx tokens.
 DEFAULT_SLOTS = 8
+#: What an operator may be called: it names a key file (``<home>/operators/<name>.key``)
+#: and an environment value, so no path separators, spaces or leading dots.
+OPERATOR_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class SharedSettings(BaseSettings):
@@ -101,6 +106,27 @@ class WorkerSettings(SharedSettings):
         description="CPU threads of llama.cpp in a worker; 0 = every core. Two workers sharing the cores "
         "should split them: llama.cpp's threads wait on each other, and oversubscribed they crawl.",
     )
+    operator: str = Field(
+        "",
+        description="Operator this worker runs for (`llamas operators add NAME`): it signs every result and "
+        "heartbeat with the operator's key, and the operator earns its share of each job. Empty: the house.",
+    )
+    operator_key_file: Path | None = Field(
+        None,
+        # The documented variable is LLAMAS_OPERATOR_KEY; an alias skips the prefix, hence spelled out.
+        validation_alias=AliasChoices("LLAMAS_OPERATOR_KEY", "operator_key_file"),
+        description="The operator's Ed25519 private key (PEM). Unset: <home>/operators/<operator>.key.",
+    )
+
+    @field_validator("operator")
+    @classmethod
+    def _operator_is_a_name(cls, value: str) -> str:
+        if value and not OPERATOR_NAME.fullmatch(value):
+            raise ValueError(
+                f"LLAMAS_OPERATOR={value!r} is not an operator name (letters, digits, '.', '_', '-'; "
+                "starting with a letter or digit; at most 100)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _gpus_parse(self) -> "WorkerSettings":
@@ -118,6 +144,16 @@ class WorkerSettings(SharedSettings):
     @property
     def queue(self) -> str:
         return queue_for(self.model)
+
+    @property
+    def operator_key_path(self) -> Path:
+        """Where this worker reads its operator's private key."""
+        return self.operator_key_file or operator_key_path(self.home, self.operator)
+
+
+def operator_key_path(home: Path, operator: str) -> Path:
+    """Where ``llamas operators add`` writes, and a worker looks for, an operator's private key."""
+    return home / "operators" / f"{operator}.key"
 
 
 def queue_for(model: str) -> str:

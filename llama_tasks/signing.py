@@ -1,8 +1,15 @@
-"""Ed25519 work envelopes: the herder signs, workers verify.
+"""Ed25519 envelopes: the herder signs work for workers; operators sign what their workers report.
 
 An envelope is ``{"payload": {...}, "key_id": str, "sig": base64}``. The
 signature covers the payload's canonical JSON (sorted keys, no spaces), so any
 change to a field — prompt, max tokens, expiry — breaks it.
+
+A worker run on behalf of an operator (``LLAMAS_OPERATOR``) signs, with that
+operator's key, an *attestation* inside every result and heartbeat it
+publishes: an envelope naming the task, job, attempt, worker and operator
+(and a sha256 of the result's content), or the worker, process, operator and
+time of a heartbeat. The herder credits an operator only for results whose
+attestation verifies against the key registered for it.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ import base64
 import hashlib
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +30,30 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from llama_tasks.errors import BadSignature, MissingPublicKey, Unsigned, UnknownSigner
+from llama_tasks.errors import BadSignature, MissingOperatorKey, MissingPublicKey, Unsigned, UnknownSigner
+
+#: The field of a result or heartbeat document that holds its operator's signed attestation.
+ATTESTATION = "attestation"
+#: Fields of a result an attestation names, besides the sha256 of its content.
+RESULT_CLAIMS = ("task_id", "job_id", "attempt", "worker", "operator")
+#: Fields of a heartbeat an attestation names.
+HEARTBEAT_CLAIMS = ("worker", "pid", "operator", "ts", "interval_s")
 
 
 def canonical(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # surrogatepass: a lone surrogate in generated text must hash, not crash.
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def content_sha256(doc: dict[str, Any]) -> str:
+    """sha256 hex of a document's canonical JSON without its attestation.
+
+    Identical after a JSON round trip (the results stream, Celery's result
+    store), so the herder recomputes exactly what the worker signed.
+    """
+    return hashlib.sha256(canonical({k: v for k, v in doc.items() if k != ATTESTATION})).hexdigest()
 
 
 def public_bytes(key: Ed25519PublicKey) -> bytes:
@@ -72,19 +100,29 @@ def verify(envelope: Any, public_key: Ed25519PublicKey) -> dict[str, Any]:
     return envelope["payload"]
 
 
-def generate_keypair(home: Path) -> tuple[Path, Path]:
-    """Write a new key pair as ``herder.key`` (PEM, mode 0600) and ``herder.pub`` (base64)."""
-    home.mkdir(parents=True, exist_ok=True)
-    private_key = Ed25519PrivateKey.generate()
-    key_file, pub_file = home / "herder.key", home / "herder.pub"
+def write_private(key_file: Path, private_key: Ed25519PrivateKey, *, replace: bool = True) -> None:
+    """Write ``private_key`` as PEM, readable by its owner only (mode 0600).
+
+    With ``replace=False`` an existing file is never overwritten (``FileExistsError``).
+    """
+    key_file.parent.mkdir(parents=True, exist_ok=True)
     pem = private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(key_file, flags, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
+
+
+def generate_keypair(home: Path) -> tuple[Path, Path]:
+    """Write a new key pair as ``herder.key`` (PEM, mode 0600) and ``herder.pub`` (base64)."""
+    home.mkdir(parents=True, exist_ok=True)
+    private_key = Ed25519PrivateKey.generate()
+    key_file, pub_file = home / "herder.key", home / "herder.pub"
+    write_private(key_file, private_key)
     pub_file.write_text(encode_public(private_key.public_key()) + "\n")
     return key_file, pub_file
 
@@ -110,3 +148,50 @@ def load_public(configured: str, pub_file: Path) -> Ed25519PublicKey:
     if not pub_file.exists():
         raise MissingPublicKey(str(pub_file))
     return decode_public(pub_file.read_text())
+
+
+# --- operators: what a worker attests -------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatorSigner:
+    """An operator's name and private key, held by a worker run on its behalf."""
+
+    name: str
+    key: Ed25519PrivateKey
+
+    def attest_result(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """``doc`` naming this operator, with an attestation of who produced it for which attempt."""
+        named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
+        payload = {field: named.get(field) for field in RESULT_CLAIMS}
+        payload["result_sha256"] = content_sha256(named)
+        return named | {ATTESTATION: sign(payload, self.key)}
+
+    def attest_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """A heartbeat naming this operator, with an attestation of its worker, process and time."""
+        named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
+        named.setdefault("ts", time.time())
+        return named | {ATTESTATION: sign({field: named.get(field) for field in HEARTBEAT_CLAIMS}, self.key)}
+
+
+def load_operator(name: str, key_file: Path) -> OperatorSigner | None:
+    """The signer of operator ``name`` from its PEM key file; None when no operator is set (the house).
+
+    Raises ``MissingOperatorKey`` when the file cannot be read as an Ed25519 key.
+    """
+    if not name:
+        return None
+    try:
+        return OperatorSigner(name, load_private(key_file))
+    except FileNotFoundError:
+        reason = "no such file"
+    except PermissionError:
+        reason = "permission denied"
+    except IsADirectoryError:
+        reason = "it is a directory"
+    except (TypeError, ValueError):
+        # Never the parser's message: it may quote the file's bytes.
+        reason = "not an Ed25519 private key in PEM"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise MissingOperatorKey(name, str(key_file), reason)

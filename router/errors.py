@@ -222,3 +222,51 @@ class WebhookTargetRefused(BadChannel):
     # mypy takes BadChannel's one-field tuple as the type of every subclass's fields.
     fields = ("host", "reason")  # type: ignore[assignment]
     template = "webhook host {host!r} is refused: {reason}"
+
+
+# --- receipts ------------------------------------------------------------------
+
+
+class JobNotFinished(JobError):
+    """Raised when a receipt is asked for a job that has not ended (it is queued or running)."""
+
+    fields = ("job_id", "state")
+    template = "job {job_id} is {state}: its receipt is issued once it has ended"
+
+
+class ReceiptMismatch(JobError):
+    """Raised when a job's row and its ledger transfers disagree, so no true receipt can be signed."""
+
+    fields = ("job_id", "figure", "job_row", "ledger")
+    template = "job {job_id}: {figure} is {job_row} on the job but {ledger} in the ledger; no receipt signed"
+
+
+class InvalidReceipt(HerderError):
+    """Raised when a receipt fails verification; ``check`` names the check: shape, key_id, signature, kind or version."""
+
+    fields = ("check", "reason")
+    template = "invalid receipt ({check}): {reason}"
+
+
+# --- operators ---------------------------------------------------------------
+
+
+class UnknownOperator(LedgerError):
+    """Raised when a name matches no registered operator."""
+
+    fields = ("operator",)
+    template = "no such operator: {operator}"
+
+
+class OperatorExists(LedgerError):
+    """Raised when registering an operator whose name is taken."""
+
+    fields = ("operator",)
+    template = "operator {operator!r} is already registered"
+
+
+class InvalidPublicKey(LedgerError):
+    """Raised when an operator's public key is not a raw Ed25519 key in base64 (or a PEM public key)."""
+
+    fields = ("reason",)
+    template = "invalid operator public key: {reason}"

@@ -32,9 +32,9 @@ from router.errors import (
     SystemAccount,
     UnknownAccount,
 )
-from router.models import ESCROW, REVENUE, SYSTEM_ACCOUNTS, WORLD, Account, Transfer
+from router.models import ESCROW, FROM_HOLD_KINDS, REVENUE, SYSTEM_ACCOUNTS, WORLD, Account, Transfer
 
-TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release"]
+TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release", "earn", "payout"]
 
 #: Every API key starts with this, so a leaked one is recognisable in logs and scanners.
 API_KEY_PREFIX = "llm_"
@@ -261,6 +261,26 @@ def capture(session: Session, amount: int, job_id: str) -> Transfer:
     )
 
 
+def earn(session: Session, operator_account: Account, amount: int, job_id: str) -> Transfer:
+    """Pay an operator its share of a settled job's charge: from the job's hold to the operator."""
+    _require_user(operator_account)
+    return _move(
+        session,
+        _system_ids(session)[ESCROW],
+        operator_account.id,
+        amount,
+        "earn",
+        job_id,
+        within_hold=True,
+    )
+
+
+def payout(session: Session, operator_account: Account, amount: int) -> Transfer:
+    """Pay an operator's earnings out to the outside world (a withdrawal kept apart)."""
+    _require_user(operator_account)
+    return _move(session, operator_account.id, _system_ids(session)[WORLD], amount, "payout")
+
+
 def release(session: Session, account: Account, amount: int, job_id: str) -> Transfer:
     """Return (part of) a job's hold from escrow to the requester."""
     _require_user(account)
@@ -276,11 +296,11 @@ def release(session: Session, account: Account, amount: int, job_id: str) -> Tra
 
 
 def held_for(session: Session, job_id: str) -> int:
-    """What escrow still holds for a job: its holds minus captures and releases."""
+    """What escrow still holds for a job: its holds minus what captures, releases and earns took."""
     signed = case((Transfer.kind == "hold", Transfer.amount), else_=-Transfer.amount)
     total = session.scalar(
         select(func.coalesce(func.sum(signed), 0)).where(
-            Transfer.job_id == job_id, Transfer.kind.in_(("hold", "capture", "release"))
+            Transfer.job_id == job_id, Transfer.kind.in_(("hold", *FROM_HOLD_KINDS))
         )
     )
     # PostgreSQL sums BIGINT to NUMERIC (a Decimal); money stays int.
@@ -331,7 +351,7 @@ def check(session: Session) -> list[str]:
     signed = case((Transfer.kind == "hold", Transfer.amount), else_=-Transfer.amount)
     per_job = session.execute(
         select(Transfer.job_id, func.sum(signed))
-        .where(Transfer.kind.in_(("hold", "capture", "release")))
+        .where(Transfer.kind.in_(("hold", *FROM_HOLD_KINDS)))
         .group_by(Transfer.job_id)
         .order_by(Transfer.job_id)
     ).all()
@@ -340,7 +360,7 @@ def check(session: Session) -> list[str]:
         held = int(held)
         open_holds += held
         if held < 0:
-            problems.append(f"job {job_id}: captured and released {-held} more than it held")
+            problems.append(f"job {job_id}: captured, released and earned {-held} more than it held")
     escrow = balances.get(ESCROW)
     if escrow is None:
         problems.append("the escrow account is missing")

@@ -1,4 +1,4 @@
-"""Tables of the herder's database: accounts, the transfers between them, and jobs.
+"""Tables of the herder's database: accounts, the transfers between them, operators, and jobs.
 
 All tables share ``Base.metadata``; migrations in
 ``router/migrations/versions`` create them, never ``metadata.create_all``.
@@ -33,6 +33,12 @@ ESCROW = "escrow"
 #: Fees earned by the service.
 REVENUE = "revenue"
 SYSTEM_ACCOUNTS = (WORLD, ESCROW, REVENUE)
+
+#: Every kind of transfer. ``earn`` moves an operator's share of a job's charge
+#: from escrow to the operator; ``payout`` pays an operator out to the world.
+TRANSFER_KINDS = ("deposit", "withdraw", "hold", "capture", "release", "earn", "payout")
+#: Kinds that move a job's money out of escrow: with ``hold``, they say what a job still holds.
+FROM_HOLD_KINDS = ("capture", "release", "earn")
 
 #: Deterministic constraint names, so later migrations (and SQLite batch
 #: mode, which recreates tables) can refer to them by name.
@@ -88,7 +94,7 @@ class Transfer(Base):
     __table_args__ = (
         CheckConstraint("amount > 0", name="amount_positive"),
         CheckConstraint(
-            "kind IN ('deposit', 'withdraw', 'hold', 'capture', 'release')", name="kind"
+            "kind IN (" + ", ".join(f"'{kind}'" for kind in TRANSFER_KINDS) + ")", name="kind"
         ),
         CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
     )
@@ -99,7 +105,7 @@ class Transfer(Base):
     credit_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))
-    #: The job a hold, capture or release belongs to; no FK, jobs come later.
+    #: The job a hold, capture, release or earn belongs to; no FK, jobs come later.
     job_id: Mapped[str | None] = mapped_column(String(64), index=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
@@ -110,6 +116,29 @@ class Transfer(Base):
             f"Transfer(id={self.id!r}, kind={self.kind!r}, amount={self.amount!r}, "
             f"{self.debit_account_id!r}->{self.credit_account_id!r}, job_id={self.job_id!r})"
         )
+
+
+class Operator(Base):
+    """Someone who runs workers and earns a share of what their jobs are charged.
+
+    An operator is an ordinary requester account (it may buy inference with its
+    API key) plus the Ed25519 public key its workers' attestations verify with.
+    """
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: What workers sign as ``operator``; the name of its account too.
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), unique=True)
+    #: Raw Ed25519 public key, base64 (44 characters).
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
+    )
+
+    def __repr__(self) -> str:
+        return f"Operator(id={self.id!r}, name={self.name!r}, account_id={self.account_id!r})"
 
 
 #: Job states. ``queued`` and ``running`` are open; the rest are final.
@@ -189,6 +218,9 @@ class JobRow(Base):
     refunded: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    #: The operator whose worker produced the settled result, as its signed attestation
+    #: proved; NULL: no verified operator, the whole charge went to the house.
+    operator: Mapped[str | None] = mapped_column(String(200))
     #: Worker timings of the completed attempt, as JSON.
     timings: Mapped[str | None] = mapped_column(Text)
     #: Channels: a Celery task name and queue of the requester, and/or a webhook URL.

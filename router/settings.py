@@ -9,15 +9,18 @@ threads): ``llamas up``, which starts workers, reads those from
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from llama_tasks.settings import SharedSettings, exit_on_invalid
 
 #: The queue the herder's Celery worker consumes.
 HERDER_QUEUE = "herder"
+#: Shares are kept in millionths, an integer (as bids are).
+SHARE_PPM = 1_000_000
 
 
 class HerderSettings(SharedSettings):
@@ -61,6 +64,12 @@ class HerderSettings(SharedSettings):
         description="Comma-separated host names or IP addresses that webhooks may target even though "
         "they are loopback, link-local or private (refused by default).",
     )
+    operator_share: Decimal = Field(
+        Decimal("0.8"), ge=0, le=1, allow_inf_nan=False,
+        description="Fraction of each job's charge paid to the operator whose worker produced it (its "
+        "signed result verified); the rest, and everything from workers of no verified operator, goes to "
+        "the house. At most 6 decimal places.",
+    )
     admin_key: str = Field(
         "",
         description="Operator key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
@@ -76,6 +85,19 @@ class HerderSettings(SharedSettings):
         if self.fee_per_cached_token is not None and self.fee_per_cached_token > self.fee_per_token:
             raise ValueError("LLAMAS_FEE_PER_CACHED_TOKEN cannot exceed LLAMAS_FEE_PER_TOKEN")
         return self
+
+    @field_validator("operator_share")
+    @classmethod
+    def _share_in_millionths(cls, value: Decimal) -> Decimal:
+        # Kept as exact millionths, so a share never rounds differently on two herders.
+        if (value * SHARE_PPM) % 1:
+            raise ValueError(f"LLAMAS_OPERATOR_SHARE={value} has more than 6 decimal places")
+        return value
+
+    @property
+    def operator_share_ppm(self) -> int:
+        """``operator_share`` in millionths: the integer settlement splits charges with."""
+        return int(self.operator_share * SHARE_PPM)
 
     @property
     def cached_token_fee(self) -> int:

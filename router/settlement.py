@@ -6,7 +6,10 @@ a late lease check or a second cancel therefore changes nothing. A finished
 job is charged ``multiplier × actual cost`` (at most its hold) and gets the
 rest back; any other ending returns the whole hold. The actual cost counts
 every completion's tokens, and the prompt tokens a worker reused from its
-cache at the cached-token fee the job was quoted with.
+cache at the cached-token fee the job was quoted with. When the result's
+attestation proves a registered operator's worker produced it, that
+operator earns ``LLAMAS_OPERATOR_SHARE`` of the charge (rounded down) and the
+house captures the rest; otherwise the house captures it all.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from router import choices as completions
-from router import fees, ledger
+from router import fees, ledger, operators
 from router.admission import priority
 from router.errors import InvalidOffer, JobNotQueued, UnknownJob
-from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
+from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, Operator, width
 from router.settings import HerderSettings
 from router.parts import TokenCounting
 
@@ -84,8 +87,12 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     actual = fees.cost(base_fee, fee_per_token, fee_per_cached, row.prompt_tokens, cached, completion)
     held = ledger.held_for(session, row.id)
     charge = min(fees.charge(row.offered, row.quote, actual), held)
-    if charge:
-        ledger.capture(session, charge, row.id)
+    operator = operators.credited(session, doc, row.id)
+    earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
+    if earned:
+        ledger.earn(session, _operator_account(session, operator), earned, row.id)
+    if charge - earned:
+        ledger.capture(session, charge - earned, row.id)
     if held - charge:
         ledger.release(session, _account(session, row), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
@@ -94,8 +101,15 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     row.choices = json.dumps(choices)
     row.charged, row.refunded = charge, held - charge
     row.worker = _storable(doc.get("worker", ""), "worker")
+    row.operator = operator.name if operator is not None else None
     row.timings = json.dumps(doc.get("timings", {}))
     return row
+
+
+def _operator_account(session: Session, operator: Operator | None) -> Account:
+    account = session.get(Account, operator.account_id) if operator is not None else None
+    assert account is not None
+    return account
 
 
 def _recount(counter: TokenCounting, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:

@@ -4,7 +4,8 @@ in-memory transport, like dramatiq's ``StubBroker`` + ``join()``.
 ``StubTransport`` is both transport and forwarder: dispatch puts envelopes
 in its outbox, and ``join(service)`` runs each through a worker function —
 ``scripted_worker`` (answers at once, verifying the signature as a worker
-does) or ``llama_tasks.runtime.run_envelope`` on a loaded model — and hands
+does, and signing its result when run for an operator) or
+``llama_tasks.runtime.run_envelope`` on a loaded model — and hands
 the outcome to ``service.on_result`` / ``on_failure`` directly, until
 nothing is left to run. Tests drain, then assert, with no processes and no
 sleeps; the ledger is a real SQL database and Redis is real.
@@ -113,8 +114,13 @@ class StubTransport:
 
 
 def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.ModelSpec],
-                    text: str = scripted.SCRIPTED_TEXT) -> StubWorker:
-    """A worker that checks envelopes as a real one does (signature, model, expiry) and answers ``text``."""
+                    text: str = scripted.SCRIPTED_TEXT, *, operator: signing.OperatorSigner | None = None,
+                    worker: str = STUB_WORKER_NAME) -> StubWorker:
+    """A worker that checks envelopes as a real one does (signature, model, expiry) and answers ``text``.
+
+    With ``operator`` it runs for that operator: each result carries the
+    operator's attestation, as a real worker started with ``LLAMAS_OPERATOR`` does.
+    """
 
     def run(envelope: dict[str, Any], task_id: str) -> dict[str, Any]:
         payload = signing.verify(envelope, public_key)
@@ -123,9 +129,15 @@ def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.Mod
             raise WrongModel(payload["model"], ",".join(sorted(models)))
         if payload["expires_at"] < time.time():
             raise Expired(payload["job_id"], payload["expires_at"], time.time())
-        return scripted.answer(payload, task_id, STUB_WORKER_NAME, spec.model_id, text)
+        doc = scripted.answer(payload, task_id, worker, spec.model_id, text)
+        return doc if operator is None else operator.attest_result(doc)
 
     return run
+
+
+def operator_signer(name: str) -> signing.OperatorSigner:
+    """A fresh key pair for operator ``name``, as a worker run for it holds (register its public key)."""
+    return signing.OperatorSigner(name, Ed25519PrivateKey.generate())
 
 
 class StaticHerd:

@@ -4,9 +4,11 @@ A Hypothesis state machine drives admission, dispatch, settlement, failures,
 cancellations, raised bids, deadlines and leases against a real ledger
 (SQLite, and PostgreSQL when one answers) with the real vocab-only tokenizer.
 A plain-Python model predicts every outcome — which request is refused and
-why, which jobs a dispatch takes, what a result is charged — and after every
-step the books are audited against it: money is conserved, escrow holds
-exactly the open jobs' offers, every ending happens once and never changes.
+why, which jobs a dispatch takes, what a result is charged, which operator
+it pays and how much — and after every step the books are audited against
+it: money is conserved, escrow holds exactly the open jobs' offers, each
+settled charge is split between the operator whose signature verified and
+the house, every ending happens once and never changes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import shutil
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -36,9 +40,10 @@ from hypothesis.stateful import (
 from sqlalchemy import delete, func, make_url, select, text, update
 from sqlalchemy.orm import Session
 
+from llama_tasks import signing
 from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
 from llama_tasks.job import MAX_CHOICES
-from router import ledger, settlement
+from router import ledger, operators, settlement
 from router.admission import Submission, admit, as_job, price
 from router.db import make_engine, make_sessionmaker, upgrade
 from router.dispatch import claim
@@ -47,6 +52,7 @@ from router.errors import (
     BadDeadline,
     InsufficientFee,
     InsufficientFunds,
+    InvalidAmount,
     InvalidOffer,
     JobNotQueued,
     QueueFull,
@@ -126,6 +132,11 @@ CHOICES = st.sampled_from([1, 1, 1, 2, 2, 3, 3, 0, MAX_CHOICES + 1])
 #: What a worker says it found in its prompt cache: often more than the prompt, or nonsense.
 CACHED = st.one_of(st.none(), st.integers(-2, 40), st.just(True))
 REFERENCES = st.one_of(st.none(), st.sampled_from(["r1", "r2", "r3"]))
+#: Operator shares the herder may be set to, with rounding (0.333333) and without (0, 1).
+SHARES = st.sampled_from(["0", "0.8", "1", "0.333333", "0.5"])
+#: Who a result says produced it: no one (the house), its operator, or a forgery of one.
+ATTRIBUTIONS = st.sampled_from(["house", "genuine", "genuine", "genuine", "other key", "unregistered",
+                                "replayed", "tampered"])
 
 
 def _offer_kwargs(offer: tuple[str, Any]) -> dict[str, Any]:
@@ -176,6 +187,20 @@ class ModelJob:
     holds: int = 1
     charged: int | None = None
     refunded: int | None = None
+    #: The operator credited at settlement and what it earned; None and 0: the house took it all.
+    operator: str | None = None
+    earned: int = 0
+
+
+@dataclass
+class ModelOperator:
+    """A registered operator: its workers' signer and what it earned and was paid out."""
+
+    name: str
+    signer: signing.OperatorSigner
+    earned: int = 0
+    paid_out: int = 0
+    jobs: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -196,7 +221,7 @@ def _footprint(session: Session) -> tuple[Any, ...]:
         tuple(
             session.execute(
                 select(JobRow.id, JobRow.state, JobRow.offered, JobRow.attempt, JobRow.task_id,
-                       JobRow.charged, JobRow.refunded).order_by(JobRow.seq)
+                       JobRow.charged, JobRow.refunded, JobRow.operator).order_by(JobRow.seq)
             )
         ),
     )
@@ -221,6 +246,7 @@ class HerderCore(RuleBasedStateMachine):
         self.jobs: dict[str, ModelJob] = {}
         self.references: dict[tuple[str, str], str] = {}
         self.attempts: list[Attempt] = []
+        self.operators: dict[str, ModelOperator] = {}
         #: (state, charged, refunded) of each job when it ended: never to change.
         self.endings: dict[str, tuple[str, int | None, int | None]] = {}
 
@@ -272,6 +298,35 @@ class HerderCore(RuleBasedStateMachine):
     def open_accounts(self, deposits: list[int]) -> None:
         for deposit in deposits:
             self._open(deposit)
+
+    @initialize(deposits=st.lists(st.integers(0, 3_000), min_size=1, max_size=2))
+    def register_operators(self, deposits: list[int]) -> None:
+        """Operators whose accounts open with them: they earn, and buy inference like anyone."""
+        for i, deposit in enumerate(deposits):
+            name = f"op{i}"
+            signer = signing.OperatorSigner(name, Ed25519PrivateKey.generate())
+            with self.sessions.begin() as session:
+                _, api_key = operators.register(session, name, signer.key.public_key())
+                assert api_key is not None
+                if deposit:
+                    ledger.deposit(session, ledger.account_by_name(session, name), deposit)
+            self.accounts[name] = ModelAccount(name, api_key, deposit)
+            self.operators[name] = ModelOperator(name, signer)
+
+    @precondition(lambda self: self.operators)
+    @rule(data=st.data(), amount=st.integers(0, 300))
+    def payout(self, data: st.DataObject, amount: int) -> None:
+        """An operator is paid out (refused for nothing, or more than its balance)."""
+        name = data.draw(st.sampled_from(sorted(self.operators)))
+        account = self.accounts[name]
+        with self.sessions.begin() as session:
+            call = lambda: operators.payout(session, name, amount)
+            if amount == 0 or amount > account.balance:
+                self._refused(session, InvalidAmount if amount == 0 else InsufficientFunds, call)
+                return
+            call()
+        account.balance -= amount
+        self.operators[name].paid_out += amount
 
     @rule(data=st.data(), deposit=DEPOSITS, taken=st.integers(0, 9))
     def open_account(self, data: st.DataObject, deposit: int, taken: int) -> None:
@@ -397,12 +452,14 @@ class HerderCore(RuleBasedStateMachine):
             sub = replace(sub, max_tokens=sub.max_tokens % 64 + 1)
         self._submit(name, sub)
 
-    @rule(base_fee=st.integers(0, 5), fee_per_token=st.integers(1, 3), cached=st.one_of(st.none(), st.integers(0, 3)))
-    def reprice(self, base_fee: int, fee_per_token: int, cached: int | None) -> None:
-        """The operator changes the prices; jobs already quoted keep theirs."""
+    @rule(base_fee=st.integers(0, 5), fee_per_token=st.integers(1, 3), cached=st.one_of(st.none(), st.integers(0, 3)),
+          share=SHARES)
+    def reprice(self, base_fee: int, fee_per_token: int, cached: int | None, share: str) -> None:
+        """The house changes the prices and the operators' share; jobs already quoted keep their prices."""
         self.settings = self.settings.model_copy(update={
             "base_fee": base_fee, "fee_per_token": fee_per_token,
-            "fee_per_cached_token": None if cached is None else min(cached, fee_per_token)})
+            "fee_per_cached_token": None if cached is None else min(cached, fee_per_token),
+            "operator_share": Decimal(share)})
 
     # --- dispatch -------------------------------------------------------------
 
@@ -428,8 +485,29 @@ class HerderCore(RuleBasedStateMachine):
 
     # --- results --------------------------------------------------------------
 
+    def _attribute(self, data: st.DataObject, doc: dict[str, Any], how: str) -> tuple[dict[str, Any], str | None]:
+        """``doc`` as a worker sends it (signed, or forged, as ``how`` says) and the operator it must pay."""
+        if how == "house":
+            return doc, None
+        name = data.draw(st.sampled_from(sorted(self.operators)))
+        signer = self.operators[name].signer
+        if how == "genuine":
+            return signer.attest_result(doc), name
+        if how == "other key":
+            # Signed by another operator's key (or a stranger's) while claiming this one.
+            keys = [o.signer.key for o in self.operators.values() if o.name != name] + [Ed25519PrivateKey.generate()]
+            return signing.OperatorSigner(name, data.draw(st.sampled_from(keys))).attest_result(doc), None
+        if how == "unregistered":
+            return signing.OperatorSigner("ghost", Ed25519PrivateKey.generate()).attest_result(doc), None
+        if how == "replayed":
+            # A genuine attestation of another job's result, copied onto this one.
+            other = signer.attest_result(doc | {"job_id": uuid.uuid4().hex})
+            return doc | {"operator": name, signing.ATTESTATION: other[signing.ATTESTATION]}, None
+        assert how == "tampered"
+        return signer.attest_result(doc) | {"timings": {"total_s": 9.5}}, None
+
     def _deliver(self, attempt: Attempt, job_id: str, attempt_no: int, texts: list[str], cached: Any,
-                 legacy: bool) -> None:
+                 legacy: bool, data: st.DataObject, how: str) -> None:
         """A result of ``texts`` (a worker before choices sends only the first) and ``cached`` prompt tokens."""
         doc: dict[str, Any] = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no,
                                "text": texts[0], "finish_reason": "length", "worker": "w1", "timings": {"total_s": 0.5}}
@@ -439,6 +517,7 @@ class HerderCore(RuleBasedStateMachine):
             doc["cached_tokens"] = cached
             doc["choices"] = [{"index": i, "text": t, "finish_reason": "stop", "completion_tokens": 0,
                                "logprobs": None} for i, t in enumerate(texts)]
+        doc, operator = self._attribute(data, doc, how)
         job = self.jobs[attempt.job_id]
         current = job.state == RUNNING and job.task_id == attempt.task_id
         with self.sessions.begin() as session:
@@ -456,29 +535,52 @@ class HerderCore(RuleBasedStateMachine):
             actual = (job.base_fee + job.fee_per_token * (job.prompt_tokens - cached + completion)
                       + job.fee_per_cached_token * cached)
             charge = min(job.offered, job.offered * actual // job.quote)
-            assert (row.charged, row.refunded, row.completion_tokens, row.cached_tokens) == (
-                charge, job.offered - charge, completion, cached)
+            # The operator's share of the charge is rounded down; the house keeps the rest.
+            earned = 0 if operator is None else charge * int(Decimal(self.settings.operator_share) * PPM) // PPM
+            assert (row.charged, row.refunded, row.completion_tokens, row.cached_tokens, row.operator) == (
+                charge, job.offered - charge, completion, cached, operator)
             event(f"settled {min(len(texts), job.sub.n)} of {job.sub.n} choices")
+            event(f"attribution: {how}")
         self._end(job, DONE, charge, job.offered - charge)
+        if operator is not None:
+            job.operator, job.earned = operator, earned
+            self.accounts[operator].balance += earned
+            self.operators[operator].earned += earned
+            self.operators[operator].jobs.add(job.id)
 
     @precondition(lambda self: any(j.state == RUNNING for j in self.jobs.values()))
     @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
-          legacy=st.booleans())
-    def complete(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool) -> None:
+          legacy=st.booleans(), how=ATTRIBUTIONS)
+    def complete(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, how: str) -> None:
         """The current attempt of a running job reports its result."""
         job = data.draw(st.sampled_from(self._in_state(RUNNING)))
         assert job.task_id is not None
-        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, texts, cached, legacy)
+        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, texts, cached, legacy,
+                      data, how)
+
+    @precondition(lambda self: any(j.state == QUEUED for j in self.jobs.values()))
+    @rule(data=st.data(), slots=st.integers(1, 4), texts=st.lists(COMPLETIONS, min_size=1, max_size=4),
+          cached=CACHED, legacy=st.booleans(), how=ATTRIBUTIONS)
+    def serve(self, data: st.DataObject, slots: int, texts: list[str], cached: Any, legacy: bool, how: str) -> None:
+        """A slot frees up and a running job answers at once: most jobs' whole life, in one step.
+
+        Without it a job is far likelier to be cancelled than settled, and
+        settlement's split between operators and the house would be seldom checked.
+        """
+        self.dispatch(slots)
+        if self._in_state(RUNNING):
+            self.complete(data, texts, cached, legacy, how)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
-          legacy=st.booleans(), forge=st.sampled_from(["none", "attempt", "job"]))
-    def redeliver(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, forge: str) -> None:
-        """Any attempt's result arrives (again, late, or with a forged attempt or job)."""
+          legacy=st.booleans(), forge=st.sampled_from(["none", "attempt", "job"]), how=ATTRIBUTIONS)
+    def redeliver(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, forge: str,
+                  how: str) -> None:
+        """Any attempt's result arrives (again, late, or with a forged attempt or job), signed or not."""
         attempt = data.draw(st.sampled_from(self.attempts))
         job_id = uuid.uuid4().hex if forge == "job" else attempt.job_id
         attempt_no = attempt.attempt + (1 if forge == "attempt" else 0)
-        self._deliver(attempt, job_id, attempt_no, texts, cached, legacy)
+        self._deliver(attempt, job_id, attempt_no, texts, cached, legacy, data, how)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), retryable=st.booleans())
@@ -607,7 +709,12 @@ class HerderCore(RuleBasedStateMachine):
             assert all(b >= 0 for name, b in balances.items() if name != WORLD), balances
             assert {n: a.balance for n, a in self.accounts.items()} == {n: balances[n] for n in self.accounts}
             assert balances[ESCROW] == sum(j.offered for j in self._in_state(*OPEN_STATES))
-            assert balances[REVENUE] == sum(j.charged or 0 for j in self._in_state(DONE))
+            # The house keeps what its operators did not earn.
+            assert balances[REVENUE] == sum((j.charged or 0) - j.earned for j in self._in_state(DONE))
+            for op in self.operators.values():
+                found = operators.earnings(session, op.name)
+                assert (found["earned"], found["paid_out"], found["balance"], found["jobs"]) == (
+                    op.earned, op.paid_out, self.accounts[op.name].balance, len(op.jobs)), op.name
 
     @invariant()
     def jobs_end_once(self) -> None:
@@ -617,24 +724,34 @@ class HerderCore(RuleBasedStateMachine):
             kinds = Counter(
                 (job_id, kind) for job_id, kind in session.execute(select(Transfer.job_id, Transfer.kind))
             )
+            totals = session.execute(
+                select(Transfer.job_id, Transfer.kind, func.sum(Transfer.amount))
+                .group_by(Transfer.job_id, Transfer.kind)
+            )
+            amounts = {(job_id, kind): int(total) for job_id, kind, total in totals}
             for job in self.jobs.values():
                 row = rows[job.id]
                 assert (row.state, row.attempt, row.offered) == (job.state, job.attempt, job.offered), job.id
                 held = ledger.held_for(session, job.id)
                 assert (held > 0) == (row.state in OPEN_STATES)
                 assert kinds[job.id, "capture"] <= 1, f"job {job.id} charged twice"
+                assert kinds[job.id, "earn"] <= 1, f"job {job.id} paid its operator twice"
                 assert kinds[job.id, "hold"] == job.holds
+                assert row.operator == job.operator
                 if row.state in OPEN_STATES:
                     assert held == row.offered
-                    assert kinds[job.id, "capture"] == kinds[job.id, "release"] == 0
+                    assert kinds[job.id, "capture"] == kinds[job.id, "release"] == kinds[job.id, "earn"] == 0
                     continue
                 assert row.state in FINAL_STATES
                 assert held == 0
                 assert row.charged is not None and row.refunded is not None
                 assert row.charged + row.refunded == row.offered
                 assert 0 <= row.charged <= row.offered
+                # Every unit charged went to the operator or the house, and nothing else did.
+                assert amounts.get((job.id, "earn"), 0) == job.earned
+                assert amounts.get((job.id, "earn"), 0) + amounts.get((job.id, "capture"), 0) == row.charged
                 if row.state != DONE:
-                    assert row.charged == 0 and kinds[job.id, "capture"] == 0
+                    assert row.charged == 0 and kinds[job.id, "capture"] == kinds[job.id, "earn"] == 0
                 assert kinds[job.id, "release"] <= 1
                 assert (row.state, row.charged, row.refunded) == self.endings[job.id], "a final job changed"
 

@@ -171,6 +171,10 @@ class Herder:
     def job(self, job_id: str) -> "JobHandle":
         return JobHandle(self, self._call("router.status", self.api_key, job_id, secret=True))
 
+    def receipt(self, job_id: str) -> dict[str, Any]:
+        """The herder's signed receipt of one of your ended jobs (check it with ``router.receipts.verify``)."""
+        return self._call("router.receipt", self.api_key, job_id, secret=True)
+
 
 class JobHandle:
     """One admitted job, as its requester sees it."""
@@ -191,6 +195,10 @@ class JobHandle:
         """1-based place in the queue; 0 once the job has left it."""
         self.status()
         return int(self.doc["position"])
+
+    def receipt(self) -> dict[str, Any]:
+        """The herder's signed receipt of this job once it has ended (``JobNotFinished`` before)."""
+        return self._herder.receipt(self.id)
 
     def cancel(self) -> dict[str, Any]:
         self.doc = self._herder._call("router.cancel", self._herder.api_key, self.id, secret=True)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
-from router import admission, dispatch, forwarding, info, ledger, metrics, settlement, views, worker_loss
+from router import admission, dispatch, forwarding, info, ledger, metrics, receipts, settlement, views, worker_loss
 from router.dispatch import Order
 from router.errors import JobNotQueued
 from router.models import RUNNING, JobRow
@@ -119,6 +119,18 @@ class HerderService:
         with self.read_sessions.begin() as session:
             views.owned(session, api_key, job_id)
             return views.describe(session, job_id)
+
+    def receipt(self, api_key: str, job_id: str) -> dict[str, Any]:
+        """The signed receipt of one of the key's account's ended jobs (``router.receipts``).
+
+        Another account's job is ``UnknownJob``, as in ``status``; an open one
+        is ``JobNotFinished``; a job whose row and ledger disagree is
+        ``ReceiptMismatch`` and gets no signature.
+        """
+        with self.read_sessions.begin() as session:
+            row = views.owned(session, api_key, job_id)
+            payload = receipts.build(session, row, self.counter.models(), issued_at=self._clock())
+        return receipts.sign(payload, self._key)
 
     def cancel(self, api_key: str, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one ends now with a full refund; a running one

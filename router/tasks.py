@@ -1,6 +1,6 @@
 """The herder's Celery tasks: thin wrappers over ``HerderService``.
 
-Requests (submit, info, quote, status, cancel, raise_bid) are answered
+Requests (submit, info, quote, status, receipt, cancel, raise_bid) are answered
 through the result backend; refusals raise the typed errors of
 ``router.errors``, which the client gets back as the same types.
 """
@@ -60,6 +60,11 @@ def status(api_key: str, job_id: str) -> dict[str, Any]:
     return service().status(api_key, job_id)
 
 
+@app.task(name="router.receipt", **_REQUEST)
+def receipt(api_key: str, job_id: str) -> dict[str, Any]:
+    return service().receipt(api_key, job_id)
+
+
 @app.task(name="router.jobs", **_REQUEST)
 def jobs(api_key: str, limit: int = 20) -> list[dict[str, Any]]:
     return service().jobs(api_key, limit)
@@ -100,7 +105,10 @@ def settle_error(task_id: Any) -> None:
     service().on_failure(task_id, stored.error)
 
 
-@app.task(name="router.tick", ignore_result=True, **_PRIVATE)
+# Housekeeping, many times a minute: without events it stays out of Flower,
+# whose task list is for requests (the beat sends no task-sent event either:
+# router.celery).
+@app.task(name="router.tick", ignore_result=True, send_events=False, **_PRIVATE)
 def tick() -> dict[str, int]:
     return service().tick()
 

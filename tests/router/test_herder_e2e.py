@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from llama_tasks import stream
-from router import ledger, webhooks
+from router import ledger, receipts, webhooks
 from tests.processes import llama_worker, wait_for
 from tests.router.requester_app import RECEIVED_KEY
 
@@ -41,6 +41,16 @@ def test_a_paid_request_is_charged_for_actual_tokens_and_the_rest_returned(stack
     assert doc["charged"] + doc["refunded"] == doc["offered"]
     assert stack.balance(key) == 10_000 - doc["charged"]
     assert stack.books() == []
+
+
+def test_a_finished_job_has_a_receipt_the_herders_public_key_verifies(stack, private_key):
+    key, herder = stack.account(10_000)
+    handle = herder.run("Say hi.", 8, temperature=0.0)
+    doc = handle.result(timeout=60)
+    payload = receipts.verify(handle.receipt(), private_key.public_key())
+    assert (payload["job_id"], payload["state"], payload["worker"]) == (handle.id, "done", doc["worker"])
+    assert (payload["held"], payload["charged"], payload["refunded"]) == (doc["offered"], doc["charged"],
+                                                                          doc["refunded"])
 
 
 def test_expiry_and_cancel_return_everything(stack):

@@ -1,0 +1,123 @@
+"""``llamas receipts get`` and ``llamas receipts verify``: fetch a job's signed receipt, check one offline.
+
+``get`` asks the herder through the broker, like every request of the CLI.
+``verify`` needs neither Redis nor the ledger: only the receipt and the
+herder's public key (``<LLAMAS_HOME>/herder.pub`` unless one is given). Every
+refusal is one red line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from rich.console import Console
+from rich.markup import escape
+
+from llama_tasks import signing
+from llama_tasks.errors import LlamasError
+from router import receipts
+from router.settings import get_settings
+
+receipts_app = typer.Typer(help="Signed receipts of your ended jobs: fetch one, verify one offline.",
+                           no_args_is_help=True)
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def _fail(message: str) -> NoReturn:
+    """Print one red line and leave with status 1, never a traceback."""
+    _err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _client(key: str | None) -> Any:
+    """A client with the CLI's API key; fails at once when the broker does not answer."""
+    from router.client import Herder
+    from router.preflight import broker_problem
+
+    settings = get_settings()
+    api_key = key or settings.api_key
+    if not api_key:
+        _fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
+    problem = broker_problem(settings)
+    if problem is not None:
+        _fail(problem)
+    return Herder(api_key)
+
+
+@receipts_app.command("get")
+def get(
+    job_id: str = typer.Argument(..., help="The job whose receipt to fetch (it must have ended)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the receipt to this file (default: stdout)."),
+    key: str | None = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY).", show_default=False),
+) -> None:
+    """Fetch the herder's signed receipt of one of your ended jobs, as JSON."""
+    try:
+        envelope = _client(key).receipt(job_id)
+    except LlamasError as exc:
+        _fail(str(exc))
+    text = json.dumps(envelope, indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+        return
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
+    _err.print(f"receipt of job {escape(job_id)} written to {escape(str(out))}", highlight=False, soft_wrap=True)
+
+
+def _public_key(given: str | None) -> Ed25519PublicKey:
+    """The key to check against: a file holding the base64 key, the base64 key itself, or the home's ``herder.pub``."""
+    problem = "--public-key is neither a file holding a base64 Ed25519 public key nor such a key"
+    if given is None:
+        pub_file = get_settings().public_key_file
+        if not pub_file.is_file():
+            _fail(f"no herder public key at {pub_file}: pass --public-key FILE_OR_BASE64 "
+                  "(`llamas keys show` on the herder prints it)")
+        given, problem = str(pub_file), f"{pub_file} does not hold a base64 Ed25519 public key"
+    try:
+        path = Path(given)
+        text = path.read_text() if path.is_file() else given
+    except (OSError, ValueError):
+        # Too long or odd for a file name: it can only be the key itself.
+        text = given
+    try:
+        return signing.decode_public(text)
+    except (ValueError, binascii.Error):
+        _fail(problem)
+
+
+def _read(file: str) -> Any:
+    try:
+        raw = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        _fail(f"{file} is not JSON: {exc.msg} at line {exc.lineno}")
+
+
+@receipts_app.command("verify")
+def verify(
+    file: str = typer.Argument(..., help="The receipt's JSON file (- reads stdin)."),
+    public_key: str | None = typer.Option(
+        None, "--public-key", help="File holding the herder's base64 public key, or the key itself "
+                                   "(default: herder.pub in LLAMAS_HOME).", show_default=False),
+) -> None:
+    """Check a receipt against the herder's public key, offline; exit 0 and print what it vouches for."""
+    envelope = _read(file)
+    key = _public_key(public_key)
+    try:
+        payload = receipts.verify(envelope, key)
+    except LlamasError as exc:
+        _fail(str(exc))
+    print(receipts.summary(payload, signing.key_id(key)))

@@ -16,7 +16,7 @@ from rich.table import Table
 from llama_tasks import signing
 from llama_tasks.settings import operator_key_path
 from router import operators
-from router.cli_accounts import _err, _fail, _ledger, _out
+from router.cli_common import err, fail, ledger_session, out
 from router.errors import InvalidPublicKey
 from router.settings import get_settings
 
@@ -36,11 +36,11 @@ def _read_public_key(given: str) -> Ed25519PublicKey:
     try:
         text = path.read_text() if is_file else given
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"cannot read the public key file {path}: {type(exc).__name__}")
+        fail(f"cannot read the public key file {path}: {type(exc).__name__}")
     try:
         return operators.parse_public_key(text)
     except InvalidPublicKey as exc:
-        _fail(f"{exc} (in {path})" if is_file else f"{exc}, and no file {given!r} exists")
+        fail(f"{exc} (in {path})" if is_file else f"{exc}, and no file {given!r} exists")
 
 
 @operators_app.command("add")
@@ -61,57 +61,57 @@ def add(
         key_file = operator_key_path(get_settings().home, name)
     else:
         key = _read_public_key(public_key)
-    with _ledger() as session:
+    with ledger_session() as session:
         _, api_key = operators.register(session, name, key)
         if private is not None:
             try:
                 # Before the commit: a key that cannot be written leaves nothing registered.
                 signing.write_private(key_file, private, replace=False)
             except FileExistsError:
-                _fail(f"{key_file} exists; register its public key with --public-key, or move it away")
+                fail(f"{key_file} exists; register its public key with --public-key, or move it away")
             except OSError as exc:
-                _fail(f"cannot write {key_file}: {exc.strerror or type(exc).__name__}")
-    _out.print(f"registered operator [bold]{escape(name)}[/bold], key id {signing.key_id(key)}")
+                fail(f"cannot write {key_file}: {exc.strerror or type(exc).__name__}")
+    out.print(f"registered operator [bold]{escape(name)}[/bold], key id {signing.key_id(key)}")
     if api_key is not None:
-        _out.print(f"opened account [bold]{escape(name)}[/bold]; its API key:")
+        out.print(f"opened account [bold]{escape(name)}[/bold]; its API key:")
         # Plain print: the key must stay one unwrapped, unstyled line for copy and pipes.
         print(api_key)
-        _out.print("[yellow]This API key is shown only once; only its hash is stored.[/yellow]")
+        out.print("[yellow]This API key is shown only once; only its hash is stored.[/yellow]")
     if private is not None:
-        _out.print(f"private key written to {escape(str(key_file))} (mode 0600): give it to the operator's "
+        out.print(f"private key written to {escape(str(key_file))} (mode 0600): give it to the operator's "
                    "workers, and keep no other copy here", soft_wrap=True)
-    _out.print(f"start a worker as this operator: LLAMAS_OPERATOR={escape(name)} "
+    out.print(f"start a worker as this operator: LLAMAS_OPERATOR={escape(name)} "
                f"LLAMAS_OPERATOR_KEY=<its key file> celery -A llama_tasks worker -Q llama.<model>", soft_wrap=True)
 
 
 @operators_app.command("list")
 def list_() -> None:
     """Every operator: account, key id, earned, paid out and balance (smallest unit)."""
-    with _ledger() as session:
+    with ledger_session() as session:
         rows = operators.list_operators(session)
     if not rows:
-        _err.print("no operators (`llamas operators add NAME`)")
+        err.print("no operators (`llamas operators add NAME`)")
         return
     table = Table("operator", "account", "key id", "jobs", "earned", "paid out", "balance")
     for row in rows:
         table.add_row(escape(row["operator"]), escape(row["account"]), row["key_id"], str(row["jobs"]),
                       str(row["earned"]), str(row["paid_out"]), str(row["balance"]))
-    _out.print(table)
+    out.print(table)
 
 
 @operators_app.command("earnings")
 def earnings(name: str) -> None:
     """What operator NAME earned, was paid out and holds (smallest unit)."""
-    with _ledger() as session:
+    with ledger_session() as session:
         row = operators.earnings(session, name)
-    _out.print(f"{escape(name)}: earned {row['earned']} on {row['jobs']} jobs, paid out {row['paid_out']}, "
+    out.print(f"{escape(name)}: earned {row['earned']} on {row['jobs']} jobs, paid out {row['paid_out']}, "
                f"balance {row['balance']} (key id {row['key_id']})", highlight=False)
 
 
 @operators_app.command("payout")
 def payout(name: str, amount: int) -> None:
     """Pay AMOUNT (smallest unit) of operator NAME's balance out to it."""
-    with _ledger() as session:
+    with ledger_session() as session:
         operators.payout(session, name, amount)
         row = operators.earnings(session, name)
-    _out.print(f"{escape(name)}: paid out {amount}; balance {row['balance']}", highlight=False)
+    out.print(f"{escape(name)}: paid out {amount}; balance {row['balance']}", highlight=False)

@@ -12,30 +12,20 @@ import binascii
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console
 from rich.markup import escape
 
 from llama_tasks import signing
 from llama_tasks.errors import LlamasError
 from router import receipts
+from router.cli_common import err, fail
 from router.settings import get_settings
 
 receipts_app = typer.Typer(help="Signed receipts of your ended jobs: fetch one, verify one offline.",
                            no_args_is_help=True)
-
-_out = Console()
-_err = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    """Print one red line and leave with status 1, never a traceback."""
-    _err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
-    raise typer.Exit(1)
-
 
 def _client(key: str | None) -> Any:
     """A client with the CLI's API key; fails at once when the broker does not answer."""
@@ -45,10 +35,10 @@ def _client(key: str | None) -> Any:
     settings = get_settings()
     api_key = key or settings.api_key
     if not api_key:
-        _fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
+        fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
     problem = broker_problem(settings)
     if problem is not None:
-        _fail(problem)
+        fail(problem)
     return Herder(api_key)
 
 
@@ -62,7 +52,7 @@ def get(
     try:
         envelope = _client(key).receipt(job_id)
     except LlamasError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     text = json.dumps(envelope, indent=2, ensure_ascii=False) + "\n"
     if out is None:
         sys.stdout.write(text)
@@ -70,8 +60,8 @@ def get(
     try:
         out.write_text(text, encoding="utf-8")
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror or exc}")
-    _err.print(f"receipt of job {escape(job_id)} written to {escape(str(out))}", highlight=False, soft_wrap=True)
+        fail(f"cannot write {out}: {exc.strerror or exc}")
+    err.print(f"receipt of job {escape(job_id)} written to {escape(str(out))}", highlight=False, soft_wrap=True)
 
 
 def _public_key(given: str | None) -> Ed25519PublicKey:
@@ -80,7 +70,7 @@ def _public_key(given: str | None) -> Ed25519PublicKey:
     if given is None:
         pub_file = get_settings().public_key_file
         if not pub_file.is_file():
-            _fail(f"no herder public key at {pub_file}: pass --public-key FILE_OR_BASE64 "
+            fail(f"no herder public key at {pub_file}: pass --public-key FILE_OR_BASE64 "
                   "(`llamas keys show` on the herder prints it)")
         given, problem = str(pub_file), f"{pub_file} does not hold a base64 Ed25519 public key"
     try:
@@ -92,18 +82,18 @@ def _public_key(given: str | None) -> Ed25519PublicKey:
     try:
         return signing.decode_public(text)
     except (ValueError, binascii.Error):
-        _fail(problem)
+        fail(problem)
 
 
 def _read(file: str) -> Any:
     try:
         raw = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        _fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
+        fail(f"cannot read {file}: {getattr(exc, 'strerror', None) or exc}")
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        _fail(f"{file} is not JSON: {exc.msg} at line {exc.lineno}")
+        fail(f"{file} is not JSON: {exc.msg} at line {exc.lineno}")
 
 
 @receipts_app.command("verify")
@@ -119,5 +109,5 @@ def verify(
     try:
         payload = receipts.verify(envelope, key)
     except LlamasError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(receipts.summary(payload, signing.key_id(key)))

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
+.PHONY: help install browser screenshots run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
 
 help:
 	@echo "make run     bring the service up on embedded defaults and answer a paid request"
@@ -19,6 +19,7 @@ help:
 	@echo "make agent   the example agent, against a running make run"
 	@echo "make bench   compare with llama-cpp-python and llama-server; writes tests/bench/results/latest.{md,png}"
 	@echo "make bench-herder  the herder's own cost against its targets, beside BASE (default HEAD~1)"
+	@echo "make screenshots   the README's pictures of the dashboard and /docs, from the browser tests"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,7 +52,22 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/llamas up
 
-test: $(STAMP)
+# The browser tests drive Debian's Chromium; installed here where it can be
+# (root with apt-get), else those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "==> installing Chromium for the browser tests (Debian's chromium and chromium-driver)"; \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+	    || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }; } \
+	  || echo "    could not install Chromium: the browser tests will be skipped"; \
+	else echo "==> no Chromium, and no root with apt-get to install it: the browser tests will be skipped"; fi
+
+# The README's pictures of the dashboard and /docs, from the browser tests.
+screenshots: $(STAMP) browser
+	LLAMAS_SCREENSHOTS=tests/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider tests/router/test_dashboard_browser.py
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	@echo "==> the worker and herder end-to-end tests again, on an embedded Valkey (a laptop without Redis)"
 	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \

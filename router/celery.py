@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import Any
 
 import redis
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import beat_init, worker_init, worker_ready, worker_shutdown
 
 from llama_tasks import lifeline
 from router.preflight import herder_problem
@@ -40,6 +41,17 @@ app.conf.beat_schedule = {
 # for pool children): an orphaned beat would keep sending ticks beside a
 # restarted herder's.
 lifeline.connect_celery_signals()
+
+
+@beat_init.connect
+def _quiet_beat(sender: Any = None, **_: Any) -> None:
+    """No task-sent events from beat: it sends only the tick, which Flower need not list."""
+    # A beat in its own process (``-B``'s default, or ``celery beat``) only; a
+    # beat run as a thread shares the herder's configuration, whose dispatches
+    # Flower should see as sent.
+    ours = getattr(sender, "app", None) is app
+    if ours and threading.current_thread() is threading.main_thread():
+        app.conf.task_send_sent_event = False
 
 
 @worker_init.connect

@@ -30,6 +30,8 @@ from rich.text import Text
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
 from router.cli_accounts import accounts_app, ledger_app
+from router.cli_operators import operators_app
+from router.cli_receipts import receipts_app
 
 #: Entry point group through which installed packages add command groups.
 PLUGIN_GROUP = "llamas.cli"
@@ -44,6 +46,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(accounts_app, name="accounts")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(receipts_app, name="receipts")
+app.add_typer(operators_app, name="operators")
 
 out = Console()
 err = Console(stderr=True)

@@ -7,3 +7,6 @@ NOTIFY_PREFIX = "llamas:notify:"
 #: ``METRICS_PREFIX + name`` → Redis hashes holding the service's counters and
 #: histograms, so every herder and gateway process adds to the same figures.
 METRICS_PREFIX = "llamas:metrics:"
+#: Hash of worker name → its last heartbeat seen by a dashboard and when, so a
+#: worker whose heartbeat expired is shown as dead instead of vanishing.
+DASHBOARD_SEEN = "llamas:dashboard:seen"

@@ -11,7 +11,8 @@ is reported and restarted.
 While it runs, ``<home>/up.json`` records the set it started; a second
 ``llamas up`` for the same home refuses while any of it still runs, and
 ``llamas down`` stops what a killed one left behind. Flower asks for a
-password, made once per home.
+password, and the dashboard (and ``/metrics``) for the operator's key, each
+made once per home unless ``LLAMAS_ADMIN_KEY`` is set.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ DEMO_MESSAGES = [{"role": "user", "content": "Say hello to a herd of llamas in o
 READY_TIMEOUT_S = 120.0
 #: Flower's basic-auth user; its password is made once per home.
 FLOWER_USER = "admin"
-#: Files in the home: the record of a running set, and Flower's password.
-RUN_RECORD, FLOWER_PASSWORD = "up.json", "flower.password"
+#: Files in the home: the record of a running set, Flower's password and the operator's key.
+RUN_RECORD, FLOWER_PASSWORD, ADMIN_KEY = "up.json", "flower.password", "admin.key"
 
 
 def _wait(what: str, component: Component, ready: Any) -> Any:
@@ -80,7 +81,17 @@ def demo_key(settings: HerderSettings) -> str:
 
 def flower_password(home: Path) -> tuple[str, bool]:
     """Flower's password for this home, made on first use (mode 0600); True when just made."""
-    pw_file = home / FLOWER_PASSWORD
+    return home_secret(home / FLOWER_PASSWORD)
+
+
+def admin_key(home: Path) -> tuple[str, bool]:
+    """The operator's key for this home's gateway (dashboard, ``/metrics``), made on first use; True when just made."""
+    return home_secret(home / ADMIN_KEY)
+
+
+def home_secret(pw_file: Path) -> tuple[str, bool]:
+    """The secret kept in ``pw_file``, made on first use (mode 0600); True when just made."""
+    home = pw_file.parent
     try:
         return pw_file.read_text().strip(), False
     except FileNotFoundError:
@@ -189,9 +200,10 @@ def check_port(port: int, what: str, option: str) -> None:
             ) from None
 
 
-def _where(gateway: str, flower: str, key_file: Path, pw_file: Path) -> None:
+def _where(gateway: str, flower: str, key_file: Path, pw_file: Path, admin: str) -> None:
     console.print(f"""
-[bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics)
+[bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics with the operator's key)
+[bold]dashboard[/] {gateway}/dashboard  (sign in with the operator's key, {admin}, or a requester's API key)
 [bold]flower[/]  {flower}  (user {FLOWER_USER}, password in {pw_file})
 [bold]try it[/]  export LLAMAS_API_KEY=$(cat {key_file})
   curl {gateway}/v1/chat/completions -H "Authorization: Bearer $LLAMAS_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
@@ -258,8 +270,17 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
     flower_pw, created = flower_password(settings.home)
     if created:
         _announce_flower_password(flower_pw, pw_file)
+    if settings.admin_key:
+        operator_key, admin_where = settings.admin_key, "LLAMAS_ADMIN_KEY"
+    else:
+        operator_key, created = admin_key(settings.home)
+        admin_where = f"in {settings.home / ADMIN_KEY}"
+        if created:
+            console.print(f"[bold]operator[/] created the operator's key for the dashboard and /metrics (kept "
+                          f"{admin_where})", highlight=False)
 
-    env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url)
+    env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url,
+               LLAMAS_ADMIN_KEY=operator_key)
     logs = settings.home / "logs"
     node = os.uname().nodename
     supervisor = Supervisor(report=lambda text: console.print(f"[red]{text}[/]"), record=record)
@@ -310,7 +331,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
         _wait("gateway", api, lambda: port_answers(port))
         _wait("flower", dashboard, lambda: port_answers(flower_port))
-        _where(gateway, flower, settings.home / "demo.key", pw_file)
+        _where(gateway, flower, settings.home / "demo.key", pw_file, admin_where)
         _demo(gateway, api_key, specs[0].name)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
         supervisor.run_forever()

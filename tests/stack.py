@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,10 +162,19 @@ class Stack:
             p.stop()
 
 
-def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Run a stack on ``kind`` ("sqlite" or "postgresql") for the duration of a fixture."""
+def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory,
+                  prepare: Callable[[str, Path], dict[str, str]] | None = None) -> Iterator[Stack]:
+    """Run a stack on ``kind`` ("sqlite" or "postgresql") for the duration of a fixture.
+
+    ``prepare(db_url, tmp)`` runs on the migrated ledger before any process
+    starts, and returns settings to add to every process's environment.
+    """
     tmp = tmp_path_factory.mktemp(f"stack-{kind}")
     db_url = fresh_ledger(kind, tmp)
+    extra: dict[str, str] = {}
+    if prepare is not None:
+        upgrade(db_url)
+        extra = prepare(db_url, tmp)
     env = dict(
         os.environ,
         LLAMAS_DATABASE_URL=db_url,
@@ -179,6 +188,7 @@ def running_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         LLAMAS_LEASE_GRACE_S="5",
         # The webhook tests' receiver listens on loopback, which webhooks may not reach by default.
         LLAMAS_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+        **extra,
     )
     s = Stack(tmp, db_url, env)
     try:

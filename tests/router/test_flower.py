@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from router.up import FLOWER_USER, flower_env, flower_password
-from tests.processes import ROOT
+from tests.processes import ROOT, wait_for
 from tests.stack import free_port, running_stack
 
 pytestmark = pytest.mark.slow
@@ -56,6 +56,20 @@ def test_flower_asks_for_the_generated_password_and_then_lists_the_workers(sqlit
             assert httpx.get(base + path, timeout=10).status_code == 401, path
             assert httpx.get(base + path, auth=(FLOWER_USER, "wrong"), timeout=10).status_code == 401, path
         assert httpx.get(f"{base}/api/tasks", auth=auth, timeout=10).status_code == 200
+
+        # A request shows up as its tasks; the herder's housekeeping tick (every
+        # 0.5 s here, so several ran meanwhile) shows up as nothing at all.
+        _, requester = sqlite_stack.account(100_000)
+        job = requester.run("Say one word.", tokens=4)
+        job.result(timeout=120)
+
+        def listed() -> set[str] | None:
+            tasks = httpx.get(f"{base}/api/tasks", auth=auth, timeout=10).json()
+            names = {t.get("name") for t in tasks.values()}
+            return names if "llama_tasks.generate" in names else None
+
+        seen = wait_for(listed, 60, "Flower to list the request's generate task")
+        assert "router.submit" in seen and "router.tick" not in seen, seen
     finally:
         flower.terminate()
         flower.wait(timeout=20)

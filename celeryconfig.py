@@ -31,6 +31,9 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_cancel_long_running_tasks_on_connection_loss = True
+# Celery's consumer, surviving a broker lost while messages are unacknowledged
+# (Celery 5.7 otherwise stops the worker: see llama_tasks/consumer.py).
+worker_consumer = "llama_tasks.consumer:Consumer"
 
 task_soft_time_limit = _settings.soft_time_limit_s
 task_time_limit = _settings.time_limit_s

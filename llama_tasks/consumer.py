@@ -1,0 +1,44 @@
+"""Celery's consumer, surviving a broker that drops while messages are unacknowledged.
+
+Celery 5.7's consumer, on losing the broker, first ``collect()``s the
+connection (which detaches its transport) and then ``close()``s it; closing
+the channel restores its unacknowledged messages through the detached
+transport, and the ``AttributeError`` that follows ("'NoneType' object has
+no attribute 'hostname'") stops the whole worker as an unrecoverable error.
+Whether it happens is a matter of timing: a message received and not yet
+acknowledged at the moment Redis goes away (the herder's tick, twice a second
+in tests, makes it likely). The messages are not lost either way: Redis
+hands unacknowledged messages back after the visibility timeout.
+
+Every llamas Celery app uses this consumer (``celeryconfig.worker_consumer``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.state import active_requests
+
+log = logging.getLogger(__name__)
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, reconnecting instead of dying when closing a lost connection fails."""
+
+    def on_connection_error_after_connected(self, exc: Any) -> None:
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as failure:
+            # The lost connection could not be closed (see the module's docstring):
+            # drop it and let Celery reconnect, as it does for any lost connection.
+            log.warning("closing the lost broker connection failed (%s); reconnecting anyway; "
+                        "its unacknowledged messages come back after the visibility timeout", failure)
+            self.connection = None
+            # What Celery would have done next: a running job acknowledged late is
+            # stopped, since its acknowledgement can no longer reach the broker.
+            if self.app.conf.worker_cancel_long_running_tasks_on_connection_loss:
+                for request in tuple(active_requests):
+                    if request.task.acks_late and not request.acknowledged:
+                        request.cancel(self.pool)

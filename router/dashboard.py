@@ -12,9 +12,7 @@ streams one every ``DEFAULT_PERIOD_S`` (``router.gateway.dashboard``).
 from __future__ import annotations
 
 import json
-import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +31,8 @@ from router.settings import HerderSettings
 DEFAULT_PERIOD_S = 1.0
 #: Recent jobs listed.
 RECENT_JOBS = 50
-#: Recent finished jobs of a worker whose generation speed gives its tokens/s.
-SPEED_SAMPLE = 20
+#: Seconds over which a worker's delivered tokens/s is counted.
+SPEED_WINDOW_S = 60.0
 #: The ledger audit reads every transfer: run at most this often per process.
 BOOKS_EVERY_S = 10.0
 #: Minutes of per-minute money history sent with each snapshot.
@@ -113,18 +111,13 @@ def market(session: Session, herd: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _speeds(session: Session, workers: Iterable[str]) -> dict[str, float | None]:
-    """Median generation speed (tokens/s) of each worker's recent finished jobs."""
-    speeds: dict[str, float | None] = {}
-    for worker in workers:
-        timings = session.scalars(
-            select(JobRow.timings).where(JobRow.worker == worker, JobRow.state == DONE)
-            .order_by(JobRow.seq.desc()).limit(SPEED_SAMPLE)
-        ).all()
-        values = [float(json.loads(t).get("tokens_per_s") or 0.0) for t in timings if t]
-        values = [v for v in values if v > 0]
-        speeds[worker] = round(statistics.median(values), 1) if values else None
-    return speeds
+def _throughput(session: Session, now: float) -> dict[str, float]:
+    """Completion tokens per second each worker delivered over the last ``SPEED_WINDOW_S``."""
+    rows = session.execute(
+        select(JobRow.worker, func.sum(JobRow.completion_tokens))
+        .where(JobRow.state == DONE, JobRow.finished_at >= now - SPEED_WINDOW_S).group_by(JobRow.worker)
+    )
+    return {worker: round(int(tokens or 0) / SPEED_WINDOW_S, 1) for worker, tokens in rows if worker}
 
 
 def attributed(doc: dict[str, Any], keys: operators.Keys, now: float) -> dict[str, Any]:
@@ -175,10 +168,10 @@ class HerdMemory:
         return workers
 
 
-def herd_view(session: Session, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The remembered herd with each worker's recent tokens/s."""
-    speeds = _speeds(session, [w["worker"] for w in workers])
-    return [{**w, "tokens_per_s": speeds.get(w["worker"])} for w in workers]
+def herd_view(session: Session, workers: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    """The remembered herd with the tokens/s each worker delivered over the last minute."""
+    speeds = _throughput(session, now)
+    return [{**w, "tokens_per_s": speeds.get(w["worker"], 0.0)} for w in workers]
 
 
 @dataclass
@@ -250,7 +243,7 @@ def operator_view(session: Session, settings: HerderSettings, herd: list[dict[st
         "now": now,
         "prices": prices(session, settings, herd, now),
         "market": market(session, herd),
-        "herd": herd_view(session, workers),
+        "herd": herd_view(session, workers, now),
         "money": {**money(session, now), "books": books.verdict(session, now)},
         "operators": operators_view(session),
         "jobs": recent_jobs(session),

@@ -34,7 +34,11 @@ from router.tokens import TokenCounter
 
 #: ``worker(envelope, task_id) -> result document``; raising fails the attempt.
 StubWorker = Callable[[dict[str, Any], str], dict[str, Any]]
-STUB_WORKER_NAME = "stub@local"
+
+
+def worker_name(model: str) -> str:
+    """The name the stub worker of ``model`` beats and answers under."""
+    return f"stub-{model}@local"
 
 
 class StubTransport:
@@ -115,11 +119,12 @@ class StubTransport:
 
 def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.ModelSpec],
                     text: str = scripted.SCRIPTED_TEXT, *, operator: signing.OperatorSigner | None = None,
-                    worker: str = STUB_WORKER_NAME) -> StubWorker:
+                    worker: str | None = None) -> StubWorker:
     """A worker that checks envelopes as a real one does (signature, model, expiry) and answers ``text``.
 
     With ``operator`` it runs for that operator: each result carries the
     operator's attestation, as a real worker started with ``LLAMAS_OPERATOR`` does.
+    It answers as ``worker``, by default as the model's worker in ``StaticHerd``.
     """
 
     def run(envelope: dict[str, Any], task_id: str) -> dict[str, Any]:
@@ -129,7 +134,7 @@ def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.Mod
             raise WrongModel(payload["model"], ",".join(sorted(models)))
         if payload["expires_at"] < time.time():
             raise Expired(payload["job_id"], payload["expires_at"], time.time())
-        doc = scripted.answer(payload, task_id, worker, spec.model_id, text)
+        doc = scripted.answer(payload, task_id, worker or worker_name(spec.name), spec.model_id, text)
         return doc if operator is None else operator.attest_result(doc)
 
     return run
@@ -144,7 +149,7 @@ class StaticHerd:
     """A herd source of one live stub worker per model with ``slots`` slots each."""
 
     def __init__(self, models: Iterable[str], slots: int) -> None:
-        self.workers = [{"worker": f"stub-{m}@local", "model": m, "slots": slots, "busy": 0, "pid": 0, "gpus": []}
+        self.workers = [{"worker": worker_name(m), "model": m, "slots": slots, "busy": 0, "pid": 0, "gpus": []}
                         for m in models]
 
     def __call__(self, fresh: bool = False) -> list[dict[str, Any]]:

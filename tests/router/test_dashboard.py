@@ -105,6 +105,8 @@ def test_the_operator_sees_the_market_the_herd_the_money_and_every_job_but_no_te
     done = [jobs[market["a"]], jobs[market["b"]]]
     assert all(j["state"] == "done" and j["charged"] > 0 and j["completion_tokens"] > 0 for j in done)
     assert all(j["queue_wait_s"] is not None and j["ttft_s"] is not None for j in done)
+    # What the worker delivered over the last minute: both finished jobs' completions.
+    assert worker["tokens_per_s"] == round(sum(j["completion_tokens"] for j in done) / dashboard.SPEED_WINDOW_S, 1)
     assert snap["money"]["charged"] == sum(j["charged"] for j in done) == revenue == snap["money"]["revenue"]
     assert snap["money"]["escrow"] == held == jobs[market["running"]]["offered"] + jobs[market["queued"]]["offered"]
     assert snap["money"]["refunded"] == sum(j["refunded"] for j in done)

@@ -158,7 +158,7 @@ def test_a_done_jobs_receipt_is_what_the_ledger_and_the_response_say(life: Life)
     assert (payload["prompt_tokens"], payload["completion_tokens"], payload["cached_tokens"]) == (
         response["prompt_tokens"], response["completion_tokens"], CACHED)
     assert (payload["bid_ppm"], payload["multiplier"]) == (2_000_000, "2")
-    assert payload["quote"] * 2 == payload["held"] and payload["worker"] == stub.STUB_WORKER_NAME
+    assert payload["quote"] * 2 == payload["held"] and payload["worker"] == stub.worker_name("smollm2")
     assert payload["fee_per_cached_token"] == CACHED_FEE
     assert payload["created_at"] <= payload["dispatched_at"] <= payload["finished_at"] <= payload["issued_at"]
     assert "operator" not in payload  # no operator's worker answered: the house took the whole charge

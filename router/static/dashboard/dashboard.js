@@ -157,7 +157,7 @@ function drawOperator(snap) {
     cell(tr, w.model ?? "");
     cell(tr, w.gpus && w.gpus.length ? w.gpus.join(", ") : "CPU");
     cell(tr, fmtInt(w.slots), "num"); cell(tr, fmtInt(w.busy), "num");
-    cell(tr, w.tokens_per_s === null ? "—" : w.tokens_per_s.toFixed(1), "num");
+    cell(tr, w.tokens_per_s.toFixed(1), "num");
     cell(tr, w.alive ? "now" : `${fmtS(w.last_seen_s_ago)} ago`, "num");
     cell(tr, w.operator ?? (w.operator_claimed ? `${w.operator_claimed}? (unverified: house)` : "house"), "operator");
   });

@@ -1,8 +1,11 @@
-"""How well a grading method grades the labelled sample, with the real model in process.
+"""How well a grading method grades labelled rooms, with the real model in process.
 
 It generates exactly as a worker would (``llama_tasks.engine``: the same
-prompt rendering, grammar and greedy sampling the herder would dispatch), so
-the figure it reports is the agent's accuracy through the service.
+prompt rendering, grammar, greedy sampling and log probabilities the herder
+would dispatch and forward), and reads the answer with the agent's own
+``Method.read``, so the figure it reports is the agent's accuracy through
+the service. A buy decision is right when the agent would buy (grade above
+3) exactly for the positive rooms.
 """
 
 from __future__ import annotations
@@ -11,11 +14,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llama_cpp import Llama
 
+from agent import scoring
 from agent.errors import UnparseableAnswer
-from agent.grading import LABELS, POSITIVE, GradingRequest, LabelledRoom, Method, label_of_grade
+from agent.grading import GradingRequest, Method, Reading
+from agent.rooms import LABELS, LabelledRoom
+from agent.scoring import POSITIVE, Distribution, whole_grade
+from agent.strategy import BUY_ABOVE
 from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine
 from llama_tasks.job import Job
@@ -39,18 +47,21 @@ class Report:
     per_label: Counter[str] = field(default_factory=Counter)  # correct rooms per true label
     label_totals: Counter[str] = field(default_factory=Counter)
     answers: Counter[str] = field(default_factory=Counter)  # predicted labels
+    #: (true label, predicted label) → rooms.
+    confusion: Counter[tuple[str, str]] = field(default_factory=Counter)
     wrong: list[str] = field(default_factory=list)  # "room: true → predicted"
 
-    def add(self, room: LabelledRoom, predicted: str) -> None:
+    def add(self, room: LabelledRoom, predicted: str, buys: bool) -> None:
         self.total += 1
         self.label_totals[room.label] += 1
         self.answers[predicted] += 1
+        self.confusion[room.label, predicted] += 1
         if predicted == room.label:
             self.correct += 1
             self.per_label[room.label] += 1
         else:
             self.wrong.append(f"{room.room}: {room.label} → {predicted}")
-        if (predicted == POSITIVE) == (room.label == POSITIVE):
+        if buys == (room.label == POSITIVE):
             self.decisions += 1
 
     @property
@@ -61,6 +72,14 @@ class Report:
         per = ", ".join(f"{lab} {self.per_label[lab]}/{self.label_totals[lab]}" for lab in LABELS)
         return (f"{self.method}: {self.correct}/{self.total} = {self.accuracy:.0%} ({per}); "
                 f"buy decisions right {self.decisions}/{self.total}")
+
+    def matrix(self) -> list[str]:
+        """The confusion matrix as text lines: a row per true label, a column per predicted one."""
+        columns = list(LABELS) + ([UNREADABLE] if self.answers[UNREADABLE] else [])
+        lines = ["true \\ predicted  " + "".join(f"{c:>11}" for c in columns)]
+        for label in LABELS:
+            lines.append(f"{label:18}" + "".join(f"{self.confusion[label, c]:>11}" for c in columns))
+        return lines
 
 
 @dataclass
@@ -83,25 +102,42 @@ def load_model(models_file: Path, model: str) -> LocalModel:
     return LocalModel(spec.name, engine.load_vocab(spec), batch.start())
 
 
-def generate(local: LocalModel, request: GradingRequest) -> str:
-    """The text a worker would return for ``request``."""
+def generate(local: LocalModel, request: GradingRequest) -> dict[str, Any]:
+    """The response a requester would receive for ``request``: ``text`` and ``choices`` with logprobs."""
     job = Job(job_id="accuracy", attempt=1, model=local.name, max_tokens=request.max_tokens, expires_at=0.0,
               issued_at=0.0, prompt=request.prompt, messages=request.messages, grammar=request.grammar,
-              temperature=0.0)
-    return generation.run(local.engine, generation.sequences(local.vocab, job, None)).first.text
+              temperature=0.0, logprobs=request.top_logprobs > 0, top_logprobs=request.top_logprobs)
+    return response_of(generation.run(local.engine, generation.sequences(local.vocab, job, None)).document())
 
 
-def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Callable[[GradingRequest], str],
-             on_room: Callable[[LabelledRoom, str, str], None] | None = None) -> Report:
-    """Grade every room with ``method``, getting each answer from ``answer``."""
+def response_of(document: dict[str, Any]) -> dict[str, Any]:
+    """A worker's result document in the shape the herder forwards (``status``, ``text``, ``choices``)."""
+    return {"status": "done", "text": document["text"], "choices": document["choices"]}
+
+
+Answer = Callable[[GradingRequest], dict[str, Any]]
+
+
+def measure_prior(method: Method, answer: Answer) -> Distribution | None:
+    """``method``'s content-free label distribution (None for a word method)."""
+    if not method.scores_probabilities:
+        return None
+    return scoring.content_free_prior([method.distribution(answer(r)) for r in method.content_free_requests()])
+
+
+def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Answer, prior: Distribution | None = None,
+             on_room: Callable[[LabelledRoom, str, Reading | None], None] | None = None) -> Report:
+    """Grade every room with ``method`` (calibrated by ``prior``), getting each response from ``answer``."""
     report = Report(method.name)
     for room in rooms:
-        text = answer(method.build(room.messages))
+        response = answer(method.build(room.messages))
+        reading: Reading | None
         try:
-            predicted = label_of_grade(method.grade(text))
+            reading = method.read(response, prior)
         except UnparseableAnswer:
-            predicted = UNREADABLE
-        report.add(room, predicted)
+            reading = None
+        predicted = reading.label if reading is not None else UNREADABLE
+        report.add(room, predicted, reading is not None and whole_grade(reading.grade) > BUY_ABOVE)
         if on_room is not None:
-            on_room(room, text, predicted)
+            on_room(room, str(response.get("text") or ""), reading)
     return report

@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import redis
 import typer
@@ -133,6 +133,7 @@ def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Lates
         store, exchange = OutcomeStore.open(settings.database_url), open_paper(settings)
         try:
             now = read_status(store, exchange, settings.agent_exchange_account, recent)
+            store_grades = {t.id: g.expected for t in now.recent if (g := store.grade_of(t.id)) is not None}
         finally:
             store.close()
             exchange.close()
@@ -141,7 +142,8 @@ def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Lates
                f"exchange account {escape(settings.agent_exchange_account)}")
     _out.print(f"outcomes  Buy {s.buy} · Skip {s.skip} · Error {s.error} · Requests {s.requests}"
                + (f" ({s.in_flight} in flight)" if s.in_flight else ""))
-    _out.print(f"spend     {s.spend} paid to the herder for grades")
+    per_grade = f" · {s.cost_per_grade} per grade ({s.graded} graded)" if s.cost_per_grade is not None else ""
+    _out.print(f"spend     {s.spend} paid to the herder for grades{per_grade}")
     _out.print(f"position  {now.balances.get(trade, 0)} {trade} · {now.balances.get(quote, 0)} {quote} "
                f"({s.spent_on_orders} {quote} spent on {s.buy} buys at {settings.agent_price} {quote}/{trade})")
     if s.duplicates:
@@ -154,7 +156,8 @@ def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Lates
                 detail = f"{t.received} {trade} for {t.spent} {quote}"
             else:
                 detail = t.reason or (f"answer {t.answer!r}" if t.answer else "")
-            grade = "-" if t.grade is None else str(t.grade)
+            exact = store_grades.get(t.id)
+            grade = "-" if t.grade is None else f"{exact:.2f}" if exact is not None else str(t.grade)
             _out.print(f"  {_time(t.created_at)}  job {(t.job_id or '-')[:12]:12}  grade {grade}  "
                        f"{t.state:10}  {escape(detail)}")
 
@@ -163,27 +166,60 @@ def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Lates
 def accuracy(
     method_name: str = typer.Option("", "--method", "-m",
                                     help="Grading method, or 'all' (default: the agent's, LLAMAS_AGENT_METHOD)."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f",
+                                        help="Your labelled rooms, one JSON object a line: "
+                                             '{"label": "positive|negative|neutral", "messages": '
+                                             '[{"nick": …, "text": …}, …]} (optional "room", "split").'),
+    split: str = typer.Option("", "--split", "-s",
+                              help="tune, heldout or all (default: heldout of the shipped rooms; all of --file)."),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N rooms of each label (0 = all)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every room's answer."),
 ) -> None:
-    """Grade the shipped labelled sample with the real model (in process) and report accuracy."""
+    """Grade labelled rooms with the real model (in process): accuracy, buy decisions, confusion matrix."""
     from agent import accuracy as acc
+    from agent import rooms as labelled
 
     settings = load_settings()
+    if split not in ("", "all", *labelled.SPLITS):
+        _fail(f"--split must be tune, heldout or all, got {split!r}")
     with _refusals(settings):
         name = method_name or settings.agent_method
         methods = list(grading.METHODS.values()) if name == "all" else [grading.method(name)]
-        rooms = grading.load_sample()
+        rooms = labelled.load_file(file) if file is not None else labelled.shipped()
+        chosen = split or ("all" if file is not None else labelled.HELDOUT)
+        if chosen != "all":
+            rooms = [r for r in rooms if r.split == chosen]
         if limit:
-            rooms = [r for label in grading.LABELS for r in [x for x in rooms if x.label == label][:limit]]
-        _out.print(f"model {settings.agent_model}: {len(rooms)} labelled rooms, greedy decoding")
+            rooms = [r for label in labelled.LABELS for r in [x for x in rooms if x.label == label][:limit]]
+        if not rooms:
+            _fail(f"no rooms in split {chosen}")
+        source = escape(str(file)) if file is not None else "the shipped rooms"
+        _out.print(f"model {settings.agent_model}: {len(rooms)} labelled rooms ({chosen} of {source}), "
+                   "greedy decoding")
         local = acc.load_model(settings.models_file, settings.agent_model)
+        try:
+            for m in methods:
+                _measure(acc, local, m, rooms, verbose)
+        finally:
+            local.close()
 
-        def show(room: grading.LabelledRoom, text: str, predicted: str) -> None:
-            mark = "[green]ok[/green]" if predicted == room.label else "[red]xx[/red]"
-            _out.print(f"  {mark} {room.room:8} {room.label:8} → {predicted:10} {text.strip()!r}")
 
-        for m in methods:
-            report = acc.evaluate(m, rooms, lambda request: acc.generate(local, request),
-                                  show if verbose else None)
-            _out.print(f"{escape(report.summary())}  [dim]{escape(m.description)}[/dim]")
+def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], verbose: bool) -> None:
+    """Measure one method on ``rooms`` and print its summary and confusion matrix."""
+    def answer(request: grading.GradingRequest) -> dict[str, Any]:
+        return acc.generate(local, request)
+
+    def show(room: Any, text: str, reading: Optional[grading.Reading]) -> None:
+        predicted = reading.label if reading is not None else acc.UNREADABLE
+        mark = "[green]ok[/green]" if predicted == room.label else "[red]xx[/red]"
+        grade = "" if reading is None else f"grade {reading.grade:.2f} "
+        _out.print(f"  {mark} {escape(room.room):8} {room.label:8} → {predicted:10} {grade}{escape(repr(text.strip()))}")
+
+    prior = acc.measure_prior(method, answer)
+    if prior is not None:
+        _out.print(f"{method.name}: content-free prior "
+                   + ", ".join(f"{label} {p:.4f}" for label, p in prior.items()))
+    report = acc.evaluate(method, rooms, answer, prior, show if verbose else None)
+    _out.print(f"{escape(report.summary())}  [dim]{escape(method.description)}[/dim]")
+    for line in report.matrix():
+        _out.print(f"  {escape(line)}")

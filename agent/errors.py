@@ -42,3 +42,10 @@ class UnparseableAnswer(AgentError):
 
     fields = ("method", "text")
     template = "grading method {method} cannot read the answer {text!r}"
+
+
+class BadRoomsFile(AgentError):
+    """Raised when a labelled-rooms file (``llamas agent accuracy --file``) has a line it cannot use."""
+
+    fields = ("path", "line", "reason")
+    template = "{path}:{line}: {reason}"

@@ -1,13 +1,18 @@
-"""Grading a chat's sentiment with the service: prompt + grammar methods, pure functions.
+"""Grading a chat's sentiment with the service: the methods, as pure functions.
 
-Each method turns the last messages of a room into one constrained request
-(a prompt or chat messages, a GBNF grammar, greedy sampling) and reads the
-answer back as a grade on the original agent's 1–5 scale. A three-way answer
-says which side of 3 a room is on, not how far, so it maps to 4 / 3 / 2; the
-agent buys above 3.
+Each method turns the last messages of a room into one request (a prompt or
+chat messages, greedy sampling) and reads the response back as a grade on the
+original agent's 1–5 scale; the agent buys above 3.
 
-The methods here are the ones measured with ``llamas agent accuracy --method
-all`` on the labelled sample; the default is the best of them for SmolLM2.
+- *Probability* methods (``prob-…``, the default) ask for one token with its
+  likeliest alternatives and grade by the expected value of the calibrated
+  label distribution (``agent.scoring``): the grade says how positive, not
+  only which side.
+- *Word* methods ask for a whole answer word under a grammar and map it to
+  4 / 3 / 2: which side of 3 a room is on, not how far.
+
+The methods were compared with ``llamas agent accuracy --split tune --method
+all`` on the tuning half of the labelled rooms only (``agent.rooms``).
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from agent import scoring
+from agent.calibration import CONTENT_FREE_PRIORS
 from agent.errors import UnknownMethod, UnparseableAnswer
+from agent.scoring import NEGATIVE, NEUTRAL, POSITIVE, Distribution
 from agent.world import ChatMessage
 
-POSITIVE, NEGATIVE, NEUTRAL = "positive", "negative", "neutral"
 LABELS = (POSITIVE, NEGATIVE, NEUTRAL)
 #: Grade of each label on the 1–5 scale.
 GRADE_OF_LABEL = {POSITIVE: 4, NEUTRAL: 3, NEGATIVE: 2}
 #: Longest message text put into a grading prompt: three long messages must
 #: still fit the context window beside the examples.
 MAX_MESSAGE_CHARS = 300
-#: Name of the method the agent uses unless configured otherwise.
-DEFAULT_METHOD = "fewshot"
+#: Name of the method the agent uses unless configured otherwise (chosen on the tuning half).
+DEFAULT_METHOD = "prob-fewshot"
 
 
 @dataclass(frozen=True)
@@ -40,19 +47,36 @@ class GradingRequest:
     max_tokens: int
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    #: With more than 0, the response carries the log probabilities of this many
+    #: likeliest alternatives at each generated token.
+    top_logprobs: int = 0
 
     def run_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``Herder.run``: greedy, so a room always gets the same grade."""
-        return {"prompt": self.prompt, "messages": self.messages, "tokens": self.max_tokens,
-                "grammar": self.grammar, "temperature": 0.0}
+        kwargs: dict[str, Any] = {"prompt": self.prompt, "messages": self.messages, "tokens": self.max_tokens,
+                                  "grammar": self.grammar, "temperature": 0.0}
+        if self.top_logprobs:
+            kwargs |= {"logprobs": True, "top_logprobs": self.top_logprobs}
+        return kwargs
 
     def to_json(self) -> str:
-        return json.dumps({"grammar": self.grammar, "max_tokens": self.max_tokens,
-                           "prompt": self.prompt, "messages": self.messages}, sort_keys=True)
+        return json.dumps({"grammar": self.grammar, "max_tokens": self.max_tokens, "prompt": self.prompt,
+                           "messages": self.messages, "top_logprobs": self.top_logprobs}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "GradingRequest":
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a response says about a room: its 1–5 grade, its label and, for a probability
+    method, the label distribution before and after calibration."""
+
+    grade: float
+    label: str
+    raw: Distribution | None = None
+    calibrated: Distribution | None = None
 
 
 @dataclass(frozen=True)
@@ -62,18 +86,50 @@ class Method:
     name: str
     description: str
     build: Callable[[Sequence[ChatMessage]], GradingRequest]
-    #: Answer (stripped, lower case) → grade 1–5.
+    #: Word method: answer (stripped, lower case) → grade 1–5.
     grades: dict[str, int] = field(default_factory=dict)
+    #: Probability method: the request for a transcript, and the answer word → label.
+    template: Callable[[str], GradingRequest] | None = None
+    words: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scores_probabilities(self) -> bool:
+        return self.template is not None
 
     def grade(self, text: str) -> int:
-        """The 1–5 grade an answer means; ``UnparseableAnswer`` if it means none."""
+        """The 1–5 grade a word answer means; ``UnparseableAnswer`` if it means none."""
         grade = self.grades.get(text.strip().lower())
         if grade is None:
             raise UnparseableAnswer(self.name, text)
         return grade
 
+    def content_free_requests(self) -> list[GradingRequest]:
+        """The requests whose answers measure the prompt's bias (``scoring.CONTENT_FREE`` as the chat)."""
+        if self.template is None:
+            return []
+        return [self.template(text) for text in scoring.CONTENT_FREE]
 
-def label_of_grade(grade: int) -> str:
+    def distribution(self, response: dict[str, Any]) -> Distribution:
+        """The uncalibrated label probabilities of a response's first token."""
+        return scoring.label_probabilities(scoring.first_alternatives(response, self.name), self.words)
+
+    def read(self, response: dict[str, Any], prior: Distribution | None = None) -> Reading:
+        """The grade a done response gives; ``UnparseableAnswer`` if it gives none.
+
+        ``prior`` is the method's content-free distribution for the model that
+        answered (None: uncalibrated). A probability method's label is the
+        likeliest calibrated one; its grade the expected value.
+        """
+        if self.template is None:
+            grade = self.grade(str(response.get("text") or ""))
+            return Reading(grade, label_of_grade(grade))
+        raw = self.distribution(response)
+        calibrated = scoring.calibrate(raw, prior)
+        return Reading(scoring.expected_grade(calibrated), scoring.most_likely(calibrated),
+                       scoring.normalise(raw), calibrated)
+
+
+def label_of_grade(grade: float) -> str:
     """The sentiment a grade stands for: above 3 positive, below 3 negative."""
     return POSITIVE if grade > 3 else NEGATIVE if grade < 3 else NEUTRAL
 
@@ -114,9 +170,7 @@ def _examples(neutral_word: str) -> list[tuple[str, list[ChatMessage]]]:
 
 
 def _raw_fewshot(neutral_word: str) -> Callable[[Sequence[ChatMessage]], GradingRequest]:
-    head = f"Classify the sentiment of each chat as positive, negative or {neutral_word}.\n\n" + "".join(
-        f"Chat:\n{transcript(msgs)}\nSentiment: {label}\n\n" for label, msgs in _examples(neutral_word)
-    )
+    head = _fewshot_head(_examples(neutral_word), neutral_word)
 
     def build(messages: Sequence[ChatMessage]) -> GradingRequest:
         return GradingRequest(prompt=f"{head}Chat:\n{transcript(messages)}\nSentiment:",
@@ -153,10 +207,73 @@ def _chat_digit(messages: Sequence[ChatMessage]) -> GradingRequest:
                           grammar="root ::= [1-5]", max_tokens=2)
 
 
+def _more_examples(neutral_word: str) -> list[tuple[str, list[ChatMessage]]]:
+    """Six labelled chats (none from the labelled rooms): calm bad news, sarcasm and a
+    one-line room beside the plain ones, so those read as what they are; factual last."""
+    def chat(*lines: tuple[str, str]) -> list[ChatMessage]:
+        return [ChatMessage("0-0", nick, text) for nick, text in lines]
+
+    return [
+        (POSITIVE, chat(("kim", "I love this new game, it is so much fun!"), ("lou", "Me too, the graphics are great."))),
+        (NEGATIVE, chat(("kim", "The insurer wrote back. They will not cover the repair."),
+                        ("lou", "So we pay all of it ourselves."))),
+        (neutral_word, chat(("kim", "The library closes at six today."), ("lou", "Is it open tomorrow?"),
+                            ("mo", "Yes, from nine."))),
+        (NEGATIVE, chat(("kim", "Oh wonderful, the heating broke again. Just what I needed."),
+                        ("lou", "Lovely, another cold night."))),
+        (POSITIVE, chat(("kim", "Passed!"),)),
+        (neutral_word, chat(("kim", "The bus leaves at 7:40 from platform 2."), ("lou", "Thanks."))),
+    ]
+
+
+def _fewshot_head(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str) -> str:
+    return f"Classify the sentiment of each chat as positive, negative or {neutral_word}.\n\n" + "".join(
+        f"Chat:\n{transcript(msgs)}\nSentiment: {label}\n\n" for label, msgs in examples)
+
+
+def _prob_fewshot(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str
+                  ) -> Callable[[str], GradingRequest]:
+    head = _fewshot_head(examples, neutral_word)
+    grammar = _words_grammar((POSITIVE, NEGATIVE, neutral_word), space=True)
+
+    def template(chat: str) -> GradingRequest:
+        return GradingRequest(prompt=f"{head}Chat:\n{chat}\nSentiment:", grammar=grammar, max_tokens=1,
+                              top_logprobs=scoring.TOP_LOGPROBS)
+
+    return template
+
+
+def _prob_raw(chat: str) -> GradingRequest:
+    return GradingRequest(prompt=f"{chat}\n\nThe mood of this chat is", grammar=_words_grammar(LABELS, space=True),
+                          max_tokens=1, top_logprobs=scoring.TOP_LOGPROBS)
+
+
+def _prob_chat(chat: str) -> GradingRequest:
+    ask = "Grade the sentiment of this chat as positive, negative or neutral.\n\n"
+    return GradingRequest(messages=[{"role": "user", "content": ask + chat}],
+                          grammar=_words_grammar(LABELS, space=False), max_tokens=1,
+                          top_logprobs=scoring.TOP_LOGPROBS)
+
+
+def _probability(name: str, description: str, template: Callable[[str], GradingRequest],
+                 neutral_word: str = NEUTRAL) -> Method:
+    return Method(name, description, lambda messages: template(transcript(messages)), template=template,
+                  words={POSITIVE: POSITIVE, NEGATIVE: NEGATIVE, neutral_word: NEUTRAL})
+
+
 _WORD_GRADES = dict(GRADE_OF_LABEL)
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        _probability("prob-fewshot", "P(label) after the 3-example raw prompt, calibrated, expected grade",
+                     _prob_fewshot(_examples("factual"), "factual"), "factual"),
+        _probability("prob-fewshot-neutral", "as prob-fewshot with the word 'neutral'",
+                     _prob_fewshot(_examples(NEUTRAL), NEUTRAL)),
+        _probability("prob-fewshot6", "P(label) after a 6-example raw prompt (calm bad news, sarcasm), calibrated",
+                     _prob_fewshot(_more_examples("factual"), "factual"), "factual"),
+        _probability("prob-raw", "P(label) after the raw zero-shot 'The mood of this chat is', calibrated",
+                     _prob_raw),
+        _probability("prob-chat", "P(label) in a zero-shot chat-template answer, calibrated", _prob_chat),
         Method("fewshot", "raw prompt, 3 examples, grammar positive|negative|factual",
                _raw_fewshot("factual"), _WORD_GRADES | {"factual": 3}),
         Method("fewshot-neutral", "raw prompt, 3 examples, grammar positive|negative|neutral",
@@ -179,28 +296,15 @@ def method(name: str) -> Method:
     return METHODS[name]
 
 
-# --- the labelled sample ------------------------------------------------------------
+def shipped_prior(model: str, method_name: str) -> Distribution | None:
+    """The content-free label distribution measured for ``model`` and a probability method, if shipped.
 
-
-@dataclass(frozen=True)
-class LabelledRoom:
-    """One room of the labelled sample: its messages and the sentiment a person gave it."""
-
-    room: str
-    label: str
-    messages: tuple[ChatMessage, ...]
-
-
-def load_sample() -> list[LabelledRoom]:
-    """The labelled sample shipped with the package (``agent/data/sentiment.jsonl``)."""
-    text = resources.files("agent").joinpath("data/sentiment.jsonl").read_text(encoding="utf-8")
-    rooms = []
-    for line in text.splitlines():
-        if line.strip():
-            doc = json.loads(line)
-            messages = tuple(ChatMessage(f"{i}-0", m["nick"], m["text"]) for i, m in enumerate(doc["messages"]))
-            rooms.append(LabelledRoom(doc["room"], doc["label"], messages))
-    return rooms
+    It depends only on the model and the prompt, never on a room, so it is
+    measured once offline rather than paid for by the agent: its paid request
+    stays one per tick.
+    """
+    prior = CONTENT_FREE_PRIORS.get(model, {}).get(method_name)
+    return dict(prior) if prior else None
 
 
 def sample_path() -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agent.grading import DEFAULT_METHOD
 from llama_tasks.settings import DEFAULT_MODEL, DEFAULT_REDIS_URL, exit_on_invalid
 
 #: The queue the agent's Celery worker consumes by default.
@@ -37,7 +38,7 @@ class AgentSettings(BaseSettings):
     agent_interval_s: float = Field(30.0, gt=0, le=86400, description="Seconds between ticks (beat).")
     agent_queue: str = Field(AGENT_QUEUE, min_length=1, max_length=200,
                              description="Celery queue of the agent's tasks and responses.")
-    agent_method: str = Field("fewshot", min_length=1, description="Grading method (see `llamas agent accuracy`).")
+    agent_method: str = Field(DEFAULT_METHOD, min_length=1, description="Grading method (see `llamas agent accuracy`).")
     agent_model: str = Field(DEFAULT_MODEL, min_length=1, description="Model the agent asks for.")
     agent_fee: int | None = Field(None, ge=0, description="Absolute fee offered per request; overrides the multiplier.")
     agent_multiplier: float = Field(1.0, ge=1.0, le=1000.0, description="Offer as a multiple of the quote.")

@@ -6,11 +6,17 @@ and the herder returns the same job instead of taking a second payment. A
 tick ends exactly once — Buy, Skip or Error — by a conditional update; a
 duplicated response finds it ended and only counts as a duplicate.
 
-Schema: ``metadata.create_all`` on the agent's own database (idempotent).
+A probability grade also keeps its expected value and the label
+distribution before and after calibration (``agent_grades``, one row per
+graded tick, written in the transaction that ends the tick).
+
+Schema: ``metadata.create_all`` on the agent's own database (idempotent; the
+grades are their own table so a database made before them gains it).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -59,6 +65,18 @@ class Tick(AgentBase):
     finished_at: Mapped[float | None] = mapped_column(Float)
 
 
+class Grade(AgentBase):
+    """The probabilities behind a tick's grade (probability methods only)."""
+
+    __tablename__ = "agent_grades"
+
+    tick_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The exact 1–5 grade (an expected value); ``Tick.grade`` holds it rounded, as the agent decided on it.
+    expected: Mapped[float] = mapped_column(Float, nullable=False)
+    #: JSON ``{"raw": {label: p}, "calibrated": {label: p}}``.
+    probabilities: Mapped[str] = mapped_column(Text, nullable=False)
+
+
 @dataclass(frozen=True)
 class Summary:
     """The agent's outcomes so far, as ``llamas agent status`` shows them."""
@@ -72,6 +90,13 @@ class Summary:
     duplicates: int
     spent_on_orders: int
     bought: int
+    #: Ticks that got a grade (Buy or Skip, or an order rejected after one).
+    graded: int = 0
+
+    @property
+    def cost_per_grade(self) -> int | None:
+        """Everything paid to the herder per grade received, rounded to the smallest unit."""
+        return (self.spend + self.graded // 2) // self.graded if self.graded else None
 
 
 class OutcomeStore:
@@ -127,7 +152,13 @@ class OutcomeStore:
                 in_flight=count(Tick.state.in_(OPEN_STATES)),
                 spend=total(Tick.charged), duplicates=total(Tick.duplicates),
                 spent_on_orders=total(Tick.spent), bought=total(Tick.received),
+                graded=count(Tick.grade.is_not(None)),
             )
+
+    def grade_of(self, tick_id: str) -> Grade | None:
+        """The probabilities behind a tick's grade, if a probability method graded it."""
+        with self.sessions() as session:
+            return session.get(Grade, tick_id)
 
     # --- writing ------------------------------------------------------------------
 
@@ -169,6 +200,10 @@ class OutcomeStore:
             ended = cast("CursorResult[Any]", session.execute(
                 update(Tick).where(Tick.id == tick_id, Tick.state.in_(OPEN_STATES)).values(**values)
                 .execution_options(synchronize_session=False))).rowcount
+            reading = verdict.reading
+            if ended and reading is not None and reading.calibrated is not None:
+                session.add(Grade(tick_id=tick_id, expected=float(reading.grade), probabilities=json.dumps(
+                    {"raw": reading.raw, "calibrated": reading.calibrated}, sort_keys=True)))
         return bool(ended)
 
     def note_duplicate(self, tick_id: str, charged: int | None) -> None:

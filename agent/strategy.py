@@ -7,12 +7,13 @@ tested directly (``tests/agent/test_strategy.py``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import UnparseableAnswer
 from agent.exchange import Order
-from agent.grading import Method
+from agent.grading import Method, Reading
+from agent.scoring import Distribution, whole_grade
 from agent.world import ChatMessage
 
 BUY, SKIP, ERROR = "buy", "skip", "error"
@@ -27,8 +28,19 @@ class Verdict:
     """What one Inference-Response means for the agent: buy, skip, or an error with its reason."""
 
     outcome: str
+    #: The whole 1–5 grade (a probability method's expected value, rounded: ``reading.grade`` is exact).
     grade: int | None = None
     reason: str = ""
+    #: What the response said, probabilities included (None for errors); not part of the verdict's identity.
+    reading: Reading | None = field(default=None, compare=False)
+
+
+def show_grade(verdict: Verdict) -> str:
+    """A verdict's grade as people read it: ``4``, or ``4 (expected 3.62)`` from a probability method."""
+    if verdict.grade is None:
+        return "-"
+    exact = verdict.reading.grade if verdict.reading is not None and verdict.reading.calibrated else None
+    return str(verdict.grade) + (f" (expected {exact:.2f})" if exact is not None else "")
 
 
 def reference_for(tick_id: str) -> str:
@@ -58,24 +70,29 @@ def why_not_grade(history: Sequence[ChatMessage], last_graded_id: str | None, in
     return None
 
 
-def decide(grade: int) -> Verdict:
+def decide(grade: int, reading: Reading | None = None) -> Verdict:
     """Buy above 3, otherwise skip."""
     if grade > BUY_ABOVE:
-        return Verdict(BUY, grade)
-    return Verdict(SKIP, grade, f"grade {grade} is not above {BUY_ABOVE}")
+        return Verdict(BUY, grade, reading=reading)
+    verdict = Verdict(SKIP, grade, "", reading)
+    return Verdict(SKIP, grade, f"grade {show_grade(verdict)} is not above {BUY_ABOVE}", reading)
 
 
-def judge(response: dict[str, Any], method: Method) -> Verdict:
-    """What an Inference-Response means: a failed job or an unreadable answer is an error."""
+def judge(response: dict[str, Any], method: Method, prior: Distribution | None = None) -> Verdict:
+    """What an Inference-Response means: a failed job or an unreadable answer is an error.
+
+    ``prior`` calibrates a probability method (``grading.shipped_prior``).
+    """
     status = response.get("status")
     if status != "done":
         error = response.get("error") or status
         message = response.get("message") or ""
         return Verdict(ERROR, None, f"job {status}: {error}: {message}".rstrip(": "))
     try:
-        return decide(method.grade(str(response.get("text") or "")))
+        reading = method.read(response, prior)
     except UnparseableAnswer as exc:
         return Verdict(ERROR, None, str(exc))
+    return decide(whole_grade(reading.grade), reading)
 
 
 def order_for(reference: str, account: str, quantity: int, trade: str, quote: str) -> Order:

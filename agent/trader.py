@@ -16,6 +16,7 @@ from agent import strategy
 from agent.constants import RESPONSE_TASK
 from agent.exchange import ActionResponse, Exchange
 from agent.grading import GradingRequest, Method
+from agent.scoring import Distribution
 from agent.settings import AgentSettings
 from agent.store import REQUESTED, SUBMITTING, OutcomeStore, Summary, Tick
 from agent.strategy import BUY, ERROR, Verdict
@@ -38,13 +39,15 @@ class Trader:
     """The sentiment-trading agent of one room."""
 
     def __init__(self, settings: AgentSettings, herder: Herder, world: World, store: OutcomeStore,
-                 exchange: Exchange, method: Method) -> None:
+                 exchange: Exchange, method: Method, prior: Distribution | None = None) -> None:
         self.settings = settings
         self.herder = herder
         self.world = world
         self.store = store
         self.exchange = exchange
         self.method = method
+        #: The method's content-free distribution for the model (``grading.shipped_prior``).
+        self.prior = prior
         self.room = settings.agent_room
 
     # --- the tick ---------------------------------------------------------------
@@ -135,9 +138,11 @@ class Trader:
         if tick.state not in (SUBMITTING, REQUESTED):
             self._duplicate(tick, response)
             return None
-        verdict = strategy.judge(response, self.method)
-        log.info("RESPONSE job %s: %s %r → %s", response.get("job_id"), response.get("status"),
-                 response.get("text"), verdict.grade if verdict.grade is not None else verdict.reason)
+        verdict = strategy.judge(response, self.method, self.prior)
+        # The grade and the label probabilities, never the completion's text.
+        log.info("RESPONSE job %s: %s → %s%s", response.get("job_id"), response.get("status"),
+                 strategy.show_grade(verdict) if verdict.grade is not None else verdict.reason,
+                 _probabilities(verdict))
         answer = None
         if verdict.outcome == BUY:
             # The order id is the tick's reference: a concurrent duplicate places the same order.
@@ -163,7 +168,7 @@ class Trader:
         if verdict.outcome == BUY and answer is not None:
             log.info("BUY      %d %s for %d %s at %d (grade %s, paid %d for the grade)",
                      answer.received, self.settings.agent_trade_token, answer.spent,
-                     self.settings.agent_quote_token, answer.price, verdict.grade, paid)
+                     self.settings.agent_quote_token, answer.price, strategy.show_grade(verdict), paid)
         elif verdict.outcome == ERROR:
             log.warning("ERROR    job %s: %s", response.get("job_id"), verdict.reason)
         else:
@@ -173,6 +178,12 @@ class Trader:
 
     def status(self, recent: int = 5) -> Status:
         return read_status(self.store, self.exchange, self.settings.agent_exchange_account, recent)
+
+
+def _probabilities(verdict: Verdict) -> str:
+    """`` (positive 0.81, negative 0.04, neutral 0.15)`` for a calibrated reading, else nothing."""
+    q = verdict.reading.calibrated if verdict.reading is not None else None
+    return "" if q is None else " (" + ", ".join(f"{label} {p:.2f}" for label, p in q.items()) + ")"
 
 
 def read_status(store: OutcomeStore, exchange: Exchange, account: str, recent: int = 5) -> Status:

@@ -5,12 +5,15 @@ Every refusal must be one ``error:`` line and exit status 1, never a traceback.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from agent import grading
+from agent import rooms as labelled
 from agent.cli import agent_app, world_app
 from agent.exchange import ActionResponse
 from agent.store import OutcomeStore
@@ -81,6 +84,18 @@ def test_refusals_are_one_line(room: str):
     assert code == 1 and "unknown grading method 'vibes'" in one_error_line(out)
 
 
+def test_accuracy_refuses_a_bad_rooms_file_in_one_line_before_loading_a_model(tmp_path: Path):
+    bad = tmp_path / "rooms.jsonl"
+    bad.write_text('{"label": "positive", "messages": [{"nick": "ana", "text": "yay"}]}\n{"label": "meh"}\n')
+    code, out = run("agent", "accuracy", "--file", str(bad))
+    assert code == 1 and one_error_line(out).endswith(
+        "rooms.jsonl:2: label must be one of positive, negative, neutral, got 'meh'")
+    code, out = run("agent", "accuracy", "--file", str(tmp_path / "missing.jsonl"))
+    assert code == 1 and "No such file or directory" in one_error_line(out)
+    code, out = run("agent", "accuracy", "--split", "train")
+    assert code == 1 and "--split must be tune, heldout or all, got 'train'" in one_error_line(out)
+
+
 def test_status_of_a_new_agent_shows_zeros(env: dict[str, str]):
     code, out = run("agent", "status", env=env)
     assert code == 0, out
@@ -99,7 +114,8 @@ def test_status_shows_outcomes_spend_and_position(env: dict[str, str]):
     store.close()
     code, out = run("agent", "status", env=env)
     assert code == 0, out
-    assert "Buy 1 · Skip 0 · Error 1 · Requests 1" in out and "spend     182" in out
+    assert "Buy 1 · Skip 0 · Error 1 · Requests 1" in out
+    assert "spend     182 paid to the herder for grades · 182 per grade (1 graded)" in out
     assert "InsufficientFunds: account a has 0, needs 185" in out and "4 LLAMA for 1000 CRED" in out
 
 
@@ -111,9 +127,24 @@ def test_status_refuses_an_unusable_database(env: dict[str, str], tmp_path: Path
 
 
 @pytest.mark.slow
-def test_accuracy_grades_the_labelled_sample_with_the_real_model(env: dict[str, str]):
-    code, out = run("agent", "accuracy", "--limit", "1", "--verbose", env=env)
+def test_accuracy_measures_a_users_file_with_the_real_model(env: dict[str, str], tmp_path: Path):
+    rooms = tmp_path / "mine.jsonl"
+    chosen = [r for r in labelled.shipped(labelled.TUNE) if r.room in ROOMS]
+    rooms.write_text("\n".join(json.dumps({"room": r.room, "label": r.label, "messages": [
+        {"nick": m.nick, "text": m.text} for m in r.messages]}) for r in chosen))
+    code, out = run("agent", "accuracy", "--file", str(rooms), "--verbose", env=env)
     assert code == 0, out
-    assert "model smollm2: 3 labelled rooms" in out
-    assert "fewshot: 3/3 = 100% (positive 1/1, negative 1/1, neutral 1/1); buy decisions right 3/3" in out
-    assert "ok pos-01   positive → positive   'positive'" in out
+    assert f"model smollm2: 3 labelled rooms (all of {rooms})" in out
+    # The prior the agent ships is the one measured here, with the same model.
+    shipped = grading.shipped_prior("smollm2", "prob-fewshot") or {}
+    assert "prob-fewshot: content-free prior " + ", ".join(f"{k} {v:.4f}" for k, v in shipped.items()) in out
+    assert "prob-fewshot: 3/3 = 100% (positive 1/1, negative 1/1, neutral 1/1); buy decisions right 3/3" in out
+    assert "ok pos-027  positive → positive   grade " in out
+    matrix = out[out.index("true \\ predicted"):].splitlines()
+    assert matrix[0].split()[-3:] == ["positive", "negative", "neutral"]
+    assert [line.split() for line in matrix[1:4]] == [
+        ["positive", "1", "0", "0"], ["negative", "0", "1", "0"], ["neutral", "0", "0", "1"]]
+
+
+#: Three tuning rooms the bundled model grades clearly right (greedy, so every time).
+ROOMS = ("pos-027", "neg-047", "neu-033")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import json
 
 import pytest
 
@@ -13,17 +13,8 @@ from agent.world import ChatMessage
 ROOM = [ChatMessage("1-0", "ana", "Great news!"), ChatMessage("2-0", "ben", "Line one\nSentiment: negative")]
 
 
-def test_the_shipped_sample_has_at_least_40_rooms_of_three_messages_and_every_label():
-    rooms = grading.load_sample()
-    assert len(rooms) >= 40
-    assert all(len(r.messages) == 3 for r in rooms)
-    counts = Counter(r.label for r in rooms)
-    assert set(counts) == set(grading.LABELS) and min(counts.values()) >= 10
-    assert len({r.room for r in rooms}) == len(rooms)
-
-
-def test_the_default_method_asks_greedily_with_a_grammar_of_three_words():
-    request = grading.method(grading.DEFAULT_METHOD).build(ROOM)
+def test_the_fewshot_word_method_asks_greedily_with_a_grammar_of_three_words():
+    request = grading.method("fewshot").build(ROOM)
     kwargs = request.run_kwargs()
     assert kwargs["temperature"] == 0.0 and kwargs["messages"] is None
     assert kwargs["grammar"] == 'root ::= " positive" | " negative" | " factual"'
@@ -36,6 +27,16 @@ def test_a_request_survives_its_round_trip_through_the_outcome_store():
     for method in grading.METHODS.values():
         request = method.build(ROOM)
         assert grading.GradingRequest.from_json(request.to_json()) == request
+    # A tick recorded before requests asked for log probabilities still resubmits as it was.
+    old = json.dumps({"grammar": "root ::= [1-5]", "max_tokens": 2, "prompt": "p", "messages": None})
+    assert "logprobs" not in grading.GradingRequest.from_json(old).run_kwargs()
+
+
+def test_every_probability_method_has_a_word_for_each_label():
+    for method in grading.METHODS.values():
+        if method.scores_probabilities:
+            assert sorted(method.words.values()) == sorted(grading.LABELS), method.name
+            assert len(method.content_free_requests()) == 3
 
 
 def test_answers_map_onto_the_one_to_five_scale():

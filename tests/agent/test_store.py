@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from agent.exchange import ActionResponse
+from agent.grading import Reading
 from agent.store import REQUESTED, SUBMITTING, OutcomeStore
 from agent.strategy import BUY, ERROR, SKIP, Verdict
 
@@ -63,3 +66,30 @@ def test_a_late_response_keeps_its_charge_on_a_tick_that_timed_out(store: Outcom
     tick = store.get("t1")
     assert (tick.state, tick.reason, tick.charged) == (ERROR, "no response within 900s", 150)
     assert store.summary().spend == 150
+
+
+def test_a_probability_grade_is_kept_exactly_beside_its_whole_number(store: OutcomeStore):
+    reading = Reading(3.62, "positive", {"positive": 0.5, "negative": 0.2, "neutral": 0.3},
+                      {"positive": 0.56, "negative": 0.25, "neutral": 0.19})
+    begin(store, "t1")
+    store.requested("t1", "job1", 160)
+    assert store.finish("t1", Verdict(BUY, 4, reading=reading), 101.0, {"job_id": "job1", "charged": 151},
+                        ActionResponse("agent:t1", "filled", "", 250, 1_000, 4))
+    assert not store.finish("t1", Verdict(SKIP, 3, reading=reading), 102.0)  # a duplicate adds no second grade
+    assert store.get("t1").grade == 4
+    grade = store.grade_of("t1")
+    assert grade is not None and grade.expected == 3.62
+    assert json.loads(grade.probabilities) == {"raw": reading.raw, "calibrated": reading.calibrated}
+    assert store.grade_of("nope") is None
+
+
+def test_cost_per_grade_is_everything_paid_over_the_grades_received(store: OutcomeStore):
+    assert store.summary().cost_per_grade is None
+    for i, (verdict, charged) in enumerate([(Verdict(SKIP, 2), 150), (Verdict(SKIP, 1), 151),
+                                            (Verdict(ERROR, None, "unreadable"), 150)]):
+        begin(store, f"t{i}", newest=f"{i}-0", now=100.0 + i)
+        store.requested(f"t{i}", f"job{i}", 160)
+        store.finish(f"t{i}", verdict, 110.0, {"job_id": f"job{i}", "charged": charged})
+    s = store.summary()
+    # 451 paid for two grades: an unreadable answer is paid for too.
+    assert (s.spend, s.graded, s.cost_per_grade) == (451, 2, 226)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
 from agent import grading, strategy
 from agent.strategy import BUY, ERROR, SKIP
 from agent.world import ChatMessage
@@ -60,3 +64,26 @@ def test_a_refusal_reads_as_its_type_and_message():
 
     reason = strategy.refusal_reason(InsufficientFunds("acct-1", 0, 155))
     assert reason == "InsufficientFunds: account acct-1 has 0, needs 155"
+
+
+def test_a_probability_response_buys_above_three_and_keeps_its_reading():
+    method = grading.method("prob-fewshot")
+
+    def probs(pos: float, neg: float, neu: float) -> dict[str, object]:
+        top = [{"token": " positive", "logprob": math.log(pos)}, {"token": " negative", "logprob": math.log(neg)},
+               {"token": " factual", "logprob": math.log(neu)}]
+        return done(" positive", choices=[{"text": " positive", "logprobs": [top[0] | {"top_logprobs": top}]}])
+
+    bought = strategy.judge(probs(0.5, 0.1, 0.4), method)
+    assert (bought.outcome, bought.grade) == (BUY, 4)
+    assert bought.reading is not None and bought.reading.grade == pytest.approx(3.8)
+    assert bought.reading.calibrated == pytest.approx({"positive": 0.5, "negative": 0.1, "neutral": 0.4})
+    # Above 3 in expectation, but not by half a grade: a calm room leaning positive is not a buy.
+    calm = strategy.judge(probs(0.3, 0.2, 0.5), method)
+    assert (calm.outcome, calm.grade, calm.reason) == (SKIP, 3, "grade 3 (expected 3.20) is not above 3")
+    skipped = strategy.judge(probs(0.1, 0.7, 0.2), method)
+    assert (skipped.outcome, skipped.grade) == (SKIP, 2)
+    # Calibration can turn the same answer around: this prompt alone says "positive" 80% of the time.
+    prior = {"positive": 0.8, "negative": 0.1, "neutral": 0.1}
+    assert strategy.judge(probs(0.5, 0.1, 0.4), method, prior).outcome == SKIP
+    assert strategy.judge(done(" positive"), method).outcome == ERROR

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -139,7 +139,6 @@ class HerdMemory:
 
     r: redis.Redis
     forget_after_s: float = FORGET_DEAD_S
-    _written: dict[str, float] = field(default_factory=dict)
 
     def observe(self, herd: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
         """Every live worker and every remembered dead one, each marked ``alive`` with ``last_seen``."""

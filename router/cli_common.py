@@ -1,12 +1,14 @@
-"""What the ``llamas`` command groups share: their consoles, one-line refusals and a ledger transaction."""
+"""What the ``llamas`` command groups share: consoles, one-line refusals, a ledger transaction, reading a key."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,6 +16,8 @@ from sqlalchemy.orm import Session
 
 from llama_tasks.errors import LlamasError
 from router.db import make_engine, make_sessionmaker, upgrade
+from router.errors import InvalidPublicKey
+from router.operators import parse_public_key
 from router.settings import get_settings
 
 out = Console()
@@ -44,3 +48,20 @@ def ledger_session() -> Iterator[Session]:
         # The driver's own message, without SQLAlchemy's statement dump.
         cause = getattr(exc, "orig", None) or exc
         fail(f"ledger database: {str(cause).strip().splitlines()[0]}")
+
+
+def read_public_key(given: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from a file holding one (base64 or PEM), or given inline as base64."""
+    path = Path(given).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long to be a path is base64 text, or nothing
+        is_file = False
+    try:
+        text = path.read_text() if is_file else given
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read the public key file {path}: {type(exc).__name__}")
+    try:
+        return parse_public_key(text)
+    except InvalidPublicKey as exc:
+        fail(f"{exc} (in {path})" if is_file else f"{exc}, and no file {given!r} exists")

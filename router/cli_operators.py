@@ -6,41 +6,22 @@ turns every refusal into one red line and exit status 1 (as ``llamas accounts``)
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import typer
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.markup import escape
 from rich.table import Table
 
 from llama_tasks import signing
 from llama_tasks.settings import operator_key_path
 from router import operators
-from router.cli_common import err, fail, ledger_session, out
-from router.errors import InvalidPublicKey
+from router.cli_common import err, fail, ledger_session, out, read_public_key
 from router.settings import get_settings
 
 operators_app = typer.Typer(
     help="Operators: accounts that run workers and earn a share of each job they serve.",
     no_args_is_help=True,
 )
-
-
-def _read_public_key(given: str) -> Ed25519PublicKey:
-    """A public key from a file holding one (base64 or PEM), or given inline as base64."""
-    path = Path(given).expanduser()
-    try:
-        is_file = path.is_file()
-    except OSError:  # a name too long to be a path is base64 text, or nothing
-        is_file = False
-    try:
-        text = path.read_text() if is_file else given
-    except (OSError, UnicodeDecodeError) as exc:
-        fail(f"cannot read the public key file {path}: {type(exc).__name__}")
-    try:
-        return operators.parse_public_key(text)
-    except InvalidPublicKey as exc:
-        fail(f"{exc} (in {path})" if is_file else f"{exc}, and no file {given!r} exists")
 
 
 @operators_app.command("add")
@@ -60,7 +41,7 @@ def add(
         key = private.public_key()
         key_file = operator_key_path(get_settings().home, name)
     else:
-        key = _read_public_key(public_key)
+        key = read_public_key(public_key)
     with ledger_session() as session:
         _, api_key = operators.register(session, name, key)
         if private is not None:

@@ -8,7 +8,6 @@ refusal is one red line and exit status 1.
 
 from __future__ import annotations
 
-import binascii
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from rich.markup import escape
 from llama_tasks import signing
 from llama_tasks.errors import LlamasError
 from router import receipts
-from router.cli_common import err, fail
+from router.cli_common import err, fail, read_public_key
 from router.settings import get_settings
 
 receipts_app = typer.Typer(help="Signed receipts of your ended jobs: fetch one, verify one offline.",
@@ -65,24 +64,14 @@ def get(
 
 
 def _public_key(given: str | None) -> Ed25519PublicKey:
-    """The key to check against: a file holding the base64 key, the base64 key itself, or the home's ``herder.pub``."""
-    problem = "--public-key is neither a file holding a base64 Ed25519 public key nor such a key"
+    """The key to check against: ``--public-key`` (a file or the key itself), or the home's ``herder.pub``."""
     if given is None:
         pub_file = get_settings().public_key_file
         if not pub_file.is_file():
             fail(f"no herder public key at {pub_file}: pass --public-key FILE_OR_BASE64 "
-                  "(`llamas keys show` on the herder prints it)")
-        given, problem = str(pub_file), f"{pub_file} does not hold a base64 Ed25519 public key"
-    try:
-        path = Path(given)
-        text = path.read_text() if path.is_file() else given
-    except (OSError, ValueError):
-        # Too long or odd for a file name: it can only be the key itself.
-        text = given
-    try:
-        return signing.decode_public(text)
-    except (ValueError, binascii.Error):
-        fail(problem)
+                 "(`llamas keys show` on the herder prints it)")
+        given = str(pub_file)
+    return read_public_key(given)
 
 
 def _read(file: str) -> Any:

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install browser screenshots run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
+.PHONY: help install llama-cpp browser screenshots run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
 
 help:
 	@echo "make run     bring the service up on embedded defaults and answer a paid request"
@@ -37,6 +37,19 @@ INSTALL_PROGRESS = awk '\
   /^Successfully installed/ { print "    installed " (NF - 2) " packages"; fflush(); next } \
   /^ERROR|error:|FAILED:|CMake Error/ { print; fflush() }'
 
+# llama.cpp's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat, at the first
+# token) on some Sapphire Rapids-class x86 machines whose CPU reports AMX: llama.cpp
+# issue 20824, fix proposed in its pull request 26954. The native build would
+# compile them in wherever the CPU has AMX, so on x86_64 they are left out; the
+# AVX-512/AVX2 kernels remain. A CMAKE_ARGS of your own (environment or command
+# line) comes after these, so it wins.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+endif
+override CMAKE_ARGS := $(strip $(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS))
+export CMAKE_ARGS
+
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "==> installing llamas and its dependencies (a first install compiles llama.cpp: ~5 min; log: $(VENV)/install.log)"
 	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v -e '.[test]' 2>&1 | tee $(VENV)/install.log \
@@ -48,6 +61,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Rebuild the installed llama-cpp-python version with other build options,
+# e.g. for NVIDIA GPUs: make llama-cpp CMAKE_ARGS=-DGGML_CUDA=on
+llama-cpp: $(STAMP)
+	@version=$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))'); \
+	echo "==> rebuilding llama-cpp-python $$version with CMAKE_ARGS=$$CMAKE_ARGS (~5 min; log: $(VENV)/install.log)"; \
+	CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(BIN)/pip install -v --force-reinstall --no-cache-dir --no-deps \
+	  "llama-cpp-python==$$version" 2>&1 | tee $(VENV)/install.log | $(INSTALL_PROGRESS) \
+	  || { echo "build failed; the last lines of $(VENV)/install.log:"; tail -40 $(VENV)/install.log; exit 1; }
 
 run: $(STAMP)
 	$(BIN)/llamas up

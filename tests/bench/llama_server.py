@@ -5,7 +5,7 @@ binary exists and prints its path. It downloads the sdist of the *installed*
 llama-cpp-python version from the package index, extracts its
 ``vendor/llama.cpp``, and cmake-builds only the ``llama-server`` target: CPU,
 Release, static, no web UI, no network at build time, the same ggml defaults
-as llama-cpp-python's own build (``GGML_NATIVE``, OpenMP). So the peer runs
+as llama-cpp-python's own build (``GGML_NATIVE``, OpenMP, and ``CMAKE_ARGS``). So the peer runs
 exactly the kernels our worker runs, and only the serving layer differs.
 
 The binary is cached in the virtualenv, keyed by that version:
@@ -21,6 +21,7 @@ import fcntl
 import importlib.metadata
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,7 +145,9 @@ def build(source: Path, build_dir: Path, log_path: Path, jobs: int | None) -> Pa
     """Configure and build the one target; returns the built binary."""
     generator = ["-G", "Ninja"] if shutil.which("ninja", path=_tool_path()) else []
     configure = ["cmake", "-S", str(source), "-B", str(build_dir), *generator,
-                 *(f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items())]
+                 *(f"-D{k}={v}" for k, v in CMAKE_OPTIONS.items()),
+                 # The flags llama-cpp-python was built with (the Makefile leaves AMX out on x86_64).
+                 *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
     jobs = jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or 0) or os.cpu_count() or 1
     compile_ = ["cmake", "--build", str(build_dir), "--target", TARGET, "--parallel", str(jobs)]
     with open(log_path, "w") as out:

@@ -11,18 +11,18 @@ the service. A buy decision is right when the agent would buy (grade above
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
 
-from agent import scoring
+from agent import fitting, scoring
 from agent.errors import UnparseableAnswer
 from agent.grading import GradingRequest, Method, Reading
 from agent.rooms import LABELS, LabelledRoom
-from agent.scoring import POSITIVE, Distribution, whole_grade
+from agent.scoring import POSITIVE, Affine, Calibration, Distribution, whole_grade
 from agent.strategy import BUY_ABOVE
 from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine
@@ -125,15 +125,36 @@ def measure_prior(method: Method, answer: Answer) -> Distribution | None:
     return scoring.content_free_prior([method.distribution(answer(r)) for r in method.content_free_requests()])
 
 
-def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Answer, prior: Distribution | None = None,
-             on_room: Callable[[LabelledRoom, str, Reading | None], None] | None = None) -> Report:
-    """Grade every room with ``method`` (calibrated by ``prior``), getting each response from ``answer``."""
+def samples(method: Method, rooms: Sequence[LabelledRoom], answer: Answer) -> list[tuple[Distribution, str]]:
+    """Each room's uncalibrated label distribution under ``method``, with its true label: what a map is fitted on."""
+    return [(method.distribution(answer(method.build(room.messages))), room.label) for room in rooms]
+
+
+def refit(method: Method, tune: Sequence[LabelledRoom], answer: Answer) -> tuple[Affine, dict[str, Affine]]:
+    """An ``Affine`` calibration fitted on ``tune``, and for each of those rooms the one fitted without it.
+
+    Grading a tuning room with the map fitted on all of them would be
+    in-sample; leave-one-out is the honest figure on the half the map came from.
+    """
+    labelled = samples(method, tune, answer)
+    return (fitting.fit(labelled, LABELS),
+            dict(zip((room.room for room in tune), fitting.leave_one_out(labelled, LABELS))))
+
+
+def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Answer, calibration: Calibration = None,
+             on_room: Callable[[LabelledRoom, str, Reading | None], None] | None = None,
+             held_out_of: Mapping[str, Affine] | None = None) -> Report:
+    """Grade every room with ``method`` (calibrated by ``calibration``), getting each response from ``answer``.
+
+    A room in ``held_out_of`` is graded with its map instead: the one fitted without it.
+    """
     report = Report(method.name)
     for room in rooms:
         response = answer(method.build(room.messages))
         reading: Reading | None
+        own = (held_out_of or {}).get(room.room, calibration)
         try:
-            reading = method.read(response, prior)
+            reading = method.read(response, own)
         except UnparseableAnswer:
             reading = None
         predicted = reading.label if reading is not None else UNREADABLE

@@ -23,7 +23,7 @@ from agent.chatbot import ChatBot
 from agent.constants import CHAT_POLL_TASK, CHAT_RESPONSE_TASK, RESPONSE_TASK, TICK_TASK
 from agent.errors import AgentError
 from agent.exchange import open_paper as open_exchange
-from agent.grading import method, shipped_prior
+from agent.grading import method, shipped_calibration
 from agent.settings import AgentSettings, get_settings
 from agent.store import OutcomeStore
 from agent.strategy import refusal_reason
@@ -70,7 +70,7 @@ def build(settings: AgentSettings) -> Context:
     herder = Herder(settings.agent_api_key, redis_url=settings.redis_url)
     grading = method(settings.agent_method)
     trader = Trader(settings, herder, World(r), OutcomeStore.open(settings.database_url),
-                    open_exchange(settings), grading, shipped_prior(settings.agent_model, grading.name))
+                    open_exchange(settings), grading, shipped_calibration(settings.agent_model, grading.name))
     chatbot = ChatBot(settings, herder, r) if settings.agent_chat_room else None
     return Context(trader, chatbot)
 
@@ -106,9 +106,9 @@ def _check_before_fork(sender: Any = None, **_: Any) -> None:
         print(f"llamas agent refuses to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     grading = method(_settings.agent_method)
-    if grading.scores_probabilities and shipped_prior(_settings.agent_model, grading.name) is None:
-        log.warning("agent: no content-free calibration for model %s and method %s; grading uncalibrated "
-                    "(measure it with llamas agent accuracy)", _settings.agent_model, grading.name)
+    if grading.scores_probabilities and shipped_calibration(_settings.agent_model, grading.name) is None:
+        log.warning("agent: no calibration for model %s and method %s; grading uncalibrated "
+                    "(measure it with llamas agent accuracy --refit)", _settings.agent_model, grading.name)
     chat = _settings.agent_chat_room
     log.info("agent: room %s every %ss, method %s, queue %s%s", _settings.agent_room, _settings.agent_interval_s,
              _settings.agent_method, _settings.agent_queue,

@@ -174,6 +174,9 @@ def accuracy(
                               help="tune, heldout or all (default: heldout of the shipped rooms; all of --file)."),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N rooms of each label (0 = all)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every room's answer."),
+    refit: bool = typer.Option(False, "--refit",
+                               help="Fit each probability method's calibration on the tuning half of the shipped "
+                                    "rooms first, print it and grade with it (tuning rooms leave-one-out)."),
 ) -> None:
     """Grade labelled rooms with the real model (in process): accuracy, buy decisions, confusion matrix."""
     from agent import accuracy as acc
@@ -199,15 +202,28 @@ def accuracy(
         local = acc.load_model(settings.models_file, settings.agent_model)
         try:
             for m in methods:
-                _measure(acc, local, m, rooms, verbose)
+                _measure(acc, local, m, rooms, verbose, labelled.shipped(labelled.TUNE) if refit else None,
+                         0 if file is not None else sum(r.split == labelled.TUNE for r in rooms))
         finally:
             local.close()
 
 
-def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], verbose: bool) -> None:
-    """Measure one method on ``rooms`` and print its summary and confusion matrix."""
+def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], verbose: bool,
+             tune: Optional[list[Any]], tuning_rooms: int) -> None:
+    """Measure one method on ``rooms`` and print its summary and confusion matrix.
+
+    A probability method is calibrated as the agent would calibrate it: with
+    its shipped fitted map, else with its content-free prior measured here.
+    With ``tune``, a map is fitted on those rooms instead. ``tuning_rooms``:
+    how many of ``rooms`` the shipped map was fitted on.
+    """
+    answers: dict[str, dict[str, Any]] = {}
+
     def answer(request: grading.GradingRequest) -> dict[str, Any]:
-        return acc.generate(local, request)
+        key = request.to_json()  # a tuning room graded again after the fit costs nothing
+        if key not in answers:
+            answers[key] = acc.generate(local, request)
+        return answers[key]
 
     def show(room: Any, text: str, reading: Optional[grading.Reading]) -> None:
         predicted = reading.label if reading is not None else acc.UNREADABLE
@@ -216,10 +232,21 @@ def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], ver
         _out.print(f"  {mark} {escape(room.room):8} {room.label:8} → {predicted:10} {grade}{escape(repr(text.strip()))}")
 
     prior = acc.measure_prior(method, answer)
+    calibration: Any = prior
+    held_out_of = None
     if prior is not None:
         _out.print(f"{method.name}: content-free prior "
                    + ", ".join(f"{label} {p:.4f}" for label, p in prior.items()))
-    report = acc.evaluate(method, rooms, answer, prior, show if verbose else None)
+        shipped = grading.shipped_affine(local.name, method.name)
+        if tune is not None:
+            calibration, held_out_of = acc.refit(method, tune, answer)
+            _out.print(f"{method.name}: calibration fitted on {len(tune)} tuning rooms: "
+                       f"weights {list(map(list, calibration.weights))}, bias {list(calibration.bias)}")
+        elif shipped is not None:
+            calibration = shipped
+            _out.print(f"{method.name}: the shipped calibration fitted on the tuning half"
+                       + (f" ({tuning_rooms} of these rooms are from it: in-sample)" if tuning_rooms else ""))
+    report = acc.evaluate(method, rooms, answer, calibration, show if verbose else None, held_out_of)
     _out.print(f"{escape(report.summary())}  [dim]{escape(method.description)}[/dim]")
     for line in report.matrix():
         _out.print(f"  {escape(line)}")

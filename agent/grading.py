@@ -24,9 +24,9 @@ from importlib import resources
 from typing import Any
 
 from agent import scoring
-from agent.calibration import CONTENT_FREE_PRIORS
+from agent.calibration import CONTENT_FREE_PRIORS, FITTED
 from agent.errors import UnknownMethod, UnparseableAnswer
-from agent.scoring import NEGATIVE, NEUTRAL, POSITIVE, Distribution
+from agent.scoring import NEGATIVE, NEUTRAL, POSITIVE, Affine, Calibration, Distribution
 from agent.world import ChatMessage
 
 LABELS = (POSITIVE, NEGATIVE, NEUTRAL)
@@ -36,7 +36,7 @@ GRADE_OF_LABEL = {POSITIVE: 4, NEUTRAL: 3, NEGATIVE: 2}
 #: still fit the context window beside the examples.
 MAX_MESSAGE_CHARS = 300
 #: Name of the method the agent uses unless configured otherwise (chosen on the tuning half).
-DEFAULT_METHOD = "prob-fewshot"
+DEFAULT_METHOD = "prob-news"
 
 
 @dataclass(frozen=True)
@@ -113,18 +113,19 @@ class Method:
         """The uncalibrated label probabilities of a response's first token."""
         return scoring.label_probabilities(scoring.first_alternatives(response, self.name), self.words)
 
-    def read(self, response: dict[str, Any], prior: Distribution | None = None) -> Reading:
+    def read(self, response: dict[str, Any], calibration: Calibration = None) -> Reading:
         """The grade a done response gives; ``UnparseableAnswer`` if it gives none.
 
-        ``prior`` is the method's content-free distribution for the model that
-        answered (None: uncalibrated). A probability method's label is the
-        likeliest calibrated one; its grade the expected value.
+        ``calibration`` is the method's for the model that answered: its
+        content-free distribution, an ``Affine`` map, or None (uncalibrated).
+        A probability method's label is the likeliest calibrated one; its
+        grade the expected value.
         """
         if self.template is None:
             grade = self.grade(str(response.get("text") or ""))
             return Reading(grade, label_of_grade(grade))
         raw = self.distribution(response)
-        calibrated = scoring.calibrate(raw, prior)
+        calibrated = scoring.calibrate(raw, calibration)
         return Reading(scoring.expected_grade(calibrated), scoring.most_likely(calibrated),
                        scoring.normalise(raw), calibrated)
 
@@ -226,14 +227,21 @@ def _more_examples(neutral_word: str) -> list[tuple[str, list[ChatMessage]]]:
     ]
 
 
-def _fewshot_head(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str) -> str:
-    return f"Classify the sentiment of each chat as positive, negative or {neutral_word}.\n\n" + "".join(
-        f"Chat:\n{transcript(msgs)}\nSentiment: {label}\n\n" for label, msgs in examples)
+#: The default method's question: asking about news rather than "sentiment" (tried on the
+#: tuning half beside no instruction and the classification one) separates calm bad news best.
+NEWS_QUESTION = "Does each chat bring good news, bad news or no news?\n\n"
 
 
-def _prob_fewshot(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str
-                  ) -> Callable[[str], GradingRequest]:
-    head = _fewshot_head(examples, neutral_word)
+def _fewshot_head(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str,
+                  instruction: str | None = None) -> str:
+    if instruction is None:
+        instruction = f"Classify the sentiment of each chat as positive, negative or {neutral_word}.\n\n"
+    return instruction + "".join(f"Chat:\n{transcript(msgs)}\nSentiment: {label}\n\n" for label, msgs in examples)
+
+
+def _prob_fewshot(examples: list[tuple[str, list[ChatMessage]]], neutral_word: str,
+                  instruction: str | None = None) -> Callable[[str], GradingRequest]:
+    head = _fewshot_head(examples, neutral_word, instruction)
     grammar = _words_grammar((POSITIVE, NEGATIVE, neutral_word), space=True)
 
     def template(chat: str) -> GradingRequest:
@@ -265,6 +273,8 @@ _WORD_GRADES = dict(GRADE_OF_LABEL)
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
+        _probability("prob-news", "P(label) after the 3-example raw prompt asking about news, fitted calibration",
+                     _prob_fewshot(_examples("factual"), "factual", NEWS_QUESTION), "factual"),
         _probability("prob-fewshot", "P(label) after the 3-example raw prompt, calibrated, expected grade",
                      _prob_fewshot(_examples("factual"), "factual"), "factual"),
         _probability("prob-fewshot-neutral", "as prob-fewshot with the word 'neutral'",
@@ -305,6 +315,17 @@ def shipped_prior(model: str, method_name: str) -> Distribution | None:
     """
     prior = CONTENT_FREE_PRIORS.get(model, {}).get(method_name)
     return dict(prior) if prior else None
+
+
+def shipped_affine(model: str, method_name: str) -> Affine | None:
+    """The ``Affine`` calibration fitted for ``model`` and a probability method on the tuning half, if shipped."""
+    fitted = FITTED.get(model, {}).get(method_name)
+    return Affine(LABELS, *fitted) if fitted is not None else None
+
+
+def shipped_calibration(model: str, method_name: str) -> Calibration:
+    """How the agent calibrates ``method_name`` on ``model``: the fitted map, else the content-free prior, else None."""
+    return shipped_affine(model, method_name) or shipped_prior(model, method_name)
 
 
 def sample_path() -> str:

@@ -3,10 +3,12 @@
 A probability method asks for one token (``max_tokens=1``) with the
 likeliest alternatives of that first token. Each label is scored by the
 probability the model gives to the token(s) that start its word; the scores
-are calibrated for the prompt's own bias (contextual calibration, Zhao et al.
-2021, "Calibrate Before Use": divide by the label probabilities the same
-prompt gives for content-free inputs, then renormalise), and the calibrated
-distribution becomes a 1–5 grade as an expected value.
+are calibrated, and the calibrated distribution becomes a 1–5 grade as an
+expected value. Two calibrations: contextual (Zhao et al. 2021, "Calibrate
+Before Use": divide by the label probabilities the same prompt gives for
+content-free inputs, then renormalise), which needs no labels, and ``Affine``,
+the general form of the same map with its weights fitted on labelled rooms
+(``agent.fitting``), which the default method ships.
 
 Pure functions over plain numbers and the response documents the herder
 forwards, so the agent and the offline evaluation read probabilities the same
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import UnparseableAnswer
@@ -77,11 +80,46 @@ def content_free_prior(distributions: Sequence[Mapping[str, float]]) -> Distribu
     return {label: sum(d[label] for d in normalised) / len(normalised) for label in normalised[0]}
 
 
-def calibrate(p: Mapping[str, float], prior: Mapping[str, float] | None) -> Distribution:
-    """Contextual calibration: ``normalise(p / prior)`` (W = diag(prior)⁻¹, b = 0); no prior, just normalised."""
-    if prior is None:
+@dataclass(frozen=True)
+class Affine:
+    """Calibration fitted on labelled rooms: ``softmax(W · log p + b)`` over the labels.
+
+    Zhao et al. write contextual calibration as an affine map of the label
+    probabilities and note that with labelled examples W and b can be learned;
+    this learns them on log probabilities (multinomial logistic regression,
+    ``agent.fitting``), so a prompt's bias *and* how far apart the model keeps
+    the labels (SmolLM2 calls calm bad news "factual" with a probability only a
+    little below a negative's) are both corrected. ``weights[i][j]`` is the
+    weight of ``labels[i]``'s log probability for ``labels[j]``.
+    """
+
+    labels: tuple[str, ...]
+    weights: tuple[tuple[float, ...], ...]
+    bias: tuple[float, ...]
+
+    def apply(self, p: Mapping[str, float]) -> Distribution:
+        n = normalise(p)
+        logs = [math.log(max(n[label], FLOOR)) for label in self.labels]
+        z = [b + sum(x * row[j] for x, row in zip(logs, self.weights)) for j, b in enumerate(self.bias)]
+        top = max(z)
+        return normalise({label: math.exp(v - top) for label, v in zip(self.labels, z)})
+
+
+#: The smallest probability a log is taken of: a label the model gave no mass at all.
+FLOOR = 1e-12
+#: How a probability method's label distribution is calibrated: a content-free prior
+#: (contextual calibration), an ``Affine`` map fitted on labelled rooms, or not at all.
+Calibration = Mapping[str, float] | Affine | None
+
+
+def calibrate(p: Mapping[str, float], calibration: Calibration) -> Distribution:
+    """``p`` calibrated: by an ``Affine`` map, or by a content-free prior (``normalise(p / prior)``,
+    W = diag(prior)⁻¹, b = 0), or with None just normalised."""
+    if calibration is None:
         return normalise(p)
-    return normalise({label: v / prior[label] for label, v in normalise(p).items()})
+    if isinstance(calibration, Affine):
+        return calibration.apply(p)
+    return normalise({label: v / calibration[label] for label, v in normalise(p).items()})
 
 
 def expected_grade(q: Mapping[str, float]) -> float:

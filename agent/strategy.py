@@ -13,7 +13,7 @@ from typing import Any
 from agent.errors import UnparseableAnswer
 from agent.exchange import Order
 from agent.grading import Method, Reading
-from agent.scoring import Distribution, whole_grade
+from agent.scoring import Calibration, whole_grade
 from agent.world import ChatMessage
 
 BUY, SKIP, ERROR = "buy", "skip", "error"
@@ -78,10 +78,10 @@ def decide(grade: int, reading: Reading | None = None) -> Verdict:
     return Verdict(SKIP, grade, f"grade {show_grade(verdict)} is not above {BUY_ABOVE}", reading)
 
 
-def judge(response: dict[str, Any], method: Method, prior: Distribution | None = None) -> Verdict:
+def judge(response: dict[str, Any], method: Method, calibration: Calibration = None) -> Verdict:
     """What an Inference-Response means: a failed job or an unreadable answer is an error.
 
-    ``prior`` calibrates a probability method (``grading.shipped_prior``).
+    ``calibration`` calibrates a probability method (``grading.shipped_calibration``).
     """
     status = response.get("status")
     if status != "done":
@@ -89,7 +89,7 @@ def judge(response: dict[str, Any], method: Method, prior: Distribution | None =
         message = response.get("message") or ""
         return Verdict(ERROR, None, f"job {status}: {error}: {message}".rstrip(": "))
     try:
-        reading = method.read(response, prior)
+        reading = method.read(response, calibration)
     except UnparseableAnswer as exc:
         return Verdict(ERROR, None, str(exc))
     return decide(whole_grade(reading.grade), reading)

@@ -16,7 +16,7 @@ from agent import strategy
 from agent.constants import RESPONSE_TASK
 from agent.exchange import ActionResponse, Exchange
 from agent.grading import GradingRequest, Method
-from agent.scoring import Distribution
+from agent.scoring import Calibration
 from agent.settings import AgentSettings
 from agent.store import REQUESTED, SUBMITTING, OutcomeStore, Summary, Tick
 from agent.strategy import BUY, ERROR, Verdict
@@ -39,15 +39,15 @@ class Trader:
     """The sentiment-trading agent of one room."""
 
     def __init__(self, settings: AgentSettings, herder: Herder, world: World, store: OutcomeStore,
-                 exchange: Exchange, method: Method, prior: Distribution | None = None) -> None:
+                 exchange: Exchange, method: Method, calibration: Calibration = None) -> None:
         self.settings = settings
         self.herder = herder
         self.world = world
         self.store = store
         self.exchange = exchange
         self.method = method
-        #: The method's content-free distribution for the model (``grading.shipped_prior``).
-        self.prior = prior
+        #: The method's calibration for the model (``grading.shipped_calibration``).
+        self.calibration = calibration
         self.room = settings.agent_room
 
     # --- the tick ---------------------------------------------------------------
@@ -138,7 +138,7 @@ class Trader:
         if tick.state not in (SUBMITTING, REQUESTED):
             self._duplicate(tick, response)
             return None
-        verdict = strategy.judge(response, self.method, self.prior)
+        verdict = strategy.judge(response, self.method, self.calibration)
         # The grade and the label probabilities, never the completion's text.
         log.info("RESPONSE job %s: %s → %s%s", response.get("job_id"), response.get("status"),
                  strategy.show_grade(verdict) if verdict.grade is not None else verdict.reason,

@@ -6,6 +6,7 @@ Every refusal must be one ``error:`` line and exit status 1, never a traceback.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,24 +127,53 @@ def test_status_refuses_an_unusable_database(env: dict[str, str], tmp_path: Path
     assert code == 1 and one_error_line(out).startswith("error: ")
 
 
-@pytest.mark.slow
-def test_accuracy_measures_a_users_file_with_the_real_model(env: dict[str, str], tmp_path: Path):
+def _users_file(tmp_path: Path) -> Path:
     rooms = tmp_path / "mine.jsonl"
     chosen = [r for r in labelled.shipped(labelled.TUNE) if r.room in ROOMS]
     rooms.write_text("\n".join(json.dumps({"room": r.room, "label": r.label, "messages": [
         {"nick": m.nick, "text": m.text} for m in r.messages]}) for r in chosen))
+    return rooms
+
+
+@pytest.mark.slow
+def test_accuracy_measures_a_users_file_with_the_real_model(env: dict[str, str], tmp_path: Path):
+    rooms = _users_file(tmp_path)
     code, out = run("agent", "accuracy", "--file", str(rooms), "--verbose", env=env)
     assert code == 0, out
     assert f"model smollm2: 3 labelled rooms (all of {rooms})" in out
-    # The prior the agent ships is the one measured here, with the same model.
-    shipped = grading.shipped_prior("smollm2", "prob-fewshot") or {}
-    assert "prob-fewshot: content-free prior " + ", ".join(f"{k} {v:.4f}" for k, v in shipped.items()) in out
-    assert "prob-fewshot: 3/3 = 100% (positive 1/1, negative 1/1, neutral 1/1); buy decisions right 3/3" in out
+    # The agent's own method and calibration; a user's rooms are not the ones it was fitted on.
+    assert "prob-news: the shipped calibration fitted on the tuning half\n" in out
+    assert "prob-news: 3/3 = 100% (positive 1/1, negative 1/1, neutral 1/1); buy decisions right 3/3" in out
     assert "ok pos-027  positive → positive   grade " in out
     matrix = out[out.index("true \\ predicted"):].splitlines()
     assert matrix[0].split()[-3:] == ["positive", "negative", "neutral"]
     assert [line.split() for line in matrix[1:4]] == [
         ["positive", "1", "0", "0"], ["negative", "0", "1", "0"], ["neutral", "0", "0", "1"]]
+
+
+def _numbers(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"-?\d+\.\d+", line)]
+
+
+@pytest.mark.slow
+def test_the_shipped_prior_is_the_one_measured_with_the_bundled_model(env: dict[str, str], tmp_path: Path):
+    code, out = run("agent", "accuracy", "--file", str(_users_file(tmp_path)), "--method", "prob-fewshot", env=env)
+    assert code == 0, out
+    measured = _numbers(next(line for line in out.splitlines() if "prob-fewshot: content-free prior" in line))
+    shipped = list((grading.shipped_prior("smollm2", "prob-fewshot") or {}).values())
+    # Within what llama.cpp's CPU kernels (AVX2, AVX-512) move it by; a changed prompt moves it far more.
+    assert measured == pytest.approx(shipped, abs=0.06)
+
+
+@pytest.mark.slow
+def test_refit_fits_the_default_calibration_again_on_the_tuning_half(env: dict[str, str], tmp_path: Path):
+    code, out = run("agent", "accuracy", "--file", str(_users_file(tmp_path)), "--refit", env=env)
+    assert code == 0, out
+    line = next(line for line in out.splitlines() if "calibration fitted on 90 tuning rooms" in line)
+    shipped = grading.shipped_affine("smollm2", grading.DEFAULT_METHOD)
+    assert shipped is not None
+    assert _numbers(line) == pytest.approx([*(w for row in shipped.weights for w in row), *shipped.bias], abs=0.25)
+    assert "prob-news: 3/3 = 100%" in out
 
 
 #: Three tuning rooms the bundled model grades clearly right (greedy, so every time).

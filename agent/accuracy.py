@@ -20,7 +20,7 @@ from llama_cpp import Llama
 
 from agent import fitting, scoring
 from agent.errors import UnparseableAnswer
-from agent.grading import GradingRequest, Method, Reading
+from agent.grading import GradingRequest, Method, Reading, transcript
 from agent.rooms import LABELS, LabelledRoom
 from agent.scoring import POSITIVE, Affine, Calibration, Distribution, whole_grade
 from agent.strategy import BUY_ABOVE
@@ -131,14 +131,20 @@ def samples(method: Method, rooms: Sequence[LabelledRoom], answer: Answer) -> li
 
 
 def refit(method: Method, tune: Sequence[LabelledRoom], answer: Answer) -> tuple[Affine, dict[str, Affine]]:
-    """An ``Affine`` calibration fitted on ``tune``, and for each of those rooms the one fitted without it.
+    """An ``Affine`` calibration fitted on ``tune``, and for each of those rooms the one fitted without it,
+    keyed by the room's transcript (``held_out_key``).
 
     Grading a tuning room with the map fitted on all of them would be
     in-sample; leave-one-out is the honest figure on the half the map came from.
     """
     labelled = samples(method, tune, answer)
     return (fitting.fit(labelled, LABELS),
-            dict(zip((room.room for room in tune), fitting.leave_one_out(labelled, LABELS))))
+            dict(zip(map(held_out_key, tune), fitting.leave_one_out(labelled, LABELS))))
+
+
+def held_out_key(room: LabelledRoom) -> str:
+    """What makes a room one the map was fitted on: its chat, whatever file or name it comes under."""
+    return transcript(room.messages)
 
 
 def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Answer, calibration: Calibration = None,
@@ -152,7 +158,7 @@ def evaluate(method: Method, rooms: Sequence[LabelledRoom], answer: Answer, cali
     for room in rooms:
         response = answer(method.build(room.messages))
         reading: Reading | None
-        own = (held_out_of or {}).get(room.room, calibration)
+        own = (held_out_of or {}).get(held_out_key(room), calibration)
         try:
             reading = method.read(response, own)
         except UnparseableAnswer:

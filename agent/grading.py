@@ -12,7 +12,7 @@ original agent's 1–5 scale; the agent buys above 3.
   4 / 3 / 2: which side of 3 a room is on, not how far.
 
 The methods were compared with ``llamas agent accuracy --split tune --method
-all`` on the tuning half of the labelled rooms only (``agent.rooms``).
+all --refit`` on the tuning half of the labelled rooms only (``agent.rooms``).
 """
 
 from __future__ import annotations

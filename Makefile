@@ -20,6 +20,7 @@ help:
 	@echo "make bench   compare with llama-cpp-python and llama-server; writes tests/bench/results/latest.{md,png}"
 	@echo "make bench-herder  the herder's own cost against its targets, beside BASE (default HEAD~1)"
 	@echo "make screenshots   the README's pictures of the dashboard and /docs, from the browser tests"
+	@echo "make llama-cpp CMAKE_ARGS=-DGGML_CUDA=on   rebuild llama-cpp-python with your build options"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

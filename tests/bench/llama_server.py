@@ -5,8 +5,9 @@ binary exists and prints its path. It downloads the sdist of the *installed*
 llama-cpp-python version from the package index, extracts its
 ``vendor/llama.cpp``, and cmake-builds only the ``llama-server`` target: CPU,
 Release, static, no web UI, no network at build time, the same ggml defaults
-as llama-cpp-python's own build (``GGML_NATIVE``, OpenMP, and ``CMAKE_ARGS``). So the peer runs
-exactly the kernels our worker runs, and only the serving layer differs.
+as llama-cpp-python's own build (``GGML_NATIVE``, OpenMP) and the same
+``CMAKE_ARGS``. So the peer runs exactly the kernels our worker runs, and
+only the serving layer differs.
 
 The binary is cached in the virtualenv, keyed by that version:
 ``<venv>/llama-server/<version>/llama-server``; a new llama-cpp-python builds

@@ -35,12 +35,12 @@ class Verdict:
     reading: Reading | None = field(default=None, compare=False)
 
 
-def show_grade(verdict: Verdict) -> str:
-    """A verdict's grade as people read it: ``4``, or ``4 (expected 3.62)`` from a probability method."""
-    if verdict.grade is None:
+def show_grade(grade: int | None, reading: Reading | None = None) -> str:
+    """A grade as people read it: ``4``, or ``4 (expected 3.62)`` from a probability method's reading."""
+    if grade is None:
         return "-"
-    exact = verdict.reading.grade if verdict.reading is not None and verdict.reading.calibrated else None
-    return str(verdict.grade) + (f" (expected {exact:.2f})" if exact is not None else "")
+    exact = reading.grade if reading is not None and reading.calibrated else None
+    return str(grade) + (f" (expected {exact:.2f})" if exact is not None else "")
 
 
 def reference_for(tick_id: str) -> str:
@@ -74,8 +74,7 @@ def decide(grade: int, reading: Reading | None = None) -> Verdict:
     """Buy above 3, otherwise skip."""
     if grade > BUY_ABOVE:
         return Verdict(BUY, grade, reading=reading)
-    verdict = Verdict(SKIP, grade, "", reading)
-    return Verdict(SKIP, grade, f"grade {show_grade(verdict)} is not above {BUY_ABOVE}", reading)
+    return Verdict(SKIP, grade, f"grade {show_grade(grade, reading)} is not above {BUY_ABOVE}", reading)
 
 
 def judge(response: dict[str, Any], method: Method, calibration: Calibration = None) -> Verdict:

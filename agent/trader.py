@@ -141,7 +141,7 @@ class Trader:
         verdict = strategy.judge(response, self.method, self.calibration)
         # The grade and the label probabilities, never the completion's text.
         log.info("RESPONSE job %s: %s → %s%s", response.get("job_id"), response.get("status"),
-                 strategy.show_grade(verdict) if verdict.grade is not None else verdict.reason,
+                 strategy.show_grade(verdict.grade, verdict.reading) if verdict.grade is not None else verdict.reason,
                  _probabilities(verdict))
         answer = None
         if verdict.outcome == BUY:
@@ -168,7 +168,8 @@ class Trader:
         if verdict.outcome == BUY and answer is not None:
             log.info("BUY      %d %s for %d %s at %d (grade %s, paid %d for the grade)",
                      answer.received, self.settings.agent_trade_token, answer.spent,
-                     self.settings.agent_quote_token, answer.price, strategy.show_grade(verdict), paid)
+                     self.settings.agent_quote_token, answer.price,
+                     strategy.show_grade(verdict.grade, verdict.reading), paid)
         elif verdict.outcome == ERROR:
             log.warning("ERROR    job %s: %s", response.get("job_id"), verdict.reason)
         else:

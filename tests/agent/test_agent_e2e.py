@@ -14,6 +14,7 @@ import pytest
 
 from agent.constants import CHAT_POLLS_PREFIX, RESPONSE_TASK
 from agent.rooms import shipped
+from agent.scoring import whole_grade
 from agent.world import World
 from tests.agent.conftest import DEPOSIT
 
@@ -41,7 +42,7 @@ def test_a_clearly_positive_room_leads_to_one_filled_buy(stack, start_agent, r):
     [tick] = agent.ticks()
     grade = agent.store.grade_of(tick.id)
     assert tick.order_status == "filled" and grade is not None and grade.expected > 3
-    assert tick.grade == int(grade.expected + 0.5)
+    assert tick.grade == whole_grade(grade.expected)
     # Later beats find nothing new: the agent pays for that room once.
     mark = agent.log().count("nothing new since the last grade")
     agent.wait(lambda: agent.log().count("nothing new since the last grade") >= mark + 3, "three more beats")

@@ -135,4 +135,5 @@ def test_the_default_method_ships_a_fitted_calibration_and_the_others_a_prior_or
 def test_the_default_method_asks_about_news_with_the_fewshot_examples():
     request = grading.method(grading.DEFAULT_METHOD).build([ChatMessage("1-0", "ana", "The claim was denied.")])
     assert request.prompt is not None and request.prompt.startswith(grading.NEWS_QUESTION + "Chat:\n")
-    assert request.prompt.count("\nSentiment: ") == 3 and request.prompt.endswith("ana: The claim was denied.\nSentiment:")
+    assert request.prompt.count("\nSentiment: ") == 3
+    assert request.prompt.endswith("ana: The claim was denied.\nSentiment:")

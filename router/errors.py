@@ -269,4 +269,4 @@ class InvalidPublicKey(LedgerError):
     """Raised when an operator's public key is not a raw Ed25519 key in base64 (or a PEM public key)."""
 
     fields = ("reason",)
-    template = "invalid operator public key: {reason}"
+    template = "invalid public key: {reason}"

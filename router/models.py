@@ -221,6 +221,8 @@ class JobRow(Base):
     #: The operator whose worker produced the settled result, as its signed attestation
     #: proved; NULL: no verified operator, the whole charge went to the house.
     operator: Mapped[str | None] = mapped_column(String(200))
+    #: sha256 of the model file the settled result was produced with, as the worker reported it.
+    model_id: Mapped[str | None] = mapped_column(String(64))
     #: Worker timings of the completed attempt, as JSON.
     timings: Mapped[str | None] = mapped_column(Text)
     #: Channels: a Celery task name and queue of the requester, and/or a webhook URL.

@@ -168,11 +168,6 @@ def attribute_result(doc: Any, keys: Keys) -> Attribution:
     return found
 
 
-def verify_result(doc: dict[str, Any], keys: Keys) -> str | None:
-    """The operator a result is attributed to, or None (the house)."""
-    return attribute_result(doc, keys).operator
-
-
 def verify_heartbeat(doc: dict[str, Any], keys: Keys, now: float, max_age_s: float | None = None) -> str | None:
     """The operator whose worker sent a heartbeat, or None when unsigned, forged or stale.
 

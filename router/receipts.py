@@ -12,20 +12,17 @@ Money is integers; times are Unix seconds.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llama_tasks import signing
 from llama_tasks.errors import BadSignature, Unsigned, UnknownSigner
-from llama_tasks.registry import ModelSpec
 from router import fees
-from router.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch, UnknownAccount
+from router.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch
 from router.models import FINAL_STATES, Account, JobRow, Transfer
 
 log = logging.getLogger(__name__)
@@ -103,30 +100,28 @@ def multiplier_text(bid_ppm: int) -> str:
     return f"{whole}.{digits}" if digits else str(whole)
 
 
-def build(session: Session, row: JobRow, models: Mapping[str, ModelSpec], *,
-          issued_at: float | None = None) -> dict[str, Any]:
-    """The receipt payload of an ended job, its money summed from the ledger (``sign`` it next).
+def build(session: Session, row: JobRow, *, issued_at: float) -> dict[str, Any]:
+    """The receipt payload of an ended job, its money summed from the ledger (``signing.sign`` it next).
 
-    ``models`` is the registry (``counter.models()``): the model id is the
-    sha256 the worker checked its file against. Raises ``JobNotFinished`` for
-    an open job and ``ReceiptMismatch`` when the row and the ledger disagree.
+    The model id is the sha256 the worker that produced the result reported
+    (the registry id it checked its file against), kept on the job when it
+    settled. Raises ``JobNotFinished`` for an open job and ``ReceiptMismatch``
+    when the row and the ledger disagree.
     """
     if row.state not in FINAL_STATES:
         raise JobNotFinished(row.id, row.state)
     found = figures(session, row.id)
     _agree(row, found)
     account = session.get(Account, row.account_id)
-    if account is None:
-        raise UnknownAccount(row.account_id)
-    spec = models.get(row.model)
+    assert account is not None  # a foreign key, and the caller found the job through it
     payload: dict[str, Any] = {
         "kind": KIND,
         "version": VERSION,
         "job_id": row.id,
         "account": account.name,
         "model": row.model,
-        # None only if the model left the registry after the job ended.
-        "model_id": spec.model_id if spec is not None else None,
+        # None when the job did not finish, or settled before the id was kept.
+        "model_id": row.model_id,
         "state": row.state,
         "prompt_tokens": row.prompt_tokens,
         "completion_tokens": row.completion_tokens,
@@ -147,17 +142,11 @@ def build(session: Session, row: JobRow, models: Mapping[str, ModelSpec], *,
         "created_at": row.created_at,
         "dispatched_at": row.dispatched_at,
         "finished_at": row.finished_at,
-        "issued_at": time.time() if issued_at is None else issued_at,
+        "issued_at": issued_at,
     }
-    operator = getattr(row, "operator", None)
-    if operator is not None:
-        payload["operator"] = operator
+    if row.operator is not None:
+        payload["operator"] = row.operator
     return payload
-
-
-def sign(payload: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
-    """The receipt envelope: ``{"payload", "key_id", "sig"}`` signed by the herder's key."""
-    return signing.sign(payload, key)
 
 
 def verify(envelope: Any, public_key: Ed25519PublicKey) -> dict[str, Any]:

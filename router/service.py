@@ -22,6 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from llama_tasks import signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from router import admission, dispatch, forwarding, info, ledger, metrics, receipts, settlement, views, worker_loss
@@ -129,8 +130,8 @@ class HerderService:
         """
         with self.read_sessions.begin() as session:
             row = views.owned(session, api_key, job_id)
-            payload = receipts.build(session, row, self.counter.models(), issued_at=self._clock())
-        return receipts.sign(payload, self._key)
+            payload = receipts.build(session, row, issued_at=self._clock())
+        return signing.sign(payload, self._key)
 
     def cancel(self, api_key: str, job_id: str) -> dict[str, Any]:
         """Cancel a job: a queued one ends now with a full refund; a running one

@@ -102,6 +102,7 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     row.charged, row.refunded = charge, held - charge
     row.worker = _storable(doc.get("worker", ""), "worker")
     row.operator = operator.name if operator is not None else None
+    row.model_id = _storable(doc["model_id"], "model_id") if doc.get("model_id") else None
     row.timings = json.dumps(doc.get("timings", {}))
     return row
 

@@ -410,7 +410,7 @@ def test_cli_adds_lists_pays_out_and_refuses_in_one_line(
     assert f"earned {earned} on 1 jobs, paid out {earned - 3}, balance 3" in shown.stdout
 
     _one_error(cli("add", "acme"), "already registered")
-    _one_error(cli("add", "dave", "--public-key", "not-a-key"), "invalid operator public key")
+    _one_error(cli("add", "dave", "--public-key", "not-a-key"), "invalid public key")
     _one_error(cli("add", "../evil"), "invalid account name")
     _one_error(cli("payout", "acme", "4"), "has 3, needs 4")
     _one_error(cli("payout", "acme", "0"), "positive integer")
@@ -522,11 +522,14 @@ def test_a_worker_started_for_an_operator_signs_its_heartbeat_and_result_and_the
     streamed = [json.loads(fields[b"doc"]) for _, fields in r.xrange(RESULTS_STREAM)]
     [from_stream] = [doc for doc in streamed if doc.get("task_id") == task_id]
     assert from_stream == stored.document  # one document, one attestation, on both paths
-    assert operators.verify_result(from_stream, keys) == "acme" == from_stream["operator"]
+    assert operators.attribute_result(from_stream, keys).operator == "acme" == from_stream["operator"]
     response = transport.responses[job]
     assert response["status"] == "done" and response["worker"] == worker.name
     with svc.sessions() as session:
         found = operators.earnings(session, "acme")
         assert ledger.check(session) == []
         assert session.scalar(select(JobRow.operator).where(JobRow.id == job)) == "acme"
+        # The model id the real worker verified its file against, kept for the receipt.
+        model_id = session.scalar(select(JobRow.model_id).where(JobRow.id == job))
+        assert model_id == from_stream["model_id"] == svc.counter.models()["smollm2"].model_id
     assert found["earned"] == operators.share(response["charged"], settings.operator_share_ppm) and found["jobs"] == 1

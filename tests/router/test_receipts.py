@@ -164,6 +164,18 @@ def test_a_done_jobs_receipt_is_what_the_ledger_and_the_response_say(life: Life)
     assert "operator" not in payload  # no operator's worker answered: the house took the whole charge
 
 
+def test_the_model_id_is_the_one_the_job_ran_with_not_the_registrys_now(life: Life) -> None:
+    job = life.svc.submit(life.key, Submission(prompt="Say hello", max_tokens=4))["job_id"]
+    life.transport.join(life.svc, life.worker())
+    registered = life.svc.counter.models()["smollm2"].model_id
+    with life.svc.sessions.begin() as s:
+        row = s.scalars(select(JobRow).where(JobRow.id == job)).one()
+        assert row.model_id == registered  # as the worker's result reported it
+        row.model_id = "f" * 64  # as if the name had since been re-registered for another file
+    payload = receipts.verify(life.svc.receipt(life.key, job), life.svc.public_key)
+    assert payload["model_id"] == "f" * 64
+
+
 def test_jobs_that_end_without_an_answer_get_receipts_that_refund_everything(life: Life) -> None:
     svc, key = life.svc, life.key
     for i in range(2):
@@ -416,7 +428,10 @@ def test_the_cli_verifies_a_receipt_offline(issued: Issued, tmp_path: Path, monk
     receipt.write_text("{not json")
     assert "is not JSON" in invoke("verify", str(receipt), "--public-key", str(pub)).output
     assert invoke("verify", str(tmp_path / "missing.json"), "--public-key", str(pub)).exit_code == 1
-    assert invoke("verify", str(receipt), "--public-key", "not-a-key").exit_code == 1
+    receipt.write_text(json.dumps(issued.receipt))
+    result = invoke("verify", str(receipt), "--public-key", "not-a-key")
+    assert result.exit_code == 1
+    assert "invalid public key: neither base64 nor a PEM public key, and no file 'not-a-key' exists" in result.output
 
 
 class _Client:

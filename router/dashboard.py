@@ -74,22 +74,6 @@ def job_line(row: JobRow, account: str | None = None) -> dict[str, Any]:
     return line
 
 
-def prices(session: Session, settings: HerderSettings, herd: list[dict[str, Any]], now: float) -> dict[str, Any]:
-    """Current prices, the price-discovery table and the last accepted multiplier: what everyone may see."""
-    slots = dispatch.capacity(herd)
-    running = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)) or 0
-    last = session.scalar(
-        select(JobRow.bid_ppm).where(JobRow.dispatched_at.is_not(None)).order_by(JobRow.dispatched_at.desc()).limit(1)
-    )
-    return {
-        "base_fee": settings.base_fee,
-        "fee_per_token": settings.fee_per_token,
-        "fee_per_cached_token": settings.cached_token_fee,
-        "discovery": info.discovery(session, settings, sum(slots.values()), running, now),
-        "last_multiplier": last / fees.PPM if last is not None else None,
-    }
-
-
 def market(session: Session, herd: list[dict[str, Any]]) -> dict[str, Any]:
     """Queue and running jobs per model, and the queued bids by multiplier."""
     slots = dispatch.capacity(herd)
@@ -240,7 +224,7 @@ def operator_view(session: Session, settings: HerderSettings, herd: list[dict[st
     return {
         "role": "operator",
         "now": now,
-        "prices": prices(session, settings, herd, now),
+        "prices": info.prices(session, settings, herd, now),
         "market": market(session, herd),
         "herd": herd_view(session, workers, now),
         "money": {**money(session, now), "books": books.verdict(session, now)},
@@ -263,6 +247,6 @@ def requester_view(session: Session, settings: HerderSettings, herd: list[dict[s
         "now": now,
         "account": account.name,
         "balance": ledger.balance(session, account),
-        "prices": prices(session, settings, herd, now),
+        "prices": info.prices(session, settings, herd, now),
         "jobs": recent_jobs(session, account.id),
     }

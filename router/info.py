@@ -56,13 +56,26 @@ def discovery(session: Session, settings: HerderSettings, total_slots: int, runn
     return table
 
 
+def prices(session: Session, settings: HerderSettings, herd: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """The fees, the jobs running, the price-discovery table and the last accepted multiplier
+    (the bid of the job admitted last): what ``/info`` and the dashboard both show."""
+    slots = dispatch.capacity(herd)
+    last = session.scalar(select(JobRow.bid_ppm).order_by(JobRow.seq.desc()).limit(1))
+    running = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)) or 0
+    return {
+        "base_fee": settings.base_fee,
+        "fee_per_token": settings.fee_per_token,
+        "fee_per_cached_token": settings.cached_token_fee,
+        "last_multiplier": (last / fees.PPM) if last is not None else None,
+        "running": running,
+        "discovery": discovery(session, settings, sum(slots.values()), running, now),
+    }
+
+
 def describe(session: Session, settings: HerderSettings, counter: TokenCounting, herd: list[dict[str, Any]],
              now: float) -> dict[str, Any]:
     slots = dispatch.capacity(herd)
-    queued = admission.queued_count(session)
-    last = session.scalar(select(JobRow.bid_ppm).order_by(JobRow.seq.desc()).limit(1))
-    running = session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == RUNNING)) or 0
-    table = discovery(session, settings, sum(slots.values()), running, now)
+    now_prices = prices(session, settings, herd, now)
     # One job may hold one slot's context: prompt + max_tokens (× n choices, each in its own slot).
     models = [{"name": s.name, "id": s.model_id, "slots": slots.get(s.name, 0),
                "context_per_job": settings.n_ctx}
@@ -70,14 +83,14 @@ def describe(session: Session, settings: HerderSettings, counter: TokenCounting,
     return {
         "name": settings.service_name,
         "version": _version(),
-        "base_fee": settings.base_fee,
-        "fee_per_token": settings.fee_per_token,
-        "fee_per_cached_token": settings.cached_token_fee,
-        "last_multiplier": (last / fees.PPM) if last is not None else None,
-        "queue_length": queued,
-        "running": running,
+        "base_fee": now_prices["base_fee"],
+        "fee_per_token": now_prices["fee_per_token"],
+        "fee_per_cached_token": now_prices["fee_per_cached_token"],
+        "last_multiplier": now_prices["last_multiplier"],
+        "queue_length": admission.queued_count(session),
+        "running": now_prices["running"],
         "models": models,
         "herd": [{k: w.get(k) for k in ("worker", "model", "slots", "busy", "gpus", "n_ctx")} for w in herd],
-        "price_discovery": table,
+        "price_discovery": now_prices["discovery"],
         "pid": os.getpid(),
     }

@@ -90,7 +90,9 @@ def test_the_operator_sees_the_market_the_herd_the_money_and_every_job_but_no_te
     assert snap["market"]["bids"] == [{"multiplier": 1.5, "jobs": 1}]
     discovery = {row["multiplier"]: row["position"] for row in snap["prices"]["discovery"]}
     assert discovery == {1.0: 2, 1.5: 2, 2.0: 1, 5.0: 1}  # a new bid of 1.5 waits behind the queued 1.5
-    assert snap["prices"]["last_multiplier"] == 1.0  # the running job's, the last dispatched
+    # The bid of the job admitted last (the queued 1.5), as /info reports it: one definition for both.
+    assert snap["prices"]["last_multiplier"] == 1.5
+    assert market["http"].get("/info").json()["last_multiplier"] == 1.5
 
     [worker] = snap["herd"]
     assert worker["alive"] and worker["worker"] == "stub-smollm2@local" and worker["slots"] == 1

@@ -1,65 +1,98 @@
-"""A worker whose broker connection drops while a message is unacknowledged keeps running.
+"""A worker whose lost broker connection cannot be closed keeps running.
 
-Celery 5.7 collects a lost connection and then closes it; closing restores
-the unacknowledged messages through the transport that collecting detached,
-and the ``AttributeError`` stops the worker. ``llama_tasks.consumer`` is the
-consumer every llamas app runs; this drives both with a real kombu
-connection to Redis holding one received, unacknowledged message.
+In the Redis-outage chaos run, Celery 5.7's consumer collected the lost
+connection, then closed it, and the close raised ``AttributeError`` ("'NoneType'
+object has no attribute 'hostname'": restoring unacknowledged messages through
+the transport collecting had detached), which stopped the worker as an
+unrecoverable error. It depends on timing and does not reproduce in isolation
+against a live or a stopped Redis, so here the connection's ``close`` fails
+that way on purpose; the rest of Celery's handler runs as it is.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import kombu
 import pytest
 from celery import Celery
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.state import active_requests
 
 from llama_tasks.consumer import Consumer
 
-
-@pytest.fixture
-def unacknowledged(redis_url: str) -> Iterator[tuple[Celery, Any, kombu.Queue]]:
-    """An app and its connection whose channel holds one message received and not acknowledged."""
-    app = Celery("consumer-test", broker=redis_url)
-    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
-    connection = app.connection_for_read()
-    queue = kombu.Queue(f"consumer-test-{uuid.uuid4().hex}")
-    bound = queue(connection.default_channel)
-    bound.declare()
-    kombu.Producer(connection.default_channel).publish({"n": 1}, routing_key=queue.name, declare=[queue])
-    message = bound.get(no_ack=False)
-    assert message is not None and not message.acknowledged
-    yield app, connection, queue
-    with app.connection_for_write() as cleanup:
-        queue(cleanup.default_channel).delete()
+FAILURE = "'NoneType' object has no attribute 'hostname'"
 
 
-def consumer(cls: type, app: Celery, connection: Any) -> Any:
-    """A consumer with only what losing its connection touches: the app, the connection and no pool."""
+class _LostConnection:
+    """A broker connection that is gone: collecting works, closing fails as in the chaos run."""
+
+    connection_errors: tuple[type[BaseException], ...] = (ConnectionError,)
+    channel_errors: tuple[type[BaseException], ...] = ()
+
+    def collect(self, socket_timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        raise AttributeError(FAILURE)
+
+
+def consumer(cls: type, app: Celery) -> Any:
+    """A consumer with only what losing its connection touches: the app, the connection, no pool."""
     c = cls.__new__(cls)
-    c.app, c.connection, c.pool = app, connection, None
+    c.app, c.connection, c.pool = app, _LostConnection(), None
     return c
 
 
-def test_celerys_own_consumer_dies_on_it(unacknowledged: tuple[Celery, Any, kombu.Queue]) -> None:
-    app, connection, _ = unacknowledged
-    with pytest.raises(AttributeError):
-        CeleryConsumer.on_connection_error_after_connected(consumer(CeleryConsumer, app, connection),
-                                                           ConnectionError("lost"))
+@pytest.fixture
+def app() -> Celery:
+    app = Celery("consumer-test")
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+    # The prefetch bookkeeping after a reconnect needs a started consumer; not what is tested here.
+    app.conf.worker_enable_prefetch_count_reduction = False
+    return app
 
 
-def test_ours_drops_the_connection_and_goes_on(unacknowledged: tuple[Celery, Any, kombu.Queue]) -> None:
-    app, connection, _ = unacknowledged
-    ours = consumer(Consumer, app, connection)
+def test_celerys_own_consumer_dies_when_the_close_fails(app: Celery) -> None:
+    with pytest.raises(AttributeError, match="hostname"):
+        CeleryConsumer.on_connection_error_after_connected(consumer(CeleryConsumer, app), ConnectionError("lost"))
+
+
+def test_ours_drops_the_connection_and_goes_on(app: Celery) -> None:
+    ours = consumer(Consumer, app)
     ours.on_connection_error_after_connected(ConnectionError("lost"))
     assert ours.connection is None
 
 
-def test_every_llamas_app_runs_it() -> None:
-    import celeryconfig
+class _Running:
+    """An acks-late request in progress, as ``active_requests`` holds it; its cancel may fail."""
 
-    assert celeryconfig.worker_consumer == "llama_tasks.consumer:Consumer"
+    def __init__(self, fails: bool) -> None:
+        self.task, self.acknowledged, self.fails, self.cancelled_with = _AcksLate(), False, fails, []
+
+    def cancel(self, pool: Any) -> None:
+        self.cancelled_with.append(pool)
+        if self.fails:
+            raise RuntimeError("the pool is gone")
+
+
+class _AcksLate:
+    acks_late = True
+
+
+def test_ours_cancels_running_late_acked_jobs_once_and_survives_one_that_cannot_be(app: Celery) -> None:
+    stuck, running = _Running(fails=True), _Running(fails=False)
+    active_requests.update((stuck, running))
+    try:
+        consumer(Consumer, app).on_connection_error_after_connected(ConnectionError("lost"))
+    finally:
+        active_requests.difference_update((stuck, running))
+    assert stuck.cancelled_with == [None] and running.cancelled_with == [None]
+
+
+def test_every_llamas_app_runs_it() -> None:
+    from agent.app import app as agent_app
+    from llama_tasks.celery import app as worker_app
+    from router.celery import app as herder_app
+
+    for each in (worker_app, herder_app, agent_app):
+        assert each.conf.worker_consumer == "llama_tasks.consumer:Consumer", each.main

@@ -18,7 +18,6 @@ import base64
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +169,6 @@ class OperatorSigner:
     def attest_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A heartbeat naming this operator, with an attestation of its worker, process and time."""
         named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
-        named.setdefault("ts", time.time())
         return named | {ATTESTATION: sign({field: named.get(field) for field in HEARTBEAT_CLAIMS}, self.key)}
 
 

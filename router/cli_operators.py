@@ -67,15 +67,15 @@ def add(
 
 @operators_app.command("list")
 def list_() -> None:
-    """Every operator: account, key id, earned, paid out and balance (smallest unit)."""
+    """Every operator: key id, jobs, earned, paid out and balance (smallest unit)."""
     with ledger_session() as session:
         rows = operators.list_operators(session)
     if not rows:
         err.print("no operators (`llamas operators add NAME`)")
         return
-    table = Table("operator", "account", "key id", "jobs", "earned", "paid out", "balance")
+    table = Table("operator (and account)", "key id", "jobs", "earned", "paid out", "balance")
     for row in rows:
-        table.add_row(escape(row["operator"]), escape(row["account"]), row["key_id"], str(row["jobs"]),
+        table.add_row(escape(row["operator"]), row["key_id"], str(row["jobs"]),
                       str(row["earned"]), str(row["paid_out"]), str(row["balance"]))
     out.print(table)
 

@@ -20,7 +20,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from router import dispatch, fees, info, ledger, operators
+from router import dispatch, fees, info, ledger, metrics, operators
 from router.keys import DASHBOARD_SEEN
 from router.models import (
     DONE, ESCROW, FINAL_STATES, QUEUED, REVENUE, RUNNING, Account, JobRow, Transfer,
@@ -50,10 +50,8 @@ def job_line(row: JobRow, account: str | None = None) -> dict[str, Any]:
     timings = json.loads(row.timings) if row.timings else {}
     queue_wait = row.dispatched_at - row.created_at if row.dispatched_at is not None else None
     ttft = None
-    if queue_wait is not None and "prompt_s" in timings:
-        # Admission to first token: the herder's queue, the worker's, then the prompt's evaluation.
-        ttft = (queue_wait + float(timings.get("queue_wait_s", 0.0)) + float(timings.get("engine_queue_s", 0.0))
-                + float(timings["prompt_s"]))
+    if queue_wait is not None and "prompt_s" in timings:  # the same figure as /metrics' histogram
+        ttft = metrics.time_to_first_token(queue_wait, timings)
     line = {
         "job_id": row.id,
         "model": row.model,
@@ -228,14 +226,9 @@ def operator_view(session: Session, settings: HerderSettings, herd: list[dict[st
         "market": market(session, herd),
         "herd": herd_view(session, workers, now),
         "money": {**money(session, now), "books": books.verdict(session, now)},
-        "operators": operators_view(session),
+        "operators": operators.list_operators(session),
         "jobs": recent_jobs(session),
     }
-
-
-def operators_view(session: Session) -> list[dict[str, Any]]:
-    """Each operator's account, earnings, payouts and jobs."""
-    return operators.list_operators(session)
 
 
 def requester_view(session: Session, settings: HerderSettings, herd: list[dict[str, Any]], account: Account,

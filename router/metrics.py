@@ -68,6 +68,13 @@ def observe(pipe: Pipeline, name: str, value_s: float) -> None:
     pipe.hincrbyfloat(_key(name), "sum", value_s)
 
 
+def time_to_first_token(herder_wait_s: float, timings: dict[str, Any]) -> float:
+    """Admission to first token: the herder's queue, the worker's, the wait for a free engine slot,
+    then the prompt's evaluation (the worker's ``timings``)."""
+    return (herder_wait_s + float(timings.get("queue_wait_s", 0.0)) + float(timings.get("engine_queue_s", 0.0))
+            + float(timings.get("prompt_s", 0.0)))
+
+
 def record_outcome(r: redis.Redis, response: dict[str, Any], created_at: float, dispatched_at: float | None,
                    finished_at: float | None) -> None:
     """Everything one finished job adds to the metrics (one round trip); called once per job."""
@@ -81,8 +88,7 @@ def record_outcome(r: redis.Redis, response: dict[str, Any], created_at: float, 
         observe(pipe, "queue_wait_seconds", wait)
         observe(pipe, "latency_seconds", max(0.0, finished_at - created_at))
         timings = response.get("timings") or {}
-        ttft = wait + float(timings.get("queue_wait_s", 0.0)) + float(timings.get("prompt_s", 0.0))
-        observe(pipe, "time_to_first_token_seconds", ttft)
+        observe(pipe, "time_to_first_token_seconds", time_to_first_token(wait, timings))
     pipe.execute()
 
 

@@ -32,7 +32,7 @@ from llama_tasks import signing
 from llama_tasks.constants import HEARTBEAT_TTL_INTERVALS
 from llama_tasks.errors import Rejected
 from llama_tasks.settings import OPERATOR_NAME
-from router import ledger
+from router import fees, ledger
 from router.errors import (
     AccountExists,
     InvalidAccountName,
@@ -41,7 +41,6 @@ from router.errors import (
     UnknownOperator,
 )
 from router.models import Account, JobRow, Operator, Transfer
-from router.settings import SHARE_PPM
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +83,6 @@ def register(session: Session, name: str, public_key: str | Ed25519PublicKey) ->
         raise InvalidAccountName(name, "an operator's name is letters, digits, '.', '_' and '-', "
                                        "starting with a letter or digit, at most 100 characters")
     key = parse_public_key(public_key) if isinstance(public_key, str) else public_key
-    if session.scalar(select(Operator.id).where(Operator.name == name)) is not None:
-        raise OperatorExists(name)
     api_key: str | None = None
     try:
         account, api_key = ledger.create_account(session, name)
@@ -209,10 +206,14 @@ def credited(session: Session, doc: dict[str, Any], job_id: str) -> Operator | N
 
 def share(charge: int, share_ppm: int) -> int:
     """The operator's part of ``charge``: rounded down, so the house keeps the odd unit."""
-    return charge * share_ppm // SHARE_PPM
+    return charge * share_ppm // fees.PPM
 
 
 # --- earnings -----------------------------------------------------------------------
+
+
+#: What leaves an operator's account to the world: its payouts and any plain withdrawal.
+PAID_OUT_KINDS = ("payout", "withdraw")
 
 
 def _sums(session: Session, account_ids: list[int]) -> dict[tuple[int, str], int]:
@@ -224,7 +225,7 @@ def _sums(session: Session, account_ids: list[int]) -> dict[tuple[int, str], int
     )
     paid = session.execute(
         select(Transfer.debit_account_id, func.sum(Transfer.amount))
-        .where(Transfer.kind == "payout", Transfer.debit_account_id.in_(account_ids))
+        .where(Transfer.kind.in_(PAID_OUT_KINDS), Transfer.debit_account_id.in_(account_ids))
         .group_by(Transfer.debit_account_id)
     )
     # PostgreSQL sums BIGINT to NUMERIC (a Decimal); money stays int.
@@ -233,8 +234,7 @@ def _sums(session: Session, account_ids: list[int]) -> dict[tuple[int, str], int
 
 def _describe(operator: Operator, account: Account, sums: dict[tuple[int, str], int], jobs: int) -> dict[str, Any]:
     return {
-        "operator": operator.name,
-        "account": account.name,
+        "operator": operator.name,  # its account's name too
         "key_id": signing.key_id(signing.decode_public(operator.public_key)),
         "public_key": operator.public_key,
         "earned": sums.get((account.id, "earn"), 0),

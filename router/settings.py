@@ -16,11 +16,11 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from llama_tasks.settings import SharedSettings, exit_on_invalid
+from router.fees import PPM
 
 #: The queue the herder's Celery worker consumes.
 HERDER_QUEUE = "herder"
-#: Shares are kept in millionths, an integer (as bids are).
-SHARE_PPM = 1_000_000
+#: Shares are kept in millionths, an integer, as bids are (``fees.PPM``).
 
 
 class HerderSettings(SharedSettings):
@@ -90,14 +90,14 @@ class HerderSettings(SharedSettings):
     @classmethod
     def _share_in_millionths(cls, value: Decimal) -> Decimal:
         # Kept as exact millionths, so a share never rounds differently on two herders.
-        if (value * SHARE_PPM) % 1:
+        if (value * PPM) % 1:
             raise ValueError(f"LLAMAS_OPERATOR_SHARE={value} has more than 6 decimal places")
         return value
 
     @property
     def operator_share_ppm(self) -> int:
         """``operator_share`` in millionths: the integer settlement splits charges with."""
-        return int(self.operator_share * SHARE_PPM)
+        return int(self.operator_share * PPM)
 
     @property
     def cached_token_fee(self) -> int:

@@ -279,8 +279,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
             console.print(f"[bold]operator[/] created the operator's key for the dashboard and /metrics (kept "
                           f"{admin_where})", highlight=False)
 
-    env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url,
-               LLAMAS_ADMIN_KEY=operator_key)
+    env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url)
     logs = settings.home / "logs"
     node = os.uname().nodename
     supervisor = Supervisor(report=lambda text: console.print(f"[red]{text}[/]"), record=record)
@@ -313,7 +312,8 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         api = supervisor.add(Component(
             name="gateway",
             argv=python_module("uvicorn", "router.api:app", "--host", "127.0.0.1", "--port", str(port)),
-            env=env, log=logs / "gateway.log",
+            # Only the gateway serves what the operator's key opens (the dashboard, /metrics).
+            env=dict(env, LLAMAS_ADMIN_KEY=operator_key), log=logs / "gateway.log",
         ))
         dashboard = supervisor.add(Component(
             name="flower",

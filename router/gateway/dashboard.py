@@ -11,7 +11,6 @@ checks it again, so a rotated key ends its sessions at once.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from router import dashboard, ledger, operators
 from router.errors import UnknownAccount
-from router.gateway.deps import Service
+from router.gateway.deps import Service, is_admin_key
 from router.gateway.docs import STATIC_DIR
 from router.models import Account
 from router.service import HerderService
@@ -43,8 +42,7 @@ class SignIn(BaseModel):
 
 def _identify(session: Session, svc: HerderService, key: str) -> Account | None:
     """None for the operator's key, the account for a requester's; ``UnknownAccount`` otherwise."""
-    admin_key = svc.settings.admin_key
-    if admin_key and hmac.compare_digest(key.encode(), admin_key.encode()):
+    if is_admin_key(svc, key):
         return None
     return ledger.account_by_key(session, key)
 

@@ -7,6 +7,7 @@ service) never share a service or a Redis client.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Annotated
 
@@ -69,3 +70,9 @@ async def api_key(request: Request) -> str:
 Service = Annotated[HerderService, Depends(get_service)]
 AsyncRedis = Annotated[aioredis.Redis, Depends(get_redis)]
 ApiKey = Annotated[str, Depends(api_key)]
+
+
+def is_admin_key(svc: HerderService, given: str) -> bool:
+    """Whether ``given`` is the operator's key (``LLAMAS_ADMIN_KEY``); never true when none is set."""
+    admin_key = svc.settings.admin_key
+    return bool(admin_key) and hmac.compare_digest(given.encode(), admin_key.encode())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -10,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from router.gateway.deps import Service, redis_of
+from router.gateway.deps import Service, is_admin_key, redis_of
 from router.gateway.errors import openai_error
 from router.metrics import ServiceCollector
 from router.service import HerderService
@@ -20,11 +19,10 @@ router = APIRouter()
 
 @router.get("/metrics")
 async def metrics(request: Request, svc: Service) -> Response:
-    admin_key = svc.settings.admin_key
-    if admin_key:
+    if svc.settings.admin_key:
         # Revenue and refusals are business data: only the operator's key may read them.
         given = request.headers.get("authorization", "").partition(" ")[2].strip()
-        if not hmac.compare_digest(given.encode(), admin_key.encode()):
+        if not is_admin_key(svc, given):
             return openai_error(401, "/metrics needs the operator's key (LLAMAS_ADMIN_KEY) as a Bearer token",
                                 "invalid_api_key", "UnknownAccount")
     body = await run_in_threadpool(generate_latest, _registry(request.app, svc))

@@ -224,3 +224,14 @@ def test_the_operator_sees_each_operators_earnings(market: dict[str, Any]) -> No
     # The house kept the rest of what was charged.
     charged = sum(j["charged"] for j in snap["jobs"])
     assert snap["money"]["charged"] == charged == snap["money"]["revenue"] + farm["earned"]
+
+
+def test_a_jobs_time_to_first_token_counts_every_wait_as_the_metrics_histogram_does() -> None:
+    from router import metrics
+    from router.models import JobRow
+
+    timings = {"queue_wait_s": 0.5, "engine_queue_s": 0.25, "prompt_s": 0.125, "generation_s": 2.0}
+    row = JobRow(id="j1", model="smollm2", state="done", created_at=10.0, dispatched_at=11.0, finished_at=14.0,
+                 bid_ppm=1_000_000, timings=json.dumps(timings))
+    # The herder's queue (1 s), the worker's, the wait for an engine slot, then the prompt.
+    assert dashboard.job_line(row)["ttft_s"] == 1.875 == metrics.time_to_first_token(1.0, timings)

@@ -260,6 +260,11 @@ def test_payouts_leave_the_books_balanced_and_never_overdraw(herder: Herder, ali
         transfers = list(session.scalars(select(Transfer).where(Transfer.kind == "payout")))
     assert (found["earned"], found["paid_out"], found["balance"], found["jobs"]) == (earned, earned - 1, 1, 1)
     assert [(t.amount, t.job_id) for t in transfers] == [(earned - 1, None)]
+    # A plain withdrawal from the operator's account leaves it to the world too: it is paid out.
+    with herder.sessions.begin() as session:
+        ledger.withdraw(session, ledger.account_by_name(session, "acme"), 1)
+    with herder.sessions() as session:
+        assert operators.earnings(session, "acme")["paid_out"] == earned
     herder.assert_books()
 
 

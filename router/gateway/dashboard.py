@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -47,26 +49,42 @@ def _identify(session: Session, svc: HerderService, key: str) -> Account | None:
     return ledger.account_by_key(session, key)
 
 
-def _parts(app: FastAPI, svc: HerderService) -> tuple[dashboard.HerdMemory, dashboard.BooksCache]:
-    """This app's memory of the herd and cached ledger verdict (one per app: tests build several)."""
+@dataclass
+class _Parts:
+    """This app's memory of the herd, cached ledger verdict and latest operator snapshot (one
+    per app: tests build several)."""
+
+    memory: dashboard.HerdMemory
+    books: dashboard.BooksCache = field(default_factory=dashboard.BooksCache)
+    #: The operator's view is the same for every operator tab: built once a period, not once a tab.
+    operator_doc: dict[str, Any] | None = None
+    operator_at: float = float("-inf")
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _parts(app: FastAPI, svc: HerderService) -> _Parts:
     parts = getattr(app.state, "dashboard_parts", None)
     if parts is None:
-        parts = app.state.dashboard_parts = (dashboard.HerdMemory(svc.redis), dashboard.BooksCache())
+        parts = app.state.dashboard_parts = _Parts(dashboard.HerdMemory(svc.redis))
     return parts
 
 
 def snapshot(app: FastAPI, svc: HerderService, key: str) -> dict[str, Any]:
-    """What ``key`` may see now."""
-    memory, books = _parts(app, svc)
+    """What ``key`` may see now (the key is checked every time, the operator's view shared)."""
+    parts = _parts(app, svc)
     herd = svc.herd()
     with svc.read_sessions.begin() as session:
         account = _identify(session, svc, key)
-        if account is None:
+        if account is not None:
+            return dashboard.requester_view(session, svc.settings, herd, account)
+        with parts.lock:
             now = time.time()
-            keys = operators.public_keys(session)
-            workers = memory.observe([dashboard.attributed(w, keys, now) for w in herd], now)
-            return dashboard.operator_view(session, svc.settings, herd, workers, books)
-        return dashboard.requester_view(session, svc.settings, herd, account)
+            if parts.operator_doc is None or now - parts.operator_at >= dashboard.DEFAULT_PERIOD_S:
+                keys = operators.public_keys(session)
+                workers = parts.memory.observe([dashboard.attributed(w, keys, now) for w in herd], now)
+                parts.operator_doc = dashboard.operator_view(session, svc.settings, herd, workers, parts.books, now)
+                parts.operator_at = now
+            return parts.operator_doc
 
 
 def _who(session_key: str | None) -> str:

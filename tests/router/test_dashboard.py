@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from llama_tasks.scripted import SCRIPTED_TEXT
 from router import dashboard, ledger, operators, stub
 from router.api import create_app
+from router.errors import UnknownAccount
 from router.gateway.dashboard import COOKIE
 from router.keys import DASHBOARD_SEEN
 from router.request import Submission
@@ -235,3 +236,17 @@ def test_a_jobs_time_to_first_token_counts_every_wait_as_the_metrics_histogram_d
                  bid_ppm=1_000_000, timings=json.dumps(timings))
     # The herder's queue (1 s), the worker's, the wait for an engine slot, then the prompt.
     assert dashboard.job_line(row)["ttft_s"] == 1.875 == metrics.time_to_first_token(1.0, timings)
+
+
+def test_operator_tabs_share_one_snapshot_a_period_and_a_key_is_still_checked_each_time(
+        market: dict[str, Any]) -> None:
+    from router.gateway import dashboard as gateway_dashboard
+
+    http, svc = market["http"], market["svc"]
+    app = http.app
+    first = gateway_dashboard.snapshot(app, svc, ADMIN_KEY)
+    assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] == first["now"]  # built once for both
+    with pytest.raises(UnknownAccount):
+        gateway_dashboard.snapshot(app, svc, "not-the-key")  # the cache never stands in for a key
+    gateway_dashboard._parts(app, svc).operator_at -= dashboard.DEFAULT_PERIOD_S  # the period has passed
+    assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] > first["now"]

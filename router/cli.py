@@ -30,6 +30,9 @@ from rich.text import Text
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
 from router.cli_accounts import accounts_app, ledger_app
+from router.cli_common import KEY_OPTION
+from router.cli_common import herder as _herder
+from router.cli_common import need_key as _need_key
 from router.cli_operators import operators_app
 from router.cli_receipts import receipts_app
 
@@ -93,29 +96,6 @@ def _settings() -> Any:
     from router.settings import get_settings
 
     return get_settings()
-
-
-def _herder(key: str | None = None) -> Any:
-    from router.client import Herder
-    from router.preflight import broker_problem
-
-    # Up front: without Redis, Celery's result store retries for ~20 s and then
-    # fails with a RuntimeError that says nothing about what to do.
-    problem = broker_problem(_settings())
-    if problem is not None:
-        fail(problem)
-    api_key = key or _settings().api_key
-    return Herder(api_key)
-
-
-def _need_key(key: str | None) -> str:
-    api_key = key or _settings().api_key
-    if not api_key:
-        fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
-    return api_key
-
-
-KEY_OPTION = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY).", show_default=False)
 
 
 # --- running the service ------------------------------------------------------

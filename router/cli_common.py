@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -28,6 +28,31 @@ def fail(message: str) -> NoReturn:
     """Print one red line and leave with status 1, never a traceback."""
     err.print(f"[bold red]error:[/bold red] [red]{escape(message)}[/red]", soft_wrap=True)
     raise typer.Exit(1)
+
+
+KEY_OPTION = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY).", show_default=False)
+
+
+def need_key(key: str | None) -> str:
+    """``--key``, else ``LLAMAS_API_KEY``; a one-line refusal when neither is set."""
+    api_key = key or get_settings().api_key
+    if not api_key:
+        fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
+    return api_key
+
+
+def herder(key: str | None = None) -> Any:
+    """A client of the herder (``--key``, else ``LLAMAS_API_KEY``); fails at once when the broker does not answer."""
+    from router.client import Herder
+    from router.preflight import broker_problem
+
+    # Up front: without Redis, Celery's result store retries for ~20 s and then
+    # fails with a RuntimeError that says nothing about what to do.
+    settings = get_settings()
+    problem = broker_problem(settings)
+    if problem is not None:
+        fail(problem)
+    return Herder(key or settings.api_key)
 
 
 @contextmanager

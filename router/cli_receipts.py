@@ -20,36 +20,21 @@ from rich.markup import escape
 from llama_tasks import signing
 from llama_tasks.errors import LlamasError
 from router import receipts
-from router.cli_common import err, fail, read_public_key
+from router.cli_common import KEY_OPTION, err, fail, herder, need_key, read_public_key
 from router.settings import get_settings
 
 receipts_app = typer.Typer(help="Signed receipts of your ended jobs: fetch one, verify one offline.",
                            no_args_is_help=True)
 
-def _client(key: str | None) -> Any:
-    """A client with the CLI's API key; fails at once when the broker does not answer."""
-    from router.client import Herder
-    from router.preflight import broker_problem
-
-    settings = get_settings()
-    api_key = key or settings.api_key
-    if not api_key:
-        fail("no API key: pass --key or set LLAMAS_API_KEY (`llamas accounts create NAME` makes one)")
-    problem = broker_problem(settings)
-    if problem is not None:
-        fail(problem)
-    return Herder(api_key)
-
-
 @receipts_app.command("get")
 def get(
     job_id: str = typer.Argument(..., help="The job whose receipt to fetch (it must have ended)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the receipt to this file (default: stdout)."),
-    key: str | None = typer.Option(None, "--key", help="API key (default: LLAMAS_API_KEY).", show_default=False),
+    key: str | None = KEY_OPTION,
 ) -> None:
     """Fetch the herder's signed receipt of one of your ended jobs, as JSON."""
     try:
-        envelope = _client(key).receipt(job_id)
+        envelope = herder(need_key(key)).receipt(job_id)
     except LlamasError as exc:
         fail(str(exc))
     text = json.dumps(envelope, indent=2, ensure_ascii=False) + "\n"

@@ -398,7 +398,7 @@ def poison(*args: Any, **kwargs: Any) -> Any:
 
 def test_the_cli_verifies_a_receipt_offline(issued: Issued, tmp_path: Path, monkeypatch: Any) -> None:
     # Offline: verification must never reach for the broker, the herder or the ledger.
-    for target in ("router.cli_receipts._client", "router.db.make_engine", "redis.Redis.from_url"):
+    for target in ("router.cli_receipts.herder", "router.db.make_engine", "redis.Redis.from_url"):
         monkeypatch.setattr(target, poison)
     receipt, pub = tmp_path / "receipt.json", tmp_path / "herder.pub"
     receipt.write_text(json.dumps(issued.receipt, indent=2))
@@ -447,14 +447,16 @@ class _Client:
 def test_the_cli_gets_a_receipt_to_a_file_that_then_verifies(issued: Issued, tmp_path: Path,
                                                             monkeypatch: Any) -> None:
     svc = issued.life.svc
-    monkeypatch.setattr(cli_receipts, "_client", lambda key: _Client(svc, issued.life.key))
+    monkeypatch.setattr(cli_receipts, "herder", lambda key: _Client(svc, key))
     out = tmp_path / "receipt.json"
-    result = invoke("get", issued.job_id, "--out", str(out))
+    result = invoke("get", issued.job_id, "--out", str(out), "--key", issued.life.key)
     assert result.exit_code == 0, result.output
     assert receipts.verify(json.loads(out.read_text()), svc.public_key)["job_id"] == issued.job_id
     assert invoke("verify", str(out)).exit_code == 0
 
-    printed = invoke("get", issued.job_id)
+    printed = invoke("get", issued.job_id, "--key", issued.life.key)
     assert receipts.verify(json.loads(printed.stdout), svc.public_key)["job_id"] == issued.job_id
-    missing = invoke("get", "no-such-job")
+    missing = invoke("get", "no-such-job", "--key", issued.life.key)
     assert missing.exit_code == 1 and "no such job: no-such-job" in missing.output
+    keyless = invoke("get", issued.job_id)  # no --key and no LLAMAS_API_KEY: refused before any connection
+    assert keyless.exit_code == 1 and "no API key: pass --key or set LLAMAS_API_KEY" in keyless.output

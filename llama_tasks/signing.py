@@ -33,8 +33,6 @@ from llama_tasks.errors import BadSignature, MissingOperatorKey, MissingPublicKe
 
 #: The field of a result or heartbeat document that holds its operator's signed attestation.
 ATTESTATION = "attestation"
-#: Fields of a result an attestation names, besides the sha256 of its content.
-RESULT_CLAIMS = ("task_id", "job_id", "attempt", "worker", "operator")
 #: Fields of a heartbeat an attestation names.
 HEARTBEAT_CLAIMS = ("worker", "pid", "operator", "ts", "interval_s")
 
@@ -160,11 +158,13 @@ class OperatorSigner:
     key: Ed25519PrivateKey
 
     def attest_result(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """``doc`` naming this operator, with an attestation of who produced it for which attempt."""
+        """``doc`` naming this operator, with an attestation of who produced it for which attempt.
+
+        The signed payload is the operator and the sha256 of the whole document
+        (``content_sha256``), which covers its task, job, attempt and worker too.
+        """
         named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
-        payload = {field: named.get(field) for field in RESULT_CLAIMS}
-        payload["result_sha256"] = content_sha256(named)
-        return named | {ATTESTATION: sign(payload, self.key)}
+        return named | {ATTESTATION: sign({"operator": self.name, "result_sha256": content_sha256(named)}, self.key)}
 
     def attest_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A heartbeat naming this operator, with an attestation of its worker, process and time."""

@@ -26,9 +26,11 @@ def test_a_result_attestation_names_the_attempt_and_the_content_and_survives_jso
     # What the stream and the result store carry back (a lone surrogate included).
     doc = json.loads(json.dumps(doc))
     payload = signing.verify(doc[signing.ATTESTATION], key.public_key())
-    assert payload == {"task_id": "t-1", "job_id": "j-1", "attempt": 2, "worker": "w@host", "operator": "acme",
-                       "result_sha256": signing.content_sha256(doc)}
-    assert signing.content_sha256(doc | {"text": "changed"}) != payload["result_sha256"]
+    assert payload == {"operator": "acme", "result_sha256": signing.content_sha256(doc)}
+    # The hash covers the whole document: which attempt it was made for as well as its text.
+    for field, value in (("text", "changed"), ("task_id", "t-2"), ("job_id", "j-2"), ("attempt", 3),
+                         ("worker", "elsewhere@host"), ("operator", "bolt")):
+        assert signing.content_sha256(doc | {field: value}) != payload["result_sha256"], field
     # Signing again replaces the attestation rather than covering it.
     again = signing.OperatorSigner("acme", key).attest_result(doc)
     assert again[signing.ATTESTATION]["payload"] == payload

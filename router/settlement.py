@@ -25,7 +25,7 @@ from router import choices as completions
 from router import fees, ledger, operators
 from router.admission import priority
 from router.errors import InvalidOffer, JobNotQueued, UnknownJob
-from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, Operator, width
+from router.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
 from router.settings import HerderSettings
 from router.parts import TokenCounting
 
@@ -39,9 +39,9 @@ def _locked(session: Session, **where: Any) -> JobRow | None:
     return session.scalar(query)
 
 
-def _account(session: Session, row: JobRow) -> Account:
-    account = session.get(Account, row.account_id)
-    assert account is not None
+def _account(session: Session, account_id: int) -> Account:
+    account = session.get(Account, account_id)
+    assert account is not None  # a foreign key
     return account
 
 
@@ -58,7 +58,7 @@ def _storable(value: object, column: str | None = None) -> str:
 def _refund_all(session: Session, row: JobRow, state: str, error: str, message: str, now: float) -> JobRow:
     held = ledger.held_for(session, row.id)
     if held:
-        ledger.release(session, _account(session, row), held, row.id)
+        ledger.release(session, _account(session, row.account_id), held, row.id)
     row.state, row.error, row.error_message = state, _storable(error, "error"), _storable(message)
     row.charged, row.refunded, row.finished_at = 0, held, now
     row.lease_until = None
@@ -89,12 +89,12 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     charge = min(fees.charge(row.offered, row.quote, actual), held)
     operator = operators.credited(session, doc, row.id)
     earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
-    if earned:
-        ledger.earn(session, _operator_account(session, operator), earned, row.id)
+    if operator is not None and earned:
+        ledger.earn(session, _account(session, operator.account_id), earned, row.id)
     if charge - earned:
         ledger.capture(session, charge - earned, row.id)
     if held - charge:
-        ledger.release(session, _account(session, row), held - charge, row.id)
+        ledger.release(session, _account(session, row.account_id), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
     row.result_text, row.finish_reason = choices[0]["text"], choices[0]["finish_reason"]
     row.completion_tokens, row.cached_tokens = completion, cached
@@ -105,12 +105,6 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     row.model_id = _storable(doc["model_id"], "model_id") if doc.get("model_id") else None
     row.timings = json.dumps(doc.get("timings", {}))
     return row
-
-
-def _operator_account(session: Session, operator: Operator | None) -> Account:
-    account = session.get(Account, operator.account_id) if operator is not None else None
-    assert account is not None
-    return account
 
 
 def _recount(counter: TokenCounting, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:

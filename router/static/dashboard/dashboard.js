@@ -59,8 +59,7 @@ function makeCharts() {
       options: { ...base, scales: { x: time, y: { suggestedMin: 1 } } } }),
     money: new Chart($("chart-money"), { data: { labels: [], datasets: [
         { type: "bar", label: "charged", data: [], backgroundColor: "#1f8a4c" },
-        { type: "bar", label: "refunded", data: [], backgroundColor: "#c0392b" },
-        { type: "line", label: "escrow now", data: [], borderColor: "#3b5bdb", pointRadius: 0 }] },
+        { type: "bar", label: "refunded", data: [], backgroundColor: "#c0392b" }] },
       options: { ...base, scales: { y: { beginAtZero: true } } } }),
   };
 }
@@ -100,7 +99,6 @@ function drawCharts(snap) {
   charts.money.data.labels = h.map((p) => clock(p.minute).slice(0, 5));
   charts.money.data.datasets[0].data = h.map((p) => p.charged);
   charts.money.data.datasets[1].data = h.map((p) => p.refunded);
-  charts.money.data.datasets[2].data = h.map((p, i) => (i === h.length - 1 ? snap.money.escrow : null));
   charts.money.update();
 }
 

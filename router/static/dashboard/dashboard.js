@@ -203,9 +203,14 @@ function follow() {
   source.addEventListener("signed-out", () => showSignIn("Your key is no longer valid: sign in again."));
   source.onerror = async () => {
     $("live").classList.add("stale");
-    // EventSource reconnects on its own; a refused session must not retry forever.
+    // A dropped stream is reconnected by EventSource itself; a refused one (any status but
+    // 200) closes it for good. Then: a refused session signs in again, anything else
+    // (the gateway or the ledger down for now) is tried again shortly.
+    if (!source || source.readyState !== EventSource.CLOSED) return;
     const reply = await fetch("/dashboard/snapshot", { credentials: "same-origin" }).catch(() => null);
-    if (reply && reply.status === 401) showSignIn("Sign in to see the dashboard.");
+    if (reply && reply.status === 401) { showSignIn("Sign in to see the dashboard."); return; }
+    source = null;
+    setTimeout(() => { if (!source && !$("view").hidden) follow(); }, 5000);
   };
 }
 

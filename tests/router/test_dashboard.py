@@ -77,7 +77,8 @@ def test_a_bad_key_is_refused_in_the_api_error_shape_and_sets_no_cookie(market: 
     assert COOKIE not in reply.cookies
     assert http.get("/dashboard/snapshot").status_code == 401
     assert http.get("/dashboard/events").status_code == 401
-    assert http.post("/dashboard/session", json={}).status_code == 422
+    empty = http.post("/dashboard/session", json={})
+    assert empty.status_code == 422 and "key" in empty.json()["error"]["message"]
 
 
 def test_the_operator_sees_the_market_the_herd_the_money_and_every_job_but_no_text(market: dict[str, Any]) -> None:
@@ -165,6 +166,21 @@ def test_the_stream_sends_snapshots_as_server_sent_events(market: dict[str, Any]
         second = next(line for line in lines if line.startswith("data: "))
     one, two = json.loads(first[6:]), json.loads(second[6:])
     assert one["role"] == two["role"] == "operator" and two["now"] > one["now"]
+
+
+def test_the_stream_signs_a_rotated_key_out(market: dict[str, Any]) -> None:
+    http, svc = market["http"], market["svc"]
+    signed_in(http, market["bob"])
+    with http.stream("GET", "/dashboard/events") as events:
+        lines = events.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["account"] == "bob"
+        with svc.sessions.begin() as s:
+            ledger.rotate_key(s, ledger.account_by_name(s, "bob"))
+        # The next snapshot finds the key gone: the page is told to sign in again, and the stream ends.
+        rest = list(lines)
+    assert [line for line in rest if line.startswith("event: ")] == ["event: signed-out"]
+    assert not any(line.startswith("data: {\"") for line in rest)
 
 
 def test_a_worker_whose_heartbeat_stops_is_remembered_as_dead(redis_url: str) -> None:

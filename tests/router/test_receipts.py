@@ -282,6 +282,18 @@ def test_a_job_whose_row_and_ledger_disagree_gets_no_signature(life: Life, caplo
     assert job in caplog.text
 
 
+def test_a_job_whose_escrow_is_not_empty_gets_no_signature(life: Life) -> None:
+    job = life.svc.submit(life.key, Submission(prompt="Say hello", max_tokens=8))["job_id"]
+    life.transport.join(life.svc, life.worker())
+    with life.svc.sessions.begin() as s:
+        # Row and ledger agree on every figure, yet 5 held for the job went neither to a charge nor back.
+        ledger.hold(s, ledger.account_by_name(s, "requester"), 5, job)
+        s.scalars(select(JobRow).where(JobRow.id == job)).one().offered += 5
+    with pytest.raises(ReceiptMismatch) as info:
+        life.svc.receipt(life.key, job)
+    assert (info.value.figure, info.value.job_row, info.value.ledger) == ("held - charged - refunded", 0, 5)
+
+
 # --- verification ---------------------------------------------------------------
 
 

@@ -117,7 +117,7 @@ gateway: $(STAMP)
 # `llamas up` (made on first use in the home). The password travels in the
 # environment: a command line is visible to every user of the machine.
 flower: $(STAMP)
-	@auth="$$($(BIN)/python -c 'from router.up import flower_login; print(flower_login())')"; \
+	@auth="$$($(BIN)/python -c 'from router.local.up import flower_login; print(flower_login())')"; \
 	  FLOWER_BASIC_AUTH="$$auth" exec $(BIN)/celery -A llama_tasks flower \
 	  --address=127.0.0.1 --port=5555
 

@@ -1,7 +1,7 @@
 """A scripted stand-in for the model: answers a job at once with a fixed text.
 
 For load and scale tests of the herder (``tests/bench/stub_worker.py``) and
-for running a request's whole life in one process (``router.stub``): the
+for running a request's whole life in one process (``router.herder.stub``): the
 result has the shape of ``runtime.run_envelope``'s, so the herder settles
 it exactly as it settles a real one (recounting the text's tokens itself).
 """

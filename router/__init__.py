@@ -1,10 +1,10 @@
 """The herder: fees, ledger, fee-market queue, dispatch, settlement, forwarding.
 
 ``celery -A router worker -Q herder -B`` runs it (the Celery app lives in
-``router.celery``); ``from router import Herder`` is the Python client.
+``router.herder.app``); ``from router import Herder`` is the Python client.
 
 Nothing is imported here eagerly: a requester that imports the client, or a
-tool that imports ``router.fees``, must not build the herder's Celery app.
+tool that imports ``router.core.fees``, must not build the herder's Celery app.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ __all__ = ["app", "Herder", "JobHandle"]
 def __getattr__(name: str) -> Any:
     # ``celery -A router`` looks up ``router.app``: the herder's app, with its tasks.
     if name == "app":
-        from router import tasks
+        from router.herder import tasks
 
         app: Celery = tasks.app
         return app

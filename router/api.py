@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from router.gateway import completions, dashboard, deps, docs, errors, jobs, ops
 from router.gateway.deps import ServiceFactory
 from router.gateway.errors import error_body
-from router.preflight import GatewayPreflight
+from router.core.preflight import GatewayPreflight
 
 # error_body is re-exported: callers outside the gateway (the chaos tests) import it from here.
 __all__ = ["app", "create_app", "error_body"]

@@ -3,7 +3,7 @@
 It talks to the herder through the broker (a message to the ``herder``
 queue, answered through the result backend), so a requester needs a broker
 URL and an API key — never the ledger. Refusals arrive as the typed errors
-of ``router.errors`` and ``llama_tasks.errors``.
+of ``router.core.errors`` and ``llama_tasks.errors``.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from llama_tasks import redact
-from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
+from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from llama_tasks import stream as token_stream
 from llama_tasks.job import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
-from router import fees, request
-from router.errors import JobFailed, ResultTimeout, StreamRestarted
-from router.request import Submission
-from router.settings import HERDER_QUEUE
+from router.core import fees, request
+from router.core.errors import JobFailed, ResultTimeout, StreamRestarted
+from router.core.request import Submission
+from router.core.settings import HERDER_QUEUE
 
 #: How often ``result()`` asks the herder directly, in case a response key was lost.
 STATUS_POLL_S = 5.0
@@ -172,7 +172,7 @@ class Herder:
         return JobHandle(self, self._call("router.status", self.api_key, job_id, secret=True))
 
     def receipt(self, job_id: str) -> dict[str, Any]:
-        """The herder's signed receipt of one of your ended jobs (check it with ``router.receipts.verify``)."""
+        """The herder's signed receipt of one of your ended jobs (check it with ``router.core.receipts.verify``)."""
         return self._call("router.receipt", self.api_key, job_id, secret=True)
 
 

@@ -18,11 +18,12 @@ import pytest
 import redis as redis_lib
 
 from llama_tasks import stream as token_stream
-from router import Herder, ledger
+from router import Herder
+from router.core import ledger
 from router.client import JobHandle
-from router.errors import JobNotQueued
-from router.db import make_engine, make_sessionmaker, upgrade
-from router.models import JobRow, Transfer
+from router.core.errors import JobNotQueued
+from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.models import JobRow, Transfer
 from tests.processes import ROOT, CeleryProcess, llama_worker
 
 

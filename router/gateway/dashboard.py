@@ -24,12 +24,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from router import dashboard, ledger, operators
-from router.errors import UnknownAccount
+from router.gateway import snapshot as dashboard
+from router.core import ledger, operators
+from router.core.errors import UnknownAccount
 from router.gateway.deps import Service, is_admin_key
 from router.gateway.docs import STATIC_DIR
-from router.models import Account
-from router.service import HerderService
+from router.core.models import Account
+from router.core.service import HerderService
 
 #: The cookie that carries the signed-in key.
 COOKIE = "llamas_dashboard"

@@ -14,8 +14,8 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 
-from router.errors import UnknownAccount
-from router.service import HerderService
+from router.core.errors import UnknownAccount
+from router.core.service import HerderService
 
 #: Builds (or returns) the service a gateway serves; None means the process's own.
 ServiceFactory = Callable[[], HerderService]
@@ -32,9 +32,9 @@ def service_of(app: FastAPI) -> HerderService:
     factory: ServiceFactory | None = app.state.service_factory
     if factory is not None:
         return factory()
-    # Imported on first use: router.tasks builds the herder's Celery app, which
+    # Imported on first use: router.herder.tasks builds the herder's Celery app, which
     # an app given its own service (the tests') never needs.
-    from router.tasks import service as default_service
+    from router.herder.tasks import service as default_service
 
     return default_service()
 

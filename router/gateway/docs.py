@@ -2,7 +2,7 @@
 
 FastAPI's own ``/docs`` loads Swagger UI from a CDN, so it is blank on a
 machine without internet access. Swagger UI (5.x, which renders the OpenAPI
-3.1 schema FastAPI writes) and Chart.js ship inside ``router/static`` with
+3.1 schema FastAPI writes) and Chart.js ship inside ``router/gateway/static`` with
 their licences; nothing is fetched at run time.
 """
 
@@ -16,7 +16,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 #: The package's own static files: Swagger UI, Chart.js and the dashboard's page.
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: Where they are served.
 STATIC_URL = "/static"
 

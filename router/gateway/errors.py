@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
-from router.errors import (
+from router.core.errors import (
     AdmissionError,
     InsufficientFee,
     InsufficientFunds,

@@ -11,8 +11,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from router.gateway.deps import Service, is_admin_key, redis_of
 from router.gateway.errors import openai_error
-from router.metrics import ServiceCollector
-from router.service import HerderService
+from router.core.metrics import ServiceCollector
+from router.core.service import HerderService
 
 router = APIRouter()
 

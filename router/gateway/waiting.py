@@ -18,9 +18,9 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
 from llama_tasks import stream as token_stream
-from router.errors import JobNotQueued, UnknownJob
-from router.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
-from router.service import HerderService
+from router.core.errors import JobNotQueued, UnknownJob
+from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
+from router.core.service import HerderService
 
 #: How long one wait on a token stream blocks before the gateway checks that its client is still there.
 FOLLOW_BLOCK_MS = 250

@@ -17,7 +17,7 @@ from agent.exchange import FixedPrice, PaperExchange
 from agent.settings import AgentSettings
 from agent.store import OutcomeStore, Summary, Tick
 from agent.world import World
-from router.db import make_engine
+from router.core.db import make_engine
 from tests.processes import CeleryProcess, wait_for
 
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

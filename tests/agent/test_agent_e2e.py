@@ -78,7 +78,7 @@ def test_an_account_without_funds_is_an_error_with_the_reason_and_no_order(stack
 
 
 def test_a_duplicated_inference_response_places_a_single_order(stack, start_agent, r):
-    from router.celery import app as herder_app
+    from router.herder.app import app as herder_app
 
     key, herder = stack.account(100_000)
     agent = start_agent(key, post_room(World(r), POSITIVE_ROOM))

@@ -14,7 +14,7 @@ from agent import chatbot
 from agent.chatbot import ChatBot
 from agent.settings import AgentSettings
 from agent.world import ChatMessage, World
-from router.errors import InsufficientFunds
+from router.core.errors import InsufficientFunds
 
 
 class ScriptedHerder:

@@ -60,7 +60,7 @@ def test_each_tick_has_its_own_reference_and_the_order_reuses_it():
 
 
 def test_a_refusal_reads_as_its_type_and_message():
-    from router.errors import InsufficientFunds
+    from router.core.errors import InsufficientFunds
 
     reason = strategy.refusal_reason(InsufficientFunds("acct-1", 0, 155))
     assert reason == "InsufficientFunds: account acct-1 has 0, needs 155"

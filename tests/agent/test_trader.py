@@ -23,7 +23,7 @@ from agent.store import REQUESTED, SUBMITTING, OutcomeStore
 from agent.strategy import BUY, ERROR, SKIP
 from agent.trader import Trader
 from agent.world import World
-from router.errors import InsufficientFunds
+from router.core.errors import InsufficientFunds
 from tests.agent.conftest import DEPOSIT, PRICE
 
 POSITIVE = [("ana", "We won the hackathon!!"), ("ben", "Incredible, congratulations!"), ("cleo", "Brilliant.")]

@@ -34,12 +34,12 @@ from typing import Any
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from router import ledger, views
-from router.admission import Submission, admit, as_job, price
-from router.db import make_engine, make_sessionmaker, upgrade
-from router.models import Account
-from router.settings import HerderSettings
-from router.tokens import TokenCounter
+from router.core import ledger, views
+from router.core.admission import Submission, admit, as_job, price
+from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.models import Account
+from router.core.settings import HerderSettings
+from router.herder.tokens import TokenCounter
 
 #: Admissions per run (split between the threads).
 DEFAULT_N = 1_000

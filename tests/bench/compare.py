@@ -351,8 +351,8 @@ class Stack:
     def start(self) -> None:
         import redis
 
-        from router import ledger
-        from router.db import make_engine, make_sessionmaker, upgrade
+        from router.core import ledger
+        from router.core.db import make_engine, make_sessionmaker, upgrade
 
         url = self.env["LLAMAS_DATABASE_URL"]
         upgrade(url)
@@ -389,7 +389,7 @@ class Stack:
         r.close()
 
     def rows(self, job_ids: list[str]) -> dict[str, Any]:
-        from router.models import JobRow
+        from router.core.models import JobRow
 
         with self.sessions.begin() as session:
             found = session.query(JobRow).filter(JobRow.id.in_(job_ids)).all()

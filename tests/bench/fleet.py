@@ -23,7 +23,7 @@ import redis as redis_lib
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks.constants import HERD_PREFIX
-from router.settings import HERDER_QUEUE
+from router.core.settings import HERDER_QUEUE
 from tests.bench.compare import stop_celery
 from tests.bench.peers import READY_TIMEOUT_S
 from tests.chaos.audit import Scenario

@@ -115,8 +115,8 @@ class Stack:
             raise
 
     def _account(self) -> str:
-        from router import ledger
-        from router.db import make_engine, make_sessionmaker, upgrade
+        from router.core import ledger
+        from router.core.db import make_engine, make_sessionmaker, upgrade
 
         url = f"sqlite:///{self.tmp / 'home' / 'ledger.db'}"
         upgrade(url)  # the herder migrates on its first task; the account is needed before

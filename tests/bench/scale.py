@@ -130,9 +130,9 @@ def measure(args: argparse.Namespace, fleet: Any, config: Config, run: int, tmp:
     """One run of a herder count on its own fresh database: start, warm up, measure, audit, stop."""
     from sqlalchemy import func, select
 
-    from router import ledger
-    from router.db import make_engine, make_sessionmaker, upgrade
-    from router.models import JobRow
+    from router.core import ledger
+    from router.core.db import make_engine, make_sessionmaker, upgrade
+    from router.core.models import JobRow
     from tests.bench.fleet import audit_window
     from tests.stack import drop_postgres_database
 

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from router import ledger
-from router.models import DONE, OPEN_STATES, WORLD, Account, JobRow, Transfer
+from router.core import ledger
+from router.core.models import DONE, OPEN_STATES, WORLD, Account, JobRow, Transfer
 from tests.chaos.harness import MARKER, SETTLE_S, ChaosStack
 from tests.processes import poll
 from tests.router.requester_app import RECEIVED_KEY

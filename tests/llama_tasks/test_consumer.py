@@ -92,7 +92,7 @@ def test_ours_cancels_running_late_acked_jobs_once_and_survives_one_that_cannot_
 def test_every_llamas_app_runs_it() -> None:
     from agent.app import app as agent_app
     from llama_tasks.celery import app as worker_app
-    from router.celery import app as herder_app
+    from router.herder.app import app as herder_app
 
     for each in (worker_app, herder_app, agent_app):
         assert each.conf.worker_consumer == "llama_tasks.consumer:Consumer", each.main

@@ -31,7 +31,7 @@ def test_gpus_setting_parses_and_slots_default_to_eight():
 
 
 def test_up_starts_one_worker_per_gpu_or_one_for_the_cpu():
-    from router.up import worker_layout
+    from router.local.up import worker_layout
 
     assert worker_layout("smollm2", "host", []) == [("llama-smollm2@host", {"LLAMAS_MODEL": "smollm2", "LLAMAS_GPUS": ""})]
     assert worker_layout("m", "h", [0, 2]) == [

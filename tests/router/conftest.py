@@ -17,12 +17,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import registry
-from router import admission, dispatch, fees, ledger
-from router.admission import Submission, as_job
-from router.db import make_engine, make_sessionmaker, upgrade
-from router.models import DONE, ESCROW, JobRow, Transfer
-from router.settings import HerderSettings
-from router.tokens import TokenCounter
+from router.core import admission, dispatch, fees, ledger
+from router.core.admission import Submission, as_job
+from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.models import DONE, ESCROW, JobRow, Transfer
+from router.core.settings import HerderSettings
+from router.herder.tokens import TokenCounter
 
 #: Where the tests look for PostgreSQL when LLAMAS_TEST_POSTGRES_URL is unset.
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -21,9 +21,9 @@ from llama_tasks.errors import (
     SamplingOutOfRange,
 )
 from llama_tasks.job import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from router import admission, ledger
-from router.admission import Submission
-from router.errors import (
+from router.core import admission, ledger
+from router.core.admission import Submission
+from router.core.errors import (
     BadChannel,
     BadDeadline,
     BadReference,
@@ -36,7 +36,7 @@ from router.errors import (
     UnknownAccount,
     UnknownModelRequested,
 )
-from router.models import QUEUED, JobRow, Transfer
+from router.core.models import QUEUED, JobRow, Transfer
 
 from .conftest import T0, Herder, run_together
 

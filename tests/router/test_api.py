@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from router.models import JobRow
+from router.core.models import JobRow
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow
@@ -199,11 +199,11 @@ def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
 
     from llama_tasks import registry, signing
     from llama_tasks.constants import HERD_PREFIX
-    from router import ledger
-    from router.admission import Submission
+    from router.core import ledger
+    from router.core.admission import Submission
     from router.api import create_app
-    from router import stub
-    from router.settings import HerderSettings
+    from router.herder import stub
+    from router.core.settings import HerderSettings
 
     signing.generate_keypair(tmp_path)
     settings = HerderSettings(home=tmp_path, max_queue=1)

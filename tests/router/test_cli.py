@@ -99,14 +99,14 @@ def test_command_groups_come_from_entry_points_and_a_broken_one_is_skipped(capsy
 
     import typer
 
-    from router.cli import add_plugins
+    from router.cli.main import add_plugins
 
     target = typer.Typer()
     target.add_typer(typer.Typer(), name="keys")
     plugins = [
         EntryPoint("agent", "agent.cli:agent_app", "llamas.cli"),
         EntryPoint("broken", "no_such_package.cli:app", "llamas.cli"),
-        EntryPoint("notatyper", "router.fees:PPM", "llamas.cli"),
+        EntryPoint("notatyper", "router.core.fees:PPM", "llamas.cli"),
         EntryPoint("keys", "agent.cli:world_app", "llamas.cli"),
     ]
     assert add_plugins(target, plugins) == ["agent"]

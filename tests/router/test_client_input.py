@@ -9,7 +9,7 @@ import pytest
 
 from llama_tasks.errors import BadLogprobs, BadStop, InvalidRequest, SamplingOutOfRange
 from router import Herder
-from router.errors import BadDeadline, BadReference, InvalidOffer
+from router.core.errors import BadDeadline, BadReference, InvalidOffer
 
 
 @pytest.fixture

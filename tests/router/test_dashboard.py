@@ -18,13 +18,15 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 
 from llama_tasks.scripted import SCRIPTED_TEXT
-from router import dashboard, ledger, operators, stub
+from router.gateway import snapshot as dashboard
+from router.core import ledger, operators
+from router.herder import stub
 from router.api import create_app
-from router.errors import UnknownAccount
+from router.core.errors import UnknownAccount
 from router.gateway.dashboard import COOKIE
-from router.keys import DASHBOARD_SEEN
-from router.request import Submission
-from router.settings import HerderSettings
+from router.core.keys import DASHBOARD_SEEN
+from router.core.request import Submission
+from router.core.settings import HerderSettings
 
 ADMIN_KEY = "operator-secret-key"
 PROMPT = "A prompt nobody but its requester may read"
@@ -244,8 +246,8 @@ def test_the_operator_sees_each_operators_earnings(market: dict[str, Any]) -> No
 
 
 def test_a_jobs_time_to_first_token_counts_every_wait_as_the_metrics_histogram_does() -> None:
-    from router import metrics
-    from router.models import JobRow
+    from router.core import metrics
+    from router.core.models import JobRow
 
     timings = {"queue_wait_s": 0.5, "engine_queue_s": 0.25, "prompt_s": 0.125, "generation_s": 2.0}
     row = JobRow(id="j1", model="smollm2", state="done", created_at=10.0, dispatched_at=11.0, finished_at=14.0,

@@ -20,8 +20,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llama_tasks import signing
-from router import operators
-from router.db import make_engine, make_sessionmaker
+from router.core import operators
+from router.core.db import make_engine, make_sessionmaker
 from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.slow

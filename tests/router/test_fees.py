@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llama_tasks.job import Job
-from router import fees
-from router.errors import InvalidOffer
-from router.tokens import TokenCounter
+from router.core import fees
+from router.core.errors import InvalidOffer
+from router.herder.tokens import TokenCounter
 
 from .conftest import Herder
 
@@ -158,7 +158,7 @@ def test_a_multiplier_offer_charges_at_least_that_multiplier_of_a_full_run(
 def test_settings_refuse_fees_that_make_every_quote_zero(tmp_path):
     from pydantic import ValidationError
 
-    from router.settings import HerderSettings
+    from router.core.settings import HerderSettings
 
     with pytest.raises(ValidationError, match="cannot both be 0"):
         HerderSettings(home=tmp_path, base_fee=0, fee_per_token=0)
@@ -209,7 +209,7 @@ def test_admission_quotes_n_completions_and_records_the_cached_token_fee(herder:
 def test_the_cached_token_fee_defaults_to_the_fee_per_token_and_never_exceeds_it(tmp_path: Any) -> None:
     from pydantic import ValidationError
 
-    from router.settings import HerderSettings
+    from router.core.settings import HerderSettings
 
     assert HerderSettings(home=tmp_path, fee_per_token=4).cached_token_fee == 4
     assert HerderSettings(home=tmp_path, fee_per_token=4, fee_per_cached_token=0).cached_token_fee == 0
@@ -220,7 +220,7 @@ def test_the_cached_token_fee_defaults_to_the_fee_per_token_and_never_exceeds_it
 
 
 def test_the_cached_token_fee_is_read_from_the_environment(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from router.settings import HerderSettings
+    from router.core.settings import HerderSettings
 
     monkeypatch.setenv("LLAMAS_FEE_PER_TOKEN", "6")
     monkeypatch.setenv("LLAMAS_FEE_PER_CACHED_TOKEN", "2")

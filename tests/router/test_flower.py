@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from router.up import FLOWER_USER, flower_env, flower_password
+from router.local.up import FLOWER_USER, flower_env, flower_password
 from tests.processes import ROOT, wait_for
 from tests.stack import free_port, running_stack
 

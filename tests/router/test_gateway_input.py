@@ -19,12 +19,13 @@ from fastapi.testclient import TestClient
 from llama_cpp.llama_grammar import JSON_GBNF
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from router import ledger, stub
+from router.core import ledger
+from router.herder import stub
 from router.api import create_app
-from router.herd import HerdReader
-from router.models import JobRow
-from router.service import HerderService
-from router.settings import HerderSettings
+from router.herder.herd import HerdReader
+from router.core.models import JobRow
+from router.core.service import HerderService
+from router.core.settings import HerderSettings
 
 DEPOSIT = 100_000
 SECRET = "zebra-violet-canary"

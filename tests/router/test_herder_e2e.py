@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from llama_tasks import stream
-from router import ledger, receipts, webhooks
+from router.core import ledger, receipts, webhooks
 from tests.processes import llama_worker, wait_for
 from tests.router.requester_app import RECEIVED_KEY
 
@@ -131,7 +131,7 @@ def test_the_webhook_arrives_once_with_a_valid_signature(stack):
 
 
 def test_a_forged_result_or_one_for_an_unknown_job_changes_nothing(stack):
-    from router.celery import app
+    from router.herder.app import app
 
     key, herder = stack.account(100_000)
     blocker = herder.run(**LONG)

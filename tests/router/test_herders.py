@@ -42,10 +42,11 @@ from sqlalchemy import select
 from llama_tasks.constants import RESULTS_GROUP, RESULTS_STREAM
 from sqlalchemy.orm import Session, sessionmaker
 
-from router import Herder, ledger
+from router import Herder
+from router.core import ledger
 from router.client import requester_app
-from router.db import make_engine, make_sessionmaker, upgrade
-from router.models import DONE, JobRow
+from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.models import DONE, JobRow
 from tests.bench.fleet import Fleet, audit_window
 from tests.processes import CeleryProcess, poll, wait_for
 from tests.stack import drop_postgres_database, postgres_database
@@ -62,7 +63,7 @@ RESULT_TIMEOUT_S = 40.0
 #: visibility timeout stays at the production default: what a dead herder held comes back only after an hour.
 LIMITS = dict(LLAMAS_SOFT_TIME_LIMIT_S="6", LLAMAS_TIME_LIMIT_S="8", LLAMAS_LEASE_GRACE_S="2",
               LLAMAS_VISIBILITY_TIMEOUT_S="3600", LLAMAS_TICK_S="0.5")
-#: The herders' consumer group on the results stream (``router.settler``).
+#: The herders' consumer group on the results stream (``router.herder.result_reader``).
 GROUP = RESULTS_GROUP
 
 

@@ -17,10 +17,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from router import ledger
-from router.cli_accounts import accounts_app, ledger_app
-from router.db import alembic_config, make_engine, upgrade
-from router.errors import (
+from router.core import ledger
+from router.cli.accounts import accounts_app, ledger_app
+from router.core.db import alembic_config, make_engine, upgrade
+from router.core.errors import (
     AccountExists,
     HoldExceeded,
     InsufficientFunds,
@@ -29,8 +29,8 @@ from router.errors import (
     SystemAccount,
     UnknownAccount,
 )
-from router.models import ESCROW, REVENUE, WORLD, Base
-from router.settings import get_settings
+from router.core.models import ESCROW, REVENUE, WORLD, Base
+from router.core.settings import get_settings
 
 Factory = sessionmaker[Session]
 

@@ -1,5 +1,5 @@
 """A request's whole life in one process: the herder's own code on a real
-ledger and Redis, with the stub transport instead of Celery (``router.stub``).
+ledger and Redis, with the stub transport instead of Celery (``router.herder.stub``).
 
 Every test submits, drains (``transport.join``), then asserts: no worker
 processes, no waiting on time.
@@ -20,12 +20,13 @@ from llama_tasks.errors import BadGrammar, InvalidRequest
 from llama_tasks.placement import place
 from llama_tasks.scripted import SCRIPTED_TEXT
 from llama_tasks.settings import WorkerSettings
-from router import ledger, stub
-from router.errors import InsufficientFee, NoWorkers, UnknownModelRequested
-from router.models import JobRow
-from router.request import Submission
-from router.service import RECONCILE_AFTER_S, HerderService
-from router.settings import HerderSettings
+from router.core import ledger
+from router.herder import stub
+from router.core.errors import InsufficientFee, NoWorkers, UnknownModelRequested
+from router.core.models import JobRow
+from router.core.request import Submission
+from router.core.service import RECONCILE_AFTER_S, HerderService
+from router.core.settings import HerderSettings
 
 DEPOSIT = 100_000
 

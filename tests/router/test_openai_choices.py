@@ -18,12 +18,13 @@ from fastapi.testclient import TestClient
 
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from router import ledger, stub
+from router.core import ledger
+from router.herder import stub
 from router.api import create_app
-from router.models import JobRow
-from router.openai_shapes import legacy_logprobs
-from router.service import HerderService
-from router.settings import HerderSettings
+from router.core.models import JobRow
+from router.gateway.openai_shapes import legacy_logprobs
+from router.core.service import HerderService
+from router.core.settings import HerderSettings
 
 DEPOSIT = 100_000
 MODEL = "scripted"

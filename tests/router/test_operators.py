@@ -21,14 +21,15 @@ from typer.testing import CliRunner
 
 from llama_tasks import signing
 from llama_tasks.constants import GENERATE_TASK, RESULTS_STREAM
-from router import ledger, operators, settlement, stub
-from router.cli_operators import operators_app
-from router.db import alembic_config, make_engine, upgrade
-from router.errors import InsufficientFunds, InvalidAccountName, InvalidPublicKey, OperatorExists, UnknownOperator
-from router.models import REVENUE, JobRow, Transfer
-from router.request import Submission
-from router.service import RECONCILE_AFTER_S
-from router.settings import HerderSettings, get_settings
+from router.core import ledger, operators, settlement
+from router.herder import stub
+from router.cli.operators import operators_app
+from router.core.db import alembic_config, make_engine, upgrade
+from router.core.errors import InsufficientFunds, InvalidAccountName, InvalidPublicKey, OperatorExists, UnknownOperator
+from router.core.models import REVENUE, JobRow, Transfer
+from router.core.request import Submission
+from router.core.service import RECONCILE_AFTER_S
+from router.core.settings import HerderSettings, get_settings
 
 from .conftest import T0, Herder, run_together
 
@@ -111,7 +112,7 @@ def test_a_house_worker_pays_the_house_everything_and_logs_nothing(
         herder: Herder, alice: str, caplog: pytest.LogCaptureFixture) -> None:
     register(herder, "acme")
     job = running(herder, alice, max_tokens=16)
-    with caplog.at_level(logging.WARNING, logger="router.operators"):
+    with caplog.at_level(logging.WARNING, logger="router.core.operators"):
         row = settle(herder, herder.result(job.id, TEXT))
     assert row is not None and row.operator is None
     assert herder.transfers(job.id) == expected_transfers(row, 0)
@@ -173,7 +174,7 @@ def test_a_result_its_operator_did_not_sign_pays_the_house_only(
         herder: Herder, alice: str, forgery: str, caplog: pytest.LogCaptureFixture) -> None:
     acme, bolt = register(herder, "acme"), register(herder, "bolt")
     job = running(herder, alice, max_tokens=32)
-    with caplog.at_level(logging.WARNING, logger="router.operators"):
+    with caplog.at_level(logging.WARNING, logger="router.core.operators"):
         row = settle(herder, _forged(herder, job.id, acme, bolt, forgery))
 
     assert row is not None and row.state == "done" and row.operator is None

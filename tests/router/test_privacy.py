@@ -18,7 +18,7 @@ from celery.utils.saferepr import saferepr
 
 from llama_tasks import app as worker_app, redact
 from router import app
-from router.settings import HERDER_QUEUE
+from router.core.settings import HERDER_QUEUE
 from tests.events import captured_events, text_forms
 from tests.processes import wait_for
 from tests.router.requester_app import RECEIVED_KEY

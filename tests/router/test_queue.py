@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
 from llama_tasks import signing
-from router import dispatch, settlement
-from router.models import EXPIRED, QUEUED, RUNNING, JobRow
+from router.core import dispatch, settlement
+from router.core.models import EXPIRED, QUEUED, RUNNING, JobRow
 
 from .conftest import T0, TWIN_MODEL, Herder, run_together
 

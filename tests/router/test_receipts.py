@@ -25,13 +25,15 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from llama_tasks import signing
-from router import cli_receipts, fees, ledger, receipts, stub
+from router.cli import receipts as cli_receipts
+from router.core import fees, ledger, receipts
+from router.herder import stub
 from router.api import create_app
-from router.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch, UnknownAccount, UnknownJob
-from router.models import JobRow, Transfer
-from router.request import Submission
-from router.service import HerderService
-from router.settings import HerderSettings
+from router.core.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch, UnknownAccount, UnknownJob
+from router.core.models import JobRow, Transfer
+from router.core.request import Submission
+from router.core.service import HerderService
+from router.core.settings import HerderSettings
 
 DEPOSIT = 100_000
 #: Prompt tokens the scripted worker says it found in its cache (charged at ``CACHED_FEE``).
@@ -275,7 +277,7 @@ def test_a_job_whose_row_and_ledger_disagree_gets_no_signature(life: Life, caplo
         row = s.scalars(select(JobRow).where(JobRow.id == job)).one()
         row.charged, charged = row.charged + 1, row.charged
 
-    with caplog.at_level(logging.ERROR, logger="router.receipts"), pytest.raises(ReceiptMismatch) as info:
+    with caplog.at_level(logging.ERROR, logger="router.core.receipts"), pytest.raises(ReceiptMismatch) as info:
         life.svc.receipt(life.key, job)
     assert (info.value.job_id, info.value.figure, info.value.job_row, info.value.ledger) == (
         job, "charged", charged + 1, charged)
@@ -410,7 +412,7 @@ def poison(*args: Any, **kwargs: Any) -> Any:
 
 def test_the_cli_verifies_a_receipt_offline(issued: Issued, tmp_path: Path, monkeypatch: Any) -> None:
     # Offline: verification must never reach for the broker, the herder or the ledger.
-    for target in ("router.cli_receipts.herder", "router.db.make_engine", "redis.Redis.from_url"):
+    for target in ("router.cli.receipts.herder", "router.core.db.make_engine", "redis.Redis.from_url"):
         monkeypatch.setattr(target, poison)
     receipt, pub = tmp_path / "receipt.json", tmp_path / "herder.pub"
     receipt.write_text(json.dumps(issued.receipt, indent=2))

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from router import fees, ledger, settlement
-from router.errors import InsufficientFunds, InvalidOffer, JobNotQueued, UnknownJob
-from router.models import (
+from router.core import fees, ledger, settlement
+from router.core.errors import InsufficientFunds, InvalidOffer, JobNotQueued, UnknownJob
+from router.core.models import (
     CANCELLED,
     DONE,
     ESCROW,

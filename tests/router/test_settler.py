@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import redis
 
-from router import ledger, stub
-from router.parts import StoredResult
-from router.request import Submission
-from router.service import HerderService
-from router.settings import HerderSettings
-from router.settler import Settler
+from router.core import ledger
+from router.herder import stub
+from router.core.parts import StoredResult
+from router.core.request import Submission
+from router.core.service import HerderService
+from router.core.settings import HerderSettings
+from router.herder.result_reader import Settler
 
 DEPOSIT = 100_000
 

@@ -43,11 +43,11 @@ from sqlalchemy.orm import Session
 from llama_tasks import signing
 from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
 from llama_tasks.job import MAX_CHOICES
-from router import ledger, operators, settlement
-from router.admission import Submission, admit, as_job, price
-from router.db import make_engine, make_sessionmaker, upgrade
-from router.dispatch import claim
-from router.errors import (
+from router.core import ledger, operators, settlement
+from router.core.admission import Submission, admit, as_job, price
+from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.dispatch import claim
+from router.core.errors import (
     AccountExists,
     BadDeadline,
     InsufficientFee,
@@ -59,7 +59,7 @@ from router.errors import (
     ReferenceConflict,
     UnknownJob,
 )
-from router.models import (
+from router.core.models import (
     CANCELLED,
     DONE,
     ESCROW,
@@ -76,8 +76,8 @@ from router.models import (
     JobRow,
     Transfer,
 )
-from router.settings import HerderSettings
-from router.tokens import TokenCounter
+from router.core.settings import HerderSettings
+from router.herder.tokens import TokenCounter
 
 MODEL = "smollm2"
 #: Small enough that the queue fills and long prompts overflow within a few steps.

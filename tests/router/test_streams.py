@@ -17,7 +17,7 @@ import pytest
 
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import HERD_PREFIX
-from router.errors import StreamRestarted
+from router.core.errors import StreamRestarted
 from tests.processes import wait_for
 from tests.stack import Stack, running_stack
 
@@ -184,7 +184,7 @@ def test_a_late_reader_starts_at_the_newest_attempt(r: Any) -> None:
 
 
 def test_streaming_a_job_cancelled_while_queued_ends_with_its_outcome(stack: Stack, ghost: str) -> None:
-    from router.errors import JobFailed
+    from router.core.errors import JobFailed
 
     _, herder = stack.account(10_000)
     handle = herder.run("Wait for me", tokens=8, model=ghost)

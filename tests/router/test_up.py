@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from router.supervisor import RUN_TOKEN_ENV
-from router.up import port_answers
+from router.local.supervisor import RUN_TOKEN_ENV
+from router.local.up import port_answers
 from tests.processes import ROOT, alive, children, descendants, wait_for
 from tests.stack import free_port
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from router import tasks, webhooks
-from router.errors import BadChannel, WebhookTargetRefused
+from router.herder import tasks
+from router.core import webhooks
+from router.core.errors import BadChannel, WebhookTargetRefused
 
 PUBLIC_V4 = "93.184.216.34"
 SECRET = "whsec-test"
@@ -217,7 +218,7 @@ def test_the_delivery_task_fails_a_refused_target_for_good_without_the_body(monk
         result = tasks.deliver_webhook.apply(args=["job-42"])
     assert result.state == "SUCCESS" and result.result == 0  # not retried, not raised
     assert connected == []
-    refused = [r for r in caplog.records if r.name == "router.tasks"]
+    refused = [r for r in caplog.records if r.name == "router.herder.tasks"]
     assert len(refused) == 1 and "job-42" in refused[0].getMessage() and "refused" in refused[0].getMessage()
     assert completion not in caplog.text
     assert json.dumps(completion) not in caplog.text

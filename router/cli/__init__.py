@@ -1,0 +1,1 @@
+"""The ``llamas`` command line (``router.cli.main:main``); ``python -m router.cli`` runs it too."""

@@ -1,0 +1,195 @@
+"""Admission: validate, quote, and hold the offer — or refuse with nothing held.
+
+Everything that can refuse a request runs before the ledger is touched; the
+hold and the job row are written in the caller's single transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from llama_tasks import engine
+from llama_tasks.job import MAX_SEED, Job
+from router.core import fees, ledger, request, webhooks
+from router.core.errors import InsufficientFee, NoWorkers, QueueFull, ReferenceConflict, RequestTooLarge
+from router.core.models import QUEUED, JobRow
+from router.core.parts import TokenCounting
+from router.core.request import Submission
+from router.core.settings import HerderSettings
+
+#: PostgreSQL advisory lock that makes counting the queue and joining it one step
+#: (above 2**32, so it never meets dispatch's per-model crc32 keys).
+QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
+
+
+def as_job(job_id: str, attempt: int, generation: dict[str, Any], expires_at: float, issued_at: float) -> Job:
+    return Job(job_id=job_id, attempt=attempt, expires_at=expires_at, issued_at=issued_at, **generation)
+
+
+def _size(sub: Submission) -> int:
+    parts = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
+    return len(json.dumps(parts, ensure_ascii=False).encode())
+
+
+def queued_count(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED)) or 0
+
+
+def _lock_queue(session: Session) -> bool:
+    """Hold the queue until commit, so counting it and joining it is one step.
+
+    Without it two PostgreSQL admissions that both count ``max_queue − 1``
+    would both join. SQLite needs nothing (``BEGIN IMMEDIATE`` already
+    serializes writers); returns whether a lock was taken.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
+    return True
+
+
+def _existing(session: Session, account_id: int, sub: Submission) -> JobRow | None:
+    """The job a reused reference already names; a conflict if its parameters differ."""
+    if sub.reference is None:
+        return None
+    existing = session.scalar(
+        select(JobRow).where(JobRow.account_id == account_id, JobRow.reference == sub.reference)
+    )
+    if existing is not None and existing.request_hash != sub.fingerprint():
+        raise ReferenceConflict(sub.reference, existing.id)
+    return existing
+
+
+@dataclass(frozen=True)
+class Priced:
+    """A request's quote and prompt tokens, counted before any transaction opens."""
+
+    quote: int
+    prompt_tokens: int
+
+
+def admit(
+    session: Session,
+    settings: HerderSettings,
+    priced: Priced,
+    api_key: str,
+    sub: Submission,
+    now: float,
+    served: bool = True,
+) -> tuple[JobRow, bool]:
+    """Admit ``sub``, already checked and priced, for the key's account;
+    returns the job and whether it is new.
+
+    A retried reference returns its job even while no worker serves the model
+    (its money is already held); a new request for an unserved model is
+    refused with ``NoWorkers``. Raises an ``AdmissionError``,
+    ``InvalidRequest`` or ``InsufficientFunds`` with nothing held. The caller commits.
+    """
+    account = ledger.account_by_key(session, api_key)
+    request.check_reference(sub)
+    existing = _existing(session, account.id, sub)
+    if existing is not None:
+        return existing, False
+    if not served:
+        raise NoWorkers(sub.model)
+
+    job_id = uuid.uuid4().hex
+    quoted, prompt_tokens = priced.quote, priced.prompt_tokens
+    offered = fees.offer(quoted, sub.fee, sub.multiplier)
+    if offered < quoted:
+        raise InsufficientFee(quoted, offered)
+    if _lock_queue(session):
+        # A concurrent submit of this reference may have committed while we waited.
+        existing = _existing(session, account.id, sub)
+        if existing is not None:
+            return existing, False
+    queued = queued_count(session)
+    if queued >= settings.max_queue:
+        raise QueueFull(queued, settings.max_queue)
+
+    ledger.hold(session, account, offered, job_id)  # InsufficientFunds: nothing held
+    bid = fees.bid_ppm(offered, quoted)
+    row = JobRow(
+        id=job_id,
+        account_id=account.id,
+        reference=sub.reference,
+        request_hash=sub.fingerprint(),
+        model=sub.model,
+        request=json.dumps(_signed_generation(sub)),
+        prompt_tokens=prompt_tokens,
+        max_tokens=sub.max_tokens,
+        n=sub.n,
+        quote=quoted,
+        base_fee=settings.base_fee,
+        fee_per_token=settings.fee_per_token,
+        fee_per_cached_token=settings.cached_token_fee,
+        offered=offered,
+        bid_ppm=bid,
+        priority=priority(bid, now, settings.aging_per_s),
+        state=QUEUED,
+        attempt=0,
+        created_at=now,
+        deadline_at=None if sub.deadline_s is None else now + sub.deadline_s,
+        callback_task=sub.callback_task,
+        # Celery's own default queue when the requester names none.
+        callback_queue=sub.callback_queue or ("celery" if sub.callback_task else None),
+        webhook_url=sub.webhook_url,
+        delivered="",
+    )
+    session.add(row)
+    session.flush()
+    return row, True
+
+
+def price(settings: HerderSettings, counter: TokenCounting, sub: Submission) -> Priced:
+    """The quote and prompt tokens of a request that passes every check but the money.
+
+    Everything that can refuse a request without the ledger happens here —
+    fields, response channels, the webhook's target, the grammar or JSON
+    schema against the model's vocabulary, the context window — so quotes
+    and admissions refuse exactly the same requests.
+    """
+    request.check(sub, settings.max_tokens_cap)
+    size = _size(sub)
+    if size > settings.max_request_bytes:
+        raise RequestTooLarge(size, settings.max_request_bytes)
+    if sub.webhook_url is not None:
+        webhooks.check_target(sub.webhook_url, settings.webhook_allowed)
+    job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
+    prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
+    # Each of the n completions is its own sequence of prompt + max_tokens.
+    engine.check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
+    counter.check_grammar(job)  # BadGrammar now, not in a worker's slot after the hold
+    # Nothing assumed cached: the hold must cover the worst case.
+    quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens, sub.n)
+    return Priced(quoted, prompt_tokens)
+
+
+def _signed_generation(sub: Submission) -> dict[str, Any]:
+    """The generation fields the worker will get, with a seed fixed for the job.
+
+    A job that asks for no seed still gets one of its own, fresh from the OS,
+    so no job's sampling follows another's; and because every attempt of the
+    job uses it, an attempt that runs again after a lost worker reproduces the
+    text already streamed instead of contradicting it.
+    """
+    generation = sub.generation()
+    if generation["seed"] is None:
+        generation["seed"] = secrets.randbelow(MAX_SEED + 1)
+    return generation
+
+
+def priority(bid_ppm: int, created_at: float, aging_per_s: float) -> float:
+    """Ordering key, higher first: the bid, plus aging that favours earlier arrivals.
+
+    ``bid + aging × (t − created_at)`` ranks jobs the same at every ``t``, so
+    the time-invariant part ``bid − aging × created_at`` can be stored once.
+    """
+    return bid_ppm / fees.PPM - aging_per_s * created_at

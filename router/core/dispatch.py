@@ -1,0 +1,112 @@
+"""Dispatch: feed the best queued jobs to free slots, in signed envelopes.
+
+The herd comes from worker heartbeats; the jobs in flight come from SQL.
+Choosing and marking jobs happens in one transaction that concurrent
+dispatchers serialize on (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a
+per-model advisory lock plus ``SKIP LOCKED``), so no job is sent twice and no
+model gets more jobs than it has slots. Messages are sent after the commit:
+if the herder dies in between, the job's lease runs out and it goes again.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from llama_tasks import signing
+from router.core.admission import as_job
+from router.core.models import QUEUED, RUNNING, JobRow
+from router.core.settings import HerderSettings
+
+#: send(job, envelope): puts one envelope on its model's queue.
+Sender = Callable[[JobRow, dict[str, Any]], None]
+#: A claimed attempt and its signed envelope.
+Order = tuple[JobRow, dict[str, Any]]
+
+
+def capacity(herd: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """Slots per model across the live workers."""
+    slots: dict[str, int] = defaultdict(int)
+    for worker in herd:
+        slots[worker["model"]] += int(worker.get("slots", 0))
+    return dict(slots)
+
+
+def _serialize(session: Session, model: str) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(zlib.crc32(model.encode()))))
+
+
+def running_count(session: Session, model: str) -> int:
+    return session.scalar(
+        select(func.count()).select_from(JobRow).where(JobRow.model == model, JobRow.state == RUNNING)
+    ) or 0
+
+
+def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
+    """Mark the best queued jobs of ``model`` as running, up to its free slots."""
+    _serialize(session, model)
+    free = slots - running_count(session, model)
+    if free <= 0:
+        return []
+    query = (
+        select(JobRow)
+        .where(
+            JobRow.model == model,
+            JobRow.state == QUEUED,
+            # Past its deadline a job is the tick's to expire and refund, not to run.
+            or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
+        )
+        .order_by(JobRow.priority.desc(), JobRow.seq)
+        .limit(free)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = list(session.scalars(query))
+    for row in rows:
+        row.state = RUNNING
+        row.attempt += 1
+        row.task_id = uuid.uuid4().hex
+        row.dispatched_at = now
+        row.lease_until = now + settings.lease_s
+        row.worker = None
+    return rows
+
+
+def envelope(row: JobRow, key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The signed work order of a row's current attempt; it expires with the lease."""
+    assert row.lease_until is not None and row.dispatched_at is not None
+    job = as_job(row.id, row.attempt, json.loads(row.request), row.lease_until, row.dispatched_at)
+    return signing.sign(job.to_payload(), key)
+
+
+def orders(rows: list[JobRow], key: Ed25519PrivateKey) -> list[Order]:
+    """The claimed rows with their signed envelopes, to send once the claim has committed."""
+    return [(row, envelope(row, key)) for row in rows]
+
+
+def dispatch(
+    sessions: sessionmaker[Session],
+    settings: HerderSettings,
+    herd: list[dict[str, Any]],
+    key: Ed25519PrivateKey,
+    send: Sender,
+    now: float,
+) -> int:
+    """Send as many jobs as the herd has free slots for; returns how many were sent."""
+    sent = 0
+    for model, slots in capacity(herd).items():
+        with sessions.begin() as session:
+            claimed = orders(claim(session, settings, model, slots, now), key)
+        for row, env in claimed:
+            send(row, env)
+            sent += 1
+    return sent

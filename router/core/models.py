@@ -1,0 +1,244 @@
+"""Tables of the herder's database: accounts, the transfers between them, operators, and jobs.
+
+All tables share ``Base.metadata``; migrations in
+``router/core/migrations/versions`` create them, never ``metadata.create_all``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: The outside world: deposits come from it and withdrawals go to it, so its
+#: balance is minus the money inside the service. The only account that may
+#: go negative.
+WORLD = "world"
+#: Money held for admitted jobs until they settle.
+ESCROW = "escrow"
+#: Fees earned by the service.
+REVENUE = "revenue"
+SYSTEM_ACCOUNTS = (WORLD, ESCROW, REVENUE)
+
+#: Every kind of transfer. ``earn`` moves an operator's share of a job's charge
+#: from escrow to the operator; ``payout`` pays an operator out to the world.
+TRANSFER_KINDS = ("deposit", "withdraw", "hold", "capture", "release", "earn", "payout")
+#: Kinds that move a job's money out of escrow: with ``hold``, they say what a job still holds.
+FROM_HOLD_KINDS = ("capture", "release", "earn")
+
+#: Deterministic constraint names, so later migrations (and SQLite batch
+#: mode, which recreates tables) can refer to them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every herder table."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Account(Base):
+    """A holder of money: a requester (``user``) or one of the service's own."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        CheckConstraint("kind IN ('user', 'system')", name="kind"),
+        # Only the world may go negative: escrow and revenue hold real money.
+        CheckConstraint(
+            f"balance >= 0 OR (kind = 'system' AND name = '{WORLD}')", name="balance_nonnegative"
+        ),
+        CheckConstraint("kind = 'system' OR api_key_hash IS NOT NULL", name="user_has_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    #: sha256 hex of the API key; the key itself is shown once and never stored.
+    api_key_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: Signs webhooks to this requester; must be readable to sign, so stored as is.
+    webhook_secret: Mapped[str] = mapped_column(String(64))
+    #: Smallest money unit. Kept equal to credits minus debits (see ledger.check).
+    balance: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
+    )
+
+    def __repr__(self) -> str:
+        return f"Account(id={self.id!r}, name={self.name!r}, kind={self.kind!r})"
+
+
+class Transfer(Base):
+    """One double-entry movement of ``amount`` from the debit to the credit account."""
+
+    __tablename__ = "transfers"
+    __table_args__ = (
+        CheckConstraint("amount > 0", name="amount_positive"),
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{kind}'" for kind in TRANSFER_KINDS) + ")", name="kind"
+        ),
+        CheckConstraint("debit_account_id <> credit_account_id", name="distinct_accounts"),
+    )
+
+    # SQLite only autoincrements an INTEGER primary key; elsewhere 2**31 transfers is reachable.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    debit_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    credit_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    #: The job a hold, capture, release or earn belongs to; no FK, jobs come later.
+    job_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"Transfer(id={self.id!r}, kind={self.kind!r}, amount={self.amount!r}, "
+            f"{self.debit_account_id!r}->{self.credit_account_id!r}, job_id={self.job_id!r})"
+        )
+
+
+class Operator(Base):
+    """Someone who runs workers and earns a share of what their jobs are charged.
+
+    An operator is an ordinary requester account (it may buy inference with its
+    API key) plus the Ed25519 public key its workers' attestations verify with.
+    """
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: What workers sign as ``operator``; the name of its account too.
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), unique=True)
+    #: Raw Ed25519 public key, base64 (44 characters).
+    public_key: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
+    )
+
+    def __repr__(self) -> str:
+        return f"Operator(id={self.id!r}, name={self.name!r}, account_id={self.account_id!r})"
+
+
+#: Job states. ``queued`` and ``running`` are open; the rest are final.
+QUEUED, RUNNING, DONE, FAILED, EXPIRED, CANCELLED = (
+    "queued", "running", "done", "failed", "expired", "cancelled",
+)
+OPEN_STATES = (QUEUED, RUNNING)
+FINAL_STATES = (DONE, FAILED, EXPIRED, CANCELLED)
+
+
+class JobRow(Base):
+    """One admitted request, from its hold to the end of its life.
+
+    Times are Unix seconds (floats): the queue's ordering key is computed
+    from them, and they are compared with worker clocks in envelopes.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "state IN ('queued', 'running', 'done', 'failed', 'expired', 'cancelled')", name="state"
+        ),
+        CheckConstraint("offered >= quote AND quote > 0", name="offer_covers_quote"),
+        UniqueConstraint("account_id", "reference", name="uq_jobs_account_id_reference"),
+        # The fee market: per model, best effective bid first, then arrival.
+        Index("ix_jobs_queue", "model", "state", "priority", "seq"),
+    )
+
+    # Arrival order; the public id is ``id``.
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    reference: Mapped[str | None] = mapped_column(String(200))
+    #: sha256 of the request's parameters: a reused reference must match it.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(200))
+    #: The generation parameters (prompt or messages, stop, grammar, sampling) as JSON.
+    request: Mapped[str] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    max_tokens: Mapped[int] = mapped_column(Integer)
+    quote: Mapped[int] = mapped_column(BigInteger)
+    #: The prices the quote was made at: a price change never reprices a
+    #: quoted job. NULL only for jobs admitted before migration 0003.
+    base_fee: Mapped[int | None] = mapped_column(BigInteger)
+    fee_per_token: Mapped[int | None] = mapped_column(BigInteger)
+    #: Fee per prompt token a worker reused from its cache, as quoted. NULL only
+    #: for jobs admitted before migration 0004: charged at their ``fee_per_token``.
+    fee_per_cached_token: Mapped[int | None] = mapped_column(BigInteger)
+    #: Completions asked for; the quote covers ``n × max_tokens``.
+    n: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    #: What is held for this job: the requester's offer (raised bids add to it).
+    offered: Mapped[int] = mapped_column(BigInteger)
+    #: offered / quote in millionths: the bid of the fee market.
+    bid_ppm: Mapped[int] = mapped_column(BigInteger)
+    #: Ordering key, higher first: bid + aging × (−created_at); time-invariant.
+    priority: Mapped[float] = mapped_column(Float)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    #: Celery task id of the current attempt; a result must name it.
+    task_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline_at: Mapped[float | None] = mapped_column(Float)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    lease_until: Mapped[float | None] = mapped_column(Float, index=True)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    #: Text and finish reason of the first completion; ``completion_tokens`` sums every completion's.
+    result_text: Mapped[str | None] = mapped_column(Text)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    #: Every completion (index, text, finish reason, recounted tokens, logprobs) as a JSON list;
+    #: NULL for jobs that did not finish, or finished before migration 0004.
+    choices: Mapped[str | None] = mapped_column(Text)
+    #: Prompt tokens the worker reused from its prompt cache (clamped to ``[0, prompt_tokens]``).
+    cached_tokens: Mapped[int | None] = mapped_column(Integer)
+    charged: Mapped[int | None] = mapped_column(BigInteger)
+    refunded: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    #: The operator whose worker produced the settled result, as its signed attestation
+    #: proved; NULL: no verified operator, the whole charge went to the house.
+    operator: Mapped[str | None] = mapped_column(String(200))
+    #: sha256 of the model file the settled result was produced with, as the worker reported it.
+    model_id: Mapped[str | None] = mapped_column(String(64))
+    #: Worker timings of the completed attempt, as JSON.
+    timings: Mapped[str | None] = mapped_column(Text)
+    #: Channels: a Celery task name and queue of the requester, and/or a webhook URL.
+    callback_task: Mapped[str | None] = mapped_column(String(200))
+    callback_queue: Mapped[str | None] = mapped_column(String(200))
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    #: Channels already delivered to, comma-separated: never deliver twice.
+    delivered: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+
+def width(column: str) -> int:
+    """Characters a ``jobs`` string column holds: PostgreSQL refuses longer values."""
+    length = getattr(JobRow.__table__.c[column].type, "length", None)
+    assert isinstance(length, int), f"jobs.{column} has no width"
+    return length

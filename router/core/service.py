@@ -1,0 +1,322 @@
+"""The herder's operations as plain methods: what the Celery tasks and the
+HTTP gateway call.
+
+``HerderService`` is built from its parts (``router.core.parts``): a session
+factory, a token counter, the signing key, a Redis client, a transport, a
+forwarder, a herd source and a clock. Its constructor only stores them;
+``router.herder.wiring.build`` makes the real ones for a process (migrating the
+ledger and loading the key), ``router.herder.stub`` makes in-process ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from llama_tasks import signing
+from llama_tasks.constants import CANCEL_PREFIX
+from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
+from router.core import admission, dispatch, forwarding, info, ledger, metrics, receipts, settlement, views, worker_loss
+from router.core.dispatch import Order
+from router.core.errors import JobNotQueued
+from router.core.models import RUNNING, JobRow
+from router.core.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
+from router.core.request import Submission
+from router.core.settings import HerderSettings
+
+log = logging.getLogger(__name__)
+
+#: A running attempt with no settled result after this long is looked up in the
+#: result store by the tick (its result may never have reached a herder: one
+#: that had read it from the results stream was killed, say).
+RECONCILE_AFTER_S = 5.0
+
+
+class HerderService:
+    """The herder's state for one process and everything it can do."""
+
+    def __init__(self, settings: HerderSettings, *, sessions: sessionmaker[Session], counter: TokenCounting,
+                 key: Ed25519PrivateKey, redis_client: redis.Redis, transport: Transport, forwarder: Forwarder,
+                 herd: HerdSource, clock: Clock = time.time,
+                 read_sessions: sessionmaker[Session] | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        #: For transactions that only read (on SQLite they take no write lock).
+        self.read_sessions = read_sessions or sessions
+        self.counter = counter
+        self.redis = redis_client
+        self.transport = transport
+        self.forwarder = forwarder
+        self._key = key
+        self._herd = herd
+        self._clock = clock
+
+    # --- requests -------------------------------------------------------------
+
+    def submit(self, api_key: str, sub: Submission) -> dict[str, Any]:
+        """Admit a request (or return the job its reference already names) and dispatch.
+
+        The one admission path of the gateway, the client and the CLI: the same
+        checks in the same order, everything but the money before the write
+        transaction opens (so SQLite's single writer is held only for the hold).
+        """
+        try:
+            # Fields, channels, vocabulary and context (``price`` runs every check but the money).
+            priced = admission.price(self.settings, self.counter, sub)
+            # A worker that has just started may be newer than the cached herd: look again before refusing.
+            slots = (dispatch.capacity(self._herd()).get(sub.model, 0)
+                     or dispatch.capacity(self._herd(fresh=True)).get(sub.model, 0))
+            try:
+                doc, orders = self._admit(api_key, sub, priced, slots)
+            except IntegrityError:
+                # A concurrent submit with the same reference won the insert.
+                doc, orders = self._admit(api_key, sub, priced, slots)
+        except LlamasError as exc:
+            self.refused(exc)
+            raise
+        self._send_all(orders)
+        return doc
+
+    def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
+               slots: int) -> tuple[dict[str, Any], list[Order]]:
+        """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
+        now = self._clock()
+        with self.sessions.begin() as session:
+            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0)
+            orders = self._claim(session, sub.model, slots, now) if created else []
+            return views.describe_row(session, row), orders
+
+    def refused(self, exc: LlamasError) -> None:
+        """Count a refusal by its reason, for the metrics."""
+        try:
+            metrics.inc(self.redis, "refusals", label=type(exc).__name__)
+        except redis.RedisError:
+            log.warning("could not count a refusal: Redis is unavailable")
+
+    def quote(self, sub: Submission) -> dict[str, Any]:
+        """What ``sub`` would cost, counted exactly as admission counts it."""
+        priced = admission.price(self.settings, self.counter, sub)
+        return {
+            "model": sub.model,
+            "prompt_tokens": priced.prompt_tokens,
+            "max_tokens": sub.max_tokens,
+            "n": sub.n,
+            "base_fee": self.settings.base_fee,
+            "fee_per_token": self.settings.fee_per_token,
+            "fee_per_cached_token": self.settings.cached_token_fee,
+            "quote": priced.quote,
+        }
+
+    def status(self, api_key: str, job_id: str) -> dict[str, Any]:
+        with self.read_sessions.begin() as session:
+            views.owned(session, api_key, job_id)
+            return views.describe(session, job_id)
+
+    def receipt(self, api_key: str, job_id: str) -> dict[str, Any]:
+        """The signed receipt of one of the key's account's ended jobs (``router.core.receipts``).
+
+        Another account's job is ``UnknownJob``, as in ``status``; an open one
+        is ``JobNotFinished``; a job whose row and ledger disagree is
+        ``ReceiptMismatch`` and gets no signature.
+        """
+        with self.read_sessions.begin() as session:
+            row = views.owned(session, api_key, job_id)
+            payload = receipts.build(session, row, issued_at=self._clock())
+        return signing.sign(payload, self._key)
+
+    def cancel(self, api_key: str, job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one ends now with a full refund; a running one
+        stops at the worker's next step and is charged for what it generated."""
+        try:
+            with self.sessions.begin() as session:
+                account = ledger.account_by_key(session, api_key)
+                delivery = forwarding.claim(session, settlement.cancel(session, account, job_id, self._clock()))
+        except JobNotQueued as exc:
+            if exc.state != RUNNING:
+                raise
+            self.redis.set(CANCEL_PREFIX + job_id, 1, ex=int(self.settings.lease_s) + 60)
+            return self.describe(job_id)
+        self._deliver(delivery)
+        return self.describe(job_id)
+
+    def raise_bid(self, api_key: str, job_id: str, fee: int | None, multiplier: float | None) -> dict[str, Any]:
+        with self.sessions.begin() as session:
+            account = ledger.account_by_key(session, api_key)
+            settlement.raise_bid(session, self.settings, account, job_id, fee, multiplier)
+            return views.describe(session, job_id)
+
+    def jobs(self, api_key: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The account's most recent jobs, newest first."""
+        with self.read_sessions.begin() as session:
+            return views.recent(session, api_key, limit)
+
+    def describe(self, job_id: str) -> dict[str, Any]:
+        """A job's public state: position while queued, the response once final."""
+        with self.read_sessions.begin() as session:
+            return views.describe(session, job_id)
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        """What workers verify this herder's envelopes with."""
+        return self._key.public_key()
+
+    # --- the herd ---------------------------------------------------------------
+
+    def herd(self) -> list[dict[str, Any]]:
+        return self._herd()
+
+    def _send(self, row: JobRow, envelope: dict[str, Any]) -> None:
+        if row.attempt > 1:
+            metrics.inc(self.redis, "redeliveries")
+        self.transport.send(row, envelope)
+
+    def dispatch(self) -> int:
+        return dispatch.dispatch(self.sessions, self.settings, self._herd(), self._key, self._send, self._clock())
+
+    def _claim(self, session: Session, model: str, slots: int, now: float) -> list[Order]:
+        """Claim ``model``'s next jobs for its free slots in the caller's transaction."""
+        return dispatch.orders(dispatch.claim(session, self.settings, model, slots, now), self._key)
+
+    def _send_all(self, orders: list[Order]) -> None:
+        for row, envelope in orders:
+            self._send(row, envelope)
+
+    def on_result(self, task_id: str, doc: dict[str, Any]) -> None:
+        """Settle a completed attempt; ``task_id`` is the one the herder chose for it."""
+        self.on_results([(task_id, doc)])
+
+    def on_results(self, results: list[tuple[str, dict[str, Any]]]) -> int:
+        """Settle completed attempts in one transaction; returns how many were current.
+
+        A batch whose transaction fails (one result the database refuses,
+        say) is settled again one result at a time, so one bad result never
+        holds up the others. What was settled is sent on after the commit.
+        """
+        try:
+            deliveries, orders = self._settle(results)
+        except Exception:
+            if len(results) == 1:
+                raise
+            log.warning("a batch of %d results failed to settle together; settling them one by one", len(results))
+            deliveries, orders = [], []
+            for one in results:
+                try:
+                    settled, claimed = self._settle([one])
+                except Exception as exc:  # logged by type: a result may quote its text
+                    log.error("result for task %s not settled: %s", one[0], type(exc).__name__)
+                    continue
+                deliveries += settled
+                orders += claimed
+        # Feed the freed slots first: forwarding takes longer than dispatching,
+        # and the next jobs should not wait for it.
+        self._send_all(orders)
+        for delivery in deliveries:
+            self._deliver(delivery)
+        return len(deliveries)
+
+    def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> tuple[list[forwarding.Delivery], list[Order]]:
+        """One transaction: charge each current attempt, claim its channels and its slot's next job."""
+        now = self._clock()
+        slots = dispatch.capacity(self._herd())
+        deliveries: list[forwarding.Delivery] = []
+        orders: list[Order] = []
+        models: set[str] = set()
+        with self.sessions.begin() as session:
+            for task_id, doc in results:
+                row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
+                if row is not None:
+                    deliveries.append(forwarding.claim(session, row))
+                    models.add(row.model)
+            for model in sorted(models):
+                orders += self._claim(session, model, slots.get(model, 0), now)
+        return deliveries, orders
+
+    def on_failure(self, task_id: str, exc: BaseException | None) -> None:
+        """An attempt failed: typed refusals end the job, anything else may retry."""
+        retryable = not isinstance(exc, (Rejected, InvalidRequest)) or isinstance(exc, Expired)
+        error = type(exc).__name__ if exc is not None else "UnknownFailure"
+        with self.sessions.begin() as session:
+            row = settlement.fail_attempt(session, self.settings, task_id, error, str(exc), retryable,
+                                          self._clock())
+            delivery = forwarding.claim(session, row) if row is not None else None
+        if delivery is not None:
+            self._deliver(delivery)
+        self.dispatch()
+
+    def tick(self) -> dict[str, int]:
+        """Periodic duties: results that never reached a herder, deadlines, lost workers, leases, dispatch."""
+        settled = self.reconcile()
+        now = self._clock()
+        herd = self._herd()
+        with self.sessions.begin() as session:
+            ended = settlement.expire_deadlines(session, now)
+            lost = worker_loss.lost_attempts(session, self.redis, herd)
+            for attempt in lost:
+                row = settlement.fail_attempt(session, self.settings, attempt.task_id, "WorkerLost",
+                                              "the worker running it stopped", retryable=True, now=now)
+                ended += [row] if row is not None else []
+            ended += settlement.reap_leases(session, self.settings, now)
+            deliveries = [forwarding.claim(session, row) for row in ended]
+        for attempt in lost:
+            worker_loss.close_claim(self.redis, attempt)
+        for delivery in deliveries:
+            self._deliver(delivery)
+        return {"settled": settled, "ended": len(deliveries), "dispatched": self.dispatch()}
+
+    def reconcile(self) -> int:
+        """Settle running attempts whose outcome is already stored but never
+        reached a herder (the one that had read it died, say); returns how many."""
+        cutoff = self._clock() - RECONCILE_AFTER_S
+        with self.read_sessions.begin() as session:
+            task_ids = list(session.scalars(
+                select(JobRow.task_id).where(JobRow.state == RUNNING, JobRow.dispatched_at < cutoff)))
+        found = self.transport.stored_results(t for t in task_ids if t)
+        for task_id, stored in found.items():
+            if stored.state == "done" and stored.document is not None:
+                self.on_result(task_id, stored.document)
+            else:
+                self.on_failure(task_id, stored.error)
+        return len(found)
+
+    # --- forwarding ---------------------------------------------------------------
+
+    def _deliver(self, delivery: forwarding.Delivery) -> None:
+        forwarding.deliver(self.forwarder, delivery)
+
+    def webhook_target(self, job_id: str) -> tuple[str, str, dict[str, Any]]:
+        """URL, secret and response of a job's webhook delivery."""
+        with self.read_sessions.begin() as session:
+            return forwarding.webhook_target(session, job_id)
+
+    # --- Info -------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        herd = self._herd()
+        with self.read_sessions.begin() as session:
+            return info.describe(session, self.settings, self.counter, herd, self._clock())
+
+    def ping_ledger(self) -> None:
+        """Raise if the ledger does not answer."""
+        with self.read_sessions() as session:
+            session.execute(text("SELECT 1"))
+
+
+_service: HerderService | None = None
+_service_pid = 0
+
+
+def get_service(factory: Callable[[], HerderService]) -> HerderService:
+    """This process's service, built on first use (and again after a fork)."""
+    global _service, _service_pid
+    if _service is None or _service_pid != os.getpid():
+        _service, _service_pid = factory(), os.getpid()
+    return _service

@@ -1,0 +1,126 @@
+"""Herder configuration: the one place ``router`` reads the environment.
+
+``HerderSettings`` extends the settings every llamas process shares (same
+``LLAMAS_`` names for Redis, home, context window and time limits), adding
+the herder's own. It carries none of a worker's (model, GPUs, slots,
+threads): ``llamas up``, which starts workers, reads those from
+``llama_tasks.settings``.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from llama_tasks.settings import SharedSettings, exit_on_invalid
+from router.core.fees import PPM
+
+#: The queue the herder's Celery worker consumes.
+HERDER_QUEUE = "herder"
+#: Shares are kept in millionths, an integer, as bids are (``fees.PPM``).
+
+
+class HerderSettings(SharedSettings):
+    """Settings of the herder, the gateway and the ``llamas`` CLI."""
+
+    service_name: str = Field("llamas", description="Name reported by Info.")
+    api_key: str = Field("", description="The CLI's API key (`llamas run`, `llamas jobs`).")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the ledger; empty = SQLite file <home>/ledger.db."
+    )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "NORMAL",
+        description="SQLite ledger only: FULL syncs every commit to disk; NORMAL (WAL) syncs at checkpoints, "
+        "which survives any crash of our processes but may lose the last commits to a power cut or an OS "
+        "crash (books still balance: a lost commit is lost whole). Use PostgreSQL where that matters.",
+    )
+    base_fee: int = Field(1, ge=0, description="Flat fee per request, smallest money unit.")
+    fee_per_token: int = Field(1, ge=0, description="Fee per prompt or completion token.")
+    fee_per_cached_token: int | None = Field(
+        None, ge=0,
+        description="Fee per prompt token a worker reused from its prompt cache, at most "
+        "fee_per_token; unset = fee_per_token. Quotes assume nothing is cached.",
+    )
+    max_queue: int = Field(1000, ge=1, description="Queued jobs past which requests are refused.")
+    aging_per_s: float = Field(
+        0.0, ge=0, description="Multiplier a waiting job's effective bid gains per second."
+    )
+    lease_grace_s: float = Field(
+        30.0, ge=0, description="A dispatched job's lease is the hard time limit plus this."
+    )
+    max_attempts: int = Field(3, ge=1, le=20, description="Dispatches before a job fails.")
+    max_request_bytes: int = Field(
+        256_000, ge=1024, description="Largest request (prompt, messages, grammar) in bytes."
+    )
+    tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
+    response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Per webhook POST.")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
+    webhook_allow_hosts: str = Field(
+        "",
+        description="Comma-separated host names or IP addresses that webhooks may target even though "
+        "they are loopback, link-local or private (refused by default).",
+    )
+    operator_share: Decimal = Field(
+        Decimal("0.8"), ge=0, le=1, allow_inf_nan=False,
+        description="Fraction of each job's charge paid to the operator whose worker produced it (its "
+        "signed result verified); the rest, and everything from workers of no verified operator, goes to "
+        "the house. At most 6 decimal places.",
+    )
+    admin_key: str = Field(
+        "",
+        description="Operator key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
+    )
+
+    @model_validator(mode="after")
+    def _fees_are_positive(self) -> "HerderSettings":
+        # A zero quote would make every bid a division by zero and every job free.
+        if self.base_fee == 0 and self.fee_per_token == 0:
+            raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")
+        # Quotes price every prompt token as uncached: a dearer cached token
+        # could cost more than the hold that was meant to cover the worst case.
+        if self.fee_per_cached_token is not None and self.fee_per_cached_token > self.fee_per_token:
+            raise ValueError("LLAMAS_FEE_PER_CACHED_TOKEN cannot exceed LLAMAS_FEE_PER_TOKEN")
+        return self
+
+    @field_validator("operator_share")
+    @classmethod
+    def _share_in_millionths(cls, value: Decimal) -> Decimal:
+        # Kept as exact millionths, so a share never rounds differently on two herders.
+        if (value * PPM) % 1:
+            raise ValueError(f"LLAMAS_OPERATOR_SHARE={value} has more than 6 decimal places")
+        return value
+
+    @property
+    def operator_share_ppm(self) -> int:
+        """``operator_share`` in millionths: the integer settlement splits charges with."""
+        return int(self.operator_share * PPM)
+
+    @property
+    def cached_token_fee(self) -> int:
+        """The fee per cached prompt token in force: ``fee_per_cached_token``, or ``fee_per_token``."""
+        return self.fee_per_token if self.fee_per_cached_token is None else self.fee_per_cached_token
+
+    @property
+    def webhook_allowed(self) -> set[str]:
+        """Hosts exempt from the private-address refusal, lower-cased."""
+        return {h.strip().lower() for h in self.webhook_allow_hosts.split(",") if h.strip()}
+
+    @property
+    def ledger_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'ledger.db'}"
+
+    @property
+    def lease_s(self) -> float:
+        return self.time_limit_s + self.lease_grace_s
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> HerderSettings:
+    try:
+        return HerderSettings()
+    except ValidationError as exc:
+        raise exit_on_invalid(exc) from None

@@ -1,0 +1,223 @@
+"""How jobs end: settle a result, fail, expire, cancel — each exactly once.
+
+Every function here takes the caller's transaction, locks the job row, and
+acts only if the job is still in the state it expects; a redelivered result,
+a late lease check or a second cancel therefore changes nothing. A finished
+job is charged ``multiplier × actual cost`` (at most its hold) and gets the
+rest back; any other ending returns the whole hold. The actual cost counts
+every completion's tokens, and the prompt tokens a worker reused from its
+cache at the cached-token fee the job was quoted with. When the result's
+attestation proves a registered operator's worker produced it, that
+operator earns ``LLAMAS_OPERATOR_SHARE`` of the charge (rounded down) and the
+house captures the rest; otherwise the house captures it all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from router.core import choices as completions
+from router.core import fees, ledger, operators
+from router.core.admission import priority
+from router.core.errors import InvalidOffer, JobNotQueued, UnknownJob
+from router.core.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
+from router.core.settings import HerderSettings
+from router.core.parts import TokenCounting
+
+log = logging.getLogger(__name__)
+
+
+def _locked(session: Session, **where: Any) -> JobRow | None:
+    query = select(JobRow).filter_by(**where)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def _account(session: Session, account_id: int) -> Account:
+    account = session.get(Account, account_id)
+    assert account is not None  # a foreign key
+    return account
+
+
+def _storable(value: object, column: str | None = None) -> str:
+    """``value`` as text PostgreSQL will store: no NUL, no wider than its column.
+
+    What workers report is stored as it came on SQLite too, so a result that
+    settles on one backend settles on both instead of failing the commit.
+    """
+    text = str(value).replace("\x00", "")
+    return text if column is None else text[: width(column)]
+
+
+def _refund_all(session: Session, row: JobRow, state: str, error: str, message: str, now: float) -> JobRow:
+    held = ledger.held_for(session, row.id)
+    if held:
+        ledger.release(session, _account(session, row.account_id), held, row.id)
+    row.state, row.error, row.error_message = state, _storable(error, "error"), _storable(message)
+    row.charged, row.refunded, row.finished_at = 0, held, now
+    row.lease_until = None
+    return row
+
+
+def settle(session: Session, settings: HerderSettings, counter: TokenCounting, doc: dict[str, Any],
+           now: float) -> JobRow | None:
+    """Charge a completed attempt and record its answer; None if it is not current.
+
+    ``doc`` must already be the authoritative result (read from the result
+    backend by the task id the herder chose), never a message's claim.
+    """
+    task_id = doc.get("task_id")
+    # No task id must not match (``task_id IS NULL`` would lock every queued job).
+    row = _locked(session, task_id=task_id) if isinstance(task_id, str) else None
+    if row is None or row.state != RUNNING or row.id != doc.get("job_id") or row.attempt != doc.get("attempt"):
+        log.info("ignoring result for task %s: not a running attempt", task_id)
+        return None
+    choices, completion = _recount(counter, row, doc)
+    cached = completions.cached_tokens(doc, row.prompt_tokens)
+    # At the prices the job was quoted, whatever the prices are now.
+    base_fee = settings.base_fee if row.base_fee is None else row.base_fee
+    fee_per_token = settings.fee_per_token if row.fee_per_token is None else row.fee_per_token
+    fee_per_cached = fee_per_token if row.fee_per_cached_token is None else row.fee_per_cached_token
+    actual = fees.cost(base_fee, fee_per_token, fee_per_cached, row.prompt_tokens, cached, completion)
+    held = ledger.held_for(session, row.id)
+    charge = min(fees.charge(row.offered, row.quote, actual), held)
+    operator = operators.credited(session, doc, row.id)
+    earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
+    if operator is not None and earned:
+        ledger.earn(session, _account(session, operator.account_id), earned, row.id)
+    if charge - earned:
+        ledger.capture(session, charge - earned, row.id)
+    if held - charge:
+        ledger.release(session, _account(session, row.account_id), held - charge, row.id)
+    row.state, row.finished_at, row.lease_until = DONE, now, None
+    row.result_text, row.finish_reason = choices[0]["text"], choices[0]["finish_reason"]
+    row.completion_tokens, row.cached_tokens = completion, cached
+    row.choices = json.dumps(choices)
+    row.charged, row.refunded = charge, held - charge
+    row.worker = _storable(doc.get("worker", ""), "worker")
+    row.operator = operator.name if operator is not None else None
+    row.model_id = _storable(doc["model_id"], "model_id") if doc.get("model_id") else None
+    row.timings = json.dumps(doc.get("timings", {}))
+    return row
+
+
+def _recount(counter: TokenCounting, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
+    """The result's completions, storable and each with its recounted tokens; and their sum."""
+    logprobs, top_logprobs = completions.asked(row.request)
+    choices = completions.from_result(doc, row.n, logprobs, top_logprobs)
+    for choice in choices:
+        # Recount rather than trust the worker's own count; every token it
+        # generated is paid for, even one the database cannot store (NUL).
+        choice["completion_tokens"] = counter.completion_tokens(row.model, choice["text"])
+        choice["text"] = _storable(choice["text"])
+        choice["finish_reason"] = _storable(choice["finish_reason"], "finish_reason")
+    return choices, sum(c["completion_tokens"] for c in choices)
+
+
+def fail_attempt(session: Session, settings: HerderSettings, task_id: str | None, error: str, message: str,
+                 retryable: bool, now: float) -> JobRow | None:
+    """Handle a failed attempt: queue it again while attempts remain, else fail and refund.
+
+    Returns the row if the job ended (so its requester must be told).
+    """
+    row = _locked(session, task_id=task_id) if isinstance(task_id, str) else None
+    if row is None or row.state != RUNNING:
+        return None
+    if retryable and row.attempt < settings.max_attempts:
+        row.state, row.task_id, row.lease_until = QUEUED, None, None
+        # The message stays out of the log: a worker's error text may quote the request.
+        log.warning("job %s attempt %d failed (%s); queued again", row.id, row.attempt, error)
+        return None
+    return _refund_all(session, row, FAILED, error, message, now)
+
+
+def reap_leases(session: Session, settings: HerderSettings, now: float) -> list[JobRow]:
+    """Running jobs whose lease ran out (their worker vanished): retry or fail."""
+    ended = []
+    # In arrival order, so concurrent reapers lock rows in one order and never deadlock.
+    query = (
+        select(JobRow.task_id)
+        .where(JobRow.state == RUNNING, JobRow.lease_until < now)
+        .order_by(JobRow.seq)
+    )
+    for task_id in list(session.scalars(query)):
+        row = fail_attempt(session, settings, task_id, "LeaseExpired",
+                           "no result before the lease ran out", retryable=True, now=now)
+        if row is not None:
+            ended.append(row)
+    return ended
+
+
+def expire_deadlines(session: Session, now: float) -> list[JobRow]:
+    """Queued jobs whose deadline passed before they started: full refund."""
+    ended = []
+    query = (
+        select(JobRow.id)
+        .where(JobRow.state == QUEUED, JobRow.deadline_at < now)
+        .order_by(JobRow.seq)  # one locking order for concurrent ticks
+    )
+    for job_id in list(session.scalars(query)):
+        row = _locked(session, id=job_id)
+        if row is not None and row.state == QUEUED:
+            ended.append(_refund_all(session, row, EXPIRED, "DeadlineExpired",
+                                     "the deadline passed before the job started", now))
+    return ended
+
+
+def _own_queued(session: Session, account: Account, job_id: str) -> JobRow:
+    row = _locked(session, id=job_id)
+    if row is None or row.account_id != account.id:
+        raise UnknownJob(job_id)
+    if row.state != QUEUED:
+        raise JobNotQueued(job_id, row.state)
+    return row
+
+
+def cancel(session: Session, account: Account, job_id: str, now: float) -> JobRow:
+    """Cancel a queued job of ``account`` with a full refund."""
+    row = _own_queued(session, account, job_id)
+    return _refund_all(session, row, CANCELLED, "Cancelled", "cancelled by the requester", now)
+
+
+def raise_bid(session: Session, settings: HerderSettings, account: Account, job_id: str,
+              fee: int | None, multiplier: float | str | None) -> JobRow:
+    """Raise a queued job's offer to a new total; the difference is held."""
+    row = _own_queued(session, account, job_id)
+    new_offer = fees.offer(row.quote, fee, multiplier)
+    if new_offer <= row.offered:
+        raise InvalidOffer(f"new offer {new_offer} must exceed the current {row.offered}")
+    ledger.hold(session, account, new_offer - row.offered, row.id)
+    row.offered = new_offer
+    row.bid_ppm = fees.bid_ppm(new_offer, row.quote)
+    row.priority = priority(row.bid_ppm, row.created_at, settings.aging_per_s)
+    return row
+
+
+def response(row: JobRow) -> dict[str, Any]:
+    """What every channel receives about a finished job."""
+    return {
+        "job_id": row.id,
+        "reference": row.reference,
+        "status": row.state,
+        "model": row.model,
+        "text": row.result_text,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cached_tokens": row.cached_tokens or 0,
+        "finish_reason": row.finish_reason,
+        "choices": completions.stored(row.choices, row.result_text, row.finish_reason, row.completion_tokens),
+        "offered": row.offered,
+        "charged": row.charged,
+        "refunded": row.refunded,
+        "error": row.error,
+        "message": row.error_message,
+        "attempts": row.attempt,
+        "worker": row.worker,
+        "timings": json.loads(row.timings) if row.timings else {},
+    }

@@ -1,0 +1,242 @@
+"""OpenAI request bodies → ``Submission``: what the gateway honours, and what it refuses.
+
+Every parameter of OpenAI's chat and text completion APIs is either honoured,
+accepted only at the value that asks for nothing (``best_of: 1``, ``echo:
+false``), or refused with a 400 that names it — never silently dropped.
+Values are then checked by the same ``request.check`` as the Python client's.
+
+``n`` and log probabilities are honoured without streaming only: the token
+stream carries one completion's text, so ``stream`` with ``n > 1`` or with
+logprobs is refused by name rather than answered with less than was asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from llama_cpp.llama_grammar import JSON_GBNF
+
+from llama_tasks.errors import InvalidRequest, SamplingOutOfRange
+from llama_tasks.job import DEFAULT_MODEL
+from router.core.errors import MalformedBody, UnsupportedParameter
+from router.core.request import Submission
+
+#: Without max_tokens a request may generate this many tokens.
+DEFAULT_MAX_TOKENS = 256
+#: Most alternatives ``logprobs: N`` may ask for on /v1/completions (OpenAI's legacy limit).
+MAX_LEGACY_LOGPROBS = 5
+
+#: Parameters both endpoints honour, by their OpenAI names (llamas extras included).
+COMMON = frozenset({
+    "model", "max_tokens", "temperature", "top_p", "stop", "stream", "stream_options", "seed", "n", "logprobs",
+    # llamas extras: more sampling, the bid, idempotency, deadline, constrained output.
+    "top_k", "min_p", "repeat_penalty", "multiplier", "fee", "reference", "deadline_s",
+    "grammar", "json_schema",
+})
+CHAT = COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs"}
+COMPLETION = COMMON | {"prompt"}
+
+#: OpenAI parameters accepted only at the value that asks for what we do anyway.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    # On /v1/completions alternatives are asked for with ``logprobs: N``.
+    "top_logprobs": (0,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (False,),
+    "store": (False,),
+}
+#: Why a parameter at another value is refused (shown in the error).
+WHY = {
+    "top_logprobs": "text completions ask for alternatives with logprobs: N (0 to 5)",
+    "tools": "tool calls are not supported",
+    "tool_choice": "tool calls are not supported",
+    "functions": "function calls are not supported",
+    "function_call": "function calls are not supported",
+    "parallel_tool_calls": "tool calls are not supported",
+}
+#: Role names OpenAI's newer models use for what the chat templates call "system".
+ROLE_ALIASES = {"developer": "system"}
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or ``MalformedBody``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedBody(f"the body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(body, dict):
+        raise MalformedBody("the body must be a JSON object")
+    return body
+
+
+def _is_neutral(value: Any, neutral: tuple[Any, ...]) -> bool:
+    # By type as well as value: `true` is not `1`, and `0.0` is `0` only where listed.
+    return value is None or any(type(value) is type(n) and value == n for n in neutral)
+
+
+def _refuse_unhonoured(body: Mapping[str, Any], honoured: frozenset[str]) -> None:
+    for name, value in body.items():
+        if name in honoured:
+            continue
+        if name in NEUTRAL:
+            if _is_neutral(value, NEUTRAL[name]):
+                continue
+            raise UnsupportedParameter(name, WHY.get(name, f"only {NEUTRAL[name][0]!r} is supported"))
+        raise UnsupportedParameter(name, "not a parameter this endpoint supports")
+
+
+def _text_content(i: int, content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"messages[{i}].content must be text or a list of text parts")
+    parts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or set(part) != {"type", "text"}:
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise UnsupportedParameter(f"messages[{i}].content[{j}]", f"only text parts are supported, got {kind!r}")
+        if not isinstance(part["text"], str):
+            raise InvalidRequest(f"messages[{i}].content[{j}].text must be text")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list):
+        raise InvalidRequest("messages must be a list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object")
+        extra = set(m) - {"role", "content"}
+        if extra:
+            raise UnsupportedParameter(f"messages[{i}].{sorted(extra)[0]}", "messages carry only a role and content")
+        role = m.get("role")
+        out.append({"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role,
+                    "content": _text_content(i, m.get("content"))})
+    return out
+
+
+def _response_format(fmt: Any) -> dict[str, Any]:
+    """``grammar``/``json_schema`` fields for OpenAI's ``response_format``."""
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"grammar": JSON_GBNF}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object")
+        return {"json_schema": spec["schema"]}
+    raise InvalidRequest("response_format.type must be text, json_object or json_schema")
+
+
+def _max_tokens(body: Mapping[str, Any]) -> Any:
+    given = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
+    values = list(given.values())
+    if len(values) == 2 and (type(values[0]) is not type(values[1]) or values[0] != values[1]):
+        raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one")
+    return values[0] if values else DEFAULT_MAX_TOKENS
+
+
+def _stream_options(body: Mapping[str, Any]) -> None:
+    if not isinstance(body.get("stream", False), bool):
+        raise InvalidRequest("stream must be true or false")
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict) or set(options) - {"include_usage"} or not isinstance(
+        options.get("include_usage", False), bool
+    ):
+        raise UnsupportedParameter("stream_options", "only include_usage (true or false) is supported")
+
+
+def _legacy_logprobs(value: Any) -> dict[str, Any]:
+    """``logprobs``/``top_logprobs`` fields for /v1/completions' ``logprobs: N`` (N alternatives)."""
+    if value is None or value is False:
+        return {}
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LEGACY_LOGPROBS:
+        raise SamplingOutOfRange("logprobs", value, 0, MAX_LEGACY_LOGPROBS)
+    return {"logprobs": True, "top_logprobs": value}
+
+
+def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields; refused with ``stream``."""
+    names = ("n", "top_logprobs") if chat else ("n",)
+    fields = {name: body[name] for name in names if body.get(name) is not None}
+    if chat:
+        if body.get("logprobs") is not None:
+            fields["logprobs"] = body["logprobs"]
+    else:
+        fields.update(_legacy_logprobs(body.get("logprobs")))
+    if body.get("stream") is True:
+        # The token stream carries one completion's text, and no probabilities.
+        if fields.get("n", 1) != 1:
+            raise UnsupportedParameter("n", "n > 1 is not streamed; ask without stream for several choices")
+        if fields.get("logprobs", False) is not False:
+            raise UnsupportedParameter("logprobs", "log probabilities are not streamed; ask without stream")
+    return fields
+
+
+def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) -> Submission:
+    """The ``Submission`` an OpenAI-style body asks for (checked); typed errors otherwise."""
+    _refuse_unhonoured(body, CHAT if chat else COMPLETION)
+    _stream_options(body)
+    fields: dict[str, Any] = {
+        name: body[name]
+        for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed", "fee", "multiplier",
+                     "reference", "deadline_s", "grammar", "json_schema")
+        if body.get(name) is not None
+    }
+    fields.update(_choices(body, chat))
+    fields["model"] = body.get("model") if body.get("model") is not None else DEFAULT_MODEL
+    fields["max_tokens"] = _max_tokens(body)
+    fields["stop"] = body.get("stop")
+    if chat:
+        if "messages" not in body:
+            raise InvalidRequest("messages is required")
+        fields["messages"] = _messages(body["messages"])
+        constrained = _response_format(body.get("response_format"))
+        if constrained and ("grammar" in fields or "json_schema" in fields):
+            raise InvalidRequest("give response_format or grammar/json_schema, not both")
+        fields.update(constrained)
+    else:
+        if not isinstance(body.get("prompt"), str):
+            raise InvalidRequest("prompt must be one string")
+        fields["prompt"] = body["prompt"]
+    # The bid may also come in headers, for clients that cannot add body fields.
+    if "multiplier" not in fields and headers.get("x-llamas-multiplier") is not None:
+        fields["multiplier"] = headers["x-llamas-multiplier"]
+    if "fee" not in fields and headers.get("x-llamas-fee") is not None:
+        try:
+            fields["fee"] = int(headers["x-llamas-fee"])
+        except ValueError:
+            raise InvalidRequest(f"X-Llamas-Fee must be an integer, got {headers['x-llamas-fee']!r}") from None
+    sub = Submission.from_dict(fields)
+    return sub
+
+
+def openapi_body(chat: bool) -> dict[str, Any]:
+    """The request body's schema for the API docs, built from the tables above."""
+    names = sorted((CHAT if chat else COMPLETION) | set(NEUTRAL))
+    required = ["messages"] if chat else ["prompt"]
+    schema = {"type": "object", "properties": {n: {} for n in names}, "required": required,
+              "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -1,0 +1,142 @@
+"""Our documents in OpenAI's shapes: completions, usage, failed jobs, stream chunks, SSE lines, the model list.
+
+The one place that knows OpenAI's shapes; it returns plain documents (and
+statuses), and the gateway's routers wrap them in responses.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from dataclasses import dataclass
+from typing import Any, cast
+
+from router.core.choices import stored
+
+#: Field of the stream chunk that tells a reader to discard the text so far.
+RESTART_FIELD = "llamas_restart"
+
+
+@dataclass
+class Shapes:
+    """Builds the documents of one chat or text completion."""
+
+    job_id: str
+    model: str
+    chat: bool
+    created: int
+    #: Characters in a text completion's prompt: OpenAI's ``text_offset`` counts from the prompt's start.
+    prompt_chars: int = 0
+
+    def _base(self, kind: str) -> dict[str, Any]:
+        prefix = "chatcmpl" if self.chat else "cmpl"
+        return {"id": f"{prefix}-{self.job_id}", "object": kind, "created": self.created, "model": self.model}
+
+    @property
+    def _chunk_kind(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        if delta:
+            return {"index": 0, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "finish_reason": finish}
+
+    def final(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
+        """The whole completion: every choice (``{index, text, finish_reason, logprobs}``, as stored)."""
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._base(kind), "choices": [self._final_choice(c) for c in choices], "usage": usage}
+
+    def _final_choice(self, choice: dict[str, Any]) -> dict[str, Any]:
+        text, logprobs = choice.get("text") or "", choice.get("logprobs")
+        if self.chat:
+            return {"index": choice["index"], "message": {"role": "assistant", "content": text},
+                    "logprobs": None if logprobs is None else {"content": logprobs},
+                    "finish_reason": choice.get("finish_reason")}
+        return {"index": choice["index"], "text": text,
+                "logprobs": None if logprobs is None else legacy_logprobs(logprobs, self.prompt_chars),
+                "finish_reason": choice.get("finish_reason")}
+
+    def role_chunk(self) -> dict[str, Any]:
+        return {**self._base(self._chunk_kind),
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        return {**self._base(self._chunk_kind), "choices": [self._choice(text, None, True)]}
+
+    def restart_chunk(self, attempt: int) -> dict[str, Any]:
+        """A chunk with no choices that says: the text so far is void, it starts over here.
+
+        Sent only when a worker was lost and the attempt that ran again wrote
+        different text; OpenAI clients see a chunk without choices.
+        """
+        return {**self._base(self._chunk_kind), "choices": [], RESTART_FIELD: {"attempt": attempt}}
+
+    def closing_chunks(self, finish: str, usage: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+        last = {**self._base(self._chunk_kind), "choices": [self._choice(None, finish, True)]}
+        if not include_usage:
+            return [last | {"usage": usage}]
+        return [last, {**self._base(self._chunk_kind), "choices": [], "usage": usage}]
+
+    @staticmethod
+    def sse(doc: dict[str, Any]) -> str:
+        return f"data: {json.dumps(doc)}\n\n"
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], start: int) -> dict[str, Any]:
+    """Chat-style logprob entries in the legacy ``/v1/completions`` shape.
+
+    ``text_offset`` is each token's character offset from the start of the
+    prompt (``start`` characters long). A token that ends inside a character
+    (its bytes are part of one) moves the offset only once the character is whole.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    offsets, offset = [], start
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(decoder.decode(bytes(entry["bytes"])))
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def usage(resp: dict[str, Any]) -> dict[str, Any]:
+    """A final response's token counts and money, as OpenAI's ``usage`` (plus what was offered, charged, refunded)."""
+    # completion_tokens is already the sum over every choice.
+    p, c = resp.get("prompt_tokens") or 0, resp.get("completion_tokens") or 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": resp.get("cached_tokens") or 0},
+            "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
+
+
+def choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
+    """A final response's completions, as stored: ``{index, text, finish_reason, logprobs}`` each."""
+    # A response a herder wrote before choices existed carries one completion's fields.
+    return cast(list[dict[str, Any]], resp.get("choices")) or stored(
+        None, resp.get("text"), resp.get("finish_reason"), resp.get("completion_tokens"))
+
+
+def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed)."""
+    status = {"expired": 408, "cancelled": 409}.get(resp["status"], 500)
+    return status, {"error": {"message": resp.get("message"), "type": resp.get("error"),
+                              "code": resp["status"], "job_id": resp["job_id"]}}
+
+
+def failed_chunk(resp: dict[str, Any]) -> dict[str, Any]:
+    """The stream event that ends a streamed job that did not complete."""
+    return {"error": {"message": resp.get("message"), "type": resp.get("error"), "code": resp["status"]}}
+
+
+def model_list(info: dict[str, Any]) -> dict[str, Any]:
+    """``/v1/models`` from the herder's ``info`` document: every model the herd serves."""
+    return {"object": "list", "data": [
+        {"id": m["name"], "object": "model", "created": 0, "owned_by": info["name"],
+         "llamas_model_id": m["id"], "slots": m["slots"],
+         # The most prompt + max_tokens one request may ask for: one slot's context.
+         "context_length": m["context_per_job"]} for m in info["models"]
+    ]}

@@ -1,0 +1,145 @@
+"""The herder's Celery tasks: thin wrappers over ``HerderService``.
+
+Requests (submit, info, quote, status, receipt, cancel, raise_bid) are answered
+through the result backend; refusals raise the typed errors of
+``router.core.errors``, which the client gets back as the same types.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from llama_tasks import redact
+from llama_tasks.errors import LlamasError
+from router.core import webhooks
+from router.herder import wiring
+from router.herder.app import app
+from router.core.errors import BadChannel
+from router.core.request import Submission
+from router.core.service import HerderService, get_service
+from router.core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# Requests, envelopes and results carry prompts and completions: Celery's own
+# log lines and events in this process must show neither.
+redact.install_log_filter()
+
+
+def service() -> HerderService:
+    """This process's herder, wired on first use (after the fork, in a pool child)."""
+    return get_service(lambda: wiring.build(get_settings(), app))
+
+
+# Expected refusals are returned to the requester, not logged as crashes.
+# Requests and answers hold API keys, prompts and completions: the private
+# Request keeps them out of events and remote control.
+_PRIVATE: dict[str, Any] = dict(Request=redact.PRIVATE_REQUEST)
+_REQUEST: dict[str, Any] = dict(bind=False, throws=(LlamasError,), acks_late=False, **_PRIVATE)
+
+
+@app.task(name="router.submit", **_REQUEST)
+def submit(api_key: str, request: dict[str, Any]) -> dict[str, Any]:
+    return service().submit(api_key, Submission.from_dict(request))
+
+
+@app.task(name="router.quote", **_REQUEST)
+def quote(request: dict[str, Any]) -> dict[str, Any]:
+    return service().quote(Submission.from_dict(request))
+
+
+@app.task(name="router.info", **_REQUEST)
+def info() -> dict[str, Any]:
+    return service().info()
+
+
+@app.task(name="router.status", **_REQUEST)
+def status(api_key: str, job_id: str) -> dict[str, Any]:
+    return service().status(api_key, job_id)
+
+
+@app.task(name="router.receipt", **_REQUEST)
+def receipt(api_key: str, job_id: str) -> dict[str, Any]:
+    return service().receipt(api_key, job_id)
+
+
+@app.task(name="router.jobs", **_REQUEST)
+def jobs(api_key: str, limit: int = 20) -> list[dict[str, Any]]:
+    return service().jobs(api_key, limit)
+
+
+@app.task(name="router.cancel", **_REQUEST)
+def cancel(api_key: str, job_id: str) -> dict[str, Any]:
+    return service().cancel(api_key, job_id)
+
+
+@app.task(name="router.raise_bid", **_REQUEST)
+def raise_bid(api_key: str, job_id: str, fee: int | None = None, multiplier: float | None = None) -> dict[str, Any]:
+    return service().raise_bid(api_key, job_id, fee, multiplier)
+
+
+# Nobody reads what the herder's own callbacks return: storing it would be
+# one more write to the result store per request.
+@app.task(name="router.settle", acks_late=True, ignore_result=True, **_PRIVATE)
+def settle(*claimed: Any) -> None:
+    """Link callbacks that an earlier herder attached to generations still in
+    flight when it was upgraded. Results now travel on the results stream
+    (``router.herder.result_reader``); what such a message claims is never trusted — the
+    tick settles its attempt from the result store.
+    """
+    log.info("settle: a link callback from an earlier herder; the tick settles its attempt from the result store")
+
+
+@app.task(name="router.settle_error", acks_late=True, ignore_result=True, **_PRIVATE)
+def settle_error(task_id: Any) -> None:
+    """Error callback of a generation (Celery passes the failed task's id; the
+    failure is stored before error callbacks run)."""
+    if not isinstance(task_id, str):
+        return
+    stored = service().transport.stored_results([task_id]).get(task_id)
+    if stored is None or stored.state != "failed":
+        log.warning("settle_error: task %s has no stored failure; ignored", task_id)
+        return
+    service().on_failure(task_id, stored.error)
+
+
+# Housekeeping, many times a minute: without events it stays out of Flower,
+# whose task list is for requests (the beat sends no task-sent event either:
+# router.herder.app).
+@app.task(name="router.tick", ignore_result=True, send_events=False, **_PRIVATE)
+def tick() -> dict[str, int]:
+    return service().tick()
+
+
+@app.task(name="router.webhook", bind=True, acks_late=True, max_retries=None, **_PRIVATE)
+def deliver_webhook(self: Task, job_id: str) -> int:
+    """POST a job's signed response to its webhook, retrying with back-off.
+
+    Returns the HTTP status, or 0 when nothing answered or the target was refused.
+    """
+    svc = service()
+    url, secret, response = svc.webhook_target(job_id)
+    try:
+        code = webhooks.post(url, secret, job_id, response, svc.settings.webhook_timeout_s,
+                             svc.settings.webhook_allowed)
+    except BadChannel as exc:
+        # Final (``WebhookTargetRefused``, mostly): retrying would only ask the
+        # same resolver again, and an internal address must never get the POST.
+        log.error("webhook for job %s refused, not delivered: %s", job_id, exc)
+        return 0
+    except OSError as exc:
+        code, detail = 0, f"{type(exc).__name__}: {exc}"
+    else:
+        detail = f"HTTP {code}"
+    if 200 <= code < 300:
+        return code
+    # The host only: a URL's path and query may hold the requester's tokens.
+    host = webhooks.parse_target(url).host
+    if self.request.retries + 1 >= svc.settings.webhook_attempts:
+        log.error("webhook for job %s to %s failed for good: %s", job_id, host, detail)
+        return code
+    log.warning("webhook for job %s to %s failed (%s); retrying", job_id, host, detail)
+    raise self.retry(countdown=min(60, 2 ** self.request.retries))

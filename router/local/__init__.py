@@ -1,0 +1,1 @@
+"""One machine's whole stack: ``llamas up`` / ``llamas down`` and the supervisor behind them."""

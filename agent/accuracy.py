@@ -107,12 +107,12 @@ def generate(local: LocalModel, request: GradingRequest) -> dict[str, Any]:
     job = Job(job_id="accuracy", attempt=1, model=local.name, max_tokens=request.max_tokens, expires_at=0.0,
               issued_at=0.0, prompt=request.prompt, messages=request.messages, grammar=request.grammar,
               temperature=0.0, logprobs=request.top_logprobs > 0, top_logprobs=request.top_logprobs)
-    return response_of(generation.run(local.engine, generation.sequences(local.vocab, job, None)).document())
+    return response_of(generation.run(local.engine, generation.sequences(local.vocab, job, None)))
 
 
-def response_of(document: dict[str, Any]) -> dict[str, Any]:
-    """A worker's result document in the shape the herder forwards (``status``, ``text``, ``choices``)."""
-    return {"status": "done", "text": document["text"], "choices": document["choices"]}
+def response_of(generated: generation.JobResult) -> dict[str, Any]:
+    """A generation in the shape the herder forwards (``status``, ``text``, ``choices``)."""
+    return {"status": "done", "text": generated.first.text, "choices": [c.to_json() for c in generated.as_choices()]}
 
 
 Answer = Callable[[GradingRequest], dict[str, Any]]

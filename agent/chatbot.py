@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
+
 from agent.constants import (
     CHAT_ANSWERED_PREFIX,
     CHAT_INFLIGHT_PREFIX,

@@ -12,7 +12,7 @@ import datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn
 
 import redis
 import typer
@@ -101,7 +101,7 @@ def history(room: str = typer.Argument(..., help="Room to read."),
 
 @world_app.command("replay")
 def replay_file(
-    file: Optional[Path] = typer.Argument(None, help="Messages, one a line: JSON {nick, text} or 'nick: text'. "
+    file: Path | None = typer.Argument(None, help="Messages, one a line: JSON {nick, text} or 'nick: text'. "
                                            "Default: the shipped sample (positive, negative and mixed moods)."),
     room: str = typer.Option("", "--room", "-r", help="Room to play into (default: the agent's room)."),
     pace: float = typer.Option(2.0, "--pace", "-p", min=0.0, max=3600.0, help="Seconds between messages."),
@@ -166,7 +166,7 @@ def status(recent: int = typer.Option(5, "--recent", min=0, max=100, help="Lates
 def accuracy(
     method_name: str = typer.Option("", "--method", "-m",
                                     help="Grading method, or 'all' (default: the agent's, LLAMAS_AGENT_METHOD)."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f",
+    file: Path | None = typer.Option(None, "--file", "-f",
                                         help="Your labelled rooms, one JSON object a line: "
                                              '{"label": "positive|negative|neutral", "messages": '
                                              '[{"nick": …, "text": …}, …]} (optional "room", "split").'),
@@ -209,7 +209,7 @@ def accuracy(
 
 
 def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], verbose: bool,
-             tune: Optional[list[Any]], tuning_rooms: int) -> None:
+             tune: list[Any] | None, tuning_rooms: int) -> None:
     """Measure one method on ``rooms`` and print its summary and confusion matrix.
 
     A probability method is calibrated as the agent would calibrate it: with
@@ -225,7 +225,7 @@ def _measure(acc: Any, local: Any, method: grading.Method, rooms: list[Any], ver
             answers[key] = acc.generate(local, request)
         return answers[key]
 
-    def show(room: Any, text: str, reading: Optional[grading.Reading]) -> None:
+    def show(room: Any, text: str, reading: grading.Reading | None) -> None:
         predicted = reading.label if reading is not None else acc.UNREADABLE
         mark = "[green]ok[/green]" if predicted == room.label else "[red]xx[/red]"
         grade = "" if reading is None else f"grade {reading.grade:.2f} "

@@ -178,7 +178,7 @@ class PaperExchange:
         self.feed = feed
 
     @classmethod
-    def open(cls, url: str, feed: PriceFeed) -> "PaperExchange":
+    def open(cls, url: str, feed: PriceFeed) -> PaperExchange:
         """Connect to the exchange database at ``url``, creating its tables if needed."""
         engine = make_engine(url)
         ExchangeBase.metadata.create_all(engine)
@@ -255,7 +255,7 @@ class PaperExchange:
             return [row.response() for row in rows]
 
 
-def open_paper(settings: "AgentSettings") -> PaperExchange:
+def open_paper(settings: AgentSettings) -> PaperExchange:
     """The configured paper exchange, with the agent's account opened (funded once, on first use)."""
     exchange = PaperExchange.open(settings.exchange_url, FixedPrice(settings.agent_price))
     exchange.open_account(settings.agent_exchange_account,

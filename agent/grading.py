@@ -64,7 +64,7 @@ class GradingRequest:
                            "messages": self.messages, "top_logprobs": self.top_logprobs}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "GradingRequest":
+    def from_json(cls, text: str) -> GradingRequest:
         return cls(**json.loads(text))
 
 

@@ -14,7 +14,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.grading import DEFAULT_METHOD
-from llama_tasks.settings import DEFAULT_MODEL, DEFAULT_REDIS_URL, exit_on_invalid
+from llama_tasks.registry import DEFAULT_MODEL
+from llama_tasks.settings import DEFAULT_REDIS_URL, exit_on_invalid
 
 #: The queue the agent's Celery worker consumes by default.
 AGENT_QUEUE = "agent"
@@ -76,7 +77,7 @@ class AgentSettings(BaseSettings):
                                       description="Terminate symbol: the reply is cut where it first appears.")
 
     @model_validator(mode="after")
-    def _timeouts_are_consistent(self) -> "AgentSettings":
+    def _timeouts_are_consistent(self) -> AgentSettings:
         # A tick declared lost before the herder could even expire it would
         # count an Error for a request that may still be answered and charged.
         if self.agent_response_timeout_s <= self.agent_deadline_s:

@@ -106,7 +106,7 @@ class OutcomeStore:
         self.sessions = sessions
 
     @classmethod
-    def open(cls, url: str) -> "OutcomeStore":
+    def open(cls, url: str) -> OutcomeStore:
         engine = make_engine(url)
         AgentBase.metadata.create_all(engine)
         return cls(make_sessionmaker(engine))

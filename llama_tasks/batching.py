@@ -36,8 +36,15 @@ from llama_cpp import LlamaGrammar
 from llama_cpp import _logger as llama_logger
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
-from llama_tasks import engine
 from llama_tasks.errors import EngineFailed, GenerationTimedOut
+from llama_tasks.job import (
+    DEFAULT_MIN_P,
+    DEFAULT_REPEAT_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    check_fits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +62,11 @@ class SequenceSpec:
     tokens: list[int]
     max_tokens: int
     stops: list[str] = field(default_factory=list)
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
+    repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int = 0
     grammar: LlamaGrammar | None = None
     #: None: no log probabilities; k >= 0: each token's, with its k best alternatives.
@@ -175,7 +182,7 @@ class _Slot:
     seq_id: int
     cached: list[int] = field(default_factory=list)
     last_used: float = 0.0
-    active: "_Active | None" = None
+    active: _Active | None = None
 
 
 class _Active:
@@ -203,12 +210,10 @@ class BatchEngine:
     loaded ``LlamaModel``; ``start()`` creates the context and the thread.
     """
 
-    def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int,
-                 flash_attn: bool = True) -> None:
+    def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model, self.slots, self.n_ctx_per_slot, self.n_threads = model, slots, n_ctx_per_slot, n_threads
-        self.flash_attn = flash_attn
         self._slots = [_Slot(i) for i in range(slots)]
         self._waiting: deque[Ticket] = deque()
         self._lock = threading.Condition()
@@ -221,7 +226,7 @@ class BatchEngine:
         self.steps = 0
 
     @classmethod
-    def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int) -> "BatchEngine":
+    def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int) -> BatchEngine:
         # llama.cpp's own log (every layer, every buffer) only on errors.
         llama_logger.set_verbose(False)
         params = llama_cpp.llama_model_default_params()
@@ -231,7 +236,7 @@ class BatchEngine:
 
     # --- life cycle ----------------------------------------------------------
 
-    def start(self) -> "BatchEngine":
+    def start(self) -> BatchEngine:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.slots * self.n_ctx_per_slot
         params.n_seq_max = self.slots
@@ -241,9 +246,8 @@ class BatchEngine:
         params.n_batch = params.n_ubatch = STEP_TOKENS
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
+        # Flash attention on: the configuration every measurement and test of the engine ran with.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = llama_cpp.llama_init_from_model(self.model.model, params)
         if not self._ctx:
             raise EngineFailed("llama.cpp could not create a context")
@@ -273,7 +277,7 @@ class BatchEngine:
     # --- what callers see ----------------------------------------------------
 
     def submit(self, spec: SequenceSpec) -> Ticket:
-        engine.check_fits(len(spec.tokens), spec.max_tokens, self.n_ctx_per_slot)
+        check_fits(len(spec.tokens), spec.max_tokens, self.n_ctx_per_slot)
         if not spec.tokens:
             raise ValueError("a sequence needs at least one prompt token")
         ticket = Ticket(spec)

@@ -21,7 +21,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from llama_tasks.errors import BadGrammar, ContextOverflow
+from llama_tasks.errors import BadGrammar
 from llama_tasks.job import Job
 from llama_tasks.registry import ModelSpec
 
@@ -76,11 +76,6 @@ def prompt_tokens(llm: Llama, job: Job) -> list[int]:
 def count_completion(llm: Llama, text: str) -> int:
     """Tokens in a completion text: how the herder recounts what it charges for."""
     return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-
-
-def check_fits(n_prompt: int, max_tokens: int, n_ctx: int) -> None:
-    if n_prompt + max_tokens > n_ctx:
-        raise ContextOverflow(n_prompt, max_tokens, n_ctx)
 
 
 def grammar_text(job: Job) -> str | None:

@@ -6,16 +6,17 @@ agent's offline evaluation, tests) run a ``Job`` the same way.
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from llama_cpp import Llama
 
 from llama_tasks import engine
 from llama_tasks.batching import BatchEngine, SequenceResult, SequenceSpec, Ticket
 from llama_tasks.job import MAX_SEED, Job
+from llama_tasks.result import Choice, Result
 
 #: How often a waiting job asks whether it was cancelled, in seconds.
 CANCEL_POLL_S = 0.5
@@ -35,32 +36,30 @@ class JobResult:
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 
-    def document(self) -> dict[str, Any]:
-        """The fields of the task's result that describe the generation."""
+    def as_choices(self) -> tuple[Choice, ...]:
+        return tuple(Choice(index=i, text=c.text, finish_reason=c.finish_reason,
+                            completion_tokens=c.completion_tokens, logprobs=c.logprobs)
+                     for i, c in enumerate(self.choices))
+
+    def result(self, *, task_id: str, job_id: str, attempt: int, model: str, model_id: str, worker: str,
+               load_count: int, queue_wait_s: float) -> Result:
+        """The attempt's ``Result``: these choices, with what identifies the attempt."""
         first = self.first
-        return {
-            "text": first.text,
-            "prompt_tokens": first.prompt_tokens,
-            "cached_tokens": min(c.cached_tokens for c in self.choices),
-            "completion_tokens": self.completion_tokens,
-            "finish_reason": first.finish_reason,
-            "choices": [
-                {
-                    "index": i,
-                    "text": c.text,
-                    "finish_reason": c.finish_reason,
-                    "completion_tokens": c.completion_tokens,
-                    "logprobs": c.logprobs,
-                }
-                for i, c in enumerate(self.choices)
-            ],
-            "timings": {
+        return Result(
+            task_id=task_id, job_id=job_id, attempt=attempt, model=model, model_id=model_id,
+            choices=self.as_choices(),
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=min(c.cached_tokens for c in self.choices),
+            worker=worker, pid=os.getpid(), load_count=load_count,
+            timings={
+                "queue_wait_s": queue_wait_s,
                 "engine_queue_s": first.queue_s,
                 "prompt_s": first.prompt_s,
                 "generation_s": max(c.generation_s for c in self.choices),
                 "tokens_per_s": first.tokens_per_s,
             },
-        }
+        )
 
 
 def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,

@@ -15,11 +15,13 @@ from typing import Any
 from llama_tasks.errors import (
     BadLogprobs,
     BadStop,
+    ContextOverflow,
     EmptyPrompt,
     InvalidMaxTokens,
     InvalidRequest,
     SamplingOutOfRange,
 )
+from llama_tasks.registry import DEFAULT_MODEL
 
 #: Allowed range of each sampling parameter, inclusive.
 SAMPLING_RANGES: dict[str, tuple[float, float]] = {
@@ -29,7 +31,6 @@ SAMPLING_RANGES: dict[str, tuple[float, float]] = {
     "min_p": (0.0, 1.0),
     "repeat_penalty": (0.5, 2.0),
 }
-DEFAULT_MODEL = "smollm2"
 #: max_tokens of a request that names none (the client's and the CLI's default).
 DEFAULT_MAX_TOKENS = 128
 #: Sampling defaults of every request, whoever builds it (client, gateway, herder, worker).
@@ -110,7 +111,7 @@ class Job(Generation):
     issued_at: float
 
     @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> "Job":
+    def from_payload(cls, payload: dict[str, Any]) -> Job:
         known = {f.name for f in fields(cls)}
         unknown = set(payload) - known
         if unknown:
@@ -222,3 +223,9 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
             raise InvalidRequest("json_schema must be plain JSON text (no NaN, Infinity or lone surrogates)") from None
         if size > MAX_GRAMMAR_CHARS:
             raise InvalidRequest(f"json_schema must be at most {MAX_GRAMMAR_CHARS} bytes")
+
+
+def check_fits(n_prompt: int, max_tokens: int, n_ctx: int) -> None:
+    """Refuse a job whose prompt and completion cannot both fit in ``n_ctx`` tokens."""
+    if n_prompt + max_tokens > n_ctx:
+        raise ContextOverflow(n_prompt, max_tokens, n_ctx)

@@ -1,7 +1,8 @@
-"""What operators see of a task: ids, numbers and sizes, never requesters' text.
+"""What the admin and operators see of a task: ids, numbers and sizes, never requesters' text.
 
 Prompts, messages and completions travel in task arguments and results, and
-Celery shows those in three places an operator reads: the worker log (the
+Celery shows those in three places the admin (or an operator running a worker)
+reads: the worker log (the
 ``succeeded``/``raised`` lines of ``celery.app.trace``), task events (Flower's
 task list: ``task-received`` args, ``task-succeeded`` result, ``task-failed``
 exception and traceback) and remote control (``inspect active``). Tasks that

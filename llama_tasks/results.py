@@ -19,7 +19,6 @@ import redis
 
 from llama_tasks.constants import RESULTS_STREAM
 
-
 #: The most entries the stream keeps (roughly) while no herder reads it; older
 #: ones are trimmed, and the herders' tick settles those from the result store.
 MAX_ENTRIES = 100_000

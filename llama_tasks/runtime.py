@@ -127,26 +127,18 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
     try:
         validate(job, ctx.settings.max_tokens_cap)
         specs = generation.sequences(ctx.vocab, job, stream.token, ctx.settings.soft_time_limit_s)
-        result = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
+        generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
         claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
         raise
-    stream.end(result.first.finish_reason)
+    stream.end(generated.first.finish_reason)
     claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
-    doc = result.document()
-    answer = {
-        "task_id": message_id,
-        "job_id": job.job_id,
-        "attempt": job.attempt,
-        "model": ctx.spec.name,
-        "model_id": ctx.spec.model_id,
-        **doc,
-        "worker": worker,
-        "pid": os.getpid(),
-        "load_count": ctx.loads,
-        "timings": {"queue_wait_s": max(0.0, received_at - job.issued_at), **doc["timings"]},
-    }
+    answer = generated.result(
+        task_id=message_id, job_id=job.job_id, attempt=job.attempt, model=ctx.spec.name,
+        model_id=ctx.spec.model_id, worker=worker, load_count=ctx.loads,
+        queue_wait_s=max(0.0, received_at - job.issued_at),
+    ).to_json()
     if ctx.operator is not None:
         # Signed once, here: the stream entry and the task's stored result are this same document.
         answer = ctx.operator.attest_result(answer)

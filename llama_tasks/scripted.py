@@ -2,7 +2,7 @@
 
 For load and scale tests of the herder (``tests/bench/stub_worker.py``) and
 for running a request's whole life in one process (``router.herder.stub``): the
-result has the shape of ``runtime.run_envelope``'s, so the herder settles
+result is a ``Result`` like ``runtime.run_envelope``'s, so the herder settles
 it exactly as it settles a real one (recounting the text's tokens itself).
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import time
 from typing import Any
+
+from llama_tasks.result import Choice, Result
 
 #: What every scripted generation "says".
 SCRIPTED_TEXT = "Llamas hum when they are content."
@@ -21,25 +23,19 @@ def answer(payload: dict[str, Any], task_id: str, worker: str, model_id: str,
     """The result document of a job (``payload`` as signed) that generated ``text`` in no time."""
     received_at = time.time()
     n = int(payload.get("n") or 1)
-    return {
-        "task_id": task_id,
-        "job_id": payload["job_id"],
-        "attempt": payload["attempt"],
-        "model": payload["model"],
-        "model_id": model_id,
-        "text": text,
-        "choices": [{"index": i, "text": text, "finish_reason": "stop", "completion_tokens": 0} for i in range(n)],
-        "prompt_tokens": 0,
-        "completion_tokens": 0,
-        "cached_tokens": 0,
-        "finish_reason": "stop",
-        "worker": worker,
-        "pid": os.getpid(),
-        "load_count": 0,
-        "timings": {
+    return Result(
+        task_id=task_id,
+        job_id=payload["job_id"],
+        attempt=payload["attempt"],
+        model=payload["model"],
+        model_id=model_id,
+        choices=tuple(Choice(index=i, text=text, finish_reason="stop") for i in range(n)),
+        worker=worker,
+        pid=os.getpid(),
+        timings={
             "queue_wait_s": max(0.0, received_at - float(payload.get("issued_at", received_at))),
             "prompt_s": 0.0,
             "generation_s": 0.0,
             "tokens_per_s": 0.0,
         },
-    }
+    ).to_json()

@@ -19,10 +19,11 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llama_tasks.registry import DEFAULT_MODEL
+
 #: The broker URL a fresh laptop gets; only this URL may be served by the
 #: embedded Redis-compatible server when nothing answers on it.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_MODEL = "smollm2"
 #: Slots per worker process. Batching more sequences raises throughput until
 #: the machine's compute is saturated (on 2 cores, 8 at once gave 1.3-1.4× the
 #: sequential rate in tests/bench/results); each slot costs a KV memory of n_ctx tokens.
@@ -57,7 +58,7 @@ class SharedSettings(BaseSettings):
     claim_ttl_s: int = Field(7 * 86400, ge=60, description="How long replay claims are kept.")
 
     @model_validator(mode="after")
-    def _limits_are_consistent(self) -> "SharedSettings":
+    def _limits_are_consistent(self) -> SharedSettings:
         # A message still running when the visibility timeout passes would be
         # delivered a second time and generated twice.
         if self.visibility_timeout_s <= self.time_limit_s:
@@ -129,8 +130,8 @@ class WorkerSettings(SharedSettings):
         return value
 
     @model_validator(mode="after")
-    def _gpus_parse(self) -> "WorkerSettings":
-        self.gpu_ids  # parse early so a typo refuses to start
+    def _gpus_parse(self) -> WorkerSettings:
+        _ = self.gpu_ids  # parse early so a typo refuses to start
         return self
 
     @property
@@ -139,7 +140,7 @@ class WorkerSettings(SharedSettings):
         try:
             return [int(part) for part in self.gpus.split(",") if part.strip()]
         except ValueError:
-            raise ValueError(f"LLAMAS_GPUS must be comma-separated integers, got {self.gpus!r}")
+            raise ValueError(f"LLAMAS_GPUS must be comma-separated integers, got {self.gpus!r}") from None
 
     @property
     def queue(self) -> str:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from llama_tasks.errors import BadSignature, MissingOperatorKey, MissingPublicKey, Unsigned, UnknownSigner
+from llama_tasks.errors import BadSignature, MissingOperatorKey, MissingPublicKey, UnknownSigner, Unsigned
 
 #: The field of a result or heartbeat document that holds its operator's signed attestation.
 ATTESTATION = "attestation"
@@ -122,13 +122,6 @@ def generate_keypair(home: Path) -> tuple[Path, Path]:
     write_private(key_file, private_key)
     pub_file.write_text(encode_public(private_key.public_key()) + "\n")
     return key_file, pub_file
-
-
-def ensure_keypair(home: Path) -> Path:
-    """Create the herder's key pair on first use; return the public key file."""
-    if not (home / "herder.key").exists():
-        generate_keypair(home)
-    return home / "herder.pub"
 
 
 def load_private(key_file: Path) -> Ed25519PrivateKey:

@@ -18,7 +18,6 @@ import redis
 
 from llama_tasks.constants import STREAM_PREFIX
 
-
 #: Longest single blocking read of a stream, in seconds.
 BLOCK_S = 1.0
 
@@ -103,19 +102,6 @@ def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0,
             yield event
             if event["event"] in ("end", "error"):
                 return
-
-
-def collect_text(events: Iterator[dict[str, str]]) -> tuple[str, dict[str, str]]:
-    """Join the token text of the last attempt; return it with the closing event."""
-    text: list[str] = []
-    last: dict[str, str] = {}
-    for event in events:
-        if event["event"] == "start":
-            text = []
-        elif event["event"] == "token":
-            text.append(event["text"])
-        last = event
-    return "".join(text), last
 
 
 class TextFollower:

@@ -39,10 +39,10 @@ def generate(self: Task, envelope: Any) -> dict[str, Any]:
         # The type and its numbers only: messages may quote the request.
         log.warning("task %s refused: %s", self.request.id, redact.describe_error(exc))
         raise
-    timings = doc["timings"]
+    timings, first = doc["timings"], doc["choices"][0]
     log.info(
         "task %s: job %s attempt %d: %d prompt + %d completion tokens (%d chars), %s, %.2fs + %.2fs",
         self.request.id, doc["job_id"], doc["attempt"], doc["prompt_tokens"], doc["completion_tokens"],
-        len(doc["text"]), doc["finish_reason"], timings["prompt_s"], timings["generation_s"],
+        len(first["text"]), first["finish_reason"], timings["prompt_s"], timings["generation_s"],
     )
     return doc

@@ -7,38 +7,27 @@ SSE streaming) and ``/v1/models`` with Bearer API keys, plus ``/info``,
 own assets. It runs inside the herder's trust domain and calls the same
 admission code as the herder's tasks, directly.
 
-The parts live in ``router.gateway``; this module assembles them.
+The parts live in ``router.gateway``; this module wires them to the herder
+process's own service, as the herder's tasks do.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-
-from router.gateway import completions, dashboard, deps, docs, errors, jobs, ops
-from router.gateway.deps import ServiceFactory
-from router.gateway.errors import error_body
 from router.core.preflight import GatewayPreflight
+from router.core.service import HerderService
+from router.gateway.app import create_app
 
-# error_body is re-exported: callers outside the gateway (the chaos tests) import it from here.
-__all__ = ["app", "create_app", "error_body"]
-
-
-def create_app(service_factory: ServiceFactory | None = None) -> FastAPI:
-    """Build the gateway around a ``HerderService`` (the process's own by default)."""
-    # /docs is served from the package's own assets (FastAPI's loads them from a
-    # CDN); /redoc, CDN-only too, is not offered.
-    app = FastAPI(title="llamas", version="1", docs_url=None, redoc_url=None)
-    app.add_middleware(errors.LastResort)
-    deps.install(app, service_factory)
-    errors.install(app)
-    app.include_router(completions.router)
-    app.include_router(jobs.router)
-    app.include_router(ops.router)
-    app.include_router(dashboard.router)
-    docs.install(app)
-    return app
+__all__ = ["app"]
 
 
-app = create_app()
+def _herder_service() -> HerderService:
+    # Imported on first use: router.herder.tasks builds the herder's Celery app
+    # (the gateway sends work through it) when the first request needs it.
+    from router.herder.tasks import service
+
+    return service()
+
+
+app = create_app(_herder_service)
 # Only the process's own gateway checks its key and Redis at start-up (tests build theirs with create_app).
 app.add_middleware(GatewayPreflight)

@@ -19,11 +19,12 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from llama_tasks import redact
-from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from llama_tasks import stream as token_stream
-from llama_tasks.job import DEFAULT_MAX_TOKENS, DEFAULT_MODEL
+from llama_tasks.job import DEFAULT_MAX_TOKENS
+from llama_tasks.registry import DEFAULT_MODEL
 from router.core import fees, request
 from router.core.errors import JobFailed, ResultTimeout, StreamRestarted
+from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.core.request import Submission
 from router.core.settings import HERDER_QUEUE
 
@@ -126,7 +127,7 @@ class Herder:
             webhook: str | None = None, deadline_s: float | None = None, stop: str | list[str] | None = None,
             grammar: str | None = None, json_schema: dict[str, Any] | None = None,
             model: str = DEFAULT_MODEL, n: int = 1, logprobs: bool = False, top_logprobs: int = 0,
-            **sampling: Any) -> "JobHandle":
+            **sampling: Any) -> JobHandle:
         """Pay for one generation; returns its handle at once.
 
         ``n`` asks for that many completions of the prompt (the quote covers
@@ -168,7 +169,7 @@ class Herder:
         """Your most recent jobs, newest first."""
         return self._call("router.jobs", self.api_key, limit, secret=True)
 
-    def job(self, job_id: str) -> "JobHandle":
+    def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, self._call("router.status", self.api_key, job_id, secret=True))
 
     def receipt(self, job_id: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.processes import CeleryProcess, llama_worker
+
 _HOME = Path(tempfile.mkdtemp(prefix="llamas-test-home-"))
 _embedded: Any = None
 
@@ -112,6 +113,28 @@ def redis_url() -> str:
 @pytest.fixture(scope="session")
 def home() -> Path:
     return _HOME
+
+
+@pytest.fixture
+def private_redis_url(redis_url: str) -> Iterator[str]:
+    """Another Redis database, this test's alone and flushed before and after: for code that
+    uses the service's fixed keys (the results stream) where this session's real processes read them."""
+    import redis
+
+    base, own = redis_url.rsplit("/", 1)
+    # The local server's test databases only (its others may hold someone's service); an embedded one is ours.
+    candidates = range(9, 16) if _embedded is None else range(16)
+    for db in (d for d in candidates if str(d) != own):
+        client = redis.Redis.from_url(f"{base}/{db}")
+        if client.set(_SESSION_KEY, os.getpid(), nx=True, ex=3600):
+            client.flushdb()
+            client.set(_SESSION_KEY, os.getpid(), ex=3600)
+            yield f"{base}/{db}"
+            client.flushdb()  # releases it too
+            client.close()
+            return
+        client.close()
+    pytest.fail("no free Redis database for a private one")
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ import redis as redis_lib
 
 from llama_tasks import stream as token_stream
 from router import Herder
-from router.core import ledger
 from router.client import JobHandle
-from router.core.errors import JobNotQueued
+from router.core import ledger
 from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.errors import JobNotQueued
 from router.core.models import JobRow, Transfer
 from tests.processes import ROOT, CeleryProcess, llama_worker
 
@@ -150,7 +150,7 @@ class Stack:
                     break
                 except OSError:
                     if self._gateway.poll() is not None:
-                        raise RuntimeError((self.tmp / "gateway.log").read_text())
+                        raise RuntimeError((self.tmp / "gateway.log").read_text()) from None
                     time.sleep(0.1)
         return f"http://127.0.0.1:{self._gateway_port}"
 

@@ -1,4 +1,4 @@
-"""``llamas accounts …`` and ``llamas ledger check``: the operator's hands on the ledger.
+"""``llamas accounts …`` and ``llamas ledger check``: the admin's hands on the ledger.
 
 Each command upgrades the ledger's schema, runs in one transaction, and
 turns every refusal into one red line and exit status 1.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
-from router.core import ledger
 from router.cli.common import err, ledger_session, out
+from router.core import ledger
 
 accounts_app = typer.Typer(help="Requester accounts: create, fund, pay out, rotate keys.")
 keys_app = typer.Typer(help="API keys of requester accounts.")

@@ -1,7 +1,7 @@
 """The ``llamas`` command line.
 
 Requests (info, quote, run, jobs) go through the broker to the herder, like
-any Python client; operator commands (accounts, ledger, keys, models) work
+any Python client; admin commands (accounts, ledger, keys, models) work
 on local files and the ledger directly. Every refusal or failure is one
 line on stderr and a non-zero exit code, never a traceback.
 
@@ -29,6 +29,7 @@ from rich.text import Text
 
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
+from llama_tasks.registry import DEFAULT_MODEL
 from router.cli.accounts import accounts_app, ledger_app
 from router.cli.common import KEY_OPTION
 from router.cli.common import herder as _herder
@@ -152,7 +153,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
 
 @app.command()
 def quote(prompt: str, tokens: int = typer.Option(128, "--tokens", "-t", help="max_tokens"),
-          model: str = typer.Option("smollm2"),
+          model: str = typer.Option(DEFAULT_MODEL),
           chat: bool = typer.Option(False, help="Send PROMPT as a user chat message."),
           n: int = typer.Option(1, "--n", help="Completions asked for.")) -> None:
     """What a request would cost: base fee + fee per token × (prompt tokens + n × max tokens)."""
@@ -179,7 +180,7 @@ def run(
     multiplier: float | None = typer.Option(None, help="Offer this multiple of the quote (default 1)."),
     deadline: float | None = typer.Option(None, help="Seconds the job may wait in the queue."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
-    model: str = typer.Option("smollm2"),
+    model: str = typer.Option(DEFAULT_MODEL),
     reference: str | None = typer.Option(None, help="Idempotency reference."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the answer."),
     n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; not with --stream)."),

@@ -6,7 +6,6 @@ turns every refusal into one red line and exit status 1 (as ``llamas accounts``)
 
 from __future__ import annotations
 
-
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.markup import escape
@@ -14,8 +13,8 @@ from rich.table import Table
 
 from llama_tasks import signing
 from llama_tasks.settings import operator_key_path
-from router.core import operators
 from router.cli.common import err, fail, ledger_session, out, read_public_key
+from router.core import operators
 from router.core.settings import get_settings
 
 operators_app = typer.Typer(

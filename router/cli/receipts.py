@@ -19,8 +19,8 @@ from rich.markup import escape
 
 from llama_tasks import signing
 from llama_tasks.errors import LlamasError
-from router.core import receipts
 from router.cli.common import KEY_OPTION, err, fail, herder, need_key, read_public_key
+from router.core import receipts
 from router.core.settings import get_settings
 
 receipts_app = typer.Typer(help="Signed receipts of your ended jobs: fetch one, verify one offline.",

@@ -15,13 +15,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from llama_tasks import engine
-from llama_tasks.job import MAX_SEED, Job
-from router.core import fees, ledger, request, webhooks
+from llama_tasks.job import MAX_SEED, check_fits
+from router.core import fees, ledger, queue, request, webhooks
 from router.core.errors import InsufficientFee, NoWorkers, QueueFull, ReferenceConflict, RequestTooLarge
 from router.core.models import QUEUED, JobRow
 from router.core.parts import TokenCounting
-from router.core.request import Submission
+from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 
 #: PostgreSQL advisory lock that makes counting the queue and joining it one step
@@ -29,17 +28,9 @@ from router.core.settings import HerderSettings
 QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
-def as_job(job_id: str, attempt: int, generation: dict[str, Any], expires_at: float, issued_at: float) -> Job:
-    return Job(job_id=job_id, attempt=attempt, expires_at=expires_at, issued_at=issued_at, **generation)
-
-
 def _size(sub: Submission) -> int:
     parts = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
     return len(json.dumps(parts, ensure_ascii=False).encode())
-
-
-def queued_count(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED)) or 0
 
 
 def _lock_queue(session: Session) -> bool:
@@ -110,7 +101,7 @@ def admit(
         existing = _existing(session, account.id, sub)
         if existing is not None:
             return existing, False
-    queued = queued_count(session)
+    queued = queue.queued_count(session)
     if queued >= settings.max_queue:
         raise QueueFull(queued, settings.max_queue)
 
@@ -132,7 +123,7 @@ def admit(
         fee_per_cached_token=settings.cached_token_fee,
         offered=offered,
         bid_ppm=bid,
-        priority=priority(bid, now, settings.aging_per_s),
+        priority=queue.priority(bid, now, settings.aging_per_s),
         state=QUEUED,
         attempt=0,
         created_at=now,
@@ -165,7 +156,7 @@ def price(settings: HerderSettings, counter: TokenCounting, sub: Submission) -> 
     job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
     prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
     # Each of the n completions is its own sequence of prompt + max_tokens.
-    engine.check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
+    check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
     counter.check_grammar(job)  # BadGrammar now, not in a worker's slot after the hold
     # Nothing assumed cached: the hold must cover the worst case.
     quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens, sub.n)
@@ -184,12 +175,3 @@ def _signed_generation(sub: Submission) -> dict[str, Any]:
     if generation["seed"] is None:
         generation["seed"] = secrets.randbelow(MAX_SEED + 1)
     return generation
-
-
-def priority(bid_ppm: int, created_at: float, aging_per_s: float) -> float:
-    """Ordering key, higher first: the bid, plus aging that favours earlier arrivals.
-
-    ``bid + aging × (t − created_at)`` ranks jobs the same at every ``t``, so
-    the time-invariant part ``bid − aging × created_at`` can be stored once.
-    """
-    return bid_ppm / fees.PPM - aging_per_s * created_at

@@ -11,19 +11,17 @@ if the herder dies in between, the job's lease runs out and it goes again.
 from __future__ import annotations
 
 import json
-import uuid
-import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import signing
-from router.core.admission import as_job
-from router.core.models import QUEUED, RUNNING, JobRow
+from router.core import queue
+from router.core.models import JobRow
+from router.core.request import as_job
 from router.core.settings import HerderSettings
 
 #: send(job, envelope): puts one envelope on its model's queue.
@@ -38,47 +36,6 @@ def capacity(herd: Iterable[dict[str, Any]]) -> dict[str, int]:
     for worker in herd:
         slots[worker["model"]] += int(worker.get("slots", 0))
     return dict(slots)
-
-
-def _serialize(session: Session, model: str) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(zlib.crc32(model.encode()))))
-
-
-def running_count(session: Session, model: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(JobRow).where(JobRow.model == model, JobRow.state == RUNNING)
-    ) or 0
-
-
-def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
-    """Mark the best queued jobs of ``model`` as running, up to its free slots."""
-    _serialize(session, model)
-    free = slots - running_count(session, model)
-    if free <= 0:
-        return []
-    query = (
-        select(JobRow)
-        .where(
-            JobRow.model == model,
-            JobRow.state == QUEUED,
-            # Past its deadline a job is the tick's to expire and refund, not to run.
-            or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
-        )
-        .order_by(JobRow.priority.desc(), JobRow.seq)
-        .limit(free)
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    rows = list(session.scalars(query))
-    for row in rows:
-        row.state = RUNNING
-        row.attempt += 1
-        row.task_id = uuid.uuid4().hex
-        row.dispatched_at = now
-        row.lease_until = now + settings.lease_s
-        row.worker = None
-    return rows
 
 
 def envelope(row: JobRow, key: Ed25519PrivateKey) -> dict[str, Any]:
@@ -105,7 +62,7 @@ def dispatch(
     sent = 0
     for model, slots in capacity(herd).items():
         with sessions.begin() as session:
-            claimed = orders(claim(session, settings, model, slots, now), key)
+            claimed = orders(queue.claim(session, settings, model, slots, now), key)
         for row, env in claimed:
             send(row, env)
             sent += 1

@@ -45,13 +45,6 @@ class InsufficientFunds(LedgerError):
     template = "account {account} has {balance}, needs {needed}"
 
 
-class BooksUnbalanced(LedgerError):
-    """Raised when the ledger check finds balances that transfers do not explain."""
-
-    fields = ("problems",)
-    template = "the books do not balance: {problems}"
-
-
 class SystemAccount(LedgerError):
     """Raised when a requester-only operation names a system account (world, escrow, revenue)."""
 
@@ -215,7 +208,7 @@ class WebhookTargetRefused(BadChannel):
     """Raised when a webhook's host is, or resolves to, an address that is not public.
 
     Loopback, link-local, private, multicast, reserved and unspecified
-    addresses are refused unless the operator allows the host
+    addresses are refused unless the admin allows the host
     (``LLAMAS_WEBHOOK_ALLOW_HOSTS``); delivery checks again when it connects.
     """
 

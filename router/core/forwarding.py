@@ -16,9 +16,9 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
-from router.core import settlement
+from router.core import views
 from router.core.errors import UnknownJob
+from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.core.models import Account, JobRow
 from router.core.parts import Forwarder
 
@@ -68,7 +68,7 @@ class Delivery:
 def claim(session: Session, row: JobRow) -> Delivery:
     """Claim the job's undelivered channels in the caller's transaction."""
     todo = [c for c in channels(row) if take(session, row.id, c)]
-    return Delivery(row.id, settlement.response(row), todo, (row.callback_task, row.callback_queue),
+    return Delivery(row.id, views.response(row), todo, (row.callback_task, row.callback_queue),
                     (row.created_at, row.dispatched_at, row.finished_at))
 
 
@@ -90,4 +90,4 @@ def webhook_target(session: Session, job_id: str) -> tuple[str, str, dict[str, A
         raise UnknownJob(job_id)
     account = session.get(Account, row.account_id)
     assert account is not None
-    return row.webhook_url, account.webhook_secret, settlement.response(row)
+    return row.webhook_url, account.webhook_secret, views.response(row)

@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from router.core import admission, dispatch, fees
-from router.core.models import DONE, QUEUED, RUNNING, JobRow
+from router.core import dispatch, fees, queue
+from router.core.models import DONE, RUNNING, JobRow
 from router.core.parts import TokenCounting
 from router.core.settings import HerderSettings
 
@@ -44,10 +44,7 @@ def discovery(session: Session, settings: HerderSettings, total_slots: int, runn
     job_s = _job_seconds(session)
     table = []
     for m in DISCOVERY_MULTIPLIERS:
-        p = admission.priority(int(m * fees.PPM), now, settings.aging_per_s)
-        ahead = session.scalar(
-            select(func.count()).select_from(JobRow).where(JobRow.state == QUEUED, JobRow.priority >= p)
-        ) or 0
+        ahead = queue.at_least(session, queue.priority(int(m * fees.PPM), now, settings.aging_per_s))
         wait = None
         if job_s is not None and total_slots:
             # Jobs ahead drain through every slot; a full herd frees one slot per job_s/slots.
@@ -87,7 +84,7 @@ def describe(session: Session, settings: HerderSettings, counter: TokenCounting,
         "fee_per_token": now_prices["fee_per_token"],
         "fee_per_cached_token": now_prices["fee_per_cached_token"],
         "last_multiplier": now_prices["last_multiplier"],
-        "queue_length": admission.queued_count(session),
+        "queue_length": queue.queued_count(session),
         "running": now_prices["running"],
         "models": models,
         "herd": [{k: w.get(k) for k in ("worker", "model", "slots", "busy", "gpus", "n_ctx")} for w in herd],

@@ -13,8 +13,8 @@ before it is changed and two concurrent spenders cannot both pass a check.
 from __future__ import annotations
 
 import hashlib
-import weakref
 import secrets
+import weakref
 from typing import Any, Literal, cast
 
 from sqlalchemy import Connection, CursorResult, case, func, select, update
@@ -22,7 +22,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
-from router.core.fees import MAX_AMOUNT
 from router.core.errors import (
     AccountExists,
     HoldExceeded,
@@ -32,6 +31,7 @@ from router.core.errors import (
     SystemAccount,
     UnknownAccount,
 )
+from router.core.fees import MAX_AMOUNT
 from router.core.models import ESCROW, FROM_HOLD_KINDS, REVENUE, SYSTEM_ACCOUNTS, WORLD, Account, Transfer
 
 TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release", "earn", "payout"]

@@ -6,6 +6,7 @@ All tables share ``Base.metadata``; migrations in
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 from sqlalchemy import (
@@ -205,12 +206,10 @@ class JobRow(Base):
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     lease_until: Mapped[float | None] = mapped_column(Float, index=True)
     finished_at: Mapped[float | None] = mapped_column(Float)
-    #: Text and finish reason of the first completion; ``completion_tokens`` sums every completion's.
-    result_text: Mapped[str | None] = mapped_column(Text)
+    #: The sum of every completion's recounted tokens.
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    finish_reason: Mapped[str | None] = mapped_column(String(32))
-    #: Every completion (index, text, finish reason, recounted tokens, logprobs) as a JSON list;
-    #: NULL for jobs that did not finish, or finished before migration 0004.
+    #: Every completion (``llama_tasks.result.Choice``: index, text, finish reason, recounted
+    #: tokens, logprobs) as a JSON list, choice 0 first; NULL for jobs that did not complete.
     choices: Mapped[str | None] = mapped_column(Text)
     #: Prompt tokens the worker reused from its prompt cache (clamped to ``[0, prompt_tokens]``).
     cached_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -235,6 +234,16 @@ class JobRow(Base):
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+    @property
+    def completion_text(self) -> str | None:
+        """The first completion's text; None for a job that did not complete."""
+        return json.loads(self.choices)[0]["text"] if self.choices else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the first completion stopped; None for a job that did not complete."""
+        return json.loads(self.choices)[0]["finish_reason"] if self.choices else None
 
 
 def width(column: str) -> int:

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llama_tasks import signing
-from llama_tasks.errors import BadSignature, Unsigned, UnknownSigner
+from llama_tasks.errors import BadSignature, UnknownSigner, Unsigned
 from router.core import fees
 from router.core.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch
 from router.core.models import FINAL_STATES, Account, JobRow, Transfer

@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from llama_tasks.errors import InvalidRequest
-from llama_tasks.job import Generation, check_text, validate
+from llama_tasks.job import Generation, Job, check_text, validate
 from router.core.errors import BadChannel, BadDeadline, BadReference, InvalidOffer
 
 #: Longest reference, callback task or queue, and webhook URL: the widths of
@@ -46,7 +46,7 @@ class Submission(Generation):
     deadline_s: float | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Submission":
+    def from_dict(cls, data: dict[str, Any]) -> Submission:
         if not isinstance(data, dict):
             raise InvalidRequest("a request must be a JSON object")
         unknown = set(data) - {f.name for f in fields(cls)}
@@ -129,3 +129,8 @@ def check(sub: Submission, max_tokens_cap: int | None = None) -> None:
     _check_channels(sub)
     _check_deadline(sub.deadline_s)
     _check_offer(sub)
+
+
+def as_job(job_id: str, attempt: int, generation: dict[str, Any], expires_at: float, issued_at: float) -> Job:
+    """The ``Job`` of a stored generation (``Submission.generation()``) for one attempt."""
+    return Job(job_id=job_id, attempt=attempt, expires_at=expires_at, issued_at=issued_at, **generation)

@@ -25,7 +25,19 @@ from sqlalchemy.orm import Session, sessionmaker
 from llama_tasks import signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
-from router.core import admission, dispatch, forwarding, info, ledger, metrics, receipts, settlement, views, worker_loss
+from router.core import (
+    admission,
+    dispatch,
+    forwarding,
+    info,
+    ledger,
+    metrics,
+    queue,
+    receipts,
+    settlement,
+    views,
+    worker_loss,
+)
 from router.core.dispatch import Order
 from router.core.errors import JobNotQueued
 from router.core.models import RUNNING, JobRow
@@ -184,7 +196,7 @@ class HerderService:
 
     def _claim(self, session: Session, model: str, slots: int, now: float) -> list[Order]:
         """Claim ``model``'s next jobs for its free slots in the caller's transaction."""
-        return dispatch.orders(dispatch.claim(session, self.settings, model, slots, now), self._key)
+        return dispatch.orders(queue.claim(session, self.settings, model, slots, now), self._key)
 
     def _send_all(self, orders: list[Order]) -> None:
         for row, envelope in orders:

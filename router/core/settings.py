@@ -72,11 +72,11 @@ class HerderSettings(SharedSettings):
     )
     admin_key: str = Field(
         "",
-        description="Operator key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
+        description="Admin key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
     )
 
     @model_validator(mode="after")
-    def _fees_are_positive(self) -> "HerderSettings":
+    def _fees_are_positive(self) -> HerderSettings:
         # A zero quote would make every bid a division by zero and every job free.
         if self.base_fee == 0 and self.fee_per_token == 0:
             raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")

@@ -21,15 +21,17 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from router.core import choices as completions
-from router.core import fees, ledger, operators
-from router.core.admission import priority
+from llama_tasks.result import Choice, Result
+from router.core import fees, ledger, operators, queue
 from router.core.errors import InvalidOffer, JobNotQueued, UnknownJob
 from router.core.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
-from router.core.settings import HerderSettings
 from router.core.parts import TokenCounting
+from router.core.settings import HerderSettings
 
 log = logging.getLogger(__name__)
+
+#: The longest finish reason kept: a worker's word, stored as it came up to this.
+FINISH_REASON_CHARS = 32
 
 
 def _locked(session: Session, **where: Any) -> JobRow | None:
@@ -72,14 +74,15 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     ``doc`` must already be the authoritative result (read from the result
     backend by the task id the herder chose), never a message's claim.
     """
-    task_id = doc.get("task_id")
+    result = Result.from_json(doc)
     # No task id must not match (``task_id IS NULL`` would lock every queued job).
-    row = _locked(session, task_id=task_id) if isinstance(task_id, str) else None
-    if row is None or row.state != RUNNING or row.id != doc.get("job_id") or row.attempt != doc.get("attempt"):
-        log.info("ignoring result for task %s: not a running attempt", task_id)
+    row = _locked(session, task_id=result.task_id) if result.task_id else None
+    if row is None or row.state != RUNNING or row.id != result.job_id or row.attempt != result.attempt:
+        log.info("ignoring result for task %s: not a running attempt", result.task_id)
         return None
-    choices, completion = _recount(counter, row, doc)
-    cached = completions.cached_tokens(doc, row.prompt_tokens)
+    choices = _recount(counter, row, result)
+    completion = sum(c.completion_tokens for c in choices)
+    cached = min(result.cached_tokens, row.prompt_tokens)
     # At the prices the job was quoted, whatever the prices are now.
     base_fee = settings.base_fee if row.base_fee is None else row.base_fee
     fee_per_token = settings.fee_per_token if row.fee_per_token is None else row.fee_per_token
@@ -87,6 +90,7 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     actual = fees.cost(base_fee, fee_per_token, fee_per_cached, row.prompt_tokens, cached, completion)
     held = ledger.held_for(session, row.id)
     charge = min(fees.charge(row.offered, row.quote, actual), held)
+    # The attestation signs the document as the worker sent it, not as read.
     operator = operators.credited(session, doc, row.id)
     earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
     if operator is not None and earned:
@@ -96,28 +100,39 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     if held - charge:
         ledger.release(session, _account(session, row.account_id), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
-    row.result_text, row.finish_reason = choices[0]["text"], choices[0]["finish_reason"]
     row.completion_tokens, row.cached_tokens = completion, cached
-    row.choices = json.dumps(choices)
+    row.choices = json.dumps([c.to_json() for c in choices])
     row.charged, row.refunded = charge, held - charge
-    row.worker = _storable(doc.get("worker", ""), "worker")
+    row.worker = _storable(result.worker, "worker")
     row.operator = operator.name if operator is not None else None
-    row.model_id = _storable(doc["model_id"], "model_id") if doc.get("model_id") else None
-    row.timings = json.dumps(doc.get("timings", {}))
+    row.model_id = _storable(result.model_id, "model_id") if result.model_id else None
+    row.timings = json.dumps(result.timings)
     return row
 
 
-def _recount(counter: TokenCounting, row: JobRow, doc: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
-    """The result's completions, storable and each with its recounted tokens; and their sum."""
-    logprobs, top_logprobs = completions.asked(row.request)
-    choices = completions.from_result(doc, row.n, logprobs, top_logprobs)
-    for choice in choices:
-        # Recount rather than trust the worker's own count; every token it
-        # generated is paid for, even one the database cannot store (NUL).
-        choice["completion_tokens"] = counter.completion_tokens(row.model, choice["text"])
-        choice["text"] = _storable(choice["text"])
-        choice["finish_reason"] = _storable(choice["finish_reason"], "finish_reason")
-    return choices, sum(c["completion_tokens"] for c in choices)
+def _asked(request_json: str) -> tuple[bool, int]:
+    """``(logprobs, top_logprobs)`` of a job's stored generation fields."""
+    request = json.loads(request_json)
+    top = request.get("top_logprobs", 0)
+    return request.get("logprobs") is True, top if isinstance(top, int) and not isinstance(top, bool) else 0
+
+
+def _recount(counter: TokenCounting, row: JobRow, result: Result) -> list[Choice]:
+    """The first ``n`` completions, storable, each with its recounted tokens and only the logprobs asked for."""
+    logprobs, top_logprobs = _asked(row.request)
+    return [
+        Choice(
+            index=choice.index,
+            text=_storable(choice.text),
+            finish_reason=_storable(choice.finish_reason)[:FINISH_REASON_CHARS],
+            # Recounted rather than the worker's own count; every token of the text as generated
+            # is paid for, even one the database cannot store (NUL).
+            completion_tokens=counter.completion_tokens(row.model, choice.text),
+            logprobs=[entry | {"top_logprobs": entry["top_logprobs"][:top_logprobs]} for entry in choice.logprobs]
+            if logprobs and choice.logprobs is not None else None,
+        )
+        for choice in result.choices[: max(row.n, 1)]
+    ]
 
 
 def fail_attempt(session: Session, settings: HerderSettings, task_id: str | None, error: str, message: str,
@@ -195,29 +210,5 @@ def raise_bid(session: Session, settings: HerderSettings, account: Account, job_
     ledger.hold(session, account, new_offer - row.offered, row.id)
     row.offered = new_offer
     row.bid_ppm = fees.bid_ppm(new_offer, row.quote)
-    row.priority = priority(row.bid_ppm, row.created_at, settings.aging_per_s)
+    row.priority = queue.priority(row.bid_ppm, row.created_at, settings.aging_per_s)
     return row
-
-
-def response(row: JobRow) -> dict[str, Any]:
-    """What every channel receives about a finished job."""
-    return {
-        "job_id": row.id,
-        "reference": row.reference,
-        "status": row.state,
-        "model": row.model,
-        "text": row.result_text,
-        "prompt_tokens": row.prompt_tokens,
-        "completion_tokens": row.completion_tokens,
-        "cached_tokens": row.cached_tokens or 0,
-        "finish_reason": row.finish_reason,
-        "choices": completions.stored(row.choices, row.result_text, row.finish_reason, row.completion_tokens),
-        "offered": row.offered,
-        "charged": row.charged,
-        "refunded": row.refunded,
-        "error": row.error,
-        "message": row.error_message,
-        "attempts": row.attempt,
-        "worker": row.worker,
-        "timings": json.loads(row.timings) if row.timings else {},
-    }

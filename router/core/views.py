@@ -1,13 +1,15 @@
-"""What requesters see of their jobs: one job's public state, their recent jobs."""
+"""What requesters see of their jobs: one job's public state, the response every channel gets, their recent jobs."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from router.core import fees, ledger, settlement
+from llama_tasks.result import Choice
+from router.core import fees, ledger, queue
 from router.core.errors import UnknownJob
 from router.core.models import FINAL_STATES, QUEUED, JobRow
 
@@ -22,19 +24,6 @@ def owned(session: Session, api_key: str, job_id: str) -> JobRow:
     if row is None or row.account_id != account.id:
         raise UnknownJob(job_id)
     return row
-
-
-def position(session: Session, row: JobRow) -> int:
-    """1 + the queued jobs of the same model that go before this one."""
-    ahead = session.scalar(
-        select(func.count()).select_from(JobRow).where(
-            JobRow.model == row.model,
-            JobRow.state == QUEUED,
-            or_(JobRow.priority > row.priority,
-                and_(JobRow.priority == row.priority, JobRow.seq < row.seq)),
-        )
-    ) or 0
-    return ahead + 1
 
 
 def describe(session: Session, job_id: str) -> dict[str, Any]:
@@ -59,11 +48,11 @@ def describe_row(session: Session, row: JobRow) -> dict[str, Any]:
         "offered": row.offered,
         "multiplier": row.bid_ppm / fees.PPM,
         "attempt": row.attempt,
-        "position": position(session, row) if row.state == QUEUED else 0,
+        "position": queue.position(session, row) if row.state == QUEUED else 0,
         "created_at": row.created_at,
     }
     if row.state in FINAL_STATES:
-        doc["response"] = settlement.response(row)
+        doc["response"] = response(row)
     return doc
 
 
@@ -81,3 +70,34 @@ def recent(session: Session, api_key: str, limit: int) -> list[dict[str, Any]]:
          "created_at": r.created_at, "finished_at": r.finished_at}
         for r in rows
     ]
+
+
+def completions(row: JobRow) -> list[Choice]:
+    """A finished job's completions as settled (none for a job that did not complete)."""
+    return [Choice(**c) for c in json.loads(row.choices)] if row.choices else []
+
+
+def response(row: JobRow) -> dict[str, Any]:
+    """What every channel receives about a finished job (``text`` and ``finish_reason`` are choice 0's)."""
+    choices = [c.to_json() for c in completions(row)]
+    first = choices[0] if choices else {"text": None, "finish_reason": None}
+    return {
+        "job_id": row.id,
+        "reference": row.reference,
+        "status": row.state,
+        "model": row.model,
+        "text": first["text"],
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "cached_tokens": row.cached_tokens or 0,
+        "finish_reason": first["finish_reason"],
+        "choices": choices,
+        "offered": row.offered,
+        "charged": row.charged,
+        "refunded": row.refunded,
+        "error": row.error,
+        "message": row.error_message,
+        "attempts": row.attempt,
+        "worker": row.worker,
+        "timings": json.loads(row.timings) if row.timings else {},
+    }

@@ -10,7 +10,7 @@ loopback, link-local, private, multicast, reserved or unspecified address is
 refused at admission (``check_target``) and again at delivery, where ``post``
 resolves the host once, checks every address and connects to a checked one
 (so a DNS answer that changes in between cannot redirect the POST inside).
-Hosts the operator allows (``LLAMAS_WEBHOOK_ALLOW_HOSTS``) skip the check.
+Hosts the admin allows (``LLAMAS_WEBHOOK_ALLOW_HOSTS``) skip the check.
 """
 
 from __future__ import annotations

@@ -13,12 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from router.core.request import Submission
+from router.core.service import HerderService
 from router.gateway import openai_request, openai_shapes
 from router.gateway.deps import ApiKey, AsyncRedis, Service
 from router.gateway.errors import openai_error
 from router.gateway.waiting import AdmittedJob
-from router.core.request import Submission
-from router.core.service import HerderService
 
 router = APIRouter()
 

@@ -1,6 +1,6 @@
 """The live dashboard: ``/dashboard``, its sign-in and its stream of snapshots (server-sent events).
 
-Who signs in decides what they see: the operator's key (``LLAMAS_ADMIN_KEY``)
+Who signs in decides what they see: the admin key (``LLAMAS_ADMIN_KEY``)
 opens the whole marketplace, a requester's API key their own account only.
 The key travels once, in the sign-in's body, and is then kept in an
 ``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/dashboard``: page
@@ -24,13 +24,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session
 
-from router.gateway import snapshot as dashboard
 from router.core import ledger, operators
 from router.core.errors import UnknownAccount
-from router.gateway.deps import Service, is_admin_key
-from router.gateway.docs import STATIC_DIR
 from router.core.models import Account
 from router.core.service import HerderService
+from router.gateway import snapshot as dashboard
+from router.gateway.deps import Service, is_admin_key
+from router.gateway.docs import STATIC_DIR
 
 #: The cookie that carries the signed-in key.
 COOKIE = "llamas_dashboard"
@@ -40,11 +40,11 @@ router = APIRouter(prefix=PATH, include_in_schema=False)
 
 
 class SignIn(BaseModel):
-    key: str = Field(min_length=1, max_length=500, description="The operator's key or a requester's API key.")
+    key: str = Field(min_length=1, max_length=500, description="The admin key or a requester's API key.")
 
 
 def _identify(session: Session, svc: HerderService, key: str) -> Account | None:
-    """None for the operator's key, the account for a requester's; ``UnknownAccount`` otherwise."""
+    """None for the admin key, the account for a requester's; ``UnknownAccount`` otherwise."""
     if is_admin_key(svc, key):
         return None
     return ledger.account_by_key(session, key)
@@ -52,14 +52,14 @@ def _identify(session: Session, svc: HerderService, key: str) -> Account | None:
 
 @dataclass
 class _Parts:
-    """This app's memory of the herd, cached ledger verdict and latest operator snapshot (one
+    """This app's memory of the herd, cached ledger verdict and latest admin snapshot (one
     per app: tests build several)."""
 
     memory: dashboard.HerdMemory
     books: dashboard.BooksCache = field(default_factory=dashboard.BooksCache)
-    #: The operator's view is the same for every operator tab: built once a period, not once a tab.
-    operator_doc: dict[str, Any] | None = None
-    operator_at: float = float("-inf")
+    #: The admin's view is the same for every admin tab: built once a period, not once a tab.
+    admin_doc: dict[str, Any] | None = None
+    admin_at: float = float("-inf")
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -71,7 +71,7 @@ def _parts(app: FastAPI, svc: HerderService) -> _Parts:
 
 
 def snapshot(app: FastAPI, svc: HerderService, key: str) -> dict[str, Any]:
-    """What ``key`` may see now (the key is checked every time, the operator's view shared)."""
+    """What ``key`` may see now (the key is checked every time, the admin's view shared)."""
     parts = _parts(app, svc)
     herd = svc.herd()
     with svc.read_sessions.begin() as session:
@@ -80,12 +80,12 @@ def snapshot(app: FastAPI, svc: HerderService, key: str) -> dict[str, Any]:
             return dashboard.requester_view(session, svc.settings, herd, account)
         with parts.lock:
             now = time.time()
-            if parts.operator_doc is None or now - parts.operator_at >= dashboard.DEFAULT_PERIOD_S:
+            if parts.admin_doc is None or now - parts.admin_at >= dashboard.DEFAULT_PERIOD_S:
                 keys = operators.public_keys(session)
                 workers = parts.memory.observe([dashboard.attributed(w, keys, now) for w in herd], now)
-                parts.operator_doc = dashboard.operator_view(session, svc.settings, herd, workers, parts.books, now)
-                parts.operator_at = now
-            return parts.operator_doc
+                parts.admin_doc = dashboard.admin_view(session, svc.settings, herd, workers, parts.books, now)
+                parts.admin_at = now
+            return parts.admin_doc
 
 
 def _who(session_key: str | None) -> str:
@@ -104,7 +104,7 @@ async def sign_in(body: SignIn, request: Request, svc: Service) -> JSONResponse:
     def check() -> dict[str, Any]:
         with svc.read_sessions.begin() as session:
             account = _identify(session, svc, body.key)
-            return {"role": "operator"} if account is None else {"role": "requester", "account": account.name}
+            return {"role": "admin"} if account is None else {"role": "requester", "account": account.name}
 
     who = await run_in_threadpool(check)
     reply = JSONResponse(who)

@@ -17,26 +17,20 @@ from fastapi import Depends, FastAPI, Request
 from router.core.errors import UnknownAccount
 from router.core.service import HerderService
 
-#: Builds (or returns) the service a gateway serves; None means the process's own.
+#: Builds (or returns) the service a gateway serves.
 ServiceFactory = Callable[[], HerderService]
 
 
-def install(app: FastAPI, service_factory: ServiceFactory | None) -> None:
+def install(app: FastAPI, service_factory: ServiceFactory) -> None:
     """Give ``app`` its service factory and a slot for its Redis client (made on first use)."""
     app.state.service_factory = service_factory
     app.state.redis = None
 
 
 def service_of(app: FastAPI) -> HerderService:
-    """The service ``app`` serves: its factory's, or the herder process's own."""
-    factory: ServiceFactory | None = app.state.service_factory
-    if factory is not None:
-        return factory()
-    # Imported on first use: router.herder.tasks builds the herder's Celery app, which
-    # an app given its own service (the tests') never needs.
-    from router.herder.tasks import service as default_service
-
-    return default_service()
+    """The service ``app`` serves (its factory's)."""
+    factory: ServiceFactory = app.state.service_factory
+    return factory()
 
 
 def redis_of(app: FastAPI) -> aioredis.Redis:
@@ -73,6 +67,6 @@ ApiKey = Annotated[str, Depends(api_key)]
 
 
 def is_admin_key(svc: HerderService, given: str) -> bool:
-    """Whether ``given`` is the operator's key (``LLAMAS_ADMIN_KEY``); never true when none is set."""
+    """Whether ``given`` is the admin key (``LLAMAS_ADMIN_KEY``); never true when none is set."""
     admin_key = svc.settings.admin_key
     return bool(admin_key) and hmac.compare_digest(given.encode(), admin_key.encode())

@@ -19,12 +19,13 @@ from typing import Any
 from llama_cpp.llama_grammar import JSON_GBNF
 
 from llama_tasks.errors import InvalidRequest, SamplingOutOfRange
-from llama_tasks.job import DEFAULT_MODEL
+from llama_tasks.registry import DEFAULT_MODEL
 from router.core.errors import MalformedBody, UnsupportedParameter
 from router.core.request import Submission
 
-#: Without max_tokens a request may generate this many tokens.
-DEFAULT_MAX_TOKENS = 256
+#: max_tokens of an OpenAI request that names none: longer than the Python client's
+#: ``DEFAULT_MAX_TOKENS``, since chat applications rarely set it and expect a whole answer.
+OPENAI_DEFAULT_MAX_TOKENS = 256
 #: Most alternatives ``logprobs: N`` may ask for on /v1/completions (OpenAI's legacy limit).
 MAX_LEGACY_LOGPROBS = 5
 
@@ -153,7 +154,7 @@ def _max_tokens(body: Mapping[str, Any]) -> Any:
     values = list(given.values())
     if len(values) == 2 and (type(values[0]) is not type(values[1]) or values[0] != values[1]):
         raise InvalidRequest("max_tokens and max_completion_tokens disagree; give one")
-    return values[0] if values else DEFAULT_MAX_TOKENS
+    return values[0] if values else OPENAI_DEFAULT_MAX_TOKENS
 
 
 def _stream_options(body: Mapping[str, Any]) -> None:

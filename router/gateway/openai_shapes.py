@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, cast
 
-from router.core.choices import stored
-
 #: Field of the stream chunk that tells a reader to discard the text so far.
 RESTART_FIELD = "llamas_restart"
 
@@ -114,10 +112,8 @@ def usage(resp: dict[str, Any]) -> dict[str, Any]:
 
 
 def choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
-    """A final response's completions, as stored: ``{index, text, finish_reason, logprobs}`` each."""
-    # A response a herder wrote before choices existed carries one completion's fields.
-    return cast(list[dict[str, Any]], resp.get("choices")) or stored(
-        None, resp.get("text"), resp.get("finish_reason"), resp.get("completion_tokens"))
+    """A final response's completions, as stored: ``{index, text, finish_reason, completion_tokens, logprobs}`` each."""
+    return cast(list[dict[str, Any]], resp["choices"])
 
 
 def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The operator's routes: ``/health`` (is the gateway able to serve?) and ``/metrics`` (Prometheus)."""
+"""The admin's routes: ``/health`` (is the gateway able to serve?) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from router.core.service import HerderService
 from router.gateway.deps import Service, is_admin_key, redis_of
 from router.gateway.errors import openai_error
-from router.core.metrics import ServiceCollector
-from router.core.service import HerderService
+from router.gateway.prometheus import ServiceCollector
 
 router = APIRouter()
 
@@ -20,10 +20,10 @@ router = APIRouter()
 @router.get("/metrics")
 async def metrics(request: Request, svc: Service) -> Response:
     if svc.settings.admin_key:
-        # Revenue and refusals are business data: only the operator's key may read them.
+        # Revenue and refusals are business data: only the admin key may read them.
         given = request.headers.get("authorization", "").partition(" ")[2].strip()
         if not is_admin_key(svc, given):
-            return openai_error(401, "/metrics needs the operator's key (LLAMAS_ADMIN_KEY) as a Bearer token",
+            return openai_error(401, "/metrics needs the admin key (LLAMAS_ADMIN_KEY) as a Bearer token",
                                 "invalid_api_key", "UnknownAccount")
     body = await run_in_threadpool(generate_latest, _registry(request.app, svc))
     return Response(body, media_type=CONTENT_TYPE_LATEST)

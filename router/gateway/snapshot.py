@@ -1,6 +1,6 @@
 """What the live dashboard shows: one snapshot of the marketplace per audience.
 
-An operator (the admin key) sees the fee market, the herd, the money and
+The admin (the admin key) sees the fee market, the herd, the money and
 recent jobs; a requester (an API key) sees their balance, their own jobs and
 the current prices. Neither view carries a prompt, a completion or a job's
 reference: ids, sizes, tokens, times and money only.
@@ -23,7 +23,15 @@ from sqlalchemy.orm import Session
 from router.core import dispatch, fees, info, ledger, metrics, operators
 from router.core.keys import DASHBOARD_SEEN
 from router.core.models import (
-    DONE, ESCROW, FINAL_STATES, QUEUED, REVENUE, RUNNING, Account, JobRow, Transfer,
+    DONE,
+    ESCROW,
+    FINAL_STATES,
+    QUEUED,
+    REVENUE,
+    RUNNING,
+    Account,
+    JobRow,
+    Transfer,
 )
 from router.core.settings import HerderSettings
 
@@ -215,12 +223,12 @@ def recent_jobs(session: Session, account_id: int | None = None, limit: int = RE
     return [job_line(row, None if account_id is not None else name) for row, name in rows]
 
 
-def operator_view(session: Session, settings: HerderSettings, herd: list[dict[str, Any]],
+def admin_view(session: Session, settings: HerderSettings, herd: list[dict[str, Any]],
                   workers: list[dict[str, Any]], books: BooksCache, now: float | None = None) -> dict[str, Any]:
-    """Everything but text, for the operator's dashboard."""
+    """Everything but text, for the admin's dashboard."""
     now = time.time() if now is None else now
     return {
-        "role": "operator",
+        "role": "admin",
         "now": now,
         "prices": info.prices(session, settings, herd, now),
         "market": market(session, herd),

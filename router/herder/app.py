@@ -7,15 +7,12 @@ main process refuses to start without the signing key, before it forks.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from typing import Any
 
-import redis
-
 from celery import Celery
-from celery.signals import beat_init, worker_init, worker_ready, worker_shutdown
+from celery.signals import beat_init, worker_init
 
 from llama_tasks import lifeline
 from router.core.preflight import herder_problem
@@ -65,26 +62,3 @@ def _check_before_fork(sender: Any = None, **_: Any) -> None:
         # exception would be logged and the worker started anyway).
         print(f"llamas herder refuses to start: {problem}", file=sys.stderr)
         raise SystemExit(2)
-
-
-_settler: Any = None
-
-
-@worker_ready.connect
-def _start_settler(sender: Any = None, **_: Any) -> None:
-    """Read the results stream in the herder's main process, beside its pool."""
-    global _settler
-    if getattr(sender, "app", None) is not app:
-        return
-    # Imported here: router.herder.result_reader imports the service, and router.herder.tasks this module.
-    from router.herder.result_reader import Settler
-    from router.herder.tasks import service
-
-    _settler = Settler(service, redis.Redis.from_url(get_settings().redis_url),
-                       consumer=f"{sender.hostname}:{os.getpid()}").start()
-
-
-@worker_shutdown.connect
-def _stop_settler(sender: Any = None, **_: Any) -> None:
-    if _settler is not None:
-        _settler.stop()

@@ -56,29 +56,27 @@ def parse(entries: list[Entry]) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
-class Settler:
+class ResultReader:
     """Reads the results stream as one consumer of the herders' group and settles what it reads."""
 
-    def __init__(self, service: Callable[[], HerderService], r: redis.Redis, consumer: str, *,
-                 stream: str = RESULTS_STREAM, group: str = RESULTS_GROUP, batch: int = BATCH) -> None:
+    def __init__(self, service: Callable[[], HerderService], r: redis.Redis, consumer: str) -> None:
         self._service = service
         self._redis = r
         self.consumer = consumer
-        self.stream, self.group, self.batch = stream, group, batch
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llamas-settler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="llamas-result-reader", daemon=True)
 
     def ensure_group(self) -> None:
         """Create the consumer group (and the stream) unless they exist."""
         try:
-            self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            self._redis.xgroup_create(RESULTS_STREAM, RESULTS_GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
     def run_once(self, block_ms: int | None = BLOCK_MS) -> int:
         """Read and settle one batch of new entries; returns how many entries were read."""
-        reply: Any = self._redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch,
+        reply: Any = self._redis.xreadgroup(RESULTS_GROUP, self.consumer, {RESULTS_STREAM: ">"}, count=BATCH,
                                             block=block_ms)
         entries: list[Entry] = reply[0][1] if reply else []
         self._settle(entries)
@@ -86,8 +84,8 @@ class Settler:
 
     def reclaim(self, min_idle_ms: int = RECLAIM_IDLE_MS) -> int:
         """Take over and settle entries another consumer read but never acknowledged."""
-        reply: Any = self._redis.xautoclaim(self.stream, self.group, self.consumer, min_idle_ms, "0-0",
-                                            count=self.batch)
+        reply: Any = self._redis.xautoclaim(RESULTS_STREAM, RESULTS_GROUP, self.consumer, min_idle_ms, "0-0",
+                                            count=BATCH)
         entries: list[Entry] = [e for e in reply[1] if e[1]]  # deleted entries come back empty
         self._settle(entries)
         return len(entries)
@@ -100,11 +98,11 @@ class Settler:
             self._service().on_results(results)
         ids = [entry_id for entry_id, _ in entries]
         pipe = self._redis.pipeline()
-        pipe.xack(self.stream, self.group, *ids)
-        pipe.xdel(self.stream, *ids)  # settled: the completion need not stay in Redis
+        pipe.xack(RESULTS_STREAM, RESULTS_GROUP, *ids)
+        pipe.xdel(RESULTS_STREAM, *ids)  # settled: the completion need not stay in Redis
         pipe.execute()
 
-    def start(self) -> "Settler":
+    def start(self) -> ResultReader:
         self._thread.start()
         return self
 

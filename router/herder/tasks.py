@@ -8,19 +8,23 @@ through the result backend; refusals raise the typed errors of
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
+import redis
 from celery import Task
+from celery.signals import worker_ready, worker_shutdown
 
 from llama_tasks import redact
 from llama_tasks.errors import LlamasError
 from router.core import webhooks
-from router.herder import wiring
-from router.herder.app import app
 from router.core.errors import BadChannel
 from router.core.request import Submission
 from router.core.service import HerderService, get_service
 from router.core.settings import get_settings
+from router.herder import wiring
+from router.herder.app import app
+from router.herder.result_reader import ResultReader
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,26 @@ redact.install_log_filter()
 def service() -> HerderService:
     """This process's herder, wired on first use (after the fork, in a pool child)."""
     return get_service(lambda: wiring.build(get_settings(), app))
+
+
+_reader: ResultReader | None = None
+
+
+@worker_ready.connect
+def _start_reader(sender: Any = None, **_: Any) -> None:
+    """Read the results stream in the herder's main process, beside its pool."""
+    global _reader
+    # Signals are process-global: only a worker started for this app is a herder.
+    if getattr(sender, "app", None) is not app:
+        return
+    _reader = ResultReader(service, redis.Redis.from_url(get_settings().redis_url),
+                           consumer=f"{sender.hostname}:{os.getpid()}").start()
+
+
+@worker_shutdown.connect
+def _stop_reader(sender: Any = None, **_: Any) -> None:
+    if _reader is not None:
+        _reader.stop()
 
 
 # Expected refusals are returned to the requester, not logged as crashes.

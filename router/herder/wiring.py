@@ -10,9 +10,9 @@ from celery import Celery
 
 from llama_tasks import signing
 from router.core.db import open_ledger
-from router.herder.herd import HerdReader
 from router.core.service import HerderService
 from router.core.settings import HerderSettings
+from router.herder.herd import HerdReader
 from router.herder.tokens import TokenCounter
 from router.herder.transport import CeleryForwarder, CeleryTransport
 

@@ -11,7 +11,7 @@ is reported and restarted.
 While it runs, ``<home>/up.json`` records the set it started; a second
 ``llamas up`` for the same home refuses while any of it still runs, and
 ``llamas down`` stops what a killed one left behind. Flower asks for a
-password, and the dashboard (and ``/metrics``) for the operator's key, each
+password, and the dashboard (and ``/metrics``) for the admin key, each
 made once per home unless ``LLAMAS_ADMIN_KEY`` is set.
 """
 
@@ -29,7 +29,9 @@ from rich.console import Console
 
 from llama_tasks import redis_server, registry, signing
 from llama_tasks.constants import HERD_PREFIX
-from llama_tasks.settings import get_settings as worker_settings, queue_for
+from llama_tasks.registry import DEFAULT_MODEL
+from llama_tasks.settings import get_settings as worker_settings
+from llama_tasks.settings import queue_for
 from router.core.settings import HERDER_QUEUE, HerderSettings
 from router.local.supervisor import RUN_TOKEN_ENV, Component, RunRecord, Supervisor, python_module
 
@@ -42,7 +44,7 @@ DEMO_MESSAGES = [{"role": "user", "content": "Say hello to a herd of llamas in o
 READY_TIMEOUT_S = 120.0
 #: Flower's basic-auth user; its password is made once per home.
 FLOWER_USER = "admin"
-#: Files in the home: the record of a running set, Flower's password and the operator's key.
+#: Files in the home: the record of a running set, Flower's password and the admin key.
 RUN_RECORD, FLOWER_PASSWORD, ADMIN_KEY = "up.json", "flower.password", "admin.key"
 
 
@@ -85,7 +87,7 @@ def flower_password(home: Path) -> tuple[str, bool]:
 
 
 def admin_key(home: Path) -> tuple[str, bool]:
-    """The operator's key for this home's gateway (dashboard, ``/metrics``), made on first use; True when just made."""
+    """The admin key for this home's gateway (dashboard, ``/metrics``), made on first use; True when just made."""
     return home_secret(home / ADMIN_KEY)
 
 
@@ -202,14 +204,14 @@ def check_port(port: int, what: str, option: str) -> None:
 
 def _where(gateway: str, flower: str, key_file: Path, pw_file: Path, admin: str) -> None:
     console.print(f"""
-[bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics with the operator's key)
-[bold]dashboard[/] {gateway}/dashboard  (sign in with the operator's key, {admin}, or a requester's API key)
+[bold]gateway[/] {gateway}  (OpenAI-compatible; docs {gateway}/docs, metrics {gateway}/metrics with the admin key)
+[bold]dashboard[/] {gateway}/dashboard  (sign in with the admin key, {admin}, or a requester's API key)
 [bold]flower[/]  {flower}  (user {FLOWER_USER}, password in {pw_file})
 [bold]try it[/]  export LLAMAS_API_KEY=$(cat {key_file})
-  curl {gateway}/v1/chat/completions -H "Authorization: Bearer $LLAMAS_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "smollm2", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
-  python -c 'import os, openai; c = openai.OpenAI(base_url="{gateway}/v1", api_key=os.environ["LLAMAS_API_KEY"]); print(c.chat.completions.create(model="smollm2", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)'
+  curl {gateway}/v1/chat/completions -H "Authorization: Bearer $LLAMAS_API_KEY" -H 'Content-Type: application/json' -d '{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
+  python -c 'import os, openai; c = openai.OpenAI(base_url="{gateway}/v1", api_key=os.environ["LLAMAS_API_KEY"]); print(c.chat.completions.create(model="{DEFAULT_MODEL}", messages=[{{"role": "user", "content": "Hi!"}}]).choices[0].message.content)'
   llamas run "Hi!" --stream
-""", highlight=False, soft_wrap=True)
+""", highlight=False, soft_wrap=True)  # noqa: E501 (commands to copy, one line each)
 
 
 def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
@@ -271,12 +273,12 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
     if created:
         _announce_flower_password(flower_pw, pw_file)
     if settings.admin_key:
-        operator_key, admin_where = settings.admin_key, "LLAMAS_ADMIN_KEY"
+        admin_secret, admin_where = settings.admin_key, "LLAMAS_ADMIN_KEY"
     else:
-        operator_key, created = admin_key(settings.home)
+        admin_secret, created = admin_key(settings.home)
         admin_where = f"in {settings.home / ADMIN_KEY}"
         if created:
-            console.print(f"[bold]operator[/] created the operator's key for the dashboard and /metrics (kept "
+            console.print(f"[bold]admin[/] created the admin key for the dashboard and /metrics (kept "
                           f"{admin_where})", highlight=False)
 
     env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url)
@@ -312,8 +314,8 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         api = supervisor.add(Component(
             name="gateway",
             argv=python_module("uvicorn", "router.api:app", "--host", "127.0.0.1", "--port", str(port)),
-            # Only the gateway serves what the operator's key opens (the dashboard, /metrics).
-            env=dict(env, LLAMAS_ADMIN_KEY=operator_key), log=logs / "gateway.log",
+            # Only the gateway serves what the admin key opens (the dashboard, /metrics).
+            env=dict(env, LLAMAS_ADMIN_KEY=admin_secret), log=logs / "gateway.log",
         ))
         dashboard = supervisor.add(Component(
             name="flower",
@@ -322,7 +324,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
             env=flower_env(env, flower_pw), log=logs / "flower.log",
         ))
         for worker_name, worker in workers.items():
-            beat = _wait(worker.name, worker, lambda: r.get(HERD_PREFIX + worker_name))
+            beat = _wait(worker.name, worker, lambda name=worker_name: r.get(HERD_PREFIX + name))
             doc = json.loads(beat)
             where = f"GPU {doc['gpus'][0]}" if doc.get("gpus") else "CPU"
             console.print(f"[bold]worker[/]  {worker_name}: {where}, {doc['slots']} slots batched in one engine, "

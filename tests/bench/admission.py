@@ -35,9 +35,10 @@ from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from router.core import ledger, views
-from router.core.admission import Submission, admit, as_job, price
+from router.core.admission import admit, price
 from router.core.db import make_engine, make_sessionmaker, upgrade
 from router.core.models import Account
+from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 from router.herder.tokens import TokenCounter
 

@@ -40,7 +40,7 @@ class Memory:
     pss: int
     processes: int
 
-    def __add__(self, other: "Memory") -> "Memory":
+    def __add__(self, other: Memory) -> Memory:
         return Memory(self.rss + other.rss, self.pss + other.pss, self.processes + other.processes)
 
 

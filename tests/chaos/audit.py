@@ -15,7 +15,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +135,7 @@ class Scenario:
                                     f"{job.refunded} is not its offer {job.offered}")
                 if job.state != DONE and job.charged:
                     problems.append(f"job {job.id} ended {job.state} but was charged {job.charged}")
-                if job.state == DONE and job.result_text is None:
+                if job.state == DONE and job.completion_text is None:
                     problems.append(f"job {job.id} was charged without a stored result")
                     row.lost += mine
 
@@ -181,8 +181,8 @@ class Scenario:
         """(how many, which) prompts and long completions of this scenario reached a log so far."""
         found, leaks = 0, []
         with self.stack.sessions.begin() as s:
-            texts = [t for (t,) in s.execute(select(JobRow.result_text).where(
-                JobRow.seq > self.start_seq, JobRow.state == DONE))
+            texts = [t for t in (row.completion_text for row in s.scalars(select(JobRow).where(
+                JobRow.seq > self.start_seq, JobRow.state == DONE)))
                 if t and len(t.strip()) >= MIN_COMPLETION_CHARS]
         for path in self.stack.logs():
             text = self._new_log_text(path)
@@ -204,7 +204,7 @@ def table(rows: list[Row]) -> list[str]:
 
 def write_results(rows: list[Row], path: Path, mode: str, outcome: dict[str, Any]) -> None:
     """Write the latest table, with when and how it was run, for the README to quote."""
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     totals = Row("**total**")
     for r in rows:
         for name in ("requests", "lost", "double_charged", "double_delivered", "http_5xx", "log_leaks"):

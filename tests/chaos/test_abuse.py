@@ -18,9 +18,9 @@ from llama_tasks import signing
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.errors import BadGrammar, BadSignature, LlamasError, Replayed, UnknownSigner, Unsigned
 from router.core import ledger
-from router.api import error_body
 from router.core.errors import BadChannel, InsufficientFunds
 from router.core.models import Account, JobRow, Transfer
+from router.gateway.errors import error_body
 from tests.chaos.audit import Scenario
 from tests.chaos.harness import (
     GHOST,

@@ -149,7 +149,7 @@ def all_done(stack: ChaosStack, handles: list[JobHandle], http: list[tuple[str, 
         reply = future.result(timeout=SETTLE_S + 60)
         assert reply.status_code == 200, (ref, reply.status_code, reply.text[:300])
         row = stack.by_reference(ref)
-        assert row is not None and row.state == "done" and reply.json()["choices"][0]["text"] == row.result_text
+        assert row is not None and row.state == "done" and reply.json()["choices"][0]["text"] == row.completion_text
 
 
 def callbacks_arrive(stack: ChaosStack, handles: list[JobHandle]) -> None:
@@ -195,9 +195,9 @@ def test_a_worker_killed_mid_generation_loses_nothing(chaos: ChaosStack, scenari
         assert len(starts) >= 2, f"job {row.id} was not generated again after its worker died"
         assert chaos.captures(row.id) == 1
         readers_text = [shown_text(reader.pieces)] + ([shown_text(sse.pieces)] if row.id == sse.job_id else [])
-        wrong = [t for t in readers_text if t != row.result_text]
+        wrong = [t for t in readers_text if t != row.completion_text]
         scenario.duplicated_streams += len(wrong)
-        assert not wrong, f"job {row.id}: readers were shown {wrong!r}, the answer is {row.result_text!r}"
+        assert not wrong, f"job {row.id}: readers were shown {wrong!r}, the answer is {row.completion_text!r}"
 
 
 @pytest.mark.chaos("herder SIGKILL with jobs queued and running, then restart")

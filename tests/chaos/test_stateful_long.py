@@ -17,8 +17,7 @@ from hypothesis.stateful import invariant, run_state_machine_as_test
 from router.herder.tokens import TokenCounter
 from tests.chaos.harness import FULL
 from tests.router.conftest import postgres_url  # noqa: F401  (the PostgreSQL backend of `databases`)
-from tests.router.test_stateful import MACHINE_SETTINGS, Databases, HerderCore
-from tests.router.test_stateful import databases, token_counter  # noqa: F401  (fixtures)
+from tests.router.test_stateful import MACHINE_SETTINGS, Databases, HerderCore, databases, token_counter  # noqa: F401  (fixtures)
 
 pytestmark = [
     pytest.mark.slow,

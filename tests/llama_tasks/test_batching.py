@@ -13,6 +13,7 @@ from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine, SequenceSpec
 from llama_tasks.errors import ContextOverflow, GenerationTimedOut
 from llama_tasks.job import Job
+from llama_tasks.result import Result
 from tests.prompts import PROMPTS
 
 N_CTX = 512
@@ -57,6 +58,8 @@ def reference(single, seq: SequenceSpec) -> str:
     return out["choices"][0]["text"]
 
 
+# A minute of generation on two cores: in make test, not in make test-quick.
+@pytest.mark.slow
 def test_eight_prompts_decoded_together_equal_the_single_sequence_path(batch, vocab, single):
     seqs = [chat(vocab, p)[0] for p in PROMPTS]
     steps = batch.steps
@@ -175,8 +178,10 @@ def test_n_choices_differ_by_seed_and_all_are_returned(batch, vocab):
     assert result.completion_tokens == sum(c.completion_tokens for c in result.choices)
     again = generation.run(batch, chat(vocab, "Name a colour.", max_tokens=6, temperature=1.0, seed=11, n=3))
     assert [c.text for c in again.choices] == [c.text for c in result.choices]  # seeded: reproducible
-    doc = result.document()
-    assert [c["index"] for c in doc["choices"]] == [0, 1, 2] and doc["text"] == result.choices[0].text
+    doc = result.result(task_id="t", job_id="j", attempt=1, model="smollm2", model_id="m", worker="w",
+                        load_count=1, queue_wait_s=0.0).to_json()
+    assert [c["index"] for c in doc["choices"]] == [0, 1, 2] and doc["choices"][0]["text"] == result.choices[0].text
+    assert doc["completion_tokens"] == result.completion_tokens and Result.from_json(doc).to_json() == doc
 
 
 def test_logprobs_describe_each_generated_token(batch, vocab, spec):

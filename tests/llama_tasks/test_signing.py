@@ -43,6 +43,3 @@ def test_keypair_files(tmp_path):
     public = signing.load_public("", pub_file)
     assert signing.key_id(public) == signing.key_id(private.public_key())
     assert signing.key_id(signing.load_public(pub_file.read_text(), tmp_path / "absent")) == signing.key_id(public)
-    # ensure_keypair keeps an existing pair.
-    signing.ensure_keypair(tmp_path)
-    assert signing.load_private(key_file).private_bytes_raw() == private.private_bytes_raw()

@@ -6,6 +6,9 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,7 +28,6 @@ from llama_tasks.errors import (
     Unsigned,
     WrongModel,
 )
-
 from tests.events import captured_events, text_forms
 from tests.processes import wait_for
 
@@ -42,6 +44,25 @@ def events(r, job_id):
 MODEL_ID = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
+
+def first(doc: dict[str, Any]) -> dict[str, Any]:
+    """Choice 0 of a worker's result document."""
+    return doc["choices"][0]
+
+
+def collect_text(events: Iterator[dict[str, str]]) -> tuple[str, dict[str, str]]:
+    """Join the token text of a stream's last attempt; return it with the closing event."""
+    text: list[str] = []
+    last: dict[str, str] = {}
+    for event in events:
+        if event["event"] == "start":
+            text = []
+        elif event["event"] == "token":
+            text.append(event["text"])
+        last = event
+    return "".join(text), last
+
+
 def test_ten_jobs_on_one_batching_process_load_the_model_once(start_worker, send, make_job, r):
     worker = start_worker(concurrency=4)
     results = [send(make_job(max_tokens=8)[0]) for _ in range(10)]
@@ -52,10 +73,11 @@ def test_ten_jobs_on_one_batching_process_load_the_model_once(start_worker, send
     assert "slots=4" in worker.output()
     for d in docs:
         assert d["model_id"] == MODEL_ID
-        assert d["completion_tokens"] == 8 and d["finish_reason"] == "length"
+        assert d["completion_tokens"] == 8 and first(d)["finish_reason"] == "length"
         assert set(d["timings"]) == {"queue_wait_s", "engine_queue_s", "prompt_s", "generation_s", "tokens_per_s"}
-        assert d["choices"] == [{"index": 0, "text": d["text"], "finish_reason": "length", "completion_tokens": 8,
+        assert d["choices"] == [{"index": 0, "text": first(d)["text"], "finish_reason": "length", "completion_tokens": 8,
                                  "logprobs": None}]
+        assert "text" not in d and "finish_reason" not in d  # choice 0 is sent once, in choices
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo"])
@@ -141,16 +163,16 @@ def test_stop_strings_and_max_tokens_over_the_broker(start_worker, send, make_jo
     start_worker(concurrency=1)
     free = send(make_job(prompt="Count: 1, 2, 3,", max_tokens=40)[0]).get(timeout=60)
     stopped = send(make_job(prompt="Count: 1, 2, 3,", max_tokens=40, stop=[" 6"])[0]).get(timeout=60)
-    assert free["finish_reason"] == "length" and free["completion_tokens"] == 40
-    assert stopped["finish_reason"] == "stop"
-    assert stopped["text"] == free["text"][: free["text"].index(" 6")]
+    assert first(free)["finish_reason"] == "length" and free["completion_tokens"] == 40
+    assert first(stopped)["finish_reason"] == "stop"
+    assert first(stopped)["text"] == first(free)["text"][: first(free)["text"].index(" 6")]
 
 
 def test_grammar_gives_exactly_one_digit(start_worker, send, make_job):
     start_worker(concurrency=1)
     doc = send(make_job(prompt="Rate this review 1-5: 'Great product!' Rating:", max_tokens=3,
                         grammar="root ::= [1-5]", temperature=0.7)[0]).get(timeout=60)
-    assert doc["text"] in {"1", "2", "3", "4", "5"} and doc["completion_tokens"] == 1
+    assert first(doc)["text"] in {"1", "2", "3", "4", "5"} and doc["completion_tokens"] == 1
 
 
 def test_the_stream_holds_the_same_text_as_the_result(start_worker, send, make_job, r):
@@ -158,10 +180,10 @@ def test_the_stream_holds_the_same_text_as_the_result(start_worker, send, make_j
     envelope, job = make_job(prompt=None, messages=[{"role": "user", "content": "Tell me about llamas."}],
                              max_tokens=60)
     res = send(envelope)
-    text, last = stream.collect_text(stream.follow(r, job.job_id, timeout_s=60))
+    text, last = collect_text(stream.follow(r, job.job_id, timeout_s=60))
     doc = res.get(timeout=60)
-    assert text == doc["text"] and text
-    assert last == {"event": "end", "attempt": "1", "finish_reason": doc["finish_reason"]}
+    assert text == first(doc)["text"] and text
+    assert last == {"event": "end", "attempt": "1", "finish_reason": first(doc)["finish_reason"]}
     assert 0 < r.ttl(stream.key(job.job_id)) <= 3600
 
 
@@ -175,7 +197,7 @@ def test_worker_refuses_to_start_when_the_model_file_is_missing_or_changed(start
     fake.write_bytes(b"not the registered bytes")
     home = tmp_path / "home"
     home.mkdir()
-    (home / "herder.pub").write_text((os.environ["LLAMAS_HOME"] + "/herder.pub") and open(os.environ["LLAMAS_HOME"] + "/herder.pub").read())
+    (home / "herder.pub").write_text(Path(os.environ["LLAMAS_HOME"], "herder.pub").read_text())
     (home / "models.json").write_text(json.dumps({
         "changed": {"path": str(fake), "sha256": "0" * 64},
         "missing": {"path": str(tmp_path / "nope.gguf"), "sha256": "0" * 64},
@@ -199,7 +221,7 @@ def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker
         with pytest.raises(BadStop):
             refused.get(timeout=60)
         events.wait_for_tasks({("task-succeeded", done.id), ("task-failed", refused.id)})
-    completion = doc["text"].strip()
+    completion = first(doc)["text"].strip()
     assert len(completion) >= 20, doc  # long enough not to turn up by chance
     log = worker.output()
     # What the worker's own events carry (the test's task-sent events are the sender's business).
@@ -212,7 +234,7 @@ def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker
     assert f"{doc['completion_tokens']} completion tokens" in log and doc["job_id"] in log
     received = [e for e in events.events if e.get("type") == "task-received" and e.get("uuid") == done.id]
     assert received and doc["job_id"] in received[0]["args"]
-    assert done.result["text"] == doc["text"] and secret not in json.dumps(received)
+    assert first(done.result)["text"] == first(doc)["text"] and secret not in json.dumps(received)
 
 
 def test_a_batching_worker_reports_busy_slots_and_stops_a_cancelled_job(start_worker, send, make_job, r):
@@ -228,9 +250,9 @@ def test_a_batching_worker_reports_busy_slots_and_stops_a_cancelled_job(start_wo
     assert beat["slots"] == 3 and beat["jobs"] == 3
     r.set(f"llamas:cancel:{jobs[0][1].job_id}", 1, ex=60)
     docs = [res.get(timeout=180) for res in results]
-    assert docs[0]["finish_reason"] == "cancelled" and docs[0]["completion_tokens"] < 300
-    assert [d["finish_reason"] for d in docs[1:]] == ["stop", "stop"]
-    assert all(len(d["text"]) == 300 for d in docs[1:])
+    assert first(docs[0])["finish_reason"] == "cancelled" and docs[0]["completion_tokens"] < 300
+    assert [first(d)["finish_reason"] for d in docs[1:]] == ["stop", "stop"]
+    assert all(len(first(d)["text"]) == 300 for d in docs[1:])
     assert len({d["pid"] for d in docs}) == 1
     claim = json.loads(r.get(f"llamas:claim:{jobs[1][1].job_id}:1"))
     assert claim["worker"] == worker.name and claim["pid"] == docs[1]["pid"] and claim["state"] == "done"

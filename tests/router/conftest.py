@@ -17,10 +17,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import registry
-from router.core import admission, dispatch, fees, ledger
-from router.core.admission import Submission, as_job
+from router.core import admission, fees, ledger, queue
 from router.core.db import make_engine, make_sessionmaker, upgrade
 from router.core.models import DONE, ESCROW, JobRow, Transfer
+from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 from router.herder.tokens import TokenCounter
 
@@ -186,13 +186,13 @@ class Herder:
     def claim(self, slots: int, now: float = T0, model: str = "smollm2") -> list[str]:
         """Ids of the jobs one dispatcher claims for ``model`` with ``slots`` slots."""
         with self.sessions.begin() as session:
-            return [row.id for row in dispatch.claim(session, self.settings, model, slots, now)]
+            return [row.id for row in queue.claim(session, self.settings, model, slots, now)]
 
-    def result(self, job_id: str, text: str, **extra: Any) -> dict[str, Any]:
-        """The result document a worker returns for a job's current attempt."""
+    def result(self, job_id: str, text: str, finish_reason: str = "stop", **extra: Any) -> dict[str, Any]:
+        """The result document a worker returns for a job's current attempt (one choice, ``text``)."""
         row = self.job(job_id)
         return {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt,
-                "text": text, "finish_reason": "stop", "worker": "w@test", **extra}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}], "worker": "w@test", **extra}
 
     def transfers(self, job_id: str) -> list[tuple[str, int]]:
         with self.sessions() as session:

@@ -21,8 +21,7 @@ from llama_tasks.errors import (
     SamplingOutOfRange,
 )
 from llama_tasks.job import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from router.core import admission, ledger
-from router.core.admission import Submission
+from router.core import admission, ledger, request
 from router.core.errors import (
     BadChannel,
     BadDeadline,
@@ -37,6 +36,7 @@ from router.core.errors import (
     UnknownModelRequested,
 )
 from router.core.models import QUEUED, JobRow, Transfer
+from router.core.request import Submission
 
 from .conftest import T0, Herder, run_together
 
@@ -196,7 +196,7 @@ def test_a_prompt_that_cannot_fit_the_context_is_refused_with_its_counts(herder:
     key = herder.account("alice", deposit=DEPOSIT)
     prompt = "The llama is a domesticated South American camelid. " * 8
     prompt_tokens = herder.counter.prompt_tokens(
-        admission.as_job("x", 0, Submission(prompt=prompt, max_tokens=64).generation(), 0.0, 0.0)
+        request.as_job("x", 0, Submission(prompt=prompt, max_tokens=64).generation(), 0.0, 0.0)
     )
     assert 64 < prompt_tokens < 128  # fits alone, not with 64 more
 

@@ -34,7 +34,7 @@ def test_chat_completion_with_the_openai_client(stack, gateway):
     text = reply.choices[0].message.content
     usage = reply.usage.model_dump()
     row = stack.job(reply.id.removeprefix("chatcmpl-"))
-    assert text and text == row.result_text
+    assert text and text == row.completion_text
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert usage["completion_tokens"] == row.completion_tokens and usage["prompt_tokens"] == row.prompt_tokens
     assert usage["charged"] + usage["refunded"] == usage["offered"] == 2 * row.quote
@@ -53,7 +53,7 @@ def test_chat_streaming_with_the_openai_client(stack, gateway):
     text = "".join(c.choices[0].delta.content or "" for c in kept if c.choices)
     job_id = chunks[0].id.removeprefix("chatcmpl-")
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # it did stream
-    assert text == stack.job(job_id).result_text
+    assert text == stack.job(job_id).completion_text
     assert chunks[-1].usage.completion_tokens == stack.job(job_id).completion_tokens
 
 
@@ -200,10 +200,10 @@ def test_queue_full_is_429_and_holds_nothing(r, tmp_path):
     from llama_tasks import registry, signing
     from llama_tasks.constants import HERD_PREFIX
     from router.core import ledger
-    from router.core.admission import Submission
-    from router.api import create_app
-    from router.herder import stub
+    from router.core.request import Submission
     from router.core.settings import HerderSettings
+    from router.gateway.app import create_app
+    from router.herder import stub
 
     signing.generate_keypair(tmp_path)
     settings = HerderSettings(home=tmp_path, max_queue=1)

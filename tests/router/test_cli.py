@@ -48,7 +48,7 @@ def test_run_json_and_stream(sqlite_stack):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["status"] == "done" and doc["charged"] + doc["refunded"] == doc["offered"]
-    assert sqlite_stack.job(doc["job_id"]).result_text == doc["text"]
+    assert sqlite_stack.job(doc["job_id"]).completion_text == doc["text"]
     streamed = llamas(sqlite_stack, "run", "Once upon a time", "--no-chat", "--tokens", "8", "--stream", key=key)
     assert streamed.returncode == 0, streamed.stderr
     assert "charged" in streamed.stderr and streamed.stdout.strip()

@@ -18,17 +18,17 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 
 from llama_tasks.scripted import SCRIPTED_TEXT
-from router.gateway import snapshot as dashboard
 from router.core import ledger, operators
-from router.herder import stub
-from router.api import create_app
 from router.core.errors import UnknownAccount
-from router.gateway.dashboard import COOKIE
 from router.core.keys import DASHBOARD_SEEN
 from router.core.request import Submission
 from router.core.settings import HerderSettings
+from router.gateway import snapshot as dashboard
+from router.gateway.app import create_app
+from router.gateway.dashboard import COOKIE
+from router.herder import stub
 
-ADMIN_KEY = "operator-secret-key"
+ADMIN_KEY = "admin-secret-key"
 PROMPT = "A prompt nobody but its requester may read"
 
 
@@ -83,11 +83,11 @@ def test_a_bad_key_is_refused_in_the_api_error_shape_and_sets_no_cookie(market: 
     assert empty.status_code == 422 and "key" in empty.json()["error"]["message"]
 
 
-def test_the_operator_sees_the_market_the_herd_the_money_and_every_job_but_no_text(market: dict[str, Any]) -> None:
+def test_the_admin_sees_the_market_the_herd_the_money_and_every_job_but_no_text(market: dict[str, Any]) -> None:
     http, svc = market["http"], market["svc"]
-    assert signed_in(http, ADMIN_KEY) == {"role": "operator"}
+    assert signed_in(http, ADMIN_KEY) == {"role": "admin"}
     snap = http.get("/dashboard/snapshot").json()
-    assert snap["role"] == "operator"
+    assert snap["role"] == "admin"
 
     models = {m["model"]: m for m in snap["market"]["models"]}
     assert models["smollm2"] == {"model": "smollm2", "queued": 1, "running": 1, "slots": 1}
@@ -167,7 +167,7 @@ def test_the_stream_sends_snapshots_as_server_sent_events(market: dict[str, Any]
         first = next(line for line in lines if line.startswith("data: "))
         second = next(line for line in lines if line.startswith("data: "))
     one, two = json.loads(first[6:]), json.loads(second[6:])
-    assert one["role"] == two["role"] == "operator" and two["now"] > one["now"]
+    assert one["role"] == two["role"] == "admin" and two["now"] > one["now"]
 
 
 def test_the_stream_signs_a_rotated_key_out(market: dict[str, Any]) -> None:
@@ -226,7 +226,7 @@ def test_a_worker_is_shown_as_its_operators_only_when_its_heartbeat_proves_it(ma
     assert stale["operator"] is None
 
 
-def test_the_operator_sees_each_operators_earnings(market: dict[str, Any]) -> None:
+def test_the_admin_sees_each_operators_earnings(market: dict[str, Any]) -> None:
     svc, http = market["svc"], market["http"]
     signer = stub.operator_signer("gpu-farm")
     with svc.sessions.begin() as s:
@@ -256,7 +256,7 @@ def test_a_jobs_time_to_first_token_counts_every_wait_as_the_metrics_histogram_d
     assert dashboard.job_line(row)["ttft_s"] == 1.875 == metrics.time_to_first_token(1.0, timings)
 
 
-def test_operator_tabs_share_one_snapshot_a_period_and_a_key_is_still_checked_each_time(
+def test_admin_tabs_share_one_snapshot_a_period_and_a_key_is_still_checked_each_time(
         market: dict[str, Any]) -> None:
     from router.gateway import dashboard as gateway_dashboard
 
@@ -266,5 +266,5 @@ def test_operator_tabs_share_one_snapshot_a_period_and_a_key_is_still_checked_ea
     assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] == first["now"]  # built once for both
     with pytest.raises(UnknownAccount):
         gateway_dashboard.snapshot(app, svc, "not-the-key")  # the cache never stands in for a key
-    gateway_dashboard._parts(app, svc).operator_at -= dashboard.DEFAULT_PERIOD_S  # the period has passed
+    gateway_dashboard._parts(app, svc).admin_at -= dashboard.DEFAULT_PERIOD_S  # the period has passed
     assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] > first["now"]

@@ -26,7 +26,7 @@ from tests.stack import Stack, running_stack
 
 pytestmark = pytest.mark.slow
 
-ADMIN_KEY = "browser-test-operator-key"
+ADMIN_KEY = "browser-test-admin-key"
 #: The operator the stack's worker runs for.
 OPERATOR = "gpu-farm"
 #: Generous: the first page load starts Chromium's renderer on a busy machine.
@@ -119,24 +119,24 @@ def test_operator_and_requesters_watch_jobs_live_and_a_dead_worker_is_marked(
     alice_key, alice = stack.account(1_000_000)
     bob_key, bob = stack.account(1_000_000)
 
-    operator = page_at(browser, base, "/dashboard")
-    sign_in(operator, ADMIN_KEY)
-    expect(operator.locator("#role")).to_have_text("operator")
-    worker = operator.locator('#herd tr[data-worker="llama@test"] td.worker-state')
+    admin = page_at(browser, base, "/dashboard")
+    sign_in(admin, ADMIN_KEY)
+    expect(admin.locator("#role")).to_have_text("admin")
+    worker = admin.locator('#herd tr[data-worker="llama@test"] td.worker-state')
     expect(worker).to_have_text("alive", timeout=EXPECT_MS)
     # Its signed heartbeat proves whose worker it is.
-    expect(operator.locator('#herd tr[data-worker="llama@test"] td.operator')).to_have_text(OPERATOR)
+    expect(admin.locator('#herd tr[data-worker="llama@test"] td.operator')).to_have_text(OPERATOR)
     # Set once: a page that reloads loses it.
-    operator.evaluate("window.loadedOnce = true")
+    admin.evaluate("window.loadedOnce = true")
 
     # A job that holds the only slot, then bids behind it: the fee market fills.
     blocker = stack.occupy(alice)
     queued = [alice.run("Say one word.", tokens=8, multiplier=m) for m in (1.0, 1.5, 1.5, 3.0)]
     for handle in queued:
-        expect(job_state(operator, handle.id)).to_have_text("queued", timeout=EXPECT_MS)
-    expect(operator.locator("#kpi-queued .value")).to_have_text("4", timeout=EXPECT_MS)
-    expect(operator.locator("#kpi-books .value")).to_have_text("balanced", timeout=EXPECT_MS)
-    expect(job_state(operator, blocker.id)).to_have_text("running", timeout=EXPECT_MS)
+        expect(job_state(admin, handle.id)).to_have_text("queued", timeout=EXPECT_MS)
+    expect(admin.locator("#kpi-queued .value")).to_have_text("4", timeout=EXPECT_MS)
+    expect(admin.locator("#kpi-books .value")).to_have_text("balanced", timeout=EXPECT_MS)
+    expect(job_state(admin, blocker.id)).to_have_text("running", timeout=EXPECT_MS)
 
     # Requesters, each in their own browser context: alice sees hers, bob none of them.
     mine = page_at(browser, base, "/dashboard")
@@ -152,7 +152,7 @@ def test_operator_and_requesters_watch_jobs_live_and_a_dead_worker_is_marked(
         expect(job_state(theirs, handle.id)).to_have_count(0)
     expect(theirs.locator("#jobs tbody tr[data-job]")).to_have_count(1)
     expect(theirs.locator("#operators")).to_be_hidden()
-    operator.screenshot(path=str(shots / "dashboard-operator.png"), full_page=True)
+    admin.screenshot(path=str(shots / "dashboard-admin.png"), full_page=True)
     theirs.screenshot(path=str(shots / "dashboard-requester.png"), full_page=True)
 
     # The blocker ends; every job runs and finishes on the open pages, without a reload.
@@ -160,28 +160,28 @@ def test_operator_and_requesters_watch_jobs_live_and_a_dead_worker_is_marked(
     for handle in [*queued, bob_job]:
         assert handle.result(timeout=120)["status"] == "done"
     for handle in queued:
-        expect(job_state(operator, handle.id)).to_have_text("done", timeout=EXPECT_MS)
+        expect(job_state(admin, handle.id)).to_have_text("done", timeout=EXPECT_MS)
         expect(job_state(mine, handle.id)).to_have_text("done", timeout=EXPECT_MS)
     expect(job_state(theirs, bob_job.id)).to_have_text("done", timeout=EXPECT_MS)
-    expect(operator.locator("#kpi-queued .value")).to_have_text("0", timeout=EXPECT_MS)
-    assert operator.evaluate("window.loadedOnce") is True
+    expect(admin.locator("#kpi-queued .value")).to_have_text("0", timeout=EXPECT_MS)
+    assert admin.evaluate("window.loadedOnce") is True
     # Every job ran on the operator's worker: its share of the charges shows, as the ledger has it.
     with stack.sessions.begin() as s:
         earned = operators.earnings(s, OPERATOR)
     assert earned["jobs"] == 6 and earned["earned"] > 0
-    farm = operator.locator("#operators tbody tr").first
+    farm = admin.locator("#operators tbody tr").first
     expect(farm.locator("td").nth(2)).to_have_text(f"{earned['earned']:,}", timeout=EXPECT_MS)
 
-    # A worker killed outright stops beating: the operator's page marks it dead.
+    # A worker killed outright stops beating: the admin's page marks it dead.
     os.kill(stack.worker.proc.pid, signal.SIGKILL)
     expect(worker).to_have_text("dead", timeout=EXPECT_MS)
-    expect(operator.locator('#herd tr[data-worker="llama@test"]')).to_have_class("dead")
-    operator.screenshot(path=str(shots / "dashboard-dead-worker.png"), full_page=True)
-    assert operator.evaluate("window.loadedOnce") is True
+    expect(admin.locator('#herd tr[data-worker="llama@test"]')).to_have_class("dead")
+    admin.screenshot(path=str(shots / "dashboard-dead-worker.png"), full_page=True)
+    assert admin.evaluate("window.loadedOnce") is True
     stack.replace_worker()
     expect(worker).to_have_text("alive", timeout=EXPECT_MS)
 
-    for page in (operator, mine, theirs):
+    for page in (admin, mine, theirs):
         assert page.offline_requests == []
 
 

@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-
 from llama_cpp.llama_grammar import JSON_GBNF
+
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
 from router.core import ledger
-from router.herder import stub
-from router.api import create_app
-from router.herder.herd import HerdReader
 from router.core.models import JobRow
 from router.core.service import HerderService
 from router.core.settings import HerderSettings
+from router.gateway.app import create_app
+from router.herder import stub
+from router.herder.herd import HerdReader
 
 DEPOSIT = 100_000
 SECRET = "zebra-violet-canary"
@@ -337,7 +337,7 @@ def test_every_job_gets_its_own_seed_unless_it_asks_for_one(gw: Gateway) -> None
     assert all(isinstance(s, int) for s in seeds) and len(set(seeds[:3])) == 3 and seeds[3] == 7
 
 
-def test_metrics_need_the_operator_key_when_one_is_set(gw: Gateway) -> None:
+def test_metrics_need_the_admin_key_when_one_is_set(gw: Gateway) -> None:
     assert_openai_error(gw.http.get("/metrics"), 401)
     assert_openai_error(gw.http.get("/metrics", headers={"Authorization": f"Bearer {gw.key}"}), 401)
     ok = gw.http.get("/metrics", headers={"Authorization": "Bearer operator-secret"})

@@ -137,8 +137,8 @@ def test_a_forged_result_or_one_for_an_unknown_job_changes_nothing(stack):
     blocker = herder.run(**LONG)
     next(e for e in stream.follow(stack.r, blocker.id, timeout_s=30) if e["event"] == "token")
     row = stack.job(blocker.id)
-    forged = {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt, "text": "",
-              "finish_reason": "stop", "worker": "evil", "timings": {}}
+    forged = {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt,
+              "choices": [{"index": 0, "text": "", "finish_reason": "stop"}], "worker": "evil", "timings": {}}
     app.send_task("router.settle", args=[forged], queue="herder")
     app.send_task("router.settle", args=[forged, row.task_id], queue="herder")  # a link callback's shape
     app.send_task("router.settle", args=[forged | {"task_id": uuid.uuid4().hex, "job_id": "nope"}], queue="herder")

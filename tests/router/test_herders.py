@@ -38,13 +38,12 @@ import pytest
 import redis as redis_lib
 from celery.exceptions import TimeoutError as CallTimeout
 from sqlalchemy import select
-
-from llama_tasks.constants import RESULTS_GROUP, RESULTS_STREAM
 from sqlalchemy.orm import Session, sessionmaker
 
+from llama_tasks.constants import RESULTS_GROUP, RESULTS_STREAM
 from router import Herder
-from router.core import ledger
 from router.client import requester_app
+from router.core import ledger
 from router.core.db import make_engine, make_sessionmaker, upgrade
 from router.core.models import DONE, JobRow
 from tests.bench.fleet import Fleet, audit_window
@@ -159,6 +158,7 @@ def redeliver_unacked(r: redis_lib.Redis) -> list[str]:
     return [json.loads(raw)[0]["headers"]["id"] for raw in raws.values()]
 
 
+@pytest.mark.slow  # real herder processes, one of them killed
 def test_a_herder_killed_mid_burst_loses_nothing_and_charges_nothing_twice(
         fleet: tuple[Fleet, sessionmaker[Session]], tmp_path: Path) -> None:
     f, sessions = fleet

@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
-from router.core import ledger
 from router.cli.accounts import accounts_app, ledger_app
+from router.core import ledger
 from router.core.db import alembic_config, make_engine, upgrade
 from router.core.errors import (
     AccountExists,

@@ -21,12 +21,12 @@ from llama_tasks.placement import place
 from llama_tasks.scripted import SCRIPTED_TEXT
 from llama_tasks.settings import WorkerSettings
 from router.core import ledger
-from router.herder import stub
 from router.core.errors import InsufficientFee, NoWorkers, UnknownModelRequested
 from router.core.models import JobRow
 from router.core.request import Submission
 from router.core.service import RECONCILE_AFTER_S, HerderService
 from router.core.settings import HerderSettings
+from router.herder import stub
 
 DEPOSIT = 100_000
 

@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 from llama_tasks import registry, signing
 from llama_tasks.constants import HERD_PREFIX
 from router.core import ledger
-from router.herder import stub
-from router.api import create_app
 from router.core.models import JobRow
-from router.gateway.openai_shapes import legacy_logprobs
 from router.core.service import HerderService
 from router.core.settings import HerderSettings
+from router.gateway.app import create_app
+from router.gateway.openai_shapes import legacy_logprobs
+from router.herder import stub
 
 DEPOSIT = 100_000
 MODEL = "scripted"
@@ -40,9 +40,7 @@ class ScriptedGateway:
 
     def answer(self, row: JobRow, envelope: dict[str, Any]) -> None:
         """The worker: its result document for the job's current attempt, settled at once."""
-        first = (self.script.get("choices") or [{}])[0]
         doc = {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt, "worker": "scripted@test",
-               "text": first.get("text", ""), "finish_reason": first.get("finish_reason", "stop"),
                "prompt_tokens": row.prompt_tokens, "timings": {}, **self.script}
         assert row.task_id is not None
         self.svc.on_result(row.task_id, doc)
@@ -68,7 +66,7 @@ class ScriptedGateway:
 class Answering(stub.StubTransport):
     """Answers every job the moment it is sent, and writes responses where the gateway waits."""
 
-    def __init__(self, gateway: list["ScriptedGateway"], r: Any) -> None:
+    def __init__(self, gateway: list[ScriptedGateway], r: Any) -> None:
         super().__init__(handles=r)
         self.gateway = gateway
 
@@ -171,16 +169,16 @@ def test_text_completions_list_every_choice_without_logprobs_unless_asked(gw: Sc
     assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 1}
 
 
-def test_a_worker_without_choices_still_answers_one_choice(gw: ScriptedGateway) -> None:
-    gw.script = {"text": "Hi.", "finish_reason": "stop"}  # an older worker: no choices, no cached_tokens
+def test_a_worker_result_without_choices_answers_one_empty_choice(gw: ScriptedGateway) -> None:
+    gw.script = {"text": "Hi.", "finish_reason": "length"}  # no choices, no cached_tokens: text elsewhere is not read
 
     reply = gw.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
 
-    assert reply["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hi."},
+    assert reply["choices"] == [{"index": 0, "message": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": "stop"}]
     row = gw.row()
     assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert reply["usage"]["charged"] == 5 + 3 * (row.prompt_tokens + gw.tokens("Hi."))
+    assert reply["usage"]["charged"] == 5 + 3 * row.prompt_tokens
 
 
 def test_the_job_record_carries_choices_and_cached_tokens(gw: ScriptedGateway) -> None:

@@ -21,15 +21,15 @@ from typer.testing import CliRunner
 
 from llama_tasks import signing
 from llama_tasks.constants import GENERATE_TASK, RESULTS_STREAM
-from router.core import ledger, operators, settlement
-from router.herder import stub
 from router.cli.operators import operators_app
+from router.core import ledger, operators, settlement
 from router.core.db import alembic_config, make_engine, upgrade
 from router.core.errors import InsufficientFunds, InvalidAccountName, InvalidPublicKey, OperatorExists, UnknownOperator
 from router.core.models import REVENUE, JobRow, Transfer
 from router.core.request import Submission
 from router.core.service import RECONCILE_AFTER_S
 from router.core.settings import HerderSettings, get_settings
+from router.herder import stub
 
 from .conftest import T0, Herder, run_together
 
@@ -159,7 +159,7 @@ def _forged(herder: Herder, job_id: str, acme: signing.OperatorSigner, bolt: sig
         return acme.attest_result(doc) | {"worker": "elsewhere@host"}
     if forgery == "text changed after signing":
         signed = acme.attest_result(doc)
-        return signed | {"text": TEXT + " And more."}
+        return signed | {"choices": [signed["choices"][0] | {"text": TEXT + " And more."}]}
     if forgery == "garbage":
         return doc | {"operator": "acme", signing.ATTESTATION: "acme"}
     raise AssertionError(forgery)

@@ -16,7 +16,8 @@ from celery.app.task import Context
 from celery.contrib.testing.mocks import TaskMessage
 from celery.utils.saferepr import saferepr
 
-from llama_tasks import app as worker_app, redact
+from llama_tasks import app as worker_app
+from llama_tasks import redact
 from router import app
 from router.core.settings import HERDER_QUEUE
 from tests.events import captured_events, text_forms

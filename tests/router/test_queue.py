@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 
 from llama_tasks import signing
-from router.core import dispatch, settlement
+from router.core import dispatch, queue, settlement
 from router.core.models import EXPIRED, QUEUED, RUNNING, JobRow
 
 from .conftest import T0, TWIN_MODEL, Herder, run_together
@@ -28,7 +28,7 @@ def finish(herder: Herder, job_id: str, now: float = T0) -> None:
 
 def running(herder: Herder, model: str = "smollm2") -> int:
     with herder.sessions() as session:
-        return dispatch.running_count(session, model)
+        return queue.running_count(session, model)
 
 
 def test_one_free_slot_takes_the_best_bid_first(herder: Herder) -> None:

@@ -27,13 +27,13 @@ from typer.testing import CliRunner
 from llama_tasks import signing
 from router.cli import receipts as cli_receipts
 from router.core import fees, ledger, receipts
-from router.herder import stub
-from router.api import create_app
 from router.core.errors import InvalidReceipt, JobNotFinished, ReceiptMismatch, UnknownAccount, UnknownJob
 from router.core.models import JobRow, Transfer
 from router.core.request import Submission
 from router.core.service import HerderService
 from router.core.settings import HerderSettings
+from router.gateway.app import create_app
+from router.herder import stub
 
 DEPOSIT = 100_000
 #: Prompt tokens the scripted worker says it found in its cache (charged at ``CACHED_FEE``).

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from alembic import command
+from sqlalchemy import func, inspect, select, text
 
-from router.core import fees, ledger, settlement
+from router.core import fees, ledger, settlement, views
+from router.core.db import alembic_config, make_engine, upgrade
 from router.core.errors import InsufficientFunds, InvalidOffer, JobNotQueued, UnknownJob
 from router.core.models import (
     CANCELLED,
@@ -32,7 +35,7 @@ TEXT = "Llamas hum softly when they are curious, worried, or simply content."
 def snapshot(herder: Herder) -> tuple[Any, ...]:
     """Everything settlement could change: balances, job rows, transfers."""
     with herder.sessions() as session:
-        jobs = [(r.id, r.state, r.attempt, r.task_id, r.charged, r.refunded, r.result_text)
+        jobs = [(r.id, r.state, r.attempt, r.task_id, r.charged, r.refunded, r.completion_text)
                 for r in session.scalars(select(JobRow).order_by(JobRow.seq))]
         transfers = session.scalar(select(func.count()).select_from(Transfer))
     return herder.balances("alice", ESCROW, REVENUE, WORLD), jobs, transfers
@@ -79,7 +82,7 @@ def test_a_finished_job_pays_its_multiplier_of_the_tokens_the_herder_counts(
     assert charged > fees.charge(job.offered, job.quote, fees.quote(5, 2, job.prompt_tokens, 1))
     assert (row.completion_tokens, row.charged, row.refunded) == (
         completion, charged, job.offered - charged)
-    assert (row.result_text, row.finish_reason, row.worker) == (TEXT, "stop", "w@test")
+    assert (row.completion_text, row.finish_reason, row.worker) == (TEXT, "stop", "w@test")
     assert herder.transfers(job.id) == [("hold", job.offered), ("capture", charged),
                                         ("release", job.offered - charged)]
     assert herder.balances("alice", REVENUE) == {"alice": DEPOSIT - charged, REVENUE: charged}
@@ -116,9 +119,9 @@ def test_a_result_without_text_is_charged_for_no_completion_tokens(herder: Herde
     job = herder.submit(alice, max_tokens=32)
     herder.claim(slots=1)
 
-    row = settle(herder, herder.result(job.id, TEXT) | {"text": None})
+    row = settle(herder, herder.result(job.id, TEXT) | {"choices": [{"index": 0, "text": None}]})
 
-    assert row is not None and (row.result_text, row.completion_tokens) == ("", 0)
+    assert row is not None and (row.completion_text, row.completion_tokens) == ("", 0)
     assert row.charged == fees.quote(5, 2, job.prompt_tokens, 0)
     herder.assert_books()
 
@@ -136,7 +139,7 @@ def test_a_result_postgresql_cannot_store_as_sent_still_settles(herder: Herder, 
 
     assert row is not None
     stored = herder.job(job.id)
-    assert stored.state == DONE and stored.result_text == "ab" + TEXT
+    assert stored.state == DONE and stored.completion_text == "ab" + TEXT
     assert (stored.worker, stored.finish_reason) == ("w" * 200, "f" * 32)
     # Charged for every token the worker generated, NUL included.
     completion = herder.counter.completion_tokens("smollm2", raw)
@@ -481,12 +484,12 @@ def test_the_response_reports_how_the_job_ended(herder: Herder, alice: str) -> N
     settle(herder, herder.result(done.id, TEXT, timings={"generation_s": 0.5}))
     fail(herder, herder.job(failed.id).task_id, retryable=False)
 
-    ok = settlement.response(herder.job(done.id))
+    ok = views.response(herder.job(done.id))
     assert {k: ok[k] for k in ("job_id", "reference", "status", "text", "attempts", "timings")} == {
         "job_id": done.id, "reference": "mine", "status": DONE, "text": TEXT, "attempts": 1,
         "timings": {"generation_s": 0.5}}
     assert ok["charged"] + ok["refunded"] == ok["offered"] == done.offered
-    bad = settlement.response(herder.job(failed.id))
+    bad = views.response(herder.job(failed.id))
     assert (bad["status"], bad["error"], bad["charged"], bad["refunded"], bad["text"]) == (
         FAILED, "WorkerLost", 0, failed.offered, None)
 
@@ -513,7 +516,7 @@ def test_concurrent_ticks_end_each_job_once(herder: Herder, alice: str) -> None:
         herder.submit(alice, now=T0 + i)
     leased = herder.claim(slots=4, now=T0)  # equal bids, arrival order: the expiring ones
     assert leased == expiring
-    for i in range(4):
+    for _ in range(4):
         herder.submit(alice, now=T0, deadline_s=5)
     late = T0 + herder.settings.lease_s + 1
 
@@ -561,7 +564,7 @@ def test_n_completions_are_each_recounted_and_cached_prompt_tokens_cost_their_ow
     assert (row.completion_tokens, row.cached_tokens, row.charged, row.refunded) == (
         completion, 4, cost, job.offered - cost)
     assert herder.transfers(job.id) == [("hold", job.offered), ("capture", cost), ("release", job.offered - cost)]
-    response = settlement.response(herder.job(job.id))
+    response = views.response(herder.job(job.id))
     assert (response["text"], response["finish_reason"], response["cached_tokens"]) == (TEXT, "stop", 4)
     assert response["choices"] == [
         {"index": 0, "text": TEXT, "finish_reason": "stop", "completion_tokens": tokens[0], "logprobs": None},
@@ -636,38 +639,59 @@ def test_a_job_quoted_before_cached_fees_existed_pays_full_price_for_cached_toke
     herder.assert_books()
 
 
-def test_a_result_without_choices_settles_as_one_choice_and_nothing_cached(herder: Herder, alice: str) -> None:
+def test_a_result_without_choices_settles_as_one_empty_choice_and_nothing_cached(herder: Herder, alice: str) -> None:
     job = herder.submit(alice, max_tokens=32)
     herder.claim(slots=1)
-    doc = herder.result(job.id, TEXT, finish_reason="length", prompt_tokens=job.prompt_tokens,
-                        completion_tokens=9)
-    assert "choices" not in doc and "cached_tokens" not in doc  # what a worker before choices sends
+    doc = herder.result(job.id, TEXT, prompt_tokens=job.prompt_tokens, completion_tokens=9)
+    del doc["choices"]
+    # Text anywhere but in choices is not a completion: the worker's result has one shape.
+    doc |= {"text": TEXT, "finish_reason": "length"}
 
     row = settle(herder, doc)
 
-    completion = herder.counter.completion_tokens("smollm2", TEXT)
-    assert row is not None and (row.charged, row.cached_tokens) == (fees.quote(5, 2, job.prompt_tokens, completion), 0)
-    response = settlement.response(herder.job(job.id))
-    assert (response["text"], response["finish_reason"], response["cached_tokens"]) == (TEXT, "length", 0)
-    assert response["choices"] == [{"index": 0, "text": TEXT, "finish_reason": "length",
-                                    "completion_tokens": completion, "logprobs": None}]
+    assert row is not None and (row.charged, row.cached_tokens) == (fees.quote(5, 2, job.prompt_tokens, 0), 0)
+    response = views.response(herder.job(job.id))
+    assert (response["text"], response["finish_reason"], response["cached_tokens"]) == ("", "stop", 0)
+    assert response["choices"] == [{"index": 0, "text": "", "finish_reason": "stop",
+                                    "completion_tokens": 0, "logprobs": None}]
     herder.assert_books()
 
 
-def test_a_job_finished_before_choices_were_stored_still_reports_one(herder: Herder, alice: str) -> None:
-    job = herder.submit(alice, max_tokens=32)
-    herder.claim(slots=1)
-    settle(herder, herder.result(job.id, TEXT))
-    with herder.sessions.begin() as session:  # as migration 0004 leaves a job that finished before it
-        row = session.get(JobRow, job.seq)
-        assert row is not None
-        row.choices, row.cached_tokens = None, None
+def test_migration_0007_keeps_each_completion_once_in_choices(ledger_url: str) -> None:
+    """A job settled before choices were stored (its text in ``result_text`` only) gets its one choice."""
+    upgrade(ledger_url, "0006")
+    engine = make_engine(ledger_url)
+    job = ("INSERT INTO jobs (id, account_id, request_hash, model, request, prompt_tokens, max_tokens, quote, "
+           "offered, bid_ppm, priority, state, created_at, result_text, finish_reason, completion_tokens, choices) "
+           "VALUES (:id, :account, 'h', 'smollm2', '{}', 3, 8, 10, 10, 1000000, 1.0, :state, 0.0, :text, :finish, "
+           ":tokens, :choices)")
+    settled = [{"index": 0, "text": "new", "finish_reason": "stop", "completion_tokens": 1, "logprobs": None}]
+    try:
+        with engine.begin() as c:
+            c.execute(text("INSERT INTO accounts (name, kind, api_key_hash, webhook_secret, balance) "
+                           "VALUES ('alice', 'user', 'h', 's', 0)"))
+            account = c.execute(text("SELECT id FROM accounts WHERE name = 'alice'")).scalar()
+            for row in (dict(id="old", state="done", text="Baa.", finish="length", tokens=2, choices=None),
+                        dict(id="new", state="done", text="new", finish="stop", tokens=1, choices=json.dumps(settled)),
+                        dict(id="failed", state="failed", text=None, finish=None, tokens=None, choices=None)):
+                c.execute(text(job), row | {"account": account})
 
-    response = settlement.response(herder.job(job.id))
+        upgrade(ledger_url)
 
-    assert response["cached_tokens"] == 0
-    assert response["choices"] == [{"index": 0, "text": TEXT, "finish_reason": "stop",
-                                    "completion_tokens": herder.job(job.id).completion_tokens, "logprobs": None}]
+        with engine.connect() as c:
+            assert not {"result_text", "finish_reason"} & {col["name"] for col in inspect(c).get_columns("jobs")}
+            stored = dict(c.execute(text("SELECT id, choices FROM jobs")).all())
+        assert json.loads(stored["old"]) == [{"index": 0, "text": "Baa.", "finish_reason": "length",
+                                              "completion_tokens": 2, "logprobs": None}]
+        assert json.loads(stored["new"]) == settled
+        assert stored["failed"] is None
+
+        command.downgrade(alembic_config(ledger_url), "0006")
+        with engine.connect() as c:
+            back = {r[0]: r[1:] for r in c.execute(text("SELECT id, result_text, finish_reason FROM jobs"))}
+        assert back == {"old": ("Baa.", "length"), "new": ("new", "stop"), "failed": (None, None)}
+    finally:
+        engine.dispose()
 
 
 def test_a_worker_that_returns_more_choices_than_asked_is_paid_for_those_asked(
@@ -680,7 +704,7 @@ def test_a_worker_that_returns_more_choices_than_asked_is_paid_for_those_asked(
 
     counted = [herder.counter.completion_tokens("smollm2", TEXT * k) for k in (1, 2)]
     assert row is not None and row.completion_tokens == sum(counted)
-    assert [c["text"] for c in settlement.response(row)["choices"]] == [TEXT, TEXT * 2]
+    assert [c["text"] for c in views.response(row)["choices"]] == [TEXT, TEXT * 2]
     herder.assert_books()
 
 
@@ -728,20 +752,20 @@ def test_logprobs_are_kept_as_asked_and_made_plain_json(herder: Herder, alice: s
                                                         choice(1, "Hi", logprobs=None)]))
     settle(herder, herder.result(plain.id, "Hi", choices=[choice(0, "Hi", logprobs=logprobs)]))
 
-    asked = settlement.response(herder.job(job.id))["choices"]
+    asked = views.response(herder.job(job.id))["choices"]
     assert asked[0]["logprobs"] == [
         {"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
          "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]}]},  # one alternative, as asked
         {"token": "é", "logprob": -9999.0, "bytes": [195, 169], "top_logprobs": []},  # -inf is not JSON
     ]
     assert asked[1]["logprobs"] is None  # the worker sent none for this one
-    assert settlement.response(herder.job(plain.id))["choices"][0]["logprobs"] is None  # not asked for
+    assert views.response(herder.job(plain.id))["choices"][0]["logprobs"] is None  # not asked for
     herder.assert_books()
 
 
 @pytest.mark.parametrize(("choices", "texts"), [
-    ("not a list", [TEXT]),  # the top-level text, as from a worker before choices
-    ([], [TEXT]),
+    ("not a list", [""]),  # no choices: one empty one
+    ([], [""]),
     ([None, {"text": None}], ["", ""]),
     ([{"text": OTHER, "logprobs": [None, {"logprob": 10**400, "bytes": [256], "top_logprobs": "x"}]}], [OTHER]),
 ])
@@ -756,7 +780,7 @@ def test_a_malformed_result_still_settles_on_what_can_be_read(
     assert row is not None and row.state == DONE and row.cached_tokens == 0
     completion = sum(herder.counter.completion_tokens("smollm2", t) for t in texts)
     assert (row.completion_tokens, row.charged) == (completion, fees.quote(5, 2, job.prompt_tokens, completion))
-    stored = settlement.response(row)["choices"]
+    stored = views.response(row)["choices"]
     assert [c["text"] for c in stored] == texts
     if texts == [OTHER]:
         assert stored[0]["logprobs"] == [
@@ -771,7 +795,7 @@ def test_choices_are_kept_in_the_order_of_their_index(herder: Herder, alice: str
 
     row = settle(herder, herder.result(job.id, TEXT, choices=[choice(2, "two"), choice(0, "zero"), choice(1, "one")]))
 
-    assert row is not None and row.result_text == "zero"
-    assert [(c["index"], c["text"]) for c in settlement.response(row)["choices"]] == [
+    assert row is not None and row.completion_text == "zero"
+    assert [(c["index"], c["text"]) for c in views.response(row)["choices"]] == [
         (0, "zero"), (1, "one"), (2, "two")]
     herder.assert_books()

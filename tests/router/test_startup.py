@@ -80,7 +80,7 @@ def test_a_gateway_without_redis_refuses_to_start(tmp_path):
 
 @pytest.mark.parametrize("argv", [["info"], ["run", "hi", "--key", "llm_nobody"], ["quote", "hi"]])
 def test_the_cli_without_redis_says_so_at_once(tmp_path, argv):
-    env = fresh_env(tmp_path, LLAMAS_REDIS_URL="redis://:s3cret@127.0.0.1:%d/0" % free_port())
+    env = fresh_env(tmp_path, LLAMAS_REDIS_URL=f"redis://:s3cret@127.0.0.1:{free_port()}/0")
     started = time.monotonic()
     res = subprocess.run([sys.executable, "-m", "router.cli", *argv], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)

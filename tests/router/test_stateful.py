@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -44,9 +44,8 @@ from llama_tasks import signing
 from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
 from llama_tasks.job import MAX_CHOICES
 from router.core import ledger, operators, settlement
-from router.core.admission import Submission, admit, as_job, price
+from router.core.admission import admit, price
 from router.core.db import make_engine, make_sessionmaker, upgrade
-from router.core.dispatch import claim
 from router.core.errors import (
     AccountExists,
     BadDeadline,
@@ -76,6 +75,8 @@ from router.core.models import (
     JobRow,
     Transfer,
 )
+from router.core.queue import claim
+from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 from router.herder.tokens import TokenCounter
 
@@ -151,7 +152,7 @@ def _offered(quote: int, sub: Submission) -> int:
 
 
 def _priority(offered: int, quote: int, created_at: float) -> float:
-    # The same float operations as admission.priority, so ties break identically.
+    # The same float operations as queue.priority, so ties break identically.
     return (offered * PPM // quote) / PPM - AGING_PER_S * created_at
 
 
@@ -507,12 +508,14 @@ class HerderCore(RuleBasedStateMachine):
         return signer.attest_result(doc) | {"timings": {"total_s": 9.5}}, None
 
     def _deliver(self, attempt: Attempt, job_id: str, attempt_no: int, texts: list[str], cached: Any,
-                 legacy: bool, data: st.DataObject, how: str) -> None:
-        """A result of ``texts`` (a worker before choices sends only the first) and ``cached`` prompt tokens."""
+                 no_choices: bool, data: st.DataObject, how: str) -> None:
+        """A result of ``texts`` and ``cached`` prompt tokens; or, ``no_choices``, one without choices."""
         doc: dict[str, Any] = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no,
-                               "text": texts[0], "finish_reason": "length", "worker": "w1", "timings": {"total_s": 0.5}}
-        if legacy:
-            texts = texts[:1]
+                               "worker": "w1", "timings": {"total_s": 0.5}}
+        if no_choices:
+            # Text anywhere but in choices is not read: one empty completion, nothing cached.
+            doc |= {"text": texts[0], "finish_reason": "length"}
+            texts = [""]
         else:
             doc["cached_tokens"] = cached
             doc["choices"] = [{"index": i, "text": t, "finish_reason": "stop", "completion_tokens": 0,
@@ -529,7 +532,7 @@ class HerderCore(RuleBasedStateMachine):
             assert row is not None and row.state == DONE
             # Every completion asked for is paid for, and no more than were asked for.
             completion = sum(self.counter.completion_tokens(MODEL, t) for t in texts[: job.sub.n])
-            valid = isinstance(cached, int) and not isinstance(cached, bool) and not legacy
+            valid = isinstance(cached, int) and not isinstance(cached, bool) and not no_choices
             cached = min(max(cached, 0), job.prompt_tokens) if valid else 0
             # At the prices the job was quoted, whatever they are now.
             actual = (job.base_fee + job.fee_per_token * (job.prompt_tokens - cached + completion)
@@ -550,18 +553,18 @@ class HerderCore(RuleBasedStateMachine):
 
     @precondition(lambda self: any(j.state == RUNNING for j in self.jobs.values()))
     @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
-          legacy=st.booleans(), how=ATTRIBUTIONS)
-    def complete(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, how: str) -> None:
+          no_choices=st.booleans(), how=ATTRIBUTIONS)
+    def complete(self, data: st.DataObject, texts: list[str], cached: Any, no_choices: bool, how: str) -> None:
         """The current attempt of a running job reports its result."""
         job = data.draw(st.sampled_from(self._in_state(RUNNING)))
         assert job.task_id is not None
-        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, texts, cached, legacy,
+        self._deliver(Attempt(job.id, job.task_id, job.attempt), job.id, job.attempt, texts, cached, no_choices,
                       data, how)
 
     @precondition(lambda self: any(j.state == QUEUED for j in self.jobs.values()))
     @rule(data=st.data(), slots=st.integers(1, 4), texts=st.lists(COMPLETIONS, min_size=1, max_size=4),
-          cached=CACHED, legacy=st.booleans(), how=ATTRIBUTIONS)
-    def serve(self, data: st.DataObject, slots: int, texts: list[str], cached: Any, legacy: bool, how: str) -> None:
+          cached=CACHED, no_choices=st.booleans(), how=ATTRIBUTIONS)
+    def serve(self, data: st.DataObject, slots: int, texts: list[str], cached: Any, no_choices: bool, how: str) -> None:
         """A slot frees up and a running job answers at once: most jobs' whole life, in one step.
 
         Without it a job is far likelier to be cancelled than settled, and
@@ -569,18 +572,18 @@ class HerderCore(RuleBasedStateMachine):
         """
         self.dispatch(slots)
         if self._in_state(RUNNING):
-            self.complete(data, texts, cached, legacy, how)
+            self.complete(data, texts, cached, no_choices, how)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), texts=st.lists(COMPLETIONS, min_size=1, max_size=4), cached=CACHED,
-          legacy=st.booleans(), forge=st.sampled_from(["none", "attempt", "job"]), how=ATTRIBUTIONS)
-    def redeliver(self, data: st.DataObject, texts: list[str], cached: Any, legacy: bool, forge: str,
+          no_choices=st.booleans(), forge=st.sampled_from(["none", "attempt", "job"]), how=ATTRIBUTIONS)
+    def redeliver(self, data: st.DataObject, texts: list[str], cached: Any, no_choices: bool, forge: str,
                   how: str) -> None:
         """Any attempt's result arrives (again, late, or with a forged attempt or job), signed or not."""
         attempt = data.draw(st.sampled_from(self.attempts))
         job_id = uuid.uuid4().hex if forge == "job" else attempt.job_id
         attempt_no = attempt.attempt + (1 if forge == "attempt" else 0)
-        self._deliver(attempt, job_id, attempt_no, texts, cached, legacy, data, how)
+        self._deliver(attempt, job_id, attempt_no, texts, cached, no_choices, data, how)
 
     @precondition(lambda self: self.attempts)
     @rule(data=st.data(), retryable=st.booleans())

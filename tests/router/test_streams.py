@@ -112,7 +112,7 @@ def test_sse_stream_never_shows_text_twice_after_a_worker_dies(stack: Stack) -> 
     assert not reader.is_alive()
     row = stack.job(job["id"])
     assert row.state == "done"
-    assert shown_text(pieces) == row.result_text
+    assert shown_text(pieces) == row.completion_text
     assert stack.captures(row.id) == 1 and stack.books() == []
 
 

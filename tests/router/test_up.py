@@ -70,13 +70,13 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
             assert record["ports"] == {"gateway": port, "flower": flower_port}
             password = (tmp_path / "home" / "flower.password").read_text().strip()
             assert password in text and "flower.password" in text
-            # The dashboard is printed, and opens to the operator's key made in the home (not printed).
+            # The dashboard is printed, and opens to the admin key made in the home (not printed).
             assert f"http://127.0.0.1:{port}/dashboard" in text
             admin = (tmp_path / "home" / "admin.key").read_text().strip()
             assert admin not in text and "admin.key" in text
             assert (tmp_path / "home" / "admin.key").stat().st_mode & 0o777 == 0o600
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-                assert http.post("/dashboard/session", json={"key": admin}).json() == {"role": "operator"}
+                assert http.post("/dashboard/session", json={"key": admin}).json() == {"role": "admin"}
                 assert http.get("/dashboard/snapshot").json()["herd"][0]["alive"] is True
                 assert http.get("/metrics").status_code == 401
                 assert http.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from router.herder import tasks
 from router.core import webhooks
 from router.core.errors import BadChannel, WebhookTargetRefused
+from router.herder import tasks
 
 PUBLIC_V4 = "93.184.216.34"
 SECRET = "whsec-test"

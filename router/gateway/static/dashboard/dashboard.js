@@ -110,11 +110,11 @@ function drawPrices(p) {
   });
 }
 
-function drawJobs(jobs, operator) {
+function drawJobs(jobs, admin) {
   fill("jobs", jobs, (tr, j) => {
     tr.dataset.job = j.job_id;
     cell(tr, j.job_id.slice(0, 12), "mono").title = j.job_id;
-    if (operator) cell(tr, j.account ?? "");
+    if (admin) cell(tr, j.account ?? "");
     cell(tr, j.model);
     cell(tr, j.state, `state state-${j.state}`);
     cell(tr, fmtX(j.multiplier), "num");
@@ -180,8 +180,8 @@ function drawRequester(snap) {
 function draw(snap) {
   $("live").classList.remove("stale");
   document.body.classList.toggle("requester", snap.role === "requester");
-  $("role").textContent = snap.role === "operator" ? "operator" : `requester · ${snap.account}`;
-  if (snap.role === "operator") {
+  $("role").textContent = snap.role === "admin" ? "admin" : `requester · ${snap.account}`;
+  if (snap.role === "admin") {
     if (!charts) charts = makeCharts();
     drawOperator(snap);
   } else {

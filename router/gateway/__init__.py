@@ -1,7 +1,9 @@
-"""The HTTP gateway's parts, one concept each; ``router.api`` assembles them.
+"""The HTTP gateway, one concept a module; ``app.create_app`` assembles them and ``router.api`` serves it.
 
 ``errors`` maps our exceptions to OpenAI-shaped error responses, ``deps``
 gives a route the herder's service, the async Redis client and the Bearer
-API key, ``waiting`` follows an admitted job to its end, and
-``completions``, ``jobs`` and ``ops`` are the routers.
+API key, ``waiting`` follows an admitted job to its end, ``openai_request``
+and ``openai_shapes`` read and write OpenAI's shapes, ``prometheus`` serves
+the metrics, ``snapshot`` builds what the dashboard shows, and
+``completions``, ``jobs``, ``ops`` and ``dashboard`` are the routers.
 """

@@ -278,7 +278,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         admin_secret, created = admin_key(settings.home)
         admin_where = f"in {settings.home / ADMIN_KEY}"
         if created:
-            console.print(f"[bold]admin[/] created the admin key for the dashboard and /metrics (kept "
+            console.print(f"[bold]admin[/]   created the admin key for the dashboard and /metrics (kept "
                           f"{admin_where})", highlight=False)
 
     env = dict(os.environ, LLAMAS_HOME=str(settings.home), LLAMAS_REDIS_URL=settings.redis_url)

@@ -9,6 +9,9 @@ not count.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +157,17 @@ def test_imports_flow_one_way(name: str) -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles() == []
+
+
+def test_importing_the_client_loads_no_server_code() -> None:
+    """What a requester installs the client for: no SQL, no llama.cpp, no web server, no herder app."""
+    code = ("import json, sys; import router.client; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('sqlalchemy', 'alembic', 'llama_cpp', 'fastapi', 'starlette', 'uvicorn') "
+            "or m.startswith(('router.herder', 'router.gateway', 'router.core.service', 'llama_tasks.celery')))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                                       check=True).stdout)
+    assert loaded == []
 
 
 def test_the_checks_catch_what_they_are_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

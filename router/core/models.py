@@ -6,7 +6,6 @@ All tables share ``Base.metadata``; migrations in
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 
 from sqlalchemy import (
@@ -234,16 +233,6 @@ class JobRow(Base):
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
-
-    @property
-    def completion_text(self) -> str | None:
-        """The first completion's text; None for a job that did not complete."""
-        return json.loads(self.choices)[0]["text"] if self.choices else None
-
-    @property
-    def finish_reason(self) -> str | None:
-        """Why the first completion stopped; None for a job that did not complete."""
-        return json.loads(self.choices)[0]["finish_reason"] if self.choices else None
 
 
 def width(column: str) -> int:

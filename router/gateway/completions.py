@@ -70,7 +70,7 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     if resp["status"] != "done":
         status, body = openai_shapes.failed(resp)
         return JSONResponse(body, status_code=status)
-    return shapes.final(openai_shapes.choices(resp), openai_shapes.usage(resp))
+    return shapes.final(resp["choices"], openai_shapes.usage(resp))
 
 
 async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool) -> AsyncIterator[str]:

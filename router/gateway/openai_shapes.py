@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import json
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 #: Field of the stream chunk that tells a reader to discard the text so far.
 RESTART_FIELD = "llamas_restart"
@@ -109,11 +109,6 @@ def usage(resp: dict[str, Any]) -> dict[str, Any]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": resp.get("cached_tokens") or 0},
             "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
-
-
-def choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
-    """A final response's completions, as stored: ``{index, text, finish_reason, completion_tokens, logprobs}`` each."""
-    return cast(list[dict[str, Any]], resp["choices"])
 
 
 def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:

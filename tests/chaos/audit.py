@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from router.core import ledger
+from router.core import ledger, views
 from router.core.models import DONE, OPEN_STATES, WORLD, Account, JobRow, Transfer
 from tests.chaos.harness import MARKER, SETTLE_S, ChaosStack
 from tests.processes import poll
@@ -135,7 +135,7 @@ class Scenario:
                                     f"{job.refunded} is not its offer {job.offered}")
                 if job.state != DONE and job.charged:
                     problems.append(f"job {job.id} ended {job.state} but was charged {job.charged}")
-                if job.state == DONE and job.completion_text is None:
+                if job.state == DONE and views.response(job)["text"] is None:
                     problems.append(f"job {job.id} was charged without a stored result")
                     row.lost += mine
 
@@ -181,7 +181,7 @@ class Scenario:
         """(how many, which) prompts and long completions of this scenario reached a log so far."""
         found, leaks = 0, []
         with self.stack.sessions.begin() as s:
-            texts = [t for t in (row.completion_text for row in s.scalars(select(JobRow).where(
+            texts = [t for t in (views.response(row)["text"] for row in s.scalars(select(JobRow).where(
                 JobRow.seq > self.start_seq, JobRow.state == DONE)))
                 if t and len(t.strip()) >= MIN_COMPLETION_CHARS]
         for path in self.stack.logs():

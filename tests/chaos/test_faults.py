@@ -22,6 +22,7 @@ import redis
 
 from router import Herder
 from router.client import JobHandle
+from router.core import views
 from router.core.errors import JobFailed, StreamRestarted
 from tests.chaos.audit import Scenario
 from tests.chaos.harness import (
@@ -149,7 +150,7 @@ def all_done(stack: ChaosStack, handles: list[JobHandle], http: list[tuple[str, 
         reply = future.result(timeout=SETTLE_S + 60)
         assert reply.status_code == 200, (ref, reply.status_code, reply.text[:300])
         row = stack.by_reference(ref)
-        assert row is not None and row.state == "done" and reply.json()["choices"][0]["text"] == row.completion_text
+        assert row is not None and row.state == "done" and reply.json()["choices"][0]["text"] == views.response(row)["text"]
 
 
 def callbacks_arrive(stack: ChaosStack, handles: list[JobHandle]) -> None:
@@ -195,9 +196,9 @@ def test_a_worker_killed_mid_generation_loses_nothing(chaos: ChaosStack, scenari
         assert len(starts) >= 2, f"job {row.id} was not generated again after its worker died"
         assert chaos.captures(row.id) == 1
         readers_text = [shown_text(reader.pieces)] + ([shown_text(sse.pieces)] if row.id == sse.job_id else [])
-        wrong = [t for t in readers_text if t != row.completion_text]
+        wrong = [t for t in readers_text if t != views.response(row)["text"]]
         scenario.duplicated_streams += len(wrong)
-        assert not wrong, f"job {row.id}: readers were shown {wrong!r}, the answer is {row.completion_text!r}"
+        assert not wrong, f"job {row.id}: readers were shown {wrong!r}, the answer is {views.response(row)['text']!r}"
 
 
 @pytest.mark.chaos("herder SIGKILL with jobs queued and running, then restart")

@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 
+from router.core import views
 from router.core.models import JobRow
 from tests.processes import wait_for
 
@@ -34,7 +35,7 @@ def test_chat_completion_with_the_openai_client(stack, gateway):
     text = reply.choices[0].message.content
     usage = reply.usage.model_dump()
     row = stack.job(reply.id.removeprefix("chatcmpl-"))
-    assert text and text == row.completion_text
+    assert text and text == views.response(row)["text"]
     assert reply.choices[0].finish_reason in ("stop", "length")
     assert usage["completion_tokens"] == row.completion_tokens and usage["prompt_tokens"] == row.prompt_tokens
     assert usage["charged"] + usage["refunded"] == usage["offered"] == 2 * row.quote
@@ -53,7 +54,7 @@ def test_chat_streaming_with_the_openai_client(stack, gateway):
     text = "".join(c.choices[0].delta.content or "" for c in kept if c.choices)
     job_id = chunks[0].id.removeprefix("chatcmpl-")
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # it did stream
-    assert text == stack.job(job_id).completion_text
+    assert text == views.response(stack.job(job_id))["text"]
     assert chunks[-1].usage.completion_tokens == stack.job(job_id).completion_tokens
 
 

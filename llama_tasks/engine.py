@@ -8,11 +8,17 @@ formatting and token counting; both load the vocabulary alone.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
 
@@ -68,6 +74,40 @@ def encode(llm: Llama, job: Job) -> tuple[list[int], list[str]]:
     return llm.tokenize(text.encode("utf-8"), add_bos=not job.is_chat, special=True), stops
 
 
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def public_tokens(llm: Llama, job: Job, tokens: list[int], shared_prefixes: Sequence[str] = ()) -> int:
+    """How many leading ``tokens`` of ``job`` owe nothing to what its requester wrote.
+
+    That is the chat template's own text before the first message (found by
+    rendering the same roles around two different contents: what both share
+    is the template's), the BOS of a raw prompt, or a prefix of the rendered
+    prompt that the operator declared shared. Only these may be served from
+    another tenant's prompt cache.
+    """
+    def dummy(content: str) -> Job:
+        if not job.is_chat:
+            return dataclasses.replace(job, prompt=content)
+        return dataclasses.replace(job, messages=[{"role": m["role"], "content": content} for m in job.messages or []])
+
+    first, second = encode(llm, dummy("x"))[0], encode(llm, dummy("y"))[0]
+    public = min(_common(first, second), _common(tokens, first))
+    if shared_prefixes:
+        text = render(llm, job)[0]
+        for prefix in shared_prefixes:
+            if prefix and text.startswith(prefix):
+                declared = llm.tokenize(prefix.encode("utf-8"), add_bos=not job.is_chat, special=True)
+                public = max(public, _common(tokens, declared))
+    return min(public, len(tokens))
+
+
 def prompt_tokens(llm: Llama, job: Job) -> list[int]:
     """Tokens of the rendered prompt, as the worker will feed them."""
     return encode(llm, job)[0]
@@ -105,6 +145,89 @@ def compile_grammar(llm: Llama, gbnf: str) -> LlamaGrammar:
         raise BadGrammar(f"llama.cpp could not parse the grammar starting {first_line[:80]!r}")
     llama_cpp.llama_sampler_free(probe)
     return grammar
+
+
+#: Tokens the cost probe walks into a grammar.
+PROBE_STEPS = 32
+#: The probe times the grammar against every this-many-th token of the vocabulary (and every
+#: one-character token, so it can walk on), and scales up to the whole vocabulary.
+PROBE_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class _ProbeSet:
+    candidates: Any  # a ctypes array of llama_token_data, rewritten before each use
+    ids: list[int]
+    length: dict[int, int]  # piece length in bytes, for the candidates
+
+
+_probe_sets: weakref.WeakKeyDictionary[Llama, _ProbeSet] = weakref.WeakKeyDictionary()
+
+
+def prepare_probe(llm: Llama) -> None:
+    """Build the candidates the probe times grammars against, once per vocabulary (a fraction of a second)."""
+    if llm not in _probe_sets:
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llm._model.vocab)
+        length = {t: len(llm._model.token_to_piece(t, special=False)) for t in range(n_vocab)}
+        ids = sorted({t for t in range(0, n_vocab, PROBE_STRIDE)} | {t for t, n in length.items() if n == 1})
+        _probe_sets[llm] = _ProbeSet((llama_cpp.llama_token_data * len(ids))(), ids, {t: length[t] for t in ids})
+
+
+def _timed_apply(sampler: Any, probe: _ProbeSet) -> float:
+    """Seconds the grammar takes to judge every probe candidate; leaves its verdicts in ``probe``."""
+    for i, token in enumerate(probe.ids):
+        probe.candidates[i].id, probe.candidates[i].logit, probe.candidates[i].p = token, 0.0, 0.0
+    array = llama_cpp.llama_token_data_array(probe.candidates, len(probe.ids), -1, False)
+    # CPU time of this thread: on a busy machine, time spent waiting for a core is not the grammar's.
+    started = time.thread_time()
+    llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+    return time.thread_time() - started
+
+
+def grammar_step_cost(llm: Llama, grammar: LlamaGrammar, budget_s: float,
+                      on_step: Callable[[float], None] | None = None) -> float:
+    """The dearest step of sampling under ``grammar`` seen on a walk into it, in seconds.
+
+    llama.cpp checks every vocabulary token against every parse stack of the
+    grammar at every step, and ambiguous nested repetitions (``(("a"{0,30}){0,30}){0,30}``)
+    multiply the stacks until one step takes minutes inside C code that
+    nothing can interrupt. So before a grammar is admitted the probe walks
+    ``PROBE_STEPS`` tokens into it — each time the shortest piece the grammar
+    allows, which visits the most positions — timing each step against a
+    sample of the vocabulary, scaled to the whole. It stops as soon as a step
+    costs more than ``budget_s``; one step that never ends is
+    ``grammar_probe``'s to cut off (it runs this in a process it can kill),
+    and any walk the probe did not take, the worker's watchdog answers for.
+    """
+    prepare_probe(llm)
+    probe = _probe_sets[llm]
+    vocab = llm._model.vocab
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    scale = n_vocab / len(probe.ids)
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+    if not sampler:
+        raise BadGrammar("llama.cpp could not parse the grammar")
+    worst = 0.0
+    try:
+        for _ in range(PROBE_STEPS):
+            # The cheaper of two timings: caches and page faults only ever add time.
+            cost = min(_timed_apply(sampler, probe) for _ in range(2)) * scale
+            allowed = [probe.candidates[i].id for i in range(len(probe.ids))
+                       if probe.candidates[i].logit != -math.inf
+                       and not llama_cpp.llama_vocab_is_eog(vocab, probe.candidates[i].id)]
+            if not allowed:
+                return max(worst, cost)  # the grammar is done (or needs a token the sample lacks)
+            token = min(allowed, key=lambda t: (probe.length[t], t))
+            started = time.thread_time()
+            llama_cpp.llama_sampler_accept(sampler, token)
+            worst = max(worst, cost + time.thread_time() - started)
+            if on_step is not None:
+                on_step(worst)
+            if worst > budget_s:
+                break
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+    return worst
 
 
 @contextlib.contextmanager

@@ -200,6 +200,17 @@ class BadGrammar(InvalidRequest):
     template = "grammar does not parse: {detail}"
 
 
+class GrammarTooCostly(InvalidRequest):
+    """Raised when sampling under a grammar or JSON schema would cost more per token than allowed."""
+
+    fields = ("step_ms", "budget_ms")
+    template = (
+        "the grammar is too costly to sample: one token would take at least {step_ms} ms (the budget is "
+        "{budget_ms} ms); "
+        "ambiguous nested repetitions such as ((x{{0,30}}){{0,30}}){{0,30}} multiply llama.cpp's parse stacks"
+    )
+
+
 class BadLogprobs(InvalidRequest):
     """Raised when logprobs or top_logprobs ask for something that cannot be given."""
 

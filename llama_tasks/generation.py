@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llama_cpp import Llama
@@ -63,12 +63,13 @@ class JobResult:
 
 
 def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
-              time_limit_s: float | None = None) -> list[SequenceSpec]:
+              time_limit_s: float | None = None, shared_prefixes: Sequence[str] = ()) -> list[SequenceSpec]:
     """The sequences of ``job`` (one per choice), or the typed error that refuses it.
 
     Whether they fit a slot is the engine's to say, when they are submitted.
     """
     tokens, template_stops = engine.encode(vocab, job)  # rendered once
+    public = engine.public_tokens(vocab, job, tokens, shared_prefixes)
     gbnf = engine.grammar_text(job)
     grammar = engine.compile_grammar(vocab, gbnf) if gbnf else None
     # Every job samples from its own seed: one requester's never decides (or
@@ -92,6 +93,8 @@ def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
             # The job's stream carries its first choice.
             on_text=on_text if i == 0 else None,
             time_limit_s=time_limit_s,
+            cache_key=job.cache_key,
+            public_tokens=public,
         )
         for i in range(job.n)
     ]

@@ -40,7 +40,7 @@ def read_herd(r: redis.Redis) -> list[dict[str, Any]]:
 
 
 class Heartbeat:
-    """A daemon thread that publishes ``describe()`` until stopped.
+    """A daemon thread that publishes ``describe()`` until stopped, while ``healthy()`` says so.
 
     ``attest`` signs each beat (a worker run for an operator passes its
     operator's signer); None publishes beats unsigned, as the house's.
@@ -48,10 +48,11 @@ class Heartbeat:
 
     def __init__(
         self, r: redis.Redis, describe: Callable[[], dict[str, Any]], interval_s: float,
-        attest: Attest | None = None,
+        attest: Attest | None = None, healthy: Callable[[], bool] | None = None,
     ) -> None:
         self._r, self._describe, self._interval_s = r, describe, interval_s
         self._attest = attest
+        self._healthy = healthy
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamas-heartbeat", daemon=True)
         self._worker: str | None = None
@@ -61,6 +62,11 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self._healthy is not None and not self._healthy():
+                # No beat: the herd entry expires and the herder sends nothing more here.
+                log.warning("heartbeat withheld: the engine is not making progress")
+                self._stop.wait(self._interval_s)
+                continue
             try:
                 doc = self._describe() | {"ts": time.time(), "pid": os.getpid(), "interval_s": self._interval_s}
                 if self._attest is not None:

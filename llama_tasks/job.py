@@ -109,6 +109,8 @@ class Job(Generation):
     attempt: int
     expires_at: float
     issued_at: float
+    #: Whose prompt cache the job may reuse (the herder derives one per account; None: one tenant).
+    cache_key: str | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Job:
@@ -117,9 +119,12 @@ class Job(Generation):
         if unknown:
             raise InvalidRequest(f"unknown fields {sorted(unknown)}")
         try:
-            return cls(**payload)
+            job = cls(**payload)
         except TypeError as exc:  # a required field is missing
             raise InvalidRequest(str(exc)) from None
+        if job.cache_key is not None and not (isinstance(job.cache_key, str) and 0 < len(job.cache_key) <= 128):
+            raise InvalidRequest("cache_key must be a short string")
+        return job
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)

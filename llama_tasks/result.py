@@ -19,6 +19,8 @@ from typing import Any
 #: A log probability that is not a finite number (a token the sampler ruled
 #: out is -inf) is reported as this, as OpenAI does: JSON has no -Infinity.
 FLOOR_LOGPROB = -9999.0
+#: The finish reason of a choice its time limit ended: the text is what was made until then.
+TIME_LIMIT = "time_limit"
 
 
 def _int(value: Any, default: int = 0) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,8 +72,13 @@ def check_startup(settings: WorkerSettings) -> ModelSpec:
     return spec
 
 
-def start_process(settings: WorkerSettings, placement: Placement, slots: int) -> ProcessContext:
-    """Load the model into this process as ``placement`` says, with ``slots`` sequences."""
+def start_process(settings: WorkerSettings, placement: Placement, slots: int,
+                  on_stall: Callable[[], None] | None = None) -> ProcessContext:
+    """Load the model into this process as ``placement`` says, with ``slots`` sequences.
+
+    ``on_stall`` is called when the engine's watchdog gives up on it (every
+    job it held has been answered by then).
+    """
     global _context, _load_count
     spec = registry.lookup(settings.models_file, settings.model)
     if placement.cuda_visible_devices is not None:
@@ -82,6 +88,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int) ->
     batch = BatchEngine.load(
         spec.path, slots=slots, n_ctx_per_slot=settings.n_ctx,
         n_threads=placement.n_threads, n_gpu_layers=placement.n_gpu_layers,
+        sample_limit_s=settings.sample_limit_s, on_stall=on_stall,
     ).start()
     _load_count += 1
     _context = ProcessContext(
@@ -126,7 +133,8 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: st
     cancel_key = CANCEL_PREFIX + job.job_id
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        specs = generation.sequences(ctx.vocab, job, stream.token, ctx.settings.soft_time_limit_s)
+        specs = generation.sequences(ctx.vocab, job, stream.token, ctx.settings.soft_time_limit_s,
+                                     ctx.settings.shared_prefixes)
         generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))

@@ -119,6 +119,19 @@ class WorkerSettings(SharedSettings):
         description="The operator's Ed25519 private key (PEM). Unset: <home>/operators/<operator>.key.",
     )
 
+    sample_limit_s: float = Field(
+        5.0, gt=0, le=600,
+        description="Longest the engine may take to sample one token of one sequence (milliseconds is normal; "
+        "a grammar whose parse exploded spins for minutes). Past it the worker answers every job it holds "
+        "(that sequence with what it made, the others to run again) and exits for its supervisor to restart it.",
+    )
+    shared_prefixes: list[str] = Field(
+        default_factory=list,
+        description="JSON list of texts that may be reused from any account's prompt cache when a rendered "
+        "prompt starts with one (a system prompt everyone uses, say). Everything else in the cache is reused "
+        "only for the account that sent it.",
+    )
+
     @field_validator("operator")
     @classmethod
     def _operator_is_a_name(cls, value: str) -> str:

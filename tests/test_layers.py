@@ -34,7 +34,7 @@ CLIENT_CORE = {f"router.core.{m}" for m in ("errors", "fees", "keys", "request",
 #: ``router.api`` assemble the rest and may import anything; nothing imports them back.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "router.core": ("router.core", *PROTOCOL),
-    "router.herder": ("router.core", "router.herder", *PROTOCOL, "llama_tasks.engine",
+    "router.herder": ("router.core", "router.herder", *PROTOCOL, "llama_tasks.engine", "llama_tasks.grammar_probe",
                       "llama_tasks.lifeline", "llama_tasks.redact"),
     "router.gateway": ("router.core", "router.gateway", *PROTOCOL),
     "router.local": ("router.core", "router.local", *PROTOCOL, "llama_tasks.lifeline"),

@@ -10,6 +10,8 @@ if the herder dies in between, the job's lease runs out and it goes again.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -38,10 +40,22 @@ def capacity(herd: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(slots)
 
 
+def cache_key(account_id: int, key: Ed25519PrivateKey) -> str:
+    """The account's prompt-cache scope as workers see it.
+
+    Workers reuse a cached prompt only within one scope, so one account's
+    prompt never shortens (or is counted in) another's. Derived from the
+    herder's key, it is the same on every herder and says nothing about the
+    account to anyone without that key.
+    """
+    return hmac.new(key.private_bytes_raw(), f"prompt-cache:{account_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
 def envelope(row: JobRow, key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed work order of a row's current attempt; it expires with the lease."""
     assert row.lease_until is not None and row.dispatched_at is not None
     job = as_job(row.id, row.attempt, json.loads(row.request), row.lease_until, row.dispatched_at)
+    job.cache_key = cache_key(row.account_id, key)
     return signing.sign(job.to_payload(), key)
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from llama_tasks.constants import GRAMMAR_STEP_BUDGET_S
 from llama_tasks.settings import SharedSettings, exit_on_invalid
 from router.core.fees import PPM
 
@@ -54,6 +55,11 @@ class HerderSettings(SharedSettings):
     max_attempts: int = Field(3, ge=1, le=20, description="Dispatches before a job fails.")
     max_request_bytes: int = Field(
         256_000, ge=1024, description="Largest request (prompt, messages, grammar) in bytes."
+    )
+    grammar_step_budget_ms: float = Field(
+        GRAMMAR_STEP_BUDGET_S * 1000, gt=0, le=60_000,
+        description="Most a grammar or JSON schema may cost per sampled token, as the admission probe measures "
+        "it on the model's vocabulary; a dearer one is refused (422 GrammarTooCostly) before anything is held.",
     )
     tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")

@@ -4,7 +4,8 @@ Every function here takes the caller's transaction, locks the job row, and
 acts only if the job is still in the state it expects; a redelivered result,
 a late lease check or a second cancel therefore changes nothing. A finished
 job is charged ``multiplier × actual cost`` (at most its hold) and gets the
-rest back; any other ending returns the whole hold. The actual cost counts
+rest back, and so is one its time limit cut short (it ends ``failed``, with
+``GenerationTimedOut``); any other ending returns the whole hold. The actual cost counts
 every completion's tokens, and the prompt tokens a worker reused from its
 cache at the cached-token fee the job was quoted with. When the result's
 attestation proves a registered operator's worker produced it, that
@@ -21,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from llama_tasks.result import Choice, Result
+from llama_tasks.result import TIME_LIMIT, Choice, Result
 from router.core import fees, ledger, operators, queue
 from router.core.errors import InvalidOffer, JobNotQueued, UnknownJob
 from router.core.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 #: The longest finish reason kept: a worker's word, stored as it came up to this.
 FINISH_REASON_CHARS = 32
+#: The one failure that is paid for: its time limit cut the generation short, after work was done.
+CHARGED_FAILURE = "GenerationTimedOut"
+
+
+def chargeable(row: JobRow) -> bool:
+    """Whether a final job may have been charged: it finished, or its time limit cut it short."""
+    return row.state == DONE or (row.state == FAILED and row.error == CHARGED_FAILURE)
 
 
 def _locked(session: Session, **where: Any) -> JobRow | None:
@@ -100,6 +108,12 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     if held - charge:
         ledger.release(session, _account(session, row.account_id), held - charge, row.id)
     row.state, row.finished_at, row.lease_until = DONE, now, None
+    if any(c.finish_reason == TIME_LIMIT for c in choices):
+        # Paid for like a cancel (the text was made, and may have been streamed),
+        # but answered as the typed error it is: the requester asked for more.
+        row.state, row.error = FAILED, CHARGED_FAILURE
+        row.error_message = (f"the generation ran past its time limit; charged for the {completion} "
+                             "completion tokens it made")
     row.completion_tokens, row.cached_tokens = completion, cached
     row.choices = json.dumps([c.to_json() for c in choices])
     row.charged, row.refunded = charge, held - charge

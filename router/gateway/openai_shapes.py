@@ -111,11 +111,22 @@ def usage(resp: dict[str, Any]) -> dict[str, Any]:
             "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
 
 
+#: Status of a failed job by its error: the requester's own limit is a timeout; the rest
+#: (workers lost, attempts exhausted) are the service's, a 503 to retry, never a 500.
+FAILED_STATUS = {"GenerationTimedOut": 408}
+
+
 def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed)."""
-    status = {"expired": 408, "cancelled": 409}.get(resp["status"], 500)
-    return status, {"error": {"message": resp.get("message"), "type": resp.get("error"),
-                              "code": resp["status"], "job_id": resp["job_id"]}}
+    """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed).
+
+    A job its time limit cut short carries what it was charged for in ``usage``.
+    """
+    status = {"expired": 408, "cancelled": 409}.get(resp["status"]) or FAILED_STATUS.get(resp.get("error") or "", 503)
+    error: dict[str, Any] = {"message": resp.get("message"), "type": resp.get("error"),
+                             "code": resp["status"], "job_id": resp["job_id"]}
+    if resp.get("charged"):
+        error["usage"] = usage(resp)
+    return status, {"error": error}
 
 
 def failed_chunk(resp: dict[str, Any]) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def build(settings: HerderSettings, *, transport: StubTransport | None = None,
     By default every registered model is served by one stub worker of
     ``slots`` slots, and the herder signs with a fresh key.
     """
-    counter = counter or TokenCounter(settings.models_file)
+    counter = counter or TokenCounter(settings.models_file, settings.grammar_step_budget_ms / 1000)
     read_sessions = sessions
     if sessions is None:
         sessions, read_sessions = open_ledger(settings.ledger_url, settings.sqlite_synchronous)

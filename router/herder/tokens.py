@@ -13,7 +13,9 @@ from pathlib import Path
 from llama_cpp import Llama
 
 from llama_tasks import engine, registry
+from llama_tasks.constants import GRAMMAR_STEP_BUDGET_S
 from llama_tasks.errors import UnknownModel
+from llama_tasks.grammar_probe import GrammarProbe
 from llama_tasks.job import Job
 from router.core.errors import UnknownModelRequested
 
@@ -21,9 +23,12 @@ from router.core.errors import UnknownModelRequested
 class TokenCounter:
     """Counts prompt and completion tokens per model name."""
 
-    def __init__(self, models_file: Path) -> None:
+    def __init__(self, models_file: Path, grammar_budget_s: float = GRAMMAR_STEP_BUDGET_S) -> None:
         self._models_file = models_file
+        self._grammar_budget_s = grammar_budget_s
+        self._probe = GrammarProbe()  # its process starts with the first grammar
         self._vocabs: dict[str, Llama] = {}
+        self._specs: dict[str, registry.ModelSpec] = {}
         self._lock = threading.Lock()  # llama.cpp tokenizers are not shared across threads safely
 
     def models(self) -> dict[str, registry.ModelSpec]:
@@ -35,7 +40,7 @@ class TokenCounter:
                 spec = registry.lookup(self._models_file, model)
             except UnknownModel as exc:
                 raise UnknownModelRequested(model, exc.known) from None
-            self._vocabs[model] = engine.load_vocab(spec)
+            self._vocabs[model], self._specs[model] = engine.load_vocab(spec), spec
         return self._vocabs[model]
 
     def prompt_tokens(self, job: Job) -> int:
@@ -43,12 +48,15 @@ class TokenCounter:
             return len(engine.prompt_tokens(self._vocab(job.model), job))
 
     def check_grammar(self, job: Job) -> None:
-        """Raise ``BadGrammar`` unless the job's grammar or JSON schema compiles for its model."""
+        """Raise ``BadGrammar`` unless the job's grammar or JSON schema compiles for its model,
+        and ``GrammarTooCostly`` if sampling under it may cost more a token than the budget."""
         gbnf = engine.grammar_text(job)
         if gbnf is None:
             return
         with self._lock:
-            engine.compile_grammar(self._vocab(job.model), gbnf)
+            engine.compile_grammar(self._vocab(job.model), gbnf)  # BadGrammar at once, in this process
+        # Priced in a process of its own: one step of a pathological grammar can spin for hours.
+        self._probe.check(self._specs[job.model].path, gbnf, self._grammar_budget_s)
 
     def completion_tokens(self, model: str, text: str) -> int:
         with self._lock:

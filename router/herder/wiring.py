@@ -25,7 +25,7 @@ def build(settings: HerderSettings, app: Celery) -> HerderService:
         settings,
         sessions=sessions,
         read_sessions=read_sessions,
-        counter=TokenCounter(settings.models_file),
+        counter=TokenCounter(settings.models_file, settings.grammar_step_budget_ms / 1000),
         key=signing.load_private(settings.private_key_file),
         redis_client=r,
         transport=CeleryTransport(app),

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from sqlalchemy import select
 
-from router.core import ledger, views
+from router.core import ledger, settlement, views
 from router.core.models import DONE, OPEN_STATES, WORLD, Account, JobRow, Transfer
 from tests.chaos.harness import MARKER, SETTLE_S, ChaosStack
 from tests.processes import poll
@@ -125,7 +125,7 @@ class Scenario:
                     continue
                 if net[job.id] != 0:
                     problems.append(f"job {job.id} ({job.state}) still holds {net[job.id]} in escrow")
-                if kinds[job.id, "capture"] > 1 or (job.state != DONE and kinds[job.id, "capture"]):
+                if kinds[job.id, "capture"] > 1 or (not settlement.chargeable(job) and kinds[job.id, "capture"]):
                     problems.append(f"job {job.id} ({job.state}) captured {kinds[job.id, 'capture']} times")
                     row.double_charged += mine
                 if kinds[job.id, "release"] > 1:
@@ -133,7 +133,7 @@ class Scenario:
                 if job.charged is None or job.refunded is None or job.charged + job.refunded != job.offered:
                     problems.append(f"job {job.id} ({job.state}): charged {job.charged} + refunded "
                                     f"{job.refunded} is not its offer {job.offered}")
-                if job.state != DONE and job.charged:
+                if not settlement.chargeable(job) and job.charged:
                     problems.append(f"job {job.id} ended {job.state} but was charged {job.charged}")
                 if job.state == DONE and views.response(job)["text"] is None:
                     problems.append(f"job {job.id} was charged without a stored result")

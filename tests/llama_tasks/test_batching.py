@@ -11,7 +11,7 @@ from llama_cpp import Llama
 
 from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine, SequenceSpec
-from llama_tasks.errors import ContextOverflow, GenerationTimedOut
+from llama_tasks.errors import ContextOverflow
 from llama_tasks.job import Job
 from llama_tasks.result import Result
 from tests.prompts import PROMPTS
@@ -209,11 +209,15 @@ def test_no_logprobs_unless_asked(batch, vocab):
     assert result.logprobs is None
 
 
-def test_a_sequence_past_its_time_limit_fails_typed(batch, vocab):
+def test_a_sequence_past_its_time_limit_ends_with_what_it_made(batch, vocab):
+    # What it made was streamed and is paid for (the herder charges it, like a cancel).
+    streamed: list[str] = []
     seq = chat(vocab, "Letters:", max_tokens=300, grammar=LONG_GRAMMAR)[0]
-    seq.time_limit_s = 0.05
-    with pytest.raises(GenerationTimedOut):
-        batch.submit(seq).result(timeout=120)
+    seq.time_limit_s, seq.on_text = 0.3, streamed.append
+    result = batch.submit(seq).result(timeout=120)
+    assert result.finish_reason == "time_limit"
+    assert result.completion_tokens < 300 and "".join(streamed) == result.text
+    assert len(vocab.tokenize(result.text.encode(), add_bos=False, special=False)) <= result.completion_tokens
 
 
 def test_a_job_that_cannot_fit_one_slot_is_refused_with_both_numbers(batch, vocab):
@@ -236,3 +240,64 @@ def test_a_stream_that_fails_ends_its_own_job_and_no_other(batch, vocab, single)
     with pytest.raises(ConnectionError):
         tickets[0].result(timeout=120)
     assert tickets[1].result(timeout=120).text == reference(single, healthy)
+
+
+# --- the prompt cache is one account's own ----------------------------------------------
+
+SECRET = "Remember this. The vault access code for customer Alice is 7391. Never tell anyone."
+
+
+def _ask(vocab, content: str, cache_key: str, shared: tuple[str, ...] = (), system: str | None = None) -> SequenceSpec:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    job = Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=1, temperature=0.0,
+              messages=messages, cache_key=cache_key)
+    return generation.sequences(vocab, job, None, shared_prefixes=shared)[0]
+
+
+@pytest.fixture(scope="module")
+def one_slot(spec):
+    """One slot: every sequence lands where the last one was, cache and all."""
+    started = BatchEngine.load(spec.path, slots=1, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    yield started
+    started.stop()
+
+
+def test_the_public_part_of_a_chat_prompt_is_the_template_alone(vocab):
+    seq = _ask(vocab, SECRET, "a")
+    # SmolLM2's template opens with its own system prompt: public; the first word of ours is not.
+    assert 10 < seq.public_tokens < len(seq.tokens) - 10
+    assert seq.public_tokens == _ask(vocab, "Something else entirely.", "b").public_tokens
+    text = vocab.detokenize(seq.tokens[: seq.public_tokens + 1]).decode()
+    assert "Remember" not in vocab.detokenize(seq.tokens[: seq.public_tokens]).decode() and "Remember" in text
+
+
+def test_another_account_never_reuses_or_learns_a_cached_prompt(one_slot, vocab):
+    # The attack: B sends A's secret with a guessed last digit and reads cached_tokens.
+    victim = _ask(vocab, SECRET, "account-a")
+    one_slot.submit(victim).result(timeout=120)
+    again = one_slot.submit(_ask(vocab, SECRET, "account-a")).result(timeout=120)
+    assert again.cached_tokens == again.prompt_tokens - 1  # the owner's own cache still works
+    probes = {}
+    for guess in ("7391", "7000", "0000"):
+        one_slot.submit(_ask(vocab, SECRET, "account-a")).result(timeout=120)  # A's prompt back in the slot
+        probe = _ask(vocab, SECRET.replace("7391", guess), "account-b")
+        probes[guess] = one_slot.submit(probe).result(timeout=120).cached_tokens
+    # Only the template is ever served across accounts: a right guess reads like a wrong one.
+    assert set(probes.values()) == {victim.public_tokens}
+
+
+def test_a_prefix_the_operator_declares_shared_is_reused_across_accounts(one_slot, vocab):
+    system = "You grade the sentiment of chat rooms from 1 (hostile) to 5 (warm). " * 4
+    rendered = engine.render(vocab, Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0,
+                                        messages=[{"role": "system", "content": system},
+                                                  {"role": "user", "content": "x"}]))[0]
+    shared = (rendered[: rendered.index(system) + len(system)],)
+    first = _ask(vocab, "Room one: hello!", "account-a", shared, system)
+    second = _ask(vocab, "Room two: go away.", "account-b", shared, system)
+    assert second.public_tokens > 40
+    one_slot.submit(first).result(timeout=120)
+    reused = one_slot.submit(second).result(timeout=120).cached_tokens
+    assert reused == second.public_tokens
+    # Undeclared, the same system prompt stays the account's own.
+    private = _ask(vocab, "Room three: fine.", "account-c", (), system)
+    assert one_slot.submit(private).result(timeout=120).cached_tokens == private.public_tokens < reused

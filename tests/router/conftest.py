@@ -17,9 +17,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import registry
-from router.core import admission, fees, ledger, queue
+from router.core import admission, fees, ledger, queue, settlement
 from router.core.db import make_engine, make_sessionmaker, upgrade
-from router.core.models import DONE, ESCROW, JobRow, Transfer
+from router.core.models import ESCROW, JobRow, Transfer
 from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 from router.herder.tokens import TokenCounter
@@ -217,7 +217,7 @@ class Herder:
                     assert held == 0, (row.id, row.state, held)
                     assert row.charged is not None and row.refunded is not None
                     assert row.charged + row.refunded == row.offered, (row.id, row.state)
-                    if row.state != DONE:
+                    if not settlement.chargeable(row):
                         assert row.charged == 0
             assert escrow == open_offers
 

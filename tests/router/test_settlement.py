@@ -799,3 +799,25 @@ def test_choices_are_kept_in_the_order_of_their_index(herder: Herder, alice: str
     assert [(c["index"], c["text"]) for c in views.response(row)["choices"]] == [
         (0, "zero"), (1, "one"), (2, "two")]
     herder.assert_books()
+
+
+def test_a_generation_its_time_limit_cut_short_is_charged_for_what_it_made_and_answers_a_typed_error(
+    herder: Herder, alice: str
+) -> None:
+    # Its text was streamed as it was made: a full refund would be work for free.
+    job = herder.submit(alice, max_tokens=64)
+    herder.claim(slots=1)
+    row = settle(herder, herder.result(job.id, TEXT, finish_reason="time_limit"))
+
+    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    assert row is not None and row.state == FAILED and row.error == "GenerationTimedOut"
+    assert row.charged == fees.quote(5, 2, job.prompt_tokens, completion) and row.charged > 0
+    assert row.refunded == job.offered - row.charged
+    response = views.response(row)
+    assert response["status"] == FAILED and response["text"] == TEXT and response["finish_reason"] == "time_limit"
+    assert f"{completion} completion tokens" in response["message"]
+    # Settled once: the same result again changes nothing.
+    before = snapshot(herder)
+    assert settle(herder, herder.result(job.id, TEXT, finish_reason="time_limit")) is None
+    assert snapshot(herder) == before
+    herder.assert_books()

@@ -753,7 +753,7 @@ class HerderCore(RuleBasedStateMachine):
                 # Every unit charged went to the operator or the house, and nothing else did.
                 assert amounts.get((job.id, "earn"), 0) == job.earned
                 assert amounts.get((job.id, "earn"), 0) + amounts.get((job.id, "capture"), 0) == row.charged
-                if row.state != DONE:
+                if not settlement.chargeable(row):
                     assert row.charged == 0 and kinds[job.id, "capture"] == kinds[job.id, "earn"] == 0
                 assert kinds[job.id, "release"] <= 1
                 assert (row.state, row.charged, row.refunded) == self.endings[job.id], "a final job changed"

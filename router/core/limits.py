@@ -168,53 +168,79 @@ def in_flight_caps(session: Session) -> dict[int, int]:
 
 # --- requests and tokens per minute, in Redis ------------------------------------
 
-#: KEYS[1]: the window; ARGV: now (ms), window (ms), member, tokens, requests
-#: per minute, tokens per minute (0 = no limit), 1 to take or 0 to look.
-#: Returns {taken, requests, tokens, reset requests ms, reset tokens ms, retry ms}
-#: where requests and tokens count the window after the call, the resets are
-#: when it is empty again, and retry is when this request would fit.
+#: KEYS: the window's sorted set (member ``job|tokens``, score the time in ms)
+#: and the sum of its tokens; ARGV: now (ms), window (ms), member, tokens,
+#: requests per minute, tokens per minute (0 = no limit), 1 to take or 0 to
+#: look. Returns {taken, requests, tokens, reset ms, retry ms}: the window
+#: after the call, when it is empty again, and when this request would fit.
+#: The running sum keeps an admission O(log n); only a refusal for tokens
+#: walks the oldest entries, as far as the request needs.
 _WINDOW_LUA = """
-local key = KEYS[1]
+local key, sum_key = KEYS[1], KEYS[2]
 local now, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local member, tokens = ARGV[3], tonumber(ARGV[4])
 local rpm, tpm, take = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7] == '1'
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-local count, used, newest = #entries / 2, 0, nil
-local sizes, times = {}, {}
-for i = 1, #entries, 2 do
-  local size = tonumber(string.match(entries[i], '|(%d+)$')) or 0
-  sizes[#sizes + 1], times[#times + 1] = size, tonumber(entries[i + 1])
-  used = used + size
-  newest = tonumber(entries[i + 1])
+local function size(entry) return tonumber(string.match(entry, '|(%d+)$')) or 0 end
+local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - window)
+if #old > 0 then
+  local freed = 0
+  for i = 1, #old do freed = freed + size(old[i]) end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  redis.call('DECRBY', sum_key, freed)
+end
+local count = redis.call('ZCARD', key)
+local used = tonumber(redis.call('GET', sum_key) or '0')
+if count == 0 then
+  used = 0
+  redis.call('DEL', sum_key)
 end
 local wait = 0
 if rpm > 0 and count + 1 > rpm then
-  wait = math.max(wait, times[count + 1 - rpm] + window - now)
+  local oldest = redis.call('ZRANGE', key, count - rpm, count - rpm, 'WITHSCORES')
+  wait = math.max(wait, tonumber(oldest[2]) + window - now)
 end
 if tpm > 0 and used + tokens > tpm then
   -- More than the whole window holds never fits (check_request refuses it before this).
-  local until_fits, freed = window, 0
-  for i = 1, #sizes do
-    freed = freed + sizes[i]
-    if used - freed + tokens <= tpm then
-      until_fits = times[i] + window - now
-      break
+  local until_fits, freed, first, found = window, 0, 0, false
+  while first < count and not found do
+    local page = redis.call('ZRANGE', key, first, first + 99, 'WITHSCORES')
+    for i = 1, #page, 2 do
+      freed = freed + size(page[i])
+      if used - freed + tokens <= tpm then
+        until_fits, found = tonumber(page[i + 1]) + window - now, true
+        break
+      end
     end
+    first = first + 100
   end
   wait = math.max(wait, until_fits)
 end
+local taken = 0
 if take and wait == 0 then
   redis.call('ZADD', key, now, member .. '|' .. tokens)
+  redis.call('INCRBY', sum_key, tokens)
   redis.call('PEXPIRE', key, window)
-  count, used, newest = count + 1, used + tokens, now
+  redis.call('PEXPIRE', sum_key, window)
+  count, used, taken = count + 1, used + tokens, 1
 end
 local reset = 0
-if newest then reset = newest + window - now end
-local taken = 0
-if take and wait == 0 then taken = 1 end
-return {taken, count, used, reset, reset, wait}
+local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+if #newest > 0 then reset = tonumber(newest[2]) + window - now end
+return {taken, count, used, reset, wait}
 """
+
+#: KEYS as above; ARGV: the member. Takes an entry back, and its tokens with it.
+_GIVE_BACK_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[2], tonumber(string.match(ARGV[1], '|(%d+)$')) or 0)
+end
+return 0
+"""
+
+
+def window_keys(window: str) -> list[str]:
+    """The Redis keys of one window: its entries and its token sum (one hash slot, for a cluster)."""
+    return [f"{RATE_PREFIX}{{{window}}}", f"{RATE_PREFIX}{{{window}}}:tokens"]
 
 
 @dataclass(frozen=True)
@@ -245,24 +271,24 @@ class Windows:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._script = client.register_script(_WINDOW_LUA)
+        self._give_back = client.register_script(_GIVE_BACK_LUA)
 
     def _run(self, window: str, member: str, tokens: int, limits: Limits, now: float, take: bool) -> list[int]:
         args: list[int | str] = [int(now * 1000), WINDOW_S * 1000, member, tokens, limits.requests_per_minute,
                                  limits.tokens_per_minute, 1 if take else 0]
-        return [int(v) for v in self._script(keys=[RATE_PREFIX + window], args=args)]
+        return [int(v) for v in self._script(keys=window_keys(window), args=args)]
 
     @staticmethod
     def _usage(limits: Limits, result: list[int]) -> Usage:
-        _, count, used, reset_requests, reset_tokens, _ = result
-        return Usage(limits.requests_per_minute, max(0, limits.requests_per_minute - count),
-                     reset_requests / 1000, limits.tokens_per_minute,
-                     max(0, limits.tokens_per_minute - used), reset_tokens / 1000)
+        _, count, used, reset, _ = result
+        return Usage(limits.requests_per_minute, max(0, limits.requests_per_minute - count), reset / 1000,
+                     limits.tokens_per_minute, max(0, limits.tokens_per_minute - used), reset / 1000)
 
     def take(self, window: str, member: str, tokens: int, limits: Limits, now: float) -> Usage:
         """Count one admission of ``tokens`` in the window, or raise ``RateLimited`` having counted nothing."""
         result = self._run(window, member, tokens, limits, now, take=True)
         if not result[0]:
-            count, wait = result[1], result[5]
+            count, wait = result[1], result[4]
             rpm, tpm = limits.requests_per_minute, limits.tokens_per_minute
             if rpm and count + 1 > rpm:
                 raise RateLimited("requests per minute", rpm, _retry_s(wait))
@@ -271,7 +297,7 @@ class Windows:
 
     def give_back(self, window: str, member: str, tokens: int) -> None:
         """Take back an admission whose transaction did not commit: it never happened."""
-        self.redis.zrem(RATE_PREFIX + window, f"{member}|{tokens}")
+        self._give_back(keys=window_keys(window), args=[f"{member}|{tokens}"])
 
     def usage(self, window: str, limits: Limits, now: float) -> Usage:
         """The window as it stands, counting nothing."""

@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 
 from router.core import ledger, limits
 from router.core.errors import AccountQueueFull, OverRequestLimit, QueueFull, RateLimited, SystemAccount
-from router.core.keys import RATE_PREFIX
 from router.core.models import ESCROW, QUEUED, RUNNING, JobRow
 from tests.router.conftest import T0, TWIN_MODEL, Herder, run_together
 
@@ -31,7 +30,7 @@ def window(r: redis.Redis) -> Any:
     """A fresh window id, deleted afterwards (the session's Redis is shared by every test)."""
     name = uuid.uuid4().hex
     yield name
-    r.delete(RATE_PREFIX + name)
+    r.delete(*limits.window_keys(name))
 
 
 # --- the minute windows ------------------------------------------------------------
@@ -46,7 +45,7 @@ def test_requests_per_minute_refuses_the_one_too_many_and_counts_nothing_for_it(
         windows.take(window, "job3", 1, SMALL, T0 + 10)
     # The oldest entry (at T0) leaves the window at T0 + 60: 50 s after the refusal.
     assert refused.value.limit == "requests per minute" and refused.value.retry_after_s == 50
-    assert r.zcard(RATE_PREFIX + window) == 3  # the refusal left no trace
+    assert r.zcard(limits.window_keys(window)[0]) == 3  # the refusal left no trace
     windows.take(window, "job3", 1, SMALL, T0 + 60.001)  # the first has left the window
     assert windows.usage(window, SMALL, T0 + 60.001).remaining_requests == 0
 
@@ -64,6 +63,19 @@ def test_tokens_per_minute_waits_until_enough_tokens_have_left(windows: limits.W
     assert refused.value.retry_after_s == 19
 
 
+def test_a_refusal_for_tokens_looks_past_the_first_hundred_entries(windows: limits.Windows, window: str) -> None:
+    tokens_only = limits.Limits(queued=1, in_flight=1, requests_per_minute=0, tokens_per_minute=250,
+                                request_tokens=250)
+    for i in range(250):
+        windows.take(window, f"j{i}", 1, tokens_only, T0 + i * 0.1)
+    with pytest.raises(RateLimited) as refused:
+        windows.take(window, "big", 120, tokens_only, T0 + 30)
+    # 120 tokens fit once the 120 oldest have left: the 120th came at T0 + 11.9, so at T0 + 71.9.
+    assert refused.value.retry_after_s == 42
+    assert windows.usage(window, tokens_only, T0 + 30).remaining_tokens == 0
+    assert windows.usage(window, tokens_only, T0 + 71.95).remaining_tokens == 120
+
+
 def test_no_limit_counts_but_never_refuses(windows: limits.Windows, window: str) -> None:
     free = limits.Limits(queued=1, in_flight=1, requests_per_minute=0, tokens_per_minute=0, request_tokens=1)
     for i in range(20):
@@ -78,13 +90,14 @@ def test_a_reservation_gives_back_what_a_failed_admission_took(
         account = ledger.account_by_key(session, key)
     with pytest.raises(RuntimeError), limits.reserve(windows) as reservation:
         reservation.take(account, "job1", 10, SMALL, T0)
-        assert r.zcard(RATE_PREFIX + limits.window_id(account)) == 1
+        assert r.zcard(limits.window_keys(limits.window_id(account))[0]) == 1
         raise RuntimeError("the commit failed")
-    assert r.zcard(RATE_PREFIX + limits.window_id(account)) == 0
+    assert r.zcard(limits.window_keys(limits.window_id(account))[0]) == 0
+    assert windows.usage(limits.window_id(account), SMALL, T0).remaining_tokens == 100  # its tokens too
     with limits.reserve(windows) as reservation:
         reservation.take(account, "job2", 10, SMALL, T0)
-    assert r.zcard(RATE_PREFIX + limits.window_id(account)) == 1  # committed: kept
-    r.delete(RATE_PREFIX + limits.window_id(account))
+    assert r.zcard(limits.window_keys(limits.window_id(account))[0]) == 1  # committed: kept
+    r.delete(*limits.window_keys(limits.window_id(account)))
 
 
 def test_headers_are_openais(windows: limits.Windows, window: str) -> None:

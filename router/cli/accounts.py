@@ -10,9 +10,10 @@ import typer
 from rich.markup import escape
 
 from router.cli.common import err, ledger_session, out
-from router.core import ledger
+from router.core import ledger, limits
+from router.core.settings import get_settings
 
-accounts_app = typer.Typer(help="Requester accounts: create, fund, pay out, rotate keys.")
+accounts_app = typer.Typer(help="Requester accounts: create, fund, pay out, rotate keys, set limits.")
 keys_app = typer.Typer(help="API keys of requester accounts.")
 accounts_app.add_typer(keys_app, name="keys")
 ledger_app = typer.Typer()
@@ -68,6 +69,43 @@ def balance(name: str) -> None:
     with ledger_session() as session:
         funds = ledger.balance(session, ledger.account_by_name(session, name))
     out.print(f"{escape(name)}: {funds}")
+
+
+#: What ``accounts limits`` prints for each limit, in order.
+LIMIT_LABELS = {
+    "queued": "queued jobs",
+    "in_flight": "jobs in flight",
+    "requests_per_minute": "requests per minute",
+    "tokens_per_minute": "tokens per minute",
+    "request_tokens": "n × max_tokens per request",
+}
+
+
+@accounts_app.command("limits")
+def limits_command(
+    name: str = typer.Argument(..., help="Account name."),
+    queued: int | None = typer.Option(None, "--queued", min=1, help="Jobs it may have waiting in the queue."),
+    in_flight: int | None = typer.Option(None, "--in-flight", min=1, help="Jobs it may have running at once."),
+    rpm: int | None = typer.Option(None, "--rpm", min=0, help="Requests admitted per minute; 0 = no limit."),
+    tpm: int | None = typer.Option(
+        None, "--tpm", min=0, help="Tokens (prompt + n × max_tokens) admitted per minute; 0 = no limit."),
+    request_tokens: int | None = typer.Option(
+        None, "--request-tokens", min=1, help="Largest n × max_tokens of one request."),
+    clear: bool = typer.Option(False, "--clear", help="Drop the account's own limits first: back to the defaults."),
+) -> None:
+    """Show account NAME's fair-share limits; set its own with the options (the rest stay the defaults)."""
+    settings = get_settings()
+    with ledger_session() as session:
+        account = ledger.account_by_name(session, name)
+        limits.set_own(session, account, clear=clear, queued=queued, in_flight=in_flight,
+                       requests_per_minute=rpm, tokens_per_minute=tpm, request_tokens=request_tokens)
+        in_force = limits.of(session, settings, account.id)
+        own = limits.own(session, account.id)
+    out.print(f"limits of [bold]{escape(name)}[/bold]:")
+    for field, label in LIMIT_LABELS.items():
+        value = getattr(in_force, field)
+        shown = "no limit" if value == 0 and field.endswith("per_minute") else str(value)
+        out.print(f"  {label}: {shown}  ({'set for this account' if field in own else 'default'})")
 
 
 @keys_app.command("rotate")

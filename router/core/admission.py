@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from llama_tasks.job import MAX_SEED, check_fits
-from router.core import fees, ledger, queue, request, webhooks
+from router.core import fees, ledger, limits, queue, request, webhooks
 from router.core.errors import InsufficientFee, NoWorkers, QueueFull, ReferenceConflict, RequestTooLarge
 from router.core.models import QUEUED, JobRow
 from router.core.parts import TokenCounting
@@ -24,7 +24,7 @@ from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 
 #: PostgreSQL advisory lock that makes counting the queue and joining it one step
-#: (above 2**32, so it never meets dispatch's per-model crc32 keys).
+#: (distinct from dispatch's ``queue.CLAIM_LOCK_KEY``).
 QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
@@ -74,6 +74,7 @@ def admit(
     sub: Submission,
     now: float,
     served: bool = True,
+    windows: limits.Reservation | None = None,
 ) -> tuple[JobRow, bool]:
     """Admit ``sub``, already checked and priced, for the key's account;
     returns the job and whether it is new.
@@ -82,6 +83,11 @@ def admit(
     (its money is already held); a new request for an unserved model is
     refused with ``NoWorkers``. Raises an ``AdmissionError``,
     ``InvalidRequest`` or ``InsufficientFunds`` with nothing held. The caller commits.
+
+    The account's fair-share limits (``router.core.limits``) are checked
+    here: its queued jobs in this transaction, its requests and tokens per
+    minute in ``windows`` (last, once nothing else can refuse; without
+    ``windows`` they are not counted).
     """
     account = ledger.account_by_key(session, api_key)
     request.check_reference(sub)
@@ -96,6 +102,8 @@ def admit(
     offered = fees.offer(quoted, sub.fee, sub.multiplier)
     if offered < quoted:
         raise InsufficientFee(quoted, offered)
+    share = limits.of(session, settings, account.id)
+    limits.check_request(share, prompt_tokens, sub.max_tokens, sub.n)
     if _lock_queue(session):
         # A concurrent submit of this reference may have committed while we waited.
         existing = _existing(session, account.id, sub)
@@ -104,6 +112,8 @@ def admit(
     queued = queue.queued_count(session)
     if queued >= settings.max_queue:
         raise QueueFull(queued, settings.max_queue)
+    # One account fills only its share of the queue (counted after the queue lock, so exactly).
+    limits.check_queued(session, account.id, share)
 
     ledger.hold(session, account, offered, job_id)  # InsufficientFunds: nothing held
     bid = fees.bid_ppm(offered, quoted)
@@ -136,6 +146,10 @@ def admit(
     )
     session.add(row)
     session.flush()
+    if windows is not None:
+        # Last: a refusal here rolls the hold back, and nothing after it refuses
+        # (a failed commit gives the entry back through the reservation).
+        windows.take(account, job_id, limits.request_tokens(prompt_tokens, sub.max_tokens, sub.n), share, now)
     return row, True
 
 

@@ -2,9 +2,11 @@
 
 The herd comes from worker heartbeats; the jobs in flight come from SQL.
 Choosing and marking jobs happens in one transaction that concurrent
-dispatchers serialize on (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a
-per-model advisory lock plus ``SKIP LOCKED``), so no job is sent twice and no
-model gets more jobs than it has slots. Messages are sent after the commit:
+dispatchers serialize on (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one
+advisory lock plus ``SKIP LOCKED``), so no job is sent twice, no model gets
+more jobs than it has slots, and no account more jobs in flight than its
+limit (``limits.in_flight``: its other jobs wait while other accounts' start).
+Messages are sent after the commit:
 if the herder dies in between, the job's lease runs out and it goes again.
 """
 

@@ -94,6 +94,29 @@ class QueueFull(AdmissionError):
     template = "queue full: {queued} jobs waiting (limit {limit}); try again later"
 
 
+class OverLimit(AdmissionError):
+    """Raised when an account is over one of its fair-share limits; it may try again after ``retry_after_s``."""
+
+    fields = ("limit", "allowed", "retry_after_s")
+    template = "over this account's {limit} limit of {allowed}; try again in {retry_after_s} s"
+
+
+class AccountQueueFull(OverLimit):
+    """Raised when an account already has its limit of jobs waiting in the queue."""
+
+
+class RateLimited(OverLimit):
+    """Raised when admitting a request would take an account past its requests or tokens per minute."""
+
+
+class OverRequestLimit(AdmissionError):
+    """Raised when one request needs more than its account may ever be admitted at once (n × max_tokens, or
+    more tokens than its tokens per minute): waiting would not help."""
+
+    fields = ("limit", "requested", "allowed")
+    template = "this request needs {requested} for {limit}; this account's limit is {allowed}"
+
+
 class UnknownModelRequested(AdmissionError):
     """Raised when a request names a model the herder does not know."""
 

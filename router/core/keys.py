@@ -10,3 +10,8 @@ METRICS_PREFIX = "llamas:metrics:"
 #: Hash of worker name → its last heartbeat seen by a dashboard and when, so a
 #: worker whose heartbeat expired is shown as dead instead of vanishing.
 DASHBOARD_SEEN = "llamas:dashboard:seen"
+#: ``RATE_PREFIX + {window id}`` → sorted set of an account's admissions in the
+#: last minute (member ``job_id|tokens``, score the admission time in ms), and
+#: ``…:tokens`` their sum: its requests- and tokens-per-minute windows, shared
+#: by every herder and gateway (``router.core.limits``).
+RATE_PREFIX = "llamas:rate:"

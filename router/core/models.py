@@ -87,6 +87,40 @@ class Account(Base):
         return f"Account(id={self.id!r}, name={self.name!r}, kind={self.kind!r})"
 
 
+class AccountLimits(Base):
+    """An account's own fair-share limits, set by the admin; a NULL column takes the setting's default.
+
+    Kept apart from ``accounts`` so the ledger's hottest rows are not
+    rewritten when an admin changes a limit.
+    """
+
+    __tablename__ = "account_limits"
+    __table_args__ = (
+        CheckConstraint(
+            "(max_queued IS NULL OR max_queued >= 1) AND (max_in_flight IS NULL OR max_in_flight >= 1) "
+            "AND (requests_per_minute IS NULL OR requests_per_minute >= 0) "
+            "AND (tokens_per_minute IS NULL OR tokens_per_minute >= 0) "
+            "AND (max_request_tokens IS NULL OR max_request_tokens >= 1)",
+            name="in_range",
+        ),
+    )
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    #: Jobs waiting in the queue at once.
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    #: Jobs running at once over the whole herd.
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)
+    #: Admitted requests in any 60 s; 0 = no limit.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    #: Admitted tokens (prompt + n × max_tokens) in any 60 s; 0 = no limit.
+    tokens_per_minute: Mapped[int | None] = mapped_column(BigInteger)
+    #: Largest n × max_tokens of one request.
+    max_request_tokens: Mapped[int | None] = mapped_column(Integer)
+
+    def __repr__(self) -> str:
+        return f"AccountLimits(account_id={self.account_id!r})"
+
+
 class Transfer(Base):
     """One double-entry movement of ``amount`` from the debit to the credit account."""
 
@@ -165,6 +199,8 @@ class JobRow(Base):
         UniqueConstraint("account_id", "reference", name="uq_jobs_account_id_reference"),
         # The fee market: per model, best effective bid first, then arrival.
         Index("ix_jobs_queue", "model", "state", "priority", "seq"),
+        # Fair shares: an account's queued and running jobs, counted at every admission and claim.
+        Index("ix_jobs_account_state", "account_id", "state"),
     )
 
     # Arrival order; the public id is ``id``.

@@ -9,16 +9,18 @@ job because it is time-invariant (see ``priority``); an index on
 from __future__ import annotations
 
 import uuid
-import zlib
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from router.core import fees
+from router.core import fees, limits
 from router.core.models import QUEUED, RUNNING, JobRow
 from router.core.settings import HerderSettings
 
+#: PostgreSQL advisory lock every claim holds until commit (distinct from
+#: admission's queue lock, ``admission.QUEUE_LOCK_KEY``).
+CLAIM_LOCK_KEY = 0x636C6C616D61  # "cllama"
 #: The order queued jobs leave in: best priority first, first come first served among equals.
 ORDER: tuple[Any, ...] = (JobRow.priority.desc(), JobRow.seq)
 
@@ -63,17 +65,19 @@ def running_count(session: Session, model: str) -> int:
     ) or 0
 
 
-def _serialize(session: Session, model: str) -> None:
+def _serialize(session: Session) -> None:
+    """Make claims one at a time on PostgreSQL (SQLite's ``BEGIN IMMEDIATE`` already does).
+
+    One lock for every model, not one per model: an account's jobs in flight
+    are counted over the whole herd, so two claims for two models must not
+    both start its last allowed job.
+    """
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(zlib.crc32(model.encode()))))
+        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
 
 
-def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
-    """Mark the best queued jobs of ``model`` as running, up to its free slots."""
-    _serialize(session, model)
-    free = slots - running_count(session, model)
-    if free <= 0:
-        return []
+def _startable(session: Session, model: str, now: float, full: set[int], count: int) -> list[JobRow]:
+    """The best ``count`` queued jobs of ``model`` that may start now, leaving out accounts in ``full``."""
     query = (
         select(JobRow)
         .where(
@@ -83,16 +87,53 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
             or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
         )
         .order_by(*ORDER)
-        .limit(free)
+        .limit(count)
     )
+    if full:
+        query = query.where(JobRow.account_id.not_in(sorted(full)))
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    rows = list(session.scalars(query))
-    for row in rows:
-        row.state = RUNNING
-        row.attempt += 1
-        row.task_id = uuid.uuid4().hex
-        row.dispatched_at = now
-        row.lease_until = now + settings.lease_s
-        row.worker = None
-    return rows
+    return list(session.scalars(query))
+
+
+def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
+    """Mark the best queued jobs of ``model`` as running, up to its free slots.
+
+    An account already running its limit of jobs (``limits.in_flight``, over
+    every model) is passed over: its jobs wait, and the slots go to the next
+    best jobs of other accounts.
+    """
+    _serialize(session)
+    free = slots - running_count(session, model)
+    if free <= 0:
+        return []
+    running = limits.running_by_account(session)
+    caps = limits.in_flight_caps(session)
+    default_cap = settings.account_max_in_flight
+    full = {account for account, n in running.items() if n >= caps.get(account, default_cap)}
+    claimed: list[JobRow] = []
+    while len(claimed) < free:
+        wanted = free - len(claimed)
+        rows = _startable(session, model, now, full, wanted)
+        for row in rows:
+            if row.account_id in full:  # it filled up earlier in this batch
+                continue
+            _start(row, settings, now)
+            claimed.append(row)
+            running[row.account_id] = running.get(row.account_id, 0) + 1
+            if running[row.account_id] >= caps.get(row.account_id, default_cap):
+                full.add(row.account_id)
+        if len(rows) < wanted:
+            break  # no more candidates
+        session.flush()  # the jobs just started are no longer queued for the next look
+    return claimed
+
+
+def _start(row: JobRow, settings: HerderSettings, now: float) -> None:
+    """Begin a new attempt of ``row``: a fresh task id and lease."""
+    row.state = RUNNING
+    row.attempt += 1
+    row.task_id = uuid.uuid4().hex
+    row.dispatched_at = now
+    row.lease_until = now + settings.lease_s
+    row.worker = None

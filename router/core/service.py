@@ -31,6 +31,7 @@ from router.core import (
     forwarding,
     info,
     ledger,
+    limits,
     metrics,
     queue,
     receipts,
@@ -66,6 +67,8 @@ class HerderService:
         self.read_sessions = read_sessions or sessions
         self.counter = counter
         self.redis = redis_client
+        #: Every account's requests- and tokens-per-minute windows (``router.core.limits``).
+        self.windows = limits.Windows(redis_client)
         self.transport = transport
         self.forwarder = forwarder
         self._key = key
@@ -102,10 +105,20 @@ class HerderService:
                slots: int) -> tuple[dict[str, Any], list[Order]]:
         """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
         now = self._clock()
-        with self.sessions.begin() as session:
-            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0)
+        # A commit that fails gives back the place the admission took in the account's minute windows.
+        with limits.reserve(self.windows) as windows, self.sessions.begin() as session:
+            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0,
+                                           windows=windows)
             orders = self._claim(session, sub.model, slots, now) if created else []
             return views.describe_row(session, row), orders
+
+    def rate_limits(self, api_key: str) -> limits.Usage:
+        """Where the key's account stands in its requests- and tokens-per-minute windows (``x-ratelimit-*``)."""
+        with self.read_sessions.begin() as session:
+            account = ledger.account_by_key(session, api_key)
+            own = limits.of(session, self.settings, account.id)
+            window = limits.window_id(account)
+        return self.windows.usage(window, own, self._clock())
 
     def refused(self, exc: LlamasError) -> None:
         """Count a refusal by its reason, for the metrics."""

@@ -80,6 +80,31 @@ class HerderSettings(SharedSettings):
         "",
         description="Admin key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
     )
+    account_max_queued: int = Field(
+        100, ge=1,
+        description="Jobs one account may have waiting in the queue; keep it well below max_queue so one "
+        "account fills only its share. `llamas accounts limits NAME --queued N` sets an account's own.",
+    )
+    account_max_in_flight: int = Field(
+        4, ge=1,
+        description="Jobs of one account running at once over the whole herd; the rest wait in the queue, so "
+        "one account never takes every slot. `llamas accounts limits NAME --in-flight N` sets an account's own.",
+    )
+    account_requests_per_minute: int = Field(
+        600, ge=0,
+        description="Requests one account may have admitted in any 60 s; 0 = no limit. "
+        "`llamas accounts limits NAME --rpm N` sets an account's own.",
+    )
+    account_tokens_per_minute: int = Field(
+        1_000_000, ge=0,
+        description="Tokens (prompt + n × max_tokens, as quoted) one account may have admitted in any 60 s; "
+        "0 = no limit. `llamas accounts limits NAME --tpm N` sets an account's own.",
+    )
+    account_max_request_tokens: int = Field(
+        8192, ge=1,
+        description="Largest n × max_tokens of one request. "
+        "`llamas accounts limits NAME --request-tokens N` sets an account's own.",
+    )
 
     @model_validator(mode="after")
     def _fees_are_positive(self) -> HerderSettings:

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
+import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from router.core import limits
 from router.core.request import Submission
 from router.core.service import HerderService
 from router.gateway import openai_request, openai_shapes
@@ -54,23 +56,32 @@ async def admit(svc: HerderService, key: str, sub: Submission) -> dict[str, Any]
     return await run_in_threadpool(svc.submit, key, sub)
 
 
+async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the key's account, as its minute windows stand after admission."""
+    try:
+        return limits.headers(await run_in_threadpool(svc.rate_limits, key))
+    except redis.RedisError:
+        return {}  # advisory: the admitted job is answered without them
+
+
 async def completion(request: Request, call: Call, key: str, svc: HerderService,
                      r: aioredis.Redis) -> Any:
     """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
     doc = await admit(svc, key, call.sub)
+    headers = await rate_limit_headers(svc, key)
     job = AdmittedJob(request, svc, r, key, doc["job_id"])
     shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
                                   len(call.sub.prompt or ""))
     if call.stream:
         return StreamingResponse(events(job, shapes, call.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id})
+                                 headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
     resp = await job.wait_response()
     if resp is None:
         return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
     if resp["status"] != "done":
         status, body = openai_shapes.failed(resp)
-        return JSONResponse(body, status_code=status)
-    return shapes.final(resp["choices"], openai_shapes.usage(resp))
+        return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
 
 
 async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool) -> AsyncIterator[str]:

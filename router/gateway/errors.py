@@ -27,6 +27,7 @@ from router.core.errors import (
     JobNotQueued,
     MalformedBody,
     NoWorkers,
+    OverLimit,
     QueueFull,
     ReceiptMismatch,
     ReferenceConflict,
@@ -53,6 +54,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     # The job's row and its ledger disagree: a bug of ours, not of the request.
     (ReceiptMismatch, 500, "server_error"),
     (QueueFull, 429, "queue_full"),
+    (OverLimit, 429, "rate_limit_exceeded"),
     (NoWorkers, 503, "no_worker"),
     (InvalidRequest, 422, "invalid_request_error"),
     (AdmissionError, 422, "invalid_request_error"),
@@ -77,6 +79,8 @@ def error_body(exc: LlamasError) -> tuple[int, dict[str, Any], dict[str, str]]:
     """``(status, body, headers)`` of the response that refuses a request with ``exc``."""
     status, kind = next((s, k) for t, s, k in ERROR_STATUS if isinstance(exc, t))
     headers = {"X-Needed": str(exc.needed)} if isinstance(exc, InsufficientFee) else {}
+    if isinstance(exc, OverLimit):
+        headers["Retry-After"] = str(exc.retry_after_s)
     fields = exc.as_dict()
     param = fields.get("param") or (fields.get("name") if isinstance(exc, SamplingOutOfRange) else None)
     body = {"error": {"message": str(exc), "type": kind, "code": type(exc).__name__, "param": param, **fields}}

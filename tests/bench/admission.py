@@ -93,8 +93,8 @@ class Ledger:
 def fresh_ledger(root: Path, options: Options) -> Iterator[Ledger]:
     home = Path(tempfile.mkdtemp(dir=root))
     url = f"sqlite:///{home / 'ledger.db'}"
-    # No queue limit: the queue only grows here, nothing is dispatched.
-    settings = HerderSettings(home=home, database_url=url, max_queue=10**9)
+    # No queue limit, for the service or the one account: the queue only grows here, nothing is dispatched.
+    settings = HerderSettings(home=home, database_url=url, max_queue=10**9, account_max_queued=10**9)
     upgrade(url)
     engine = make_engine(url)
     if options.pragmas:

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from router.core import views
+from router.core import retention, views
 from router.core.errors import UnknownJob
 from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.core.models import Account, JobRow
@@ -90,4 +90,5 @@ def webhook_target(session: Session, job_id: str) -> tuple[str, str, dict[str, A
         raise UnknownJob(job_id)
     account = session.get(Account, row.account_id)
     assert account is not None
-    return row.webhook_url, account.webhook_secret, views.response(row)
+    # Opened from its seal (``router.core.sealing``) only here, to sign.
+    return row.webhook_url, account.webhook_secret, retention.annotate_response(views.response(row), row)

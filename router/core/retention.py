@@ -89,6 +89,8 @@ def erase_due(session: Session, kept_s: float, now: float, limit: int = BATCH) -
                JobRow.state.in_(FINAL_STATES))
         .order_by(JobRow.finished_at)
         .limit(limit)
+        # PostgreSQL: two herders erasing at once take different rows (SQLite's writer is one anyway).
+        .with_for_update(skip_locked=True)
     ).all()
     return [erase_row(row, now) for row in rows]
 

@@ -146,11 +146,12 @@ gateway: $(STAMP)
 	$(BIN)/uvicorn router.api:app --port 8000
 
 # Flower alone, on loopback, behind the same user and password as under
-# `llamas up` (made on first use in the home). The password travels in the
-# environment: a command line is visible to every user of the machine.
+# `llamas up` (made on first use in the home), /metrics included
+# (router/local/flower.py). The password travels in the environment: a
+# command line is visible to every user of the machine.
 flower: $(STAMP)
 	@auth="$$($(BIN)/python -c 'from router.local.up import flower_login; print(flower_login())')"; \
-	  FLOWER_BASIC_AUTH="$$auth" exec $(BIN)/celery -A llama_tasks flower \
+	  FLOWER_BASIC_AUTH="$$auth" exec $(BIN)/python -m router.local.flower \
 	  --address=127.0.0.1 --port=5555
 
 # The example agent against a running `make run`; it pays with the demo account unless LLAMAS_AGENT_API_KEY is set.

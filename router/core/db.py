@@ -19,6 +19,8 @@ from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
+from router.core import private_files
+
 #: How long a SQLite writer waits for the write lock before failing, in ms.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: Directory holding Alembic's env.py and versions/, shipped inside the package.
@@ -32,6 +34,8 @@ READ_ONLY = "llamas_read_only"
 #: commit; NORMAL syncs it at checkpoints only, which survives any crash of
 #: our processes but may lose the last commits to a power cut or an OS crash.
 SQLITE_SYNC_MODES = ("FULL", "NORMAL")
+#: Files SQLite keeps beside a database in WAL mode; they hold recent commits.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
 def make_engine(url: str, sqlite_synchronous: str = "FULL") -> Engine:
@@ -56,7 +60,7 @@ def _sqlite_engine(url: str, synchronous: str) -> Engine:
     """Open a SQLite engine with WAL, a busy timeout and BEGIN IMMEDIATE."""
     database = make_url(url).database
     if database and database != ":memory:" and not database.startswith("file:"):
-        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite_file(Path(database).expanduser())
     engine = create_engine(url)
 
     @event.listens_for(engine, "connect")
@@ -71,6 +75,9 @@ def _sqlite_engine(url: str, synchronous: str) -> Engine:
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA synchronous={synchronous}")
+            # Erased text (``router.core.retention``) must not linger in free
+            # space of the file: what SQLite frees it overwrites with zeros.
+            cursor.execute("PRAGMA secure_delete=ON")
         finally:
             cursor.close()
 
@@ -80,6 +87,39 @@ def _sqlite_engine(url: str, synchronous: str) -> Engine:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Make the ledger file 0600 before SQLite opens it, and tighten one an older version left open.
+
+    SQLite creates a database 0644 (less the umask) but gives its ``-wal`` and
+    ``-shm`` files the database's own mode, so a database made 0600 keeps
+    them 0600 too; those left by an older version are tightened here. A
+    directory made for the ledger is 0700; an existing one is left as it is
+    (it may be shared, and is the admin's to choose).
+    """
+    if not path.parent.exists():
+        private_files.private_dir(path.parent)
+    private_files.create_private(path)
+    for name in ("", *SQLITE_SIDE_FILES):
+        private_files.tighten(path.with_name(path.name + name))
+
+
+def truncate_wal(sessions: sessionmaker[Session]) -> bool:
+    """SQLite: copy the write-ahead log into the database and empty it; False where it could not.
+
+    The log keeps old versions of pages (erased text among them) until it is
+    overwritten; a reader still holding an old snapshot keeps it from being
+    emptied (the next call does it). Nothing to do on PostgreSQL.
+    """
+    engine = sessions.kw["bind"]
+    if engine.dialect.name != "sqlite":
+        return True
+    with engine.connect() as connection:
+        # On the driver's connection: a checkpoint cannot run inside the
+        # transaction SQLAlchemy would begin.
+        busy, _, _ = connection.connection.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    return not busy
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

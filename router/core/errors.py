@@ -286,3 +286,14 @@ class InvalidPublicKey(LedgerError):
 
     fields = ("reason",)
     template = "invalid public key: {reason}"
+
+
+# --- data at rest ------------------------------------------------------------
+
+
+class SecretUnreadable(HerderError):
+    """Raised when a sealed secret in the ledger cannot be opened with this process's secrets key."""
+
+    fields = ("reason",)
+    template = ("a sealed secret cannot be opened: {reason} (is LLAMAS_SECRETS_KEY, or <home>/secrets.key, "
+                "the key it was sealed with?)")

@@ -90,4 +90,5 @@ def webhook_target(session: Session, job_id: str) -> tuple[str, str, dict[str, A
         raise UnknownJob(job_id)
     account = session.get(Account, row.account_id)
     assert account is not None
+    # Opened from its seal (``router.core.sealing``) only here, to sign.
     return row.webhook_url, account.webhook_secret, views.response(row)

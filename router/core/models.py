@@ -24,6 +24,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from router.core.sealing import SealedText
+
 #: The outside world: deposits come from it and withdrawals go to it, so its
 #: balance is minus the money inside the service. The only account that may
 #: go negative.
@@ -75,8 +77,9 @@ class Account(Base):
     kind: Mapped[str] = mapped_column(String(16))
     #: sha256 hex of the API key; the key itself is shown once and never stored.
     api_key_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
-    #: Signs webhooks to this requester; must be readable to sign, so stored as is.
-    webhook_secret: Mapped[str] = mapped_column(String(64))
+    #: Signs webhooks to this requester. It must be read back to sign, so it is sealed
+    #: (``router.core.sealing``) rather than hashed; deferred: read only to sign.
+    webhook_secret: Mapped[str] = mapped_column(SealedText(), deferred=True)
     #: Smallest money unit. Kept equal to credits minus debits (see ledger.check).
     balance: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(
@@ -201,6 +204,8 @@ class JobRow(Base):
         Index("ix_jobs_queue", "model", "state", "priority", "seq"),
         # Fair shares: an account's queued and running jobs, counted at every admission and claim.
         Index("ix_jobs_account_state", "account_id", "state"),
+        # The retention task's scan: jobs whose text is kept, oldest finished first.
+        Index("ix_jobs_text_erased_at_finished_at", "text_erased_at", "finished_at"),
     )
 
     # Arrival order; the public id is ``id``.
@@ -265,6 +270,10 @@ class JobRow(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
     #: Channels already delivered to, comma-separated: never deliver twice.
     delivered: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    #: When the retention task erased the job's text (``router.core.retention``): the
+    #: request's prompt, messages, stop strings and grammar, the choices' text and
+    #: logprobs. NULL while the text is kept.
+    text_erased_at: Mapped[float | None] = mapped_column(Float)
 
     @property
     def is_open(self) -> bool:

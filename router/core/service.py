@@ -27,6 +27,7 @@ from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from router.core import (
     admission,
+    db,
     dispatch,
     forwarding,
     info,
@@ -35,12 +36,13 @@ from router.core import (
     metrics,
     queue,
     receipts,
+    retention,
     settlement,
     views,
     worker_loss,
 )
 from router.core.dispatch import Order
-from router.core.errors import JobNotQueued
+from router.core.errors import JobNotQueued, UnknownJob
 from router.core.models import RUNNING, JobRow
 from router.core.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.core.request import Submission
@@ -143,8 +145,8 @@ class HerderService:
 
     def status(self, api_key: str, job_id: str) -> dict[str, Any]:
         with self.read_sessions.begin() as session:
-            views.owned(session, api_key, job_id)
-            return views.describe(session, job_id)
+            row = views.owned(session, api_key, job_id)
+            return views.describe_row(session, row)
 
     def receipt(self, api_key: str, job_id: str) -> dict[str, Any]:
         """The signed receipt of one of the key's account's ended jobs (``router.core.receipts``).
@@ -187,7 +189,10 @@ class HerderService:
     def describe(self, job_id: str) -> dict[str, Any]:
         """A job's public state: position while queued, the response once final."""
         with self.read_sessions.begin() as session:
-            return views.describe(session, job_id)
+            row = session.scalar(select(JobRow).where(JobRow.id == job_id))
+            if row is None:
+                raise UnknownJob(job_id)
+            return views.describe_row(session, row)
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -311,6 +316,16 @@ class HerderService:
             else:
                 self.on_failure(task_id, stored.error)
         return len(found)
+
+    def erase_text(self, result_key: Callable[[str], str]) -> int:
+        """Erase the text of jobs whose delivery and retention are over (``router.core.retention``).
+
+        ``result_key`` names a task's entry in the result store, whose copy goes too.
+        """
+        erased = retention.run(self.sessions, self.redis, self.settings.text_kept_s, self._clock(), result_key)
+        if erased:
+            db.truncate_wal(self.sessions)  # old page versions in SQLite's log still hold the text
+        return erased
 
     # --- forwarding ---------------------------------------------------------------
 

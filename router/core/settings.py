@@ -63,7 +63,11 @@ class HerderSettings(SharedSettings):
     )
     tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
-    webhook_timeout_s: float = Field(10.0, gt=0, description="Per webhook POST.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, le=600,
+        description="Deadline of one webhook try as a whole: connecting, sending and reading the reply's last "
+        "byte. A receiver still answering then is cut off, and the try counts as failed.",
+    )
     webhook_attempts: int = Field(5, ge=1, le=20, description="Tries per webhook delivery.")
     webhook_allow_hosts: str = Field(
         "",
@@ -104,6 +108,23 @@ class HerderSettings(SharedSettings):
         8192, ge=1,
         description="Largest n × max_tokens of one request. "
         "`llamas accounts limits NAME --request-tokens N` sets an account's own.",
+    )
+    text_retention_s: int = Field(
+        3600, ge=0, le=366 * 86400,
+        description="How long a finished job's prompt and completion text is kept once its delivery is "
+        "over (finished + the longest webhook delivery), in the ledger and in Redis; then it is erased and "
+        "only its figures (tokens, money, timings, finish reasons, hashes) stay. 0 erases it as soon as "
+        "delivery is over.",
+    )
+    webhook_backoff_s: float = Field(
+        2.0, gt=0, le=3600,
+        description="Pause before a failed webhook's second try; doubled for each further try, at most 60 s "
+        "or this value, whichever is larger.",
+    )
+    secrets_key: str = Field(
+        "",
+        description="Key (32 bytes in base64) that seals webhook secrets in the ledger; empty = "
+        "<home>/secrets.key, made on first use. Every herder and gateway of one ledger needs the same key.",
     )
 
     @model_validator(mode="after")
@@ -147,6 +168,21 @@ class HerderSettings(SharedSettings):
     @property
     def lease_s(self) -> float:
         return self.time_limit_s + self.lease_grace_s
+
+    def webhook_pause_s(self, retries: int) -> float:
+        """The pause before a webhook's try number ``retries + 2`` (after ``retries + 1`` failed)."""
+        return min(max(60.0, self.webhook_backoff_s), self.webhook_backoff_s * 2 ** retries)
+
+    @property
+    def webhook_delivery_s(self) -> float:
+        """The longest a webhook delivery can take: every try at its deadline, with every pause between."""
+        attempts = self.webhook_attempts
+        return attempts * self.webhook_timeout_s + sum(self.webhook_pause_s(n) for n in range(attempts - 1))
+
+    @property
+    def text_kept_s(self) -> float:
+        """How long after a job finishes its text is erased: its delivery, then the retention."""
+        return self.webhook_delivery_s + self.text_retention_s
 
 
 @lru_cache(maxsize=1)

@@ -53,6 +53,8 @@ def describe_row(session: Session, row: JobRow) -> dict[str, Any]:
     }
     if row.state in FINAL_STATES:
         doc["response"] = response(row)
+    if row.text_erased_at is not None:
+        doc["text_erased_at"] = row.text_erased_at
     return doc
 
 
@@ -78,10 +80,19 @@ def completions(row: JobRow) -> list[Choice]:
 
 
 def response(row: JobRow) -> dict[str, Any]:
-    """What every channel receives about a finished job (``text`` and ``finish_reason`` are choice 0's)."""
+    """What every channel receives about a finished job (``text`` and ``finish_reason`` are choice 0's).
+
+    Once the retention window has erased a job's text, its texts read ``None``
+    (not an empty text it never produced), ``text_erased_at`` says when, and
+    every figure is as it was.
+    """
     choices = [c.to_json() for c in completions(row)]
+    if row.text_erased_at is not None:
+        for choice in choices:
+            choice["text"], choice["logprobs"] = None, None
     first = choices[0] if choices else {"text": None, "finish_reason": None}
-    return {
+    erased = {} if row.text_erased_at is None else {"text_erased_at": row.text_erased_at}
+    return erased | {
         "job_id": row.id,
         "reference": row.reference,
         "status": row.state,

@@ -184,15 +184,90 @@ def check_target(url: str, allowed: Collection[str]) -> None:
     _checked(target, addresses, allowed)
 
 
+class _Deadline:
+    """One webhook try's deadline: every socket operation may wait only for what is left of it."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._at = time.monotonic() + timeout_s
+
+    def left_s(self) -> float:
+        """Seconds left; ``TimeoutError`` once none are."""
+        left = self._at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete reply within {self.timeout_s:g}s")
+        return left
+
+
+class _DeadlineSocket(socket.socket):
+    """A socket whose every send and receive times out at its deadline, not after an idle spell.
+
+    A socket timeout bounds each operation alone: a receiver that trickles
+    one byte at a time, each sooner than the timeout, would hold the try for
+    as long as it liked. Here each operation waits only for the time left.
+    """
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.left_s())
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._arm()
+        return super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._arm()
+        return super().recv_into(buffer, nbytes, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The same over TLS (each TLS read and write waits at most the time left)."""
+
+    deadline: _Deadline
+
+    def _arm(self) -> None:
+        self.settimeout(self.deadline.left_s())
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._arm()
+        super().sendall(data, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._arm()
+        return super().send(data, flags)
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        self._arm()
+        return super().recv(buflen, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
+        self._arm()
+        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection to a host name that connects to one address chosen beforehand."""
+    """An HTTP connection to a host name that connects to one address chosen beforehand, within a deadline."""
 
-    def __init__(self, host: str, port: int, address: str, timeout_s: float) -> None:
-        super().__init__(host, port, timeout=timeout_s)
+    def __init__(self, host: str, port: int, address: str, deadline: _Deadline) -> None:
+        super().__init__(host, port, timeout=deadline.timeout_s)
         self._address = address
+        self._deadline = deadline
 
-    def _open(self) -> socket.socket:
-        return socket.create_connection((self._address, self.port), self.timeout)
+    def _open(self) -> _DeadlineSocket:
+        raw = socket.create_connection((self._address, self.port), self._deadline.left_s())
+        sock = _DeadlineSocket(fileno=raw.detach())
+        sock.deadline = self._deadline
+        sock.settimeout(self._deadline.left_s())
+        return sock
 
     def connect(self) -> None:
         self.sock = self._open()
@@ -201,12 +276,19 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
 class _PinnedHTTPSConnection(_PinnedHTTPConnection):
     """The same over TLS: SNI and the certificate check use the host name, not the address."""
 
-    def __init__(self, host: str, port: int, address: str, timeout_s: float) -> None:
-        super().__init__(host, port, address, timeout_s)
+    def __init__(self, host: str, port: int, address: str, deadline: _Deadline) -> None:
+        super().__init__(host, port, address, deadline)
         self._tls = ssl.create_default_context()
+        self._tls.sslsocket_class = _DeadlineSSLSocket
 
     def connect(self) -> None:
-        self.sock = self._tls.wrap_socket(self._open(), server_hostname=self.host)
+        raw = self._open()
+        # The handshake as a whole waits at most what is left (``ssl`` gives it one deadline).
+        raw.settimeout(self._deadline.left_s())
+        tls = self._tls.wrap_socket(raw, server_hostname=self.host)
+        assert isinstance(tls, _DeadlineSSLSocket)
+        tls.deadline = self._deadline
+        self.sock = tls
 
 
 def post(url: str, secret: str, delivery_id: str, payload: dict[str, Any], timeout_s: float,
@@ -217,7 +299,11 @@ def post(url: str, secret: str, delivery_id: str, payload: dict[str, Any], timeo
     address must be public (``WebhookTargetRefused`` otherwise), and the POST
     goes to one of those very addresses. Redirects are not followed (a 3xx is
     a failed delivery) and no proxy is used: either could lead elsewhere.
-    Raises ``OSError`` when no address answers or the reply is not HTTP.
+    ``timeout_s`` bounds the try as a whole, from connecting (to every address
+    tried) to the reply's status and headers, however slowly the receiver
+    answers: past it, ``TimeoutError``. (Resolving the name comes before, and
+    is bounded by the system's resolver.) Raises ``OSError`` when no address
+    answers or the reply is not HTTP.
     """
     target = parse_target(url)
     addresses = _resolve(target)
@@ -231,9 +317,10 @@ def post(url: str, secret: str, delivery_id: str, payload: dict[str, Any], timeo
     }
     pinned = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
     failure: OSError = ConnectionError(f"{target.host} has no address")
+    deadline = _Deadline(timeout_s)
     for text, _ in addresses:
         # The Host header comes from the name; the socket goes to ``text``.
-        connection = pinned(target.host, target.port, text, timeout_s)
+        connection = pinned(target.host, target.port, text, deadline)
         try:
             try:
                 connection.connect()

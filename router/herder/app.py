@@ -1,7 +1,8 @@
 """The herder's Celery application: ``celery -A router worker -Q herder -B``.
 
 Beat runs ``router.tick`` every ``LLAMAS_TICK_S`` (deadlines, leases,
-dispatch); everything else is driven by requests and worker results. The
+dispatch) and ``router.erase_text`` every minute (text past its retention,
+``router.core.retention``); everything else is driven by requests and worker results. The
 main process refuses to start without the signing key, before it forks.
 """
 
@@ -15,6 +16,7 @@ from celery import Celery
 from celery.signals import beat_init, worker_init
 
 from llama_tasks import lifeline
+from router.core import private_files, retention
 from router.core.preflight import herder_problem
 from router.core.settings import HERDER_QUEUE, get_settings
 
@@ -31,7 +33,12 @@ app.conf.beat_schedule = {
         "schedule": get_settings().tick_s,
         # A tick that waited longer than a few periods is stale: the next one covers it.
         "options": {"expires": get_settings().tick_s * 5},
-    }
+    },
+    "llamas-erase-text": {
+        "task": "router.erase_text",
+        "schedule": retention.ERASE_EVERY_S,
+        "options": {"expires": retention.ERASE_EVERY_S},
+    },
 }
 
 # The embedded beat dies with the herder's main process (Celery does the same
@@ -42,7 +49,7 @@ lifeline.connect_celery_signals()
 
 @beat_init.connect
 def _quiet_beat(sender: Any = None, **_: Any) -> None:
-    """No task-sent events from beat: it sends only the tick, which Flower need not list."""
+    """No task-sent events from beat: it sends only housekeeping (tick, erasure), which Flower need not list."""
     # A beat in its own process (``-B``'s default, or ``celery beat``) only; a
     # beat run as a thread shares the herder's configuration, whose dispatches
     # Flower should see as sent.
@@ -56,6 +63,11 @@ def _check_before_fork(sender: Any = None, **_: Any) -> None:
     # Signals are process-global: only a worker started for this app is a herder.
     if getattr(sender, "app", None) is not app:
         return
+    # The beat's schedule, the ledger and anything else this herder writes
+    # in its home are for the service's user alone (pool children and the
+    # embedded beat inherit the umask); an older home left open is closed.
+    private_files.restrict_umask()
+    private_files.secure_home(get_settings().home)
     problem = herder_problem(get_settings())
     if problem is not None:
         # SystemExit passes through Celery's signal dispatch (an ordinary

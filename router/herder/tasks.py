@@ -18,7 +18,7 @@ from celery.signals import worker_ready, worker_shutdown
 from llama_tasks import redact
 from llama_tasks.errors import LlamasError
 from router.core import webhooks
-from router.core.errors import BadChannel
+from router.core.errors import BadChannel, SecretUnreadable
 from router.core.request import Submission
 from router.core.service import HerderService, get_service
 from router.core.settings import get_settings
@@ -138,14 +138,32 @@ def tick() -> dict[str, int]:
     return service().tick()
 
 
-@app.task(name="router.webhook", bind=True, acks_late=True, max_retries=None, **_PRIVATE)
+#: Beyond its own deadline, how long a webhook try may run before Celery stops
+#: it: only a resolver that never answers gets that far.
+WEBHOOK_LIMIT_GRACE_S = 30
+
+
+# The try's own deadline (``LLAMAS_WEBHOOK_TIMEOUT_S``, connect to last byte)
+# ends it; the time limits are a backstop far below Celery's default, so no
+# receiver can hold a herder process past them.
+@app.task(name="router.webhook", bind=True, acks_late=True, max_retries=None,
+          soft_time_limit=get_settings().webhook_timeout_s + WEBHOOK_LIMIT_GRACE_S,
+          time_limit=get_settings().webhook_timeout_s + 2 * WEBHOOK_LIMIT_GRACE_S, **_PRIVATE)
 def deliver_webhook(self: Task, job_id: str) -> int:
     """POST a job's signed response to its webhook, retrying with back-off.
 
-    Returns the HTTP status, or 0 when nothing answered or the target was refused.
+    Each try ends by its deadline; a failed one is sent again later (a
+    countdown, ``HerderSettings.webhook_pause_s``), so no herder process
+    waits between tries. Returns the HTTP status, or 0 when nothing answered
+    or the target was refused.
     """
     svc = service()
-    url, secret, response = svc.webhook_target(job_id)
+    try:
+        url, secret, response = svc.webhook_target(job_id)
+    except SecretUnreadable as exc:
+        # Final: another try would meet the same key.
+        log.error("webhook for job %s not delivered: %s", job_id, exc)
+        return 0
     try:
         code = webhooks.post(url, secret, job_id, response, svc.settings.webhook_timeout_s,
                              svc.settings.webhook_allowed)
@@ -165,5 +183,12 @@ def deliver_webhook(self: Task, job_id: str) -> int:
     if self.request.retries + 1 >= svc.settings.webhook_attempts:
         log.error("webhook for job %s to %s failed for good: %s", job_id, host, detail)
         return code
-    log.warning("webhook for job %s to %s failed (%s); retrying", job_id, host, detail)
-    raise self.retry(countdown=min(60, 2 ** self.request.retries))
+    pause_s = svc.settings.webhook_pause_s(self.request.retries)
+    log.warning("webhook for job %s to %s failed (%s); trying again in %gs", job_id, host, detail, pause_s)
+    raise self.retry(countdown=pause_s)
+
+
+# Every minute: erase the text of jobs whose delivery and retention are over.
+@app.task(name="router.erase_text", ignore_result=True, send_events=False, **_PRIVATE)
+def erase_text() -> int:
+    return service().erase_text(app.backend.get_key_for_task)

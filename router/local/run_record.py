@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from router.core import private_files
+
 #: A process that does not exit this long after SIGTERM is killed.
 STOP_GRACE_S = 30.0
 #: Environment variable carrying a run's token into every process it starts:
@@ -63,9 +65,10 @@ class RunRecord:
     def save(self) -> None:
         doc = asdict(self)
         doc.pop("path")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_files.private_dir(self.path.parent)
         partial_file = self.path.with_name(self.path.name + ".partial")
-        partial_file.write_text(json.dumps(doc, indent=2) + "\n")
+        # 0600: the token in it finds every process of the run.
+        private_files.write_private(partial_file, (json.dumps(doc, indent=2) + "\n").encode())
         os.replace(partial_file, self.path)  # a reader never sees half a record
 
     def discard(self) -> None:

@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 from llama_tasks import lifeline
+from router.core import private_files
 from router.local.run_record import RUN_TOKEN_ENV, STOP_GRACE_S, RunRecord
 
 __all__ = ["RUN_TOKEN_ENV", "Component", "RunRecord", "Supervisor", "python_module"]
@@ -47,8 +48,9 @@ class Component:
     _log_file: object = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log, "ab")
+        private_files.private_dir(self.log.parent)
+        # A log may quote what a component was given: for the service's user alone.
+        log_file = os.fdopen(private_files.open_private_append(self.log), "ab")
         self._log_file = log_file
         # Set between fork and exec (it survives exec): the component gets
         # SIGTERM, and stops as on Ctrl-C, when this process dies, SIGKILL included.

@@ -32,6 +32,7 @@ from llama_tasks.constants import HERD_PREFIX
 from llama_tasks.registry import DEFAULT_MODEL
 from llama_tasks.settings import get_settings as worker_settings
 from llama_tasks.settings import queue_for
+from router.core import private_files
 from router.core.settings import HERDER_QUEUE, HerderSettings
 from router.local.supervisor import RUN_TOKEN_ENV, Component, RunRecord, Supervisor, python_module
 
@@ -98,7 +99,7 @@ def home_secret(pw_file: Path) -> tuple[str, bool]:
         return pw_file.read_text().strip(), False
     except FileNotFoundError:
         pass
-    home.mkdir(parents=True, exist_ok=True)
+    private_files.private_dir(home)
     # URL-safe characters only: Flower splits FLOWER_BASIC_AUTH on ',' and ':'.
     password = secrets.token_urlsafe(18)
     try:
@@ -225,11 +226,15 @@ def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
     workers = worker_settings()
     models = models or [workers.model]
     gpus = workers.gpu_ids if gpus is None else gpus
+    # Everything this process and its components write (the ledger, keys,
+    # logs, Redis's and Flower's files) is for the service's user alone, and
+    # a home an older version left open is closed before anything is read.
+    private_files.restrict_umask()
+    private_files.secure_home(settings.home)
     # Before the ports: a stale set holds them, and its message says more.
     refuse_if_running(settings.home)
     check_port(port, "HTTP gateway", "--port")
     check_port(flower_port, "Flower dashboard", "--flower-port")
-    settings.home.mkdir(parents=True, exist_ok=True)
     record = RunRecord.new(settings.home / RUN_RECORD, {"gateway": port, "flower": flower_port})
     record.save()
     # Everything started from here on (the embedded Redis too) inherits the
@@ -319,8 +324,8 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         ))
         dashboard = supervisor.add(Component(
             name="flower",
-            argv=python_module("celery", "-A", "llama_tasks", "flower", f"--port={flower_port}",
-                               "--address=127.0.0.1"),
+            # Flower with /metrics behind its password too (router.local.flower).
+            argv=python_module("router.local.flower", f"--port={flower_port}", "--address=127.0.0.1"),
             env=flower_env(env, flower_pw), log=logs / "flower.log",
         ))
         for worker_name, worker in workers.items():

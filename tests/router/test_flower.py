@@ -30,7 +30,7 @@ def test_flower_asks_for_the_generated_password_and_then_lists_the_workers(sqlit
     # An inherited FLOWER_UNAUTHENTICATED_API must not open the API again.
     env = flower_env(dict(sqlite_stack.env, FLOWER_UNAUTHENTICATED_API="true"), password)
     flower = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "llama_tasks", "flower", f"--port={port}", "--address=127.0.0.1"],
+        [sys.executable, "-m", "router.local.flower", f"--port={port}", "--address=127.0.0.1"],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     base, auth = f"http://127.0.0.1:{port}", (FLOWER_USER, password)
@@ -52,7 +52,7 @@ def test_flower_asks_for_the_generated_password_and_then_lists_the_workers(sqlit
 
         # Without the password, or with a wrong one, nothing is shown: not the
         # API (every task's arguments), not the pages.
-        for path in ("/api/workers", "/api/tasks", "/", "/tasks", "/tasks/datatable"):
+        for path in ("/api/workers", "/api/tasks", "/", "/tasks", "/tasks/datatable", "/metrics"):
             assert httpx.get(base + path, timeout=10).status_code == 401, path
             assert httpx.get(base + path, auth=(FLOWER_USER, "wrong"), timeout=10).status_code == 401, path
         assert httpx.get(f"{base}/api/tasks", auth=auth, timeout=10).status_code == 200

@@ -80,6 +80,16 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
                 assert http.get("/dashboard/snapshot").json()["herd"][0]["alive"] is True
                 assert http.get("/metrics").status_code == 401
                 assert http.get("/metrics", headers={"Authorization": f"Bearer {admin}"}).status_code == 200
+            # Flower's metrics too are behind its password.
+            flower = f"http://127.0.0.1:{flower_port}/metrics"
+            assert httpx.get(flower, timeout=30).status_code == 401
+            assert httpx.get(flower, auth=("admin", password), timeout=30).status_code == 200
+            # Everything the running service wrote in its home is its user's alone.
+            home = tmp_path / "home"
+            written = {p.relative_to(home).as_posix(): p.stat().st_mode & 0o777 for p in home.rglob("*")}
+            assert {"ledger.db", "ledger.db-wal", "ledger.db-shm", "logs/herder.log", "up.json"} <= set(written)
+            assert {name: mode for name, mode in written.items() if mode & 0o077} == {}, written
+            assert home.stat().st_mode & 0o777 == 0o700
 
             # A second `llamas up` for the same home is refused, naming the running one.
             second = _cli(env, "up", "--port", str(free_port()), "--flower-port", str(free_port()))

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
 from router.core.errors import (
     AdmissionError,
+    BodyTooLarge,
     InsufficientFee,
     InsufficientFunds,
     JobNotFinished,
@@ -30,6 +31,7 @@ from router.core.errors import (
     QueueFull,
     ReceiptMismatch,
     ReferenceConflict,
+    TooManyStreams,
     UnknownAccount,
     UnknownJob,
     UnknownModelRequested,
@@ -53,6 +55,8 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     # The job's row and its ledger disagree: a bug of ours, not of the request.
     (ReceiptMismatch, 500, "server_error"),
     (QueueFull, 429, "queue_full"),
+    (TooManyStreams, 429, "too_many_streams"),
+    (BodyTooLarge, 413, "request_too_large"),
     (NoWorkers, 503, "no_worker"),
     (InvalidRequest, 422, "invalid_request_error"),
     (AdmissionError, 422, "invalid_request_error"),

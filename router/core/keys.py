@@ -10,3 +10,6 @@ METRICS_PREFIX = "llamas:metrics:"
 #: Hash of worker name → its last heartbeat seen by a dashboard and when, so a
 #: worker whose heartbeat expired is shown as dead instead of vanishing.
 DASHBOARD_SEEN = "llamas:dashboard:seen"
+#: ``DASHBOARD_SESSION_PREFIX + sha256(session id)`` → who a dashboard session signed in as
+#: (the admin, or an account by its key's hash), expiring with the session.
+DASHBOARD_SESSION_PREFIX = "llamas:dashboard:session:"

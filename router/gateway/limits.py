@@ -85,7 +85,7 @@ def _declared_length(scope: dict[str, Any]) -> int | None:
 async def _send_refusal(send: Any, limit: int) -> None:
     status, body, _ = error_body(BodyTooLarge(limit))
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
+    await send({"type": "http.response.start", "status": status,  # closed: the rest is never read
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": payload})
@@ -96,7 +96,9 @@ class BodyLimit:
 
     Pure ASGI (not Starlette's ``BaseHTTPMiddleware``, which would buffer what
     it wraps). Past the limit the route is told its client disconnected, and
-    whatever it then answers is dropped: the client has its 413.
+    whatever it then answers is dropped: the client has its 413. Any answer
+    sent before the body was read to its end (a 401 for a missing key) closes
+    the connection, so the server does not read the rest only to discard it.
     """
 
     def __init__(self, app: Any) -> None:
@@ -112,13 +114,15 @@ class BodyLimit:
             await _send_refusal(send, limit)
             return
         received, refused, started = 0, False, False
+        unread = declared != 0 and scope.get("method") not in ("GET", "HEAD")
 
         async def counted_receive() -> dict[str, Any]:
-            nonlocal received, refused
+            nonlocal received, refused, unread
             if refused:
                 return {"type": "http.disconnect"}
             message: dict[str, Any] = await receive()
             if message["type"] == "http.request":
+                unread = bool(message.get("more_body"))
                 received += len(message.get("body", b""))
                 if received > limit:
                     refused = True
@@ -131,7 +135,10 @@ class BodyLimit:
             nonlocal started
             if refused:
                 return
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if unread:
+                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
             await send(message)
 
         try:

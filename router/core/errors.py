@@ -297,3 +297,35 @@ class SecretUnreadable(HerderError):
     fields = ("reason",)
     template = ("a sealed secret cannot be opened: {reason} (is LLAMAS_SECRETS_KEY, or <home>/secrets.key, "
                 "the key it was sealed with?)")
+
+
+# --- the gateway's own limits --------------------------------------------------
+
+
+class BodyTooLarge(AdmissionError):
+    """Raised when an HTTP request body is longer than the gateway accepts (413, the rest unread)."""
+
+    fields = ("limit_bytes",)
+    template = "the request body exceeds the limit of {limit_bytes} bytes"
+
+
+class BodyTooComplex(MalformedBody):
+    """Raised when a JSON body nests deeper, or holds a longer string, than the gateway parses."""
+
+    # mypy takes MalformedBody's one-field tuple as the type of every subclass's fields.
+    fields = ("what", "found", "limit")  # type: ignore[assignment]
+    template = "the body's {what} is {found}, over the limit of {limit}"
+
+
+class NumberOutOfRange(AdmissionError):
+    """Raised when a number in a request cannot be held (too many digits, or no finite value)."""
+
+    fields = ("reason",)
+    template = "number out of range: {reason}"
+
+
+class TooManyStreams(AdmissionError):
+    """Raised when a key already holds as many server-sent-event streams as one key may."""
+
+    fields = ("limit",)
+    template = "this key already holds {limit} open event streams; close one first"

@@ -50,11 +50,21 @@ def offer(quoted: int, fee: int | None, multiplier: float | str | None) -> int:
     try:
         m = Decimal(str(1 if multiplier is None else multiplier))
     except InvalidOperation:
-        raise InvalidOffer(f"multiplier must be a number, got {multiplier!r}") from None
+        raise InvalidOffer(f"multiplier must be a number, got {_shown(multiplier)}") from None
     if not m.is_finite() or m <= 0:
-        raise InvalidOffer(f"multiplier must be positive, got {multiplier!r}")
+        raise InvalidOffer(f"multiplier must be positive, got {_shown(multiplier)}")
+    if m > MAX_AMOUNT:
+        # No quote (at least 1) times this fits a BIGINT; refused before ``ceil``
+        # would build an integer of ``m``'s size ("1e999999999": a billion digits).
+        raise InvalidOffer(f"multiplier must be at most {MAX_AMOUNT}, got {_shown(multiplier)}")
     # Decimal, not float: 1.1 × 100 must be 110, not 111.
     return _fits(math.ceil(m * quoted), quoted)
+
+
+def _shown(value: object) -> str:
+    """A refused value as an error quotes it: a long one cut short (errors are logged and sent back)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _fits(offered: int, quoted: int) -> int:

@@ -1,4 +1,10 @@
-"""Info: prices, the queue, the herd and the price-discovery table (the original's ``Info``)."""
+"""Info: prices, the queue, the herd and the price-discovery table (the original's ``Info``).
+
+``describe`` is the whole of it, for the admin and the CLI; ``public`` is
+what anyone may see over HTTP: everything a requester needs to price a
+request and choose a bid, the herd as counts, and no worker's host name or
+any process id.
+"""
 
 from __future__ import annotations
 
@@ -91,3 +97,16 @@ def describe(session: Session, settings: HerderSettings, counter: TokenCounting,
         "price_discovery": now_prices["discovery"],
         "pid": os.getpid(),
     }
+
+
+#: What ``public`` keeps of each worker: its model and capacity, not its host name or pid.
+PUBLIC_WORKER_FIELDS = ("model", "slots", "busy", "n_ctx")
+
+
+def public(doc: dict[str, Any]) -> dict[str, Any]:
+    """``describe``'s document as shown to anyone: the herd as counts, no host names, no pid."""
+    shown = {k: v for k, v in doc.items() if k not in ("herd", "pid")}
+    shown["herd"] = [{k: w.get(k) for k in PUBLIC_WORKER_FIELDS} | {"gpus": len(w.get("gpus") or [])}
+                     for w in doc["herd"]]
+    shown["workers"] = len(doc["herd"])
+    return shown

@@ -15,3 +15,6 @@ DASHBOARD_SEEN = "llamas:dashboard:seen"
 #: ``…:tokens`` their sum: its requests- and tokens-per-minute windows, shared
 #: by every herder and gateway (``router.core.limits``).
 RATE_PREFIX = "llamas:rate:"
+#: ``DASHBOARD_SESSION_PREFIX + sha256(session id)`` → who a dashboard session signed in as
+#: (the admin, or an account by its key's hash), expiring with the session.
+DASHBOARD_SESSION_PREFIX = "llamas:dashboard:session:"

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from llama_tasks.errors import InvalidRequest
 from llama_tasks.job import Generation, Job, check_text, validate
-from router.core.errors import BadChannel, BadDeadline, BadReference, InvalidOffer
+from router.core.errors import BadChannel, BadDeadline, BadReference, InvalidOffer, NumberOutOfRange
 
 #: Longest reference, callback task or queue, and webhook URL: the widths of
 #: their columns, checked here because PostgreSQL would refuse them only at the INSERT.
@@ -28,6 +28,13 @@ MAX_CALLBACK_CHARS = 200
 MAX_WEBHOOK_CHARS = 2000
 #: Longest deadline: a year, far past any generation, far below what a float timestamp can hold.
 MAX_DEADLINE_S = 365 * 86400
+#: Most digits an integer in an HTTP body may have (refused as the body is parsed): every
+#: count, seed and amount fits in 20.
+MAX_INT_DIGITS = 30
+#: Integers past this are refused before any other check, whichever way they come: Python will
+#: not write out one of more than 4,300 digits, so an error that quoted it could not be sent.
+#: Smaller ones are left to their field's own check, which names the field.
+_INT_BOUND = 10**1000
 #: Generation fields added after jobs were first fingerprinted: left out of the
 #: fingerprint at these defaults, so retrying an older job's submit still matches it.
 LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0}
@@ -79,6 +86,9 @@ def _is_text(value: object, limit: int) -> bool:
 
 
 def check_reference(sub: Submission) -> None:
+    # Admission checks the reference before everything else, so the numbers go first here:
+    # every later check may quote a value, and an integer of 5,000 digits cannot even be written out.
+    _check_numbers(sub)
     if sub.reference is not None and not _is_text(sub.reference, MAX_REFERENCE_CHARS):
         check_text("reference", sub.reference)
         raise BadReference(sub.reference, MAX_REFERENCE_CHARS)
@@ -120,6 +130,22 @@ def _check_offer(sub: Submission) -> None:
         raise InvalidOffer(f"multiplier must be a number, got {m!r}")
     if isinstance(m, float) and not math.isfinite(m):
         raise InvalidOffer(f"multiplier must be a finite number, got {m!r}")
+
+
+def _check_numbers(sub: Submission) -> None:
+    """Refuse an integer of more than a thousand digits anywhere in ``sub``, and NaN or infinity inside
+    the JSON schema (its bounds would reach the grammar); other fields' own checks refuse the rest by name."""
+    stack: list[tuple[str, Any]] = [(f.name, getattr(sub, f.name)) for f in fields(sub)]
+    while stack:  # a loop, not recursion: a deeply nested schema must not overflow the stack
+        name, value = stack.pop()
+        if isinstance(value, int) and not isinstance(value, bool) and not -_INT_BOUND < value < _INT_BOUND:
+            raise NumberOutOfRange(f"{name} holds an integer of more than a thousand digits")
+        if isinstance(value, float) and name == "json_schema" and not math.isfinite(value):
+            raise NumberOutOfRange(f"json_schema holds {value}, which is not a finite number")
+        if isinstance(value, dict):
+            stack.extend((name, v) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((name, v) for v in value)
 
 
 def check(sub: Submission, max_tokens_cap: int | None = None) -> None:

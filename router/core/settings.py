@@ -82,7 +82,27 @@ class HerderSettings(SharedSettings):
     )
     admin_key: str = Field(
         "",
-        description="Admin key: when set, /metrics requires `Authorization: Bearer <admin key>`.",
+        description="Admin key: when set, /metrics requires `Authorization: Bearer <admin key>`, and only it "
+        "sees worker host names and the gateway's pid in /info.",
+    )
+    max_body_bytes: int = Field(
+        2_097_152, ge=1024,
+        description="Largest HTTP request body the gateway reads, in bytes; a longer one is refused with 413 "
+        "before it is read (room for a request of LLAMAS_MAX_REQUEST_BYTES written with JSON escapes).",
+    )
+    max_json_depth: int = Field(
+        64, ge=4, le=500, description="Deepest nesting of arrays and objects in a JSON request body."
+    )
+    max_json_string_bytes: int = Field(
+        1_048_576, ge=256, description="Longest string in a JSON request body, in bytes as sent (escapes included)."
+    )
+    max_streams_per_key: int = Field(
+        16, ge=1,
+        description="Server-sent-event streams (streamed completions and dashboard tabs) one key may hold open "
+        "at once on one gateway process; the next is refused with 429.",
+    )
+    dashboard_session_s: int = Field(
+        43_200, ge=60, description="How long a dashboard sign-in lasts, in seconds."
     )
     account_max_queued: int = Field(
         100, ge=1,

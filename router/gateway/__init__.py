@@ -6,4 +6,8 @@ API key, ``waiting`` follows an admitted job to its end, ``openai_request``
 and ``openai_shapes`` read and write OpenAI's shapes, ``prometheus`` serves
 the metrics, ``snapshot`` builds what the dashboard shows, and
 ``completions``, ``jobs``, ``ops`` and ``dashboard`` are the routers.
+``limits`` bounds what a request may make the gateway read (ASGI middleware
+and the JSON parse), ``headers`` adds security headers to every response,
+``streams`` caps each key's open event streams, and ``sessions`` keeps the
+dashboard's sign-ins.
 """

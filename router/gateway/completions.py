@@ -12,13 +12,14 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from router.core import limits
+from router.core import limits as fair_shares
+from router.core.ledger import hash_api_key
 from router.core.request import Submission
 from router.core.service import HerderService
-from router.gateway import openai_request, openai_shapes
-from router.gateway.deps import ApiKey, AsyncRedis, Service
+from router.gateway import limits, openai_request, openai_shapes, streams
+from router.gateway.deps import AccountKey, AsyncRedis, Service, service_of
 from router.gateway.errors import openai_error
 from router.gateway.waiting import AdmittedJob
 
@@ -36,7 +37,7 @@ class Call:
 
 
 async def _parse(request: Request, chat: bool) -> Call:
-    body = openai_request.parse_body(await request.body())
+    body = openai_request.parse_body(limits.parse_json(await request.body(), service_of(request.app).settings))
     sub = openai_request.submission(body, request.headers, chat=chat)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return Call(sub, bool(body.get("stream")), include_usage, chat)
@@ -59,7 +60,7 @@ async def admit(svc: HerderService, key: str, sub: Submission) -> dict[str, Any]
 async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
     """OpenAI's ``x-ratelimit-*`` headers for the key's account, as its minute windows stand after admission."""
     try:
-        return limits.headers(await run_in_threadpool(svc.rate_limits, key))
+        return fair_shares.headers(await run_in_threadpool(svc.rate_limits, key))
     except redis.RedisError:
         return {}  # advisory: the admitted job is answered without them
 
@@ -67,14 +68,21 @@ async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
 async def completion(request: Request, call: Call, key: str, svc: HerderService,
                      r: aioredis.Redis) -> Any:
     """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
-    doc = await admit(svc, key, call.sub)
+    # A stream's slot is claimed before admission: past the key's share, nothing is held.
+    slot = streams.claim(request.app, hash_api_key(key)) if call.stream else None
+    try:
+        doc = await admit(svc, key, call.sub)
+    except BaseException:
+        if slot is not None:
+            slot.release()
+        raise
     headers = await rate_limit_headers(svc, key)
     job = AdmittedJob(request, svc, r, key, doc["job_id"])
     shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
                                   len(call.sub.prompt or ""))
-    if call.stream:
-        return StreamingResponse(events(job, shapes, call.include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
+    if slot is not None:
+        return streams.HeldStream(events(job, shapes, call.include_usage), slot, media_type="text/event-stream",
+                                  headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
     resp = await job.wait_response()
     if resp is None:
         return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
@@ -116,16 +124,17 @@ async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: 
 
 
 # FastAPI resolves a route's dependencies in the order of its parameters, and
-# that is the order of the checks: the body (400/422), then the key (401).
+# that is the order of the checks: the key (401, before a byte of the body is
+# read), then the body (400/413/422).
 
 @router.post("/v1/chat/completions", openapi_extra=openai_request.openapi_body(chat=True))
-async def chat_completions(request: Request, call: Annotated[Call, Depends(chat_call)], key: ApiKey,
+async def chat_completions(request: Request, key: AccountKey, call: Annotated[Call, Depends(chat_call)],
                            svc: Service, r: AsyncRedis) -> Any:
     return await completion(request, call, key, svc, r)
 
 
 @router.post("/v1/completions", openapi_extra=openai_request.openapi_body(chat=False))
-async def completions(request: Request, call: Annotated[Call, Depends(text_call)], key: ApiKey,
+async def completions(request: Request, key: AccountKey, call: Annotated[Call, Depends(text_call)],
                       svc: Service, r: AsyncRedis) -> Any:
     return await completion(request, call, key, svc, r)
 

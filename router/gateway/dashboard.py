@@ -2,10 +2,11 @@
 
 Who signs in decides what they see: the admin key (``LLAMAS_ADMIN_KEY``)
 opens the whole marketplace, a requester's API key their own account only.
-The key travels once, in the sign-in's body, and is then kept in an
-``HttpOnly``, ``SameSite=Strict`` cookie scoped to ``/dashboard``: page
-scripts cannot read it, other sites cannot send it, and every snapshot
-checks it again, so a rotated key ends its sessions at once.
+The key travels once, in the sign-in's body; the ``HttpOnly``,
+``SameSite=Strict`` cookie scoped to ``/dashboard`` then holds a random
+session id, never the key (``sessions``). Every snapshot checks the session
+again, so signing out, its expiry or a rotated key ends it at once. Each
+open stream holds one of its key's ``LLAMAS_MAX_STREAMS_PER_KEY`` slots.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
-from sqlalchemy.orm import Session
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError
 
-from router.core import ledger, operators
+from llama_tasks.errors import InvalidRequest
+from router.core import operators
 from router.core.errors import UnknownAccount
-from router.core.models import Account
 from router.core.service import HerderService
+from router.gateway import limits, sessions, streams
 from router.gateway import snapshot as dashboard
-from router.gateway.deps import Service, is_admin_key
+from router.gateway.deps import Service
 from router.gateway.docs import STATIC_DIR
 
-#: The cookie that carries the signed-in key.
+#: The cookie that carries the session id.
 COOKIE = "llamas_dashboard"
 PATH = "/dashboard"
 
@@ -41,13 +42,6 @@ router = APIRouter(prefix=PATH, include_in_schema=False)
 
 class SignIn(BaseModel):
     key: str = Field(min_length=1, max_length=500, description="The admin key or a requester's API key.")
-
-
-def _identify(session: Session, svc: HerderService, key: str) -> Account | None:
-    """None for the admin key, the account for a requester's; ``UnknownAccount`` otherwise."""
-    if is_admin_key(svc, key):
-        return None
-    return ledger.account_by_key(session, key)
 
 
 @dataclass
@@ -70,12 +64,12 @@ def _parts(app: FastAPI, svc: HerderService) -> _Parts:
     return parts
 
 
-def snapshot(app: FastAPI, svc: HerderService, key: str) -> dict[str, Any]:
-    """What ``key`` may see now (the key is checked every time, the admin's view shared)."""
+def snapshot(app: FastAPI, svc: HerderService, who: str) -> dict[str, Any]:
+    """What the session of ``who`` may see now (who it is checked every time, the admin's view shared)."""
     parts = _parts(app, svc)
     herd = svc.herd()
     with svc.read_sessions.begin() as session:
-        account = _identify(session, svc, key)
+        account = sessions.account_of(session, svc, who)
         if account is not None:
             return dashboard.requester_view(session, svc.settings, herd, account)
         with parts.lock:
@@ -88,33 +82,43 @@ def snapshot(app: FastAPI, svc: HerderService, key: str) -> dict[str, Any]:
             return parts.admin_doc
 
 
-def _who(session_key: str | None) -> str:
-    if not session_key:
-        raise UnknownAccount("(not signed in to the dashboard)")
-    return session_key
-
-
 @router.get("")
 async def page() -> FileResponse:
     return FileResponse(STATIC_DIR / "dashboard" / "index.html", headers={"Cache-Control": "no-store"})
 
 
-@router.post("/session")
-async def sign_in(body: SignIn, request: Request, svc: Service) -> JSONResponse:
-    def check() -> dict[str, Any]:
-        with svc.read_sessions.begin() as session:
-            account = _identify(session, svc, body.key)
-            return {"role": "admin"} if account is None else {"role": "requester", "account": account.name}
+async def _sign_in_body(request: Request, svc: HerderService) -> SignIn:
+    # Parsed as every body is (its shape and numbers checked first), not by FastAPI's own json.loads.
+    body = limits.parse_json(await request.body(), svc.settings)
+    try:
+        return SignIn.model_validate(body)
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(detail) from None
 
-    who = await run_in_threadpool(check)
-    reply = JSONResponse(who)
-    reply.set_cookie(COOKIE, body.key, path=PATH, httponly=True, samesite="strict",
-                     secure=request.url.scheme == "https")
+
+@router.post("/session")
+async def sign_in(request: Request, svc: Service) -> JSONResponse:
+    body = await _sign_in_body(request, svc)
+
+    ttl_s = svc.settings.dashboard_session_s
+
+    def check() -> tuple[str, dict[str, Any]]:
+        with svc.read_sessions.begin() as session:
+            who, account = sessions.identify(session, svc, body.key)
+        doc = {"role": "admin"} if account is None else {"role": "requester", "account": account.name}
+        return sessions.open_session(svc.redis, who, ttl_s), doc
+
+    session_id, doc = await run_in_threadpool(check)
+    reply = JSONResponse(doc)
+    reply.set_cookie(COOKIE, session_id, max_age=ttl_s, path=PATH,
+                     httponly=True, samesite="strict", secure=request.url.scheme == "https")
     return reply
 
 
 @router.delete("/session")
-async def sign_out() -> Response:
+async def sign_out(request: Request, svc: Service) -> Response:
+    await run_in_threadpool(sessions.close_session, svc.redis, request.cookies.get(COOKIE))
     reply = Response(status_code=204)
     reply.delete_cookie(COOKIE, path=PATH)
     return reply
@@ -122,15 +126,21 @@ async def sign_out() -> Response:
 
 @router.get("/snapshot")
 async def one_snapshot(request: Request, svc: Service) -> dict[str, Any]:
-    key = _who(request.cookies.get(COOKIE))
-    return await run_in_threadpool(snapshot, request.app, svc, key)
+    who = await run_in_threadpool(sessions.who_is, svc.redis, request.cookies.get(COOKIE))
+    return await run_in_threadpool(snapshot, request.app, svc, who)
 
 
 @router.get("/events")
-async def events(request: Request, svc: Service) -> StreamingResponse:
-    """A snapshot every ``DEFAULT_PERIOD_S`` as server-sent events, until the page goes away."""
-    key = _who(request.cookies.get(COOKIE))
-    first = await run_in_threadpool(snapshot, request.app, svc, key)  # a bad key is a 401 here, not mid-stream
+async def events(request: Request, svc: Service) -> streams.HeldStream:
+    """A snapshot every ``DEFAULT_PERIOD_S`` as server-sent events, until the page goes away or the session ends."""
+    session_id = request.cookies.get(COOKIE)
+    who = await run_in_threadpool(sessions.who_is, svc.redis, session_id)
+    slot = streams.claim(request.app, sessions.stream_owner(who))  # 429 past the key's share
+    try:
+        first = await run_in_threadpool(snapshot, request.app, svc, who)  # a bad session is a 401 here
+    except BaseException:
+        slot.release()
+        raise
 
     async def stream() -> AsyncIterator[str]:
         doc: dict[str, Any] | None = first
@@ -140,10 +150,11 @@ async def events(request: Request, svc: Service) -> StreamingResponse:
             if await request.is_disconnected():
                 return
             try:
-                doc = await run_in_threadpool(snapshot, request.app, svc, key)
+                who = await run_in_threadpool(sessions.who_is, svc.redis, session_id)
+                doc = await run_in_threadpool(snapshot, request.app, svc, who)
             except UnknownAccount:
                 yield "event: signed-out\ndata: {}\n\n"
                 doc = None
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return streams.HeldStream(stream(), slot, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

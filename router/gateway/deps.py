@@ -13,7 +13,9 @@ from typing import Annotated
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 
+from router.core import ledger
 from router.core.errors import UnknownAccount
 from router.core.service import HerderService
 
@@ -61,9 +63,26 @@ async def api_key(request: Request) -> str:
     return key.strip()
 
 
+def _check_account(svc: HerderService, key: str) -> None:
+    with svc.read_sessions.begin() as session:
+        ledger.account_by_key(session, key)
+
+
+async def account_key(request: Request) -> str:
+    """The Bearer API key of an account; ``UnknownAccount`` (401) otherwise.
+
+    A route that reads a body names this before the body, so a request without
+    a good key is refused before a byte of its body is read.
+    """
+    key = await api_key(request)
+    await run_in_threadpool(_check_account, service_of(request.app), key)
+    return key
+
+
 Service = Annotated[HerderService, Depends(get_service)]
 AsyncRedis = Annotated[aioredis.Redis, Depends(get_redis)]
 ApiKey = Annotated[str, Depends(api_key)]
+AccountKey = Annotated[str, Depends(account_key)]
 
 
 def is_admin_key(svc: HerderService, given: str) -> bool:

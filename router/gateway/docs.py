@@ -3,7 +3,9 @@
 FastAPI's own ``/docs`` loads Swagger UI from a CDN, so it is blank on a
 machine without internet access. Swagger UI (5.x, which renders the OpenAPI
 3.1 schema FastAPI writes) and Chart.js ship inside ``router/gateway/static`` with
-their licences; nothing is fetched at run time.
+their licences; nothing is fetched at run time. The page starts Swagger UI
+from a file too (``static/docs``), not an inline script, so its
+Content-Security-Policy allows the gateway's own scripts alone.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 #: The package's own static files: Swagger UI, Chart.js and the dashboard's page.
@@ -24,14 +25,8 @@ router = APIRouter()
 
 
 @router.get("/docs", include_in_schema=False)
-async def docs() -> HTMLResponse:
-    return get_swagger_ui_html(
-        openapi_url="/openapi.json",
-        title="llamas — API",
-        swagger_js_url=f"{STATIC_URL}/swagger-ui/swagger-ui-bundle.js",
-        swagger_css_url=f"{STATIC_URL}/swagger-ui/swagger-ui.css",
-        swagger_favicon_url=f"{STATIC_URL}/swagger-ui/favicon-32x32.png",
-    )
+async def docs() -> FileResponse:
+    return FileResponse(STATIC_DIR / "docs" / "index.html")
 
 
 def install(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
 from router.core.errors import (
     AdmissionError,
+    BodyTooLarge,
     InsufficientFee,
     InsufficientFunds,
     JobNotFinished,
@@ -31,6 +32,7 @@ from router.core.errors import (
     QueueFull,
     ReceiptMismatch,
     ReferenceConflict,
+    TooManyStreams,
     UnknownAccount,
     UnknownJob,
     UnknownModelRequested,
@@ -55,6 +57,8 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     (ReceiptMismatch, 500, "server_error"),
     (QueueFull, 429, "queue_full"),
     (OverLimit, 429, "rate_limit_exceeded"),
+    (TooManyStreams, 429, "too_many_streams"),
+    (BodyTooLarge, 413, "request_too_large"),
     (NoWorkers, 503, "no_worker"),
     (InvalidRequest, 422, "invalid_request_error"),
     (AdmissionError, 422, "invalid_request_error"),

@@ -12,7 +12,6 @@ logprobs is refused by name rather than answered with less than was asked.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,16 +68,8 @@ WHY = {
 ROLE_ALIASES = {"developer": "system"}
 
 
-def parse_body(raw: bytes) -> dict[str, Any]:
-    """A request body as a JSON object, or ``MalformedBody``."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MalformedBody(f"the body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MalformedBody(f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+def parse_body(body: Any) -> dict[str, Any]:
+    """A parsed body (``limits.parse_json``'s) as a JSON object, or ``MalformedBody``."""
     if not isinstance(body, dict):
         raise MalformedBody("the body must be a JSON object")
     return body

@@ -143,12 +143,13 @@ def test_a_requester_sees_their_balance_their_jobs_and_prices_only(market: dict[
     assert mine == {market["a"], market["running"], market["queued"]}
 
 
-def test_the_cookie_holds_the_key_out_of_scripts_reach_and_a_rotated_key_ends_the_session(
+def test_the_cookie_holds_a_session_not_the_key_out_of_scripts_reach_and_a_rotated_key_ends_it(
         market: dict[str, Any]) -> None:
     http, svc = market["http"], market["svc"]
     reply = http.post("/dashboard/session", json={"key": market["bob"]})
     cookie = reply.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/dashboard" in cookie
+    assert market["bob"].lower() not in cookie
     assert http.get("/dashboard/snapshot").status_code == 200
     with svc.sessions.begin() as s:
         ledger.rotate_key(s, ledger.account_by_key(s, market["bob"]))
@@ -259,12 +260,16 @@ def test_a_jobs_time_to_first_token_counts_every_wait_as_the_metrics_histogram_d
 def test_admin_tabs_share_one_snapshot_a_period_and_a_key_is_still_checked_each_time(
         market: dict[str, Any]) -> None:
     from router.gateway import dashboard as gateway_dashboard
+    from router.gateway import sessions
 
     http, svc = market["http"], market["svc"]
     app = http.app
-    first = gateway_dashboard.snapshot(app, svc, ADMIN_KEY)
-    assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] == first["now"]  # built once for both
+    with svc.sessions.begin() as s:
+        admin, _ = sessions.identify(s, svc, ADMIN_KEY)
+    first = gateway_dashboard.snapshot(app, svc, admin)
+    assert gateway_dashboard.snapshot(app, svc, admin)["now"] == first["now"]  # built once for both
     with pytest.raises(UnknownAccount):
-        gateway_dashboard.snapshot(app, svc, "not-the-key")  # the cache never stands in for a key
+        # The cache never stands in for the admin key: a session of an earlier admin key sees nothing.
+        gateway_dashboard.snapshot(app, svc, sessions.ADMIN + "0" * 64)
     gateway_dashboard._parts(app, svc).admin_at -= dashboard.DEFAULT_PERIOD_S  # the period has passed
-    assert gateway_dashboard.snapshot(app, svc, ADMIN_KEY)["now"] > first["now"]
+    assert gateway_dashboard.snapshot(app, svc, admin)["now"] > first["now"]

@@ -209,6 +209,9 @@ def test_a_body_that_is_not_utf8_or_not_json_gets_openai_shape(gw: Gateway) -> N
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    # Webhooks are named through the Python client only (docs/http-api.md#webhooks), public or private.
+    ({"webhook": "https://example.com/hook"}, "webhook"),
+    ({"webhook_url": "http://127.0.0.1/hook"}, "webhook_url"),
 ])
 def test_parameters_we_do_not_honour_are_refused_by_name(gw: Gateway, fields: dict, param: str) -> None:
     error = assert_openai_error(gw.post(chat(**fields)), 400, "UnsupportedParameter", param)

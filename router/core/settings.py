@@ -57,9 +57,10 @@ class HerderSettings(SharedSettings):
         256_000, ge=1024, description="Largest request (prompt, messages, grammar) in bytes."
     )
     grammar_step_budget_ms: float = Field(
-        GRAMMAR_STEP_BUDGET_S * 1000, gt=0, le=60_000,
+        GRAMMAR_STEP_BUDGET_S * 1000, ge=0, le=60_000,
         description="Most a grammar or JSON schema may cost per sampled token, as the admission probe measures "
-        "it on the model's vocabulary; a dearer one is refused (422 GrammarTooCostly) before anything is held.",
+        "it on the model's vocabulary; a dearer one is refused (422 GrammarTooCostly) before anything is held. "
+        "0 = no probe (requesters you trust; workers still cut off a sampler that stalls, LLAMAS_SAMPLE_LIMIT_S).",
     )
     tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")

@@ -55,8 +55,9 @@ class TokenCounter:
             return
         with self._lock:
             engine.compile_grammar(self._vocab(job.model), gbnf)  # BadGrammar at once, in this process
-        # Priced in a process of its own: one step of a pathological grammar can spin for hours.
-        self._probe.check(self._specs[job.model].path, gbnf, self._grammar_budget_s)
+        if self._grammar_budget_s > 0:
+            # Priced in a process of its own: one step of a pathological grammar can spin for hours.
+            self._probe.check(self._specs[job.model].path, gbnf, self._grammar_budget_s)
 
     def completion_tokens(self, model: str, text: str) -> int:
         with self._lock:

@@ -26,7 +26,7 @@ DEPOSIT = 100_000
 def herder(tmp_path: Path, redis_url: str,
            private_redis_url: str) -> Iterator[tuple[HerderService, stub.StubTransport, str, redis.Redis]]:
     transport = stub.StubTransport()
-    svc = stub.build(HerderSettings(home=tmp_path, redis_url=redis_url), transport=transport, slots=8)
+    svc = stub.build(HerderSettings(home=tmp_path, redis_url=redis_url, account_max_in_flight=8), transport=transport, slots=8)
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "requester", DEPOSIT)
     # The readers read the herders' own stream and group, in a database no herder process of this session reads.

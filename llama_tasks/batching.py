@@ -71,6 +71,9 @@ PENALTY_LAST_N = 64
 SAMPLE_LIMIT_S = 5.0
 #: How often the watchdog looks.
 WATCHDOG_PERIOD_S = 0.25
+#: How long one sample may run past its sequence's time limit before the watchdog calls it stuck:
+#: far above any honest sample, which takes milliseconds (a step's decode may end past the limit).
+PAST_LIMIT_S = 1.0
 
 
 @dataclass(kw_only=True)
@@ -127,6 +130,8 @@ class Ticket:
         self.spec = spec
         self.submitted_at = time.perf_counter()
         self._done = threading.Event()
+        # The loop and the watchdog may both answer a ticket: the first answer stands.
+        self._finishing = threading.Lock()
         self._result: SequenceResult | None = None
         self._error: BaseException | None = None
         self.cancelled = False
@@ -151,10 +156,11 @@ class Ticket:
         return self._result
 
     def _finish(self, result: SequenceResult | None, error: BaseException | None = None) -> None:
-        if self._done.is_set():
-            return  # answered already (by the watchdog, while the loop was stuck)
-        self._result, self._error = result, error
-        self._done.set()
+        with self._finishing:
+            if self._done.is_set():
+                return  # answered already (by the watchdog, while the loop was stuck)
+            self._result, self._error = result, error
+            self._done.set()
 
 
 def _earliest_stop(text: str, stops: list[str], start: int) -> int:
@@ -363,7 +369,8 @@ class BatchEngine:
                 continue
             seq, since = sampling
             now = time.perf_counter()
-            if now - since > self.sample_limit_s or now > seq.deadline + WATCHDOG_PERIOD_S:
+            # Only the sample itself counts: a decode may end past a sequence's limit, and the loop ends it then.
+            if now - since > self.sample_limit_s or now - max(since, seq.deadline) > PAST_LIMIT_S:
                 self._give_up(seq, now - since)
 
     def _give_up(self, stuck: _Active, for_s: float) -> None:
@@ -379,15 +386,21 @@ class BatchEngine:
             self.stalled = True
             waiting = list(self._waiting)
             self._waiting.clear()
-        stuck.ticket._finish(self._partial(stuck, TIME_LIMIT))
-        for slot in self._slots:
-            seq = slot.active
-            if seq is not None and seq is not stuck:
-                seq.ticket._finish(None, EngineFailed("the engine stalled on another job"))
-        for ticket in waiting:
-            ticket._finish(None, EngineFailed("the engine stalled on another job"))
-        if self.on_stall is not None:
-            self.on_stall()
+        try:
+            try:
+                stuck.ticket._finish(self._partial(stuck, TIME_LIMIT))
+            except Exception as exc:  # its last piece could not be streamed: it fails, still answered
+                stuck.ticket._finish(None, exc)
+            for slot in self._slots:
+                seq = slot.active
+                if seq is not None and seq is not stuck:
+                    seq.ticket._finish(None, EngineFailed("the engine stalled on another job"))
+            for ticket in waiting:
+                ticket._finish(None, EngineFailed("the engine stalled on another job"))
+        finally:
+            # Whatever went wrong above, the worker must not stay frozen.
+            if self.on_stall is not None:
+                self.on_stall()
 
     # --- the loop -------------------------------------------------------------
 

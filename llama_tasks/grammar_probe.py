@@ -13,6 +13,7 @@ loads each model's vocabulary once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -20,10 +21,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import OrderedDict
 from typing import IO, Any
 
-from llama_tasks.errors import BadGrammar, GrammarTooCostly
+from llama_tasks.errors import BadGrammar, GrammarTooCostly, LlamasError
 
+#: Grammars whose verdict is remembered (most recently used kept).
+VERDICTS_KEPT = 1024
 #: How long the child may take to start and load a vocabulary (imports llama.cpp; once per model).
 LOAD_TIMEOUT_S = 60.0
 #: The deadline of one step of the walk, at least. A step at the budget takes a fraction of
@@ -66,6 +70,14 @@ def serve(stdin: IO[str], stdout: IO[str]) -> None:
             say("error", f"{type(exc).__name__}: {exc}")
 
 
+#: A grammar's verdict: None (it may be sampled) or the error that refuses it, as its type and arguments.
+Verdict = tuple[type[LlamasError], tuple[Any, ...]] | None
+
+
+class _NotPriced(Exception):
+    """The probe could not run (its process did not start, or failed): no verdict to keep."""
+
+
 class GrammarProbe:
     """One child process that prices grammars; thread-safe, one grammar at a time."""
 
@@ -73,34 +85,56 @@ class GrammarProbe:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pending = b""
+        self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
 
     def check(self, model_path: str, gbnf: str, budget_s: float) -> None:
-        """Raise ``BadGrammar`` or ``GrammarTooCostly``, or return: the grammar may be sampled."""
+        """Raise ``BadGrammar`` or ``GrammarTooCostly``, or return: the grammar may be sampled.
+
+        A verdict is kept for the same grammar, model and budget: sending one
+        grammar again (an honest client's schema, or an attacker's loop)
+        costs a dictionary lookup, not a probe. A probe that could not run
+        (its process did not start) refuses the grammar without a verdict.
+        """
+        key = hashlib.sha256(json.dumps([model_path, gbnf, budget_s]).encode()).hexdigest()
         with self._lock:
-            proc = self._child()
-            assert proc.stdin is not None
-            try:
-                proc.stdin.write(json.dumps({"path": model_path, "gbnf": gbnf, "budget_s": budget_s}).encode() + b"\n")
-            except OSError:
-                self._kill()
-                raise BadGrammar("the grammar could not be priced (its probe process went away)") from None
-            answer = self._answer(proc, LOAD_TIMEOUT_S)
+            if key in self._verdicts:
+                self._verdicts.move_to_end(key)
+            else:
+                try:
+                    self._verdicts[key] = self._probe(model_path, gbnf, budget_s)
+                except _NotPriced as exc:
+                    raise BadGrammar(f"the grammar could not be priced ({exc})") from None
+                if len(self._verdicts) > VERDICTS_KEPT:
+                    self._verdicts.popitem(last=False)
+            verdict = self._verdicts[key]
+        if verdict is not None:
+            kind, args = verdict
+            raise kind(*args)
+
+    def _probe(self, model_path: str, gbnf: str, budget_s: float) -> Verdict:
+        """None when the grammar may be sampled, else the error that refuses it, as ``(type, args)``."""
+        proc = self._child()
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(json.dumps({"path": model_path, "gbnf": gbnf, "budget_s": budget_s}).encode() + b"\n")
+        except OSError:
+            self._kill()
+            raise _NotPriced("its probe process went away") from None
+        answer = self._answer(proc, LOAD_TIMEOUT_S)
+        if answer is None:
+            raise _NotPriced("its probe process did not start")
+        timeout = step_timeout_s(budget_s)
+        while answer[0] in ("started", "step"):
+            answer = self._answer(proc, timeout)
             if answer is None:
-                raise BadGrammar("the grammar could not be priced (its probe process did not start)")
-            timeout = step_timeout_s(budget_s)
-            while answer[0] in ("started", "step"):
-                answer = self._answer(proc, timeout)
-                if answer is None:
-                    # Still inside one step: the child spins in C, and only killing it stops that.
-                    raise GrammarTooCostly(round(timeout * 1000, 1), round(budget_s * 1000, 1))
+                # Still inside one step: the child spins in C, and only killing it stops that.
+                return GrammarTooCostly, (round(timeout * 1000, 1), round(budget_s * 1000, 1))
         status, value = answer
         if status == "cost":
-            if value > budget_s:
-                raise GrammarTooCostly(round(value * 1000, 1), round(budget_s * 1000, 1))
-            return
+            return (GrammarTooCostly, (round(value * 1000, 1), round(budget_s * 1000, 1))) if value > budget_s else None
         if status == "bad":
-            raise BadGrammar(*value)
-        raise BadGrammar(f"the grammar could not be priced: {value}")
+            return BadGrammar, tuple(value)
+        raise _NotPriced(str(value))
 
     def close(self) -> None:
         with self._lock:

@@ -119,13 +119,16 @@ FAILED_STATUS = {"GenerationTimedOut": 408}
 def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed).
 
-    A job its time limit cut short carries what it was charged for in ``usage``.
+    A job its time limit cut short carries what it made in ``choices`` and what it was charged in ``usage``.
     """
     status = {"expired": 408, "cancelled": 409}.get(resp["status"]) or FAILED_STATUS.get(resp.get("error") or "", 503)
     error: dict[str, Any] = {"message": resp.get("message"), "type": resp.get("error"),
                              "code": resp["status"], "job_id": resp["job_id"]}
     if resp.get("charged"):
+        # Paid for, so handed over: what a generation cut by its time limit made, and its cost.
         error["usage"] = usage(resp)
+        error["choices"] = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"]}
+                            for c in resp.get("choices") or []]
     return status, {"error": error}
 
 

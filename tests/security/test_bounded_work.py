@@ -157,3 +157,25 @@ def test_a_sampler_that_stalls_is_cut_off_and_another_tenants_job_is_answered(se
     row = service.job(json.loads(reply.text)["id"].split("-", 1)[1])
     assert row.state == DONE
     assert service.books() == []
+
+
+def test_cache_scopes_are_one_per_account_and_opaque_without_the_herders_key(tmp_path: Path,
+                                                                              redis_url: str) -> None:
+    # A worker (an operator's) sees the scope in every envelope: it must not name the account.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from router.core.dispatch import cache_key
+
+    house, other_house = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    scopes = {cache_key(account_id, house) for account_id in range(1, 1001)}
+    assert len(scopes) == 1000  # one per account
+    assert cache_key(7, house) == cache_key(7, house)  # stable, on every herder with the key
+    assert cache_key(7, house) != cache_key(7, other_house) and "7" != cache_key(7, house)
+    # And dispatch puts it in the signed envelope of each of an account's jobs.
+    svc, transport = build(tmp_path, redis_url, inline=False)
+    first, second = account(svc, "first"), account(svc, "second")
+    for key in (first, first, second):
+        svc.submit(key, Submission(prompt="Say a:", max_tokens=1))
+    svc.dispatch()
+    sent = [envelope["payload"]["cache_key"] for _, _, envelope in transport.sent]
+    assert len(sent) == 3 and sent[0] == sent[1] != sent[2]

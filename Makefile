@@ -134,7 +134,7 @@ test-embedded: $(STAMP)
 
 # Every fault and abuse scenario against the real stack, at full length.
 chaos: $(STAMP)
-	LLAMAS_CHAOS_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/chaos
+	LLAMAS_CHAOS_FULL=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/chaos tests/security
 
 worker: $(STAMP)
 	$(BIN)/celery -A llama_tasks worker -l info

@@ -351,14 +351,17 @@ class Stack:
     def start(self) -> None:
         import redis
 
-        from router.core import ledger
+        from router.core import ledger, limits
         from router.core.db import make_engine, make_sessionmaker, upgrade
 
         url = self.env["LLAMAS_DATABASE_URL"]
         upgrade(url)
         self.sessions = make_sessionmaker(make_engine(url))
         with self.sessions.begin() as session:
-            _, self.api_key = ledger.create_account(session, "bench", FUNDS)
+            bench, self.api_key = ledger.create_account(session, "bench", FUNDS)
+            # The only tenant: its fair share is the whole herd (an admin's `llamas accounts limits`).
+            limits.set_own(session, bench, in_flight=10_000, queued=10_000, requests_per_minute=0,
+                           tokens_per_minute=0)
         self.worker = OurWorker(f"llama.{self.model}", "bench-llama", dict(self.env, **self.worker_env),
                                 self.tmp / "worker.log", self.worker_args)
         self.herder = CeleryProcess("router", "herder", "bench-herder", self.herder_concurrency, self.env,

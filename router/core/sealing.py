@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import time
 from functools import lru_cache
@@ -31,6 +32,8 @@ from sqlalchemy.types import TypeDecorator
 from router.core import private_files
 from router.core.errors import SecretUnreadable
 from router.core.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 #: Marks a sealed value, and which scheme sealed it (base64url of nonce + ciphertext + tag follows).
 PREFIX = "aesgcm1:"
@@ -91,6 +94,9 @@ def load_key(home: Path, given: str = "") -> bytes:
     if private_files.create_private(path):
         # Made empty first, with O_EXCL: of two processes starting at once, one writes the key.
         private_files.write_private(path, base64.urlsafe_b64encode(os.urandom(KEY_BYTES)) + b"\n")
+        # Said aloud: a herder on another host needs this same key, or the secrets it seals are lost to it.
+        log.warning("made a new secrets key in %s: every herder and gateway of this ledger needs the same key "
+                    "(copy the file, or set LLAMAS_SECRETS_KEY)", path)
     text = path.read_text()
     if not text.strip():  # the other process is writing it right now
         text = _reread(path)

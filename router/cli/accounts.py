@@ -74,7 +74,7 @@ def balance(name: str) -> None:
 #: What ``accounts limits`` prints for each limit, in order.
 LIMIT_LABELS = {
     "queued": "queued jobs",
-    "in_flight": "jobs in flight",
+    "in_flight": "slots in flight (a job of n choices holds n)",
     "requests_per_minute": "requests per minute",
     "tokens_per_minute": "tokens per minute",
     "request_tokens": "n × max_tokens per request",
@@ -85,7 +85,7 @@ LIMIT_LABELS = {
 def limits_command(
     name: str = typer.Argument(..., help="Account name."),
     queued: int | None = typer.Option(None, "--queued", min=1, help="Jobs it may have waiting in the queue."),
-    in_flight: int | None = typer.Option(None, "--in-flight", min=1, help="Jobs it may have running at once."),
+    in_flight: int | None = typer.Option(None, "--in-flight", min=1, help="Slots its running jobs may hold at once (n each)."),
     rpm: int | None = typer.Option(None, "--rpm", min=0, help="Requests admitted per minute; 0 = no limit."),
     tpm: int | None = typer.Option(
         None, "--tpm", min=0, help="Tokens (prompt + n × max_tokens) admitted per minute; 0 = no limit."),

@@ -1,7 +1,7 @@
 """Fair shares: each account's limits, counted so that herders and gateways sharing one ledger and one Redis agree.
 
-An account may have at most ``queued`` jobs waiting and ``in_flight`` jobs
-running, may be admitted at most ``requests_per_minute`` requests and
+An account may have at most ``queued`` jobs waiting and its running jobs hold at most ``in_flight``
+slots (a job of n choices holds n), may be admitted at most ``requests_per_minute`` requests and
 ``tokens_per_minute`` tokens (prompt + n × max_tokens, as quoted) in any
 60 s, and may ask for at most ``request_tokens`` (n × max_tokens) in one
 request. The admin sets an account's own (``AccountLimits``); the rest come
@@ -123,7 +123,11 @@ def request_tokens(prompt_tokens: int, max_tokens: int, n: int) -> int:
 
 
 def check_request(limits: Limits, prompt_tokens: int, max_tokens: int, n: int) -> None:
-    """Refuse a request no wait would let in: more n × max_tokens, or more tokens, than the account may ever use."""
+    """Refuse a request no wait would let in: more choices than the account's slots, more n × max_tokens,
+    or more tokens, than the account may ever use."""
+    if n > limits.in_flight:
+        # Each choice is a sequence holding a slot: n of them at once would be past the account's share.
+        raise OverRequestLimit("n (slots at once)", n, limits.in_flight)
     work = n * max_tokens
     if work > limits.request_tokens:
         raise OverRequestLimit("n × max_tokens", work, limits.request_tokens)
@@ -153,10 +157,10 @@ def check_queued(session: Session, account_id: int, limits: Limits) -> None:
 
 
 def running_by_account(session: Session) -> dict[int, int]:
-    """Jobs running now per account, over every model."""
-    rows = session.execute(select(JobRow.account_id, func.count()).where(JobRow.state == RUNNING)
+    """Slots held now per account, over every model: a running job of ``n`` choices holds ``n``."""
+    rows = session.execute(select(JobRow.account_id, func.sum(JobRow.n)).where(JobRow.state == RUNNING)
                            .group_by(JobRow.account_id))
-    return {account_id: count for account_id, count in rows}
+    return {account_id: int(held or 0) for account_id, held in rows}
 
 
 def in_flight_caps(session: Session) -> dict[int, int]:

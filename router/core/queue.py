@@ -60,8 +60,16 @@ def queued_count(session: Session) -> int:
 
 
 def running_count(session: Session, model: str) -> int:
+    """Jobs of ``model`` running now."""
     return session.scalar(
         select(func.count()).select_from(JobRow).where(JobRow.model == model, JobRow.state == RUNNING)
+    ) or 0
+
+
+def running_sequences(session: Session, model: str) -> int:
+    """Sequences of ``model`` running now: a job of ``n`` choices holds ``n`` of the herd's slots."""
+    return session.scalar(
+        select(func.coalesce(func.sum(JobRow.n), 0)).where(JobRow.model == model, JobRow.state == RUNNING)
     ) or 0
 
 
@@ -99,12 +107,19 @@ def _startable(session: Session, model: str, now: float, full: set[int], count: 
 def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
     """Mark the best queued jobs of ``model`` as running, up to its free slots.
 
-    An account already running its limit of jobs (``limits.in_flight``, over
-    every model) is passed over: its jobs wait, and the slots go to the next
-    best jobs of other accounts.
+    Slots are sequences: a job of ``n`` choices takes ``n`` of them (all the
+    herd's, at most), as it does in a worker's engine, so no worker is sent
+    more than it can decode at once. Jobs start in the fee market's order; one
+    that does not fit the slots left waits for them, and so do the jobs after
+    it (a best bid is never overtaken by smaller jobs).
+
+    An account's jobs in flight hold at most its limit of slots
+    (``limits.in_flight``, over every model; admission refuses a job of more
+    choices than that): an account at its limit is passed over, its jobs
+    wait, and the slots go to the next best jobs of other accounts.
     """
     _serialize(session)
-    free = slots - running_count(session, model)
+    free = slots - running_sequences(session, model)
     if free <= 0:
         return []
     running = limits.running_by_account(session)
@@ -112,19 +127,30 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
     default_cap = settings.account_max_in_flight
     full = {account for account, n in running.items() if n >= caps.get(account, default_cap)}
     claimed: list[JobRow] = []
-    while len(claimed) < free:
-        wanted = free - len(claimed)
-        rows = _startable(session, model, now, full, wanted)
+    while free > 0:
+        rows = _startable(session, model, now, full, free)
         for row in rows:
             if row.account_id in full:  # it filled up earlier in this batch
                 continue
+            need = min(row.n, slots)
+            if need > free:
+                return claimed  # the best job left waits for its slots, and everything behind it too
+            held = running.get(row.account_id, 0)
+            # Admission refuses more choices than the limit; a limit lowered since may leave one alone to run.
+            if held and held + need > caps.get(row.account_id, default_cap):
+                full.add(row.account_id)  # this job would take the account past its share: it waits
+                continue
             _start(row, settings, now)
             claimed.append(row)
-            running[row.account_id] = running.get(row.account_id, 0) + 1
+            free -= need
+            running[row.account_id] = held + need
             if running[row.account_id] >= caps.get(row.account_id, default_cap):
                 full.add(row.account_id)
-        if len(rows) < wanted:
-            break  # no more candidates
+            if free <= 0:
+                break
+        else:
+            if not rows:
+                break  # no more candidates
         session.flush()  # the jobs just started are no longer queued for the next look
     return claimed
 

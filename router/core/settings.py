@@ -112,8 +112,9 @@ class HerderSettings(SharedSettings):
     )
     account_max_in_flight: int = Field(
         4, ge=1,
-        description="Jobs of one account running at once over the whole herd; the rest wait in the queue, so "
-        "one account never takes every slot. `llamas accounts limits NAME --in-flight N` sets an account's own.",
+        description="Slots one account's running jobs may hold at once over the whole herd (a job of n choices "
+        "holds n, and one of more choices than this is refused); the rest wait in the queue, so one account never "
+        "takes every slot. `llamas accounts limits NAME --in-flight N` sets an account's own.",
     )
     account_requests_per_minute: int = Field(
         600, ge=0,

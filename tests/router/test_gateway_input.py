@@ -94,7 +94,7 @@ class _Admitted(Exception):
 @pytest.fixture
 def gw(r: Any, tmp_path: Path) -> Iterator[Gateway]:
     signing.generate_keypair(tmp_path)
-    settings = HerderSettings(home=tmp_path, admin_key="operator-secret")
+    settings = HerderSettings(home=tmp_path, admin_key="operator-secret", account_max_in_flight=8)
     registry.add_model(settings.models_file, "ghost", Path(registry.smollm2_path()))
     sent: list[dict[str, Any]] = []
     svc = stub.build(settings, transport=Recorder(sent), herd=stub.StaticHerd(["ghost"], 64))

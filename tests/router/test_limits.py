@@ -17,7 +17,7 @@ from tests.router.conftest import T0, TWIN_MODEL, Herder, run_together
 
 DEPOSIT = 1_000_000
 #: Limits used by the window tests: 3 requests and 100 tokens a minute.
-SMALL = limits.Limits(queued=10, in_flight=2, requests_per_minute=3, tokens_per_minute=100, request_tokens=50)
+SMALL = limits.Limits(queued=10, in_flight=3, requests_per_minute=3, tokens_per_minute=100, request_tokens=50)
 
 
 @pytest.fixture
@@ -154,6 +154,10 @@ def test_n_times_max_tokens_and_a_request_bigger_than_the_token_rate_are_refused
     with pytest.raises(OverRequestLimit) as refused:
         limits.check_request(SMALL, prompt_tokens=60, max_tokens=50, n=1)
     assert refused.value.limit == "tokens per minute"
+    # More choices than the account's slots: each is a sequence holding one.
+    with pytest.raises(OverRequestLimit) as refused:
+        limits.check_request(SMALL, prompt_tokens=1, max_tokens=1, n=4)
+    assert (refused.value.limit, refused.value.requested, refused.value.allowed) == ("n (slots at once)", 4, 3)
 
 
 def test_admission_refuses_past_the_accounts_share_of_the_queue_with_nothing_held(herder: Herder) -> None:

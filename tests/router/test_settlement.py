@@ -741,7 +741,7 @@ def test_a_redelivered_result_of_n_completions_charges_once(herder: Herder, alic
 def test_logprobs_are_kept_as_asked_and_made_plain_json(herder: Herder, alice: str) -> None:
     job = herder.submit(alice, max_tokens=32, n=2, logprobs=True, top_logprobs=1)
     plain = herder.submit(alice, max_tokens=32)
-    herder.claim(slots=2)
+    herder.claim(slots=3)  # two choices hold two slots
     entry = {"token": "Hi", "logprob": -0.25, "bytes": [72, 105],
              "top_logprobs": [{"token": "Hi", "logprob": -0.25, "bytes": [72, 105]},
                               {"token": "Hey", "logprob": -2.5, "bytes": [72, 101, 121]}]}

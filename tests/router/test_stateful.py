@@ -240,6 +240,8 @@ class HerderCore(RuleBasedStateMachine):
             home=home, database_url=url, max_queue=MAX_QUEUE, max_attempts=MAX_ATTEMPTS,
             n_ctx=N_CTX, base_fee=BASE_FEE, fee_per_token=FEE_PER_TOKEN, aging_per_s=AGING_PER_S,
             time_limit_s=TIME_LIMIT_S, soft_time_limit_s=TIME_LIMIT_S // 2, lease_grace_s=LEASE_GRACE_S,
+            # Fair shares are tested on their own (tests/security/test_fair_shares.py): here no account's binds.
+            account_max_in_flight=10**6,
         )
         self.counter = counter
         self.now = 1_000.0
@@ -467,11 +469,16 @@ class HerderCore(RuleBasedStateMachine):
     @precondition(lambda self: any(j.state == QUEUED for j in self.jobs.values()))
     @rule(slots=st.integers(1, 4))
     def dispatch(self, slots: int) -> None:
-        free = slots - len(self._in_state(RUNNING))
+        # Slots are sequences: a job of n choices takes n (all of them, at most).
+        free = slots - sum(j.sub.n for j in self._in_state(RUNNING))
         # Past its deadline a queued job is the tick's to expire, not dispatch's to run.
         startable = [j for j in self._in_state(QUEUED) if j.deadline_at is None or j.deadline_at >= self.now]
-        best = sorted(startable, key=lambda j: (-j.priority, j.seq))
-        expected = [j.id for j in best[: max(free, 0)]]
+        expected = []
+        for j in sorted(startable, key=lambda j: (-j.priority, j.seq)):
+            if min(j.sub.n, slots) > free:
+                break  # the best job left waits for its slots, and everything behind it
+            expected.append(j.id)
+            free -= min(j.sub.n, slots)
         with self.sessions.begin() as session:
             rows = claim(session, self.settings, MODEL, slots, self.now)
             claimed = [(row.id, row.task_id, row.attempt, row.lease_until) for row in rows]

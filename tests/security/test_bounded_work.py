@@ -179,3 +179,24 @@ def test_cache_scopes_are_one_per_account_and_opaque_without_the_herders_key(tmp
     svc.dispatch()
     sent = [envelope["payload"]["cache_key"] for _, _, envelope in transport.sent]
     assert len(sent) == 3 and sent[0] == sent[1] != sent[2]
+
+
+def test_many_choices_cannot_take_every_slot(tmp_path: Path, redis_url: str) -> None:
+    # The n=8 job held all eight slots of the herd until its time limit, and a 500.
+    svc, transport = build(tmp_path, redis_url, inline=False)  # one worker of 8 slots; 4 per account
+    attacker, bystander = account(svc, "attacker"), account(svc, "bystander")
+    before = balance(svc, attacker)
+    with TestClient(create_app(lambda: svc)) as client:
+        reply = client.post("/v1/completions", headers=auth(attacker),
+                            json={"model": "smollm2", "prompt": "Say a:", "max_tokens": 64, "n": 8})
+    assert reply.status_code == 422 and reply.json()["error"]["code"] == "OverRequestLimit", reply.text
+    assert "n (slots at once)" in reply.json()["error"]["message"]
+    assert balance(svc, attacker) == before
+    # Within its share: two jobs of four choices; the second waits for the first, not the bystander.
+    mine = [svc.submit(attacker, Submission(prompt="Say a:", max_tokens=64, n=4))["job_id"] for _ in range(2)]
+    svc.dispatch()
+    theirs = svc.submit(bystander, Submission(prompt="Say b:", max_tokens=4))["job_id"]
+    svc.dispatch()
+    sent = [job_id for job_id, _, _ in transport.sent]
+    assert sent == [mine[0], theirs]  # 4 + 1 of 8 slots; the attacker's second job waits for its share
+    audit(svc)

@@ -47,6 +47,7 @@ from llama_cpp import LlamaGrammar
 from llama_cpp import _logger as llama_logger
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
+from llama_tasks.engine import common_prefix
 from llama_tasks.errors import EngineFailed
 from llama_tasks.job import (
     DEFAULT_MIN_P,
@@ -221,7 +222,7 @@ class _Slot:
 
     def reusable(self, spec: SequenceSpec) -> int:
         """How much of ``spec``'s prompt this slot's memory may serve."""
-        common = _common_prefix(self.cached, spec.tokens)
+        common = common_prefix(self.cached, spec.tokens)
         if self.owner == spec.cache_key:
             return common
         return min(common, self.public, spec.public_tokens)
@@ -620,11 +621,3 @@ class BatchEngine:
             queue_s=time.perf_counter() - ticket.submitted_at, prompt_s=0.0, generation_s=0.0,
         )
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -74,7 +74,8 @@ def encode(llm: Llama, job: Job) -> tuple[list[int], list[str]]:
     return llm.tokenize(text.encode("utf-8"), add_bos=not job.is_chat, special=True), stops
 
 
-def _common(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -98,13 +99,13 @@ def public_tokens(llm: Llama, job: Job, tokens: list[int], shared_prefixes: Sequ
         return dataclasses.replace(job, messages=[{"role": m["role"], "content": content} for m in job.messages or []])
 
     first, second = encode(llm, dummy("x"))[0], encode(llm, dummy("y"))[0]
-    public = min(_common(first, second), _common(tokens, first))
+    public = min(common_prefix(first, second), common_prefix(tokens, first))
     if shared_prefixes:
         text = render(llm, job)[0]
         for prefix in shared_prefixes:
             if prefix and text.startswith(prefix):
                 declared = llm.tokenize(prefix.encode("utf-8"), add_bos=not job.is_chat, special=True)
-                public = max(public, _common(tokens, declared))
+                public = max(public, common_prefix(tokens, declared))
     return min(public, len(tokens))
 
 

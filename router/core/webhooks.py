@@ -199,59 +199,43 @@ class _Deadline:
         return left
 
 
-class _DeadlineSocket(socket.socket):
-    """A socket whose every send and receive times out at its deadline, not after an idle spell.
+class _Deadlined:
+    """Every send and receive of a socket times out at its deadline, not after an idle spell.
 
     A socket timeout bounds each operation alone: a receiver that trickles
     one byte at a time, each sooner than the timeout, would hold the try for
-    as long as it liked. Here each operation waits only for the time left.
+    as long as it liked. Here each operation waits only for the time left
+    (mixed into a plain and a TLS socket: each TLS read and write too).
     """
 
     deadline: _Deadline
 
     def _arm(self) -> None:
-        self.settimeout(self.deadline.left_s())
+        self.settimeout(self.deadline.left_s())  # type: ignore[attr-defined]
 
-    def sendall(self, data: Any, flags: int = 0) -> None:
+    def sendall(self, *args: Any) -> Any:
         self._arm()
-        super().sendall(data, flags)
+        return super().sendall(*args)  # type: ignore[misc]
 
-    def send(self, data: Any, flags: int = 0) -> int:
+    def send(self, *args: Any) -> Any:
         self._arm()
-        return super().send(data, flags)
+        return super().send(*args)  # type: ignore[misc]
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+    def recv(self, *args: Any) -> Any:
         self._arm()
-        return super().recv(bufsize, flags)
+        return super().recv(*args)  # type: ignore[misc]
 
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+    def recv_into(self, *args: Any) -> Any:
         self._arm()
-        return super().recv_into(buffer, nbytes, flags)
+        return super().recv_into(*args)  # type: ignore[misc]
 
 
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    """The same over TLS (each TLS read and write waits at most the time left)."""
+class _DeadlineSocket(_Deadlined, socket.socket):
+    """A plain socket with a deadline."""
 
-    deadline: _Deadline
 
-    def _arm(self) -> None:
-        self.settimeout(self.deadline.left_s())
-
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        self._arm()
-        super().sendall(data, flags)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        self._arm()
-        return super().send(data, flags)
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        self._arm()
-        return super().recv(buflen, flags)
-
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        self._arm()
-        return super().recv_into(buffer, nbytes, flags)  # type: ignore[arg-type]
+class _DeadlineSSLSocket(_Deadlined, ssl.SSLSocket):
+    """A TLS socket with a deadline."""
 
 
 class _PinnedHTTPConnection(http.client.HTTPConnection):

@@ -35,6 +35,8 @@ class TokenCounting(Protocol):
 
     def completion_tokens(self, model: str, text: str) -> int: ...
 
+    def model_id(self, model: str) -> str: ...
+
 
 @dataclass(frozen=True)
 class StoredResult:

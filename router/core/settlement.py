@@ -88,6 +88,12 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     if row is None or row.state != RUNNING or row.id != result.job_id or row.attempt != result.attempt:
         log.info("ignoring result for task %s: not a running attempt", result.task_id)
         return None
+    if result.model_id and result.model_id != counter.model_id(row.model):
+        # Not the model the requester paid for (or a forged id a receipt would vouch for): never settled;
+        # the attempt's lease runs out and the job runs again.
+        log.warning("ignoring result for task %s: it names model id %.16s…, not the registry's for %s",
+                    result.task_id, _storable(result.model_id), row.model)
+        return None
     choices = _recount(counter, row, result)
     completion = sum(c.completion_tokens for c in choices)
     cached = min(result.cached_tokens, row.prompt_tokens)

@@ -59,6 +59,12 @@ class TokenCounter:
             # Priced in a process of its own: one step of a pathological grammar can spin for hours.
             self._probe.check(self._specs[job.model].path, gbnf, self._grammar_budget_s)
 
+    def model_id(self, model: str) -> str:
+        """The registry's id (the GGUF file's sha256) of ``model``: what a result must name to be settled."""
+        with self._lock:
+            self._vocab(model)
+            return self._specs[model].model_id
+
     def completion_tokens(self, model: str, text: str) -> int:
         with self._lock:
             return engine.count_completion(self._vocab(model), text)

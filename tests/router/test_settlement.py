@@ -821,3 +821,18 @@ def test_a_generation_its_time_limit_cut_short_is_charged_for_what_it_made_and_a
     assert settle(herder, herder.result(job.id, TEXT, finish_reason="time_limit")) is None
     assert snapshot(herder) == before
     herder.assert_books()
+
+
+def test_a_result_naming_another_model_id_is_never_settled_and_a_receipt_vouches_only_for_the_registrys(
+    herder: Herder, alice: str
+) -> None:
+    # Anyone who can write a result could claim any model: the receipt would vouch for it.
+    job = herder.submit(alice, max_tokens=16)
+    herder.claim(slots=1)
+    before = snapshot(herder)
+    assert settle(herder, herder.result(job.id, TEXT, model_id="forged")) is None
+    assert snapshot(herder) == before and herder.job(job.id).state == RUNNING
+    real = herder.counter.model_id("smollm2")
+    row = settle(herder, herder.result(job.id, TEXT, model_id=real))
+    assert row is not None and row.state == DONE and row.model_id == real
+    herder.assert_books()

@@ -18,3 +18,6 @@ RATE_PREFIX = "llamas:rate:"
 #: ``DASHBOARD_SESSION_PREFIX + sha256(session id)`` → who a dashboard session signed in as
 #: (the admin, or an account by its key's hash), expiring with the session.
 DASHBOARD_SESSION_PREFIX = "llamas:dashboard:session:"
+#: ``STREAMS_PREFIX + {key's hash, or "admin"}`` → sorted set of the key's open event streams (member a
+#: stream id, score its lease's end in ms), shared by every gateway (``router.gateway.streams``).
+STREAMS_PREFIX = "llamas:streams:"

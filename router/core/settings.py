@@ -100,7 +100,7 @@ class HerderSettings(SharedSettings):
     max_streams_per_key: int = Field(
         16, ge=1,
         description="Server-sent-event streams (streamed completions and dashboard tabs) one key may hold open "
-        "at once on one gateway process; the next is refused with 429.",
+        "at once, over every gateway sharing the Redis; the next is refused with 429.",
     )
     dashboard_session_s: int = Field(
         43_200, ge=60, description="How long a dashboard sign-in lasts, in seconds."

@@ -71,12 +71,12 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
                      r: aioredis.Redis) -> Any:
     """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
     # A stream's slot is claimed before admission: past the key's share, nothing is held.
-    slot = streams.claim(request.app, hash_api_key(key)) if call.stream else None
+    slot = await streams.claim(request.app, hash_api_key(key)) if call.stream else None
     try:
         doc = await admit(svc, key, call.sub)
     except BaseException:
         if slot is not None:
-            slot.release()
+            await slot.release()
         raise
     headers = await rate_limit_headers(svc, key)
     job = AdmittedJob(request, svc, r, key, doc["job_id"])

@@ -135,11 +135,11 @@ async def events(request: Request, svc: Service) -> streams.HeldStream:
     """A snapshot every ``DEFAULT_PERIOD_S`` as server-sent events, until the page goes away or the session ends."""
     session_id = request.cookies.get(COOKIE)
     who = await run_in_threadpool(sessions.who_is, svc.redis, session_id)
-    slot = streams.claim(request.app, sessions.stream_owner(who))  # 429 past the key's share
+    slot = await streams.claim(request.app, sessions.stream_owner(who))  # 429 past the key's share
     try:
         first = await run_in_threadpool(snapshot, request.app, svc, who)  # a bad session is a 401 here
     except BaseException:
-        slot.release()
+        await slot.release()
         raise
 
     async def stream() -> AsyncIterator[str]:

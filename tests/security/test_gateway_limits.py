@@ -93,8 +93,11 @@ def gw(r: Any, tmp_path: Path, redis_url: str, ledger_url: str) -> Iterator[Gate
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "attacker", DEPOSIT)
     r.set(HERD_PREFIX + WORKER, json.dumps({"worker": WORKER, "model": "ghost", "slots": 64, "pid": WORKER_PID}), ex=60)
+    gateway = Gateway(svc, key)
     try:
-        yield Gateway(svc, key)
+        # One event loop for all the client's requests, as a server has: its async Redis client lives there.
+        with gateway.http:
+            yield gateway
     finally:
         r.delete(HERD_PREFIX + WORKER)
 
@@ -297,6 +300,24 @@ def test_a_keys_completion_streams_are_capped_and_a_closed_one_frees_its_slot(gw
         refused(gw.http.post("/v1/chat/completions", json=body, headers=gw.auth()), 429, "TooManyStreams")
         assert gw.jobs() == STREAMS  # refused before admission: nothing held for it
     # Every client went away: their slots are free again.
+    with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.auth()) as again:
+        assert again.status_code == 200
+    with gw.svc.sessions.begin() as s:
+        assert ledger.check(s) == []
+
+
+def test_a_keys_streams_are_capped_over_every_gateway(gw: Gateway) -> None:
+    # A second gateway process (its own app, its own event loop) on the same ledger and Redis.
+    other = TestClient(create_app(lambda: gw.svc), raise_server_exceptions=False)
+    body = chat(stream=True)
+    with other, contextlib.ExitStack() as held:
+        for i in range(STREAMS):
+            client = gw.http if i % 2 else other
+            opened = held.enter_context(client.stream("POST", "/v1/chat/completions", json=body, headers=gw.auth()))
+            assert opened.status_code == 200
+        for client in (gw.http, other):
+            refused(client.post("/v1/chat/completions", json=body, headers=gw.auth()), 429, "TooManyStreams")
+        assert gw.jobs() == STREAMS
     with gw.http.stream("POST", "/v1/chat/completions", json=body, headers=gw.auth()) as again:
         assert again.status_code == 200
     with gw.svc.sessions.begin() as s:

@@ -78,7 +78,11 @@ def stack_env(home: Path, redis_url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAS_")}
     return env | {"LLAMAS_HOME": str(home), "LLAMAS_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1",
                   # One llama.cpp thread per stub process would be moot (no model); the herder's vocab-only load needs none.
-                  "LLAMAS_THREADS": "1"}
+                  "LLAMAS_THREADS": "1",
+                  # The bench's one account is the only tenant: its fair share is the whole herd and every
+                  # minute (a revision without fair shares ignores these).
+                  "LLAMAS_ACCOUNT_MAX_IN_FLIGHT": "1000000", "LLAMAS_ACCOUNT_MAX_QUEUED": "1000000",
+                  "LLAMAS_ACCOUNT_REQUESTS_PER_MINUTE": "0", "LLAMAS_ACCOUNT_TOKENS_PER_MINUTE": "0"}
 
 
 class Stack:

@@ -130,7 +130,7 @@ def measure(args: argparse.Namespace, fleet: Any, config: Config, run: int, tmp:
     """One run of a herder count on its own fresh database: start, warm up, measure, audit, stop."""
     from sqlalchemy import func, select
 
-    from router.core import ledger
+    from router.core import ledger, limits
     from router.core.db import make_engine, make_sessionmaker, upgrade
     from router.core.models import JobRow
     from tests.bench.fleet import audit_window
@@ -143,7 +143,10 @@ def measure(args: argparse.Namespace, fleet: Any, config: Config, run: int, tmp:
         upgrade(db_url)
         sessions = make_sessionmaker(make_engine(db_url))
         with sessions.begin() as session:
-            _, api_key = ledger.create_account(session, "bench", compare.FUNDS)
+            bench, api_key = ledger.create_account(session, "bench", compare.FUNDS)
+            # The only tenant: its fair share is the whole herd and every minute.
+            limits.set_own(session, bench, in_flight=10**6, queued=10**6, requests_per_minute=0,
+                           tokens_per_minute=0)
         logs = tmp / f"run{run + 1}-herders{n}"
         fleet.clear_broker()
         fleet.start_control(n, args.herder_concurrency, dict(fleet.env, LLAMAS_DATABASE_URL=db_url), logs)

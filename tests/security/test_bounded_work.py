@@ -125,8 +125,9 @@ def test_another_account_cannot_read_a_prompt_from_the_cache(service: Stack) -> 
 def test_a_generation_cut_by_its_time_limit_is_charged_for_what_it_made_and_answered_408(service: Stack) -> None:
     key, _ = service.account(1_000_000)
     before = service.balance(key)
-    # 300 letters and nothing else: it cannot end before its 3 s are up on one thread.
-    reply = post(service, key, {"prompt": "Letters:", "max_tokens": 300, "grammar": "root ::= [a-z]{300}"})
+    # 1,999 letters and nothing else: at three letters a token, 660 tokens, far more than one thread
+    # makes in its 3 s.
+    reply = post(service, key, {"prompt": "Letters:", "max_tokens": 2000, "grammar": "root ::= [a-z]{1999}"})
     assert reply.status_code == 408, reply.text
     error = reply.json()["error"]
     assert error["type"] == "GenerationTimedOut" and error["usage"]["completion_tokens"] > 0

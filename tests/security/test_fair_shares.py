@@ -137,18 +137,39 @@ def audit(svc: HerderService) -> None:
         assert ledger.balance(session, ledger.account_by_name(session, ESCROW)) == open_offers
 
 
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
-    """Wait, yielding to the requests in flight, until ``condition`` holds."""
-    with anyio.fail_after(timeout_s):
-        while not condition():
-            await anyio.sleep(0.02)
-    assert condition(), what
+class Admissions:
+    """Counts the service's finished admissions (admitted, or refused), waking a waiter at a count.
 
+    Every HTTP request reaches ``svc.submit`` exactly once, and an admitted
+    job is dispatched inside it: once ``k`` have returned or raised, the first
+    ``k`` requests are admitted and sent, or refused.
+    """
 
-def sent(transport: stub.StubTransport, rows: list[JobRow]) -> bool:
-    """Whether every job of ``rows`` (at least one) has been sent to a worker."""
-    ids = {job_id for job_id, _, _ in transport.sent}
-    return bool(rows) and all(row.id in ids for row in rows)
+    def __init__(self, svc: HerderService) -> None:
+        self._lock, self._done = threading.Lock(), 0
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = []
+        real = svc.submit
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._done += 1
+                    for count, loop, event in self._waiters:
+                        if self._done >= count:
+                            loop.call_soon_threadsafe(event.set)
+
+        svc.submit = counted  # type: ignore[method-assign]
+
+    async def reach(self, count: int, timeout_s: float = 120.0) -> None:
+        event = asyncio.Event()
+        with self._lock:
+            if self._done >= count:
+                return
+            self._waiters.append((count, asyncio.get_running_loop(), event))
+        with anyio.fail_after(timeout_s):
+            await event.wait()
 
 
 def drain(svc: HerderService, transport: stub.StubTransport) -> None:
@@ -163,16 +184,16 @@ def flood_then(app: FastAPI, svc: HerderService, transport: stub.StubTransport, 
     """The attacker sends ``n`` requests at once; once each is admitted or refused the victim sends one;
     then the workers run everything. Returns the attacker's replies and the victim's."""
 
+    admissions = Admissions(svc)
+
     async def scenario() -> tuple[list[httpx.Response], httpx.Response]:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway",
                                      timeout=None) as http:
             flood = [asyncio.create_task(http.post("/v1/completions", json=body, headers=auth(attacker)))
                      for _ in range(n)]
-            await until(lambda: len(jobs_of(svc, "attacker")) + sum(t.done() for t in flood) == n,
-                        "every flood request admitted or refused")
+            await admissions.reach(n)  # every flood request admitted (and sent) or refused
             mine = asyncio.create_task(http.post("/v1/completions", json=body, headers=auth(victim)))
-            await until(lambda: mine.done() or sent(transport, jobs_of(svc, "bystander")),
-                        "the victim's request refused, or admitted and sent")
+            await admissions.reach(n + 1)  # the victim's request refused, or admitted and sent
             await anyio.to_thread.run_sync(drain, svc, transport)
             return list(await asyncio.gather(*flood)), await mine
 

@@ -125,7 +125,7 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     if _serving is None:
         return
     settings, spec = get_settings(), _serving
-    hostname = sender.hostname
+    hostname = settings.worker_name(sender.hostname)
     loaded = runtime.context()
     # Loaded before Celery set up its logging: said now.
     log.info("%s", loaded.describe())

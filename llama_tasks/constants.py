@@ -1,6 +1,7 @@
 """What workers and the herder agree on: Redis keys both read, the generation task's name."""
 
-#: ``HERD_PREFIX + hostname`` → JSON heartbeat, expires unless refreshed.
+#: ``HERD_PREFIX + worker name`` → JSON heartbeat, expires unless refreshed (an operator's
+#: worker is named ``<operator>/<hostname>``: ``WorkerSettings.worker_name``).
 HERD_PREFIX = "llamas:herd:"
 #: ``STREAM_PREFIX + job_id`` → Redis stream of token events.
 STREAM_PREFIX = "llamas:stream:"

@@ -112,13 +112,14 @@ def context() -> ProcessContext:
     return _context
 
 
-def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, worker: str) -> dict[str, Any]:
+def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: str) -> dict[str, Any]:
     """Verify, claim and generate one envelope; return the result document.
 
     Raises a ``Rejected`` error (nothing generated) or an ``InvalidRequest``
     error (the job cannot be generated); neither should be retried.
     """
     received_at = time.time()
+    worker = ctx.settings.worker_name(hostname)
     payload = signing.verify(envelope, ctx.public_key)
     job = Job.from_payload(payload)
     if job.model != ctx.spec.name:

@@ -164,6 +164,15 @@ class WorkerSettings(SharedSettings):
         """Where this worker reads its operator's private key."""
         return self.operator_key_file or operator_key_path(self.home, self.operator)
 
+    def worker_name(self, hostname: str) -> str:
+        """The name this worker goes by in heartbeats, claims and results.
+
+        An operator's worker is ``<operator>/<hostname>``: the name is bound to
+        the operator whose key signs its beats, so no operator can pass its
+        worker off as another's (or as the house's, whose names have no ``/``).
+        """
+        return f"{self.operator}/{hostname}" if self.operator else hostname
+
 
 def operator_key_path(home: Path, operator: str) -> Path:
     """Where ``llamas operators add`` writes, and a worker looks for, an operator's private key."""

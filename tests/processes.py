@@ -22,6 +22,8 @@ class CeleryProcess:
     def __init__(self, app: str, queue: str, name: str, concurrency: int, env: dict[str, str],
                  log: Path, extra: list[str] | None = None, cwd: Path = ROOT) -> None:
         self.name = f"{name}@test"
+        #: What it goes by in heartbeats, claims and results (an operator's worker: ``<operator>/<hostname>``).
+        self.worker = f"{env['LLAMAS_OPERATOR']}/{self.name}" if env.get("LLAMAS_OPERATOR") else self.name
         self.log = log
         cmd = [
             sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queue,
@@ -42,7 +44,7 @@ class CeleryProcess:
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            doc = r.get(HERD_PREFIX + self.name)
+            doc = r.get(HERD_PREFIX + self.worker)
             if doc:
                 return json.loads(doc)
             self._check_alive()

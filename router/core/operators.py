@@ -177,13 +177,22 @@ def verify_heartbeat(doc: dict[str, Any], keys: Keys, now: float, max_age_s: flo
     ``CLOCK_SKEW_S`` ahead of ``now`` (Unix seconds).
     """
     found = _attested(doc, keys, signing.HEARTBEAT_CLAIMS)
-    if found.operator is None:
+    if found.operator is None or not named_for(doc.get("worker"), found.operator):
         return None
     ts, interval_s = _number(doc.get("ts")), _number(doc.get("interval_s"))
     if ts is None or interval_s is None or not 0 < interval_s <= MAX_HEARTBEAT_INTERVAL_S:
         return None
     oldest = now - (HEARTBEAT_TTL_INTERVALS * interval_s if max_age_s is None else max_age_s)
     return found.operator if oldest <= ts <= now + CLOCK_SKEW_S else None
+
+
+def named_for(worker: Any, operator: str) -> bool:
+    """Whether a worker name is one of ``operator``'s (``<operator>/<hostname>``: ``WorkerSettings.worker_name``).
+
+    A signature binds a beat to its operator; the name binds the worker to it
+    too, so an operator cannot sign beats that pass off another's worker as its own.
+    """
+    return isinstance(worker, str) and worker.startswith(operator + "/") and len(worker) > len(operator) + 1
 
 
 def _number(value: Any) -> float | None:

@@ -219,7 +219,7 @@ def test_a_worker_is_shown_as_its_operators_only_when_its_heartbeat_proves_it(ma
         operators.register(s, "gpu-farm", signer.key.public_key())
         keys = operators.public_keys(s)
     now = time.time()
-    beat = {"worker": "llama@farm", "model": "smollm2", "slots": 2, "pid": 7, "ts": now, "interval_s": 2.0}
+    beat = {"worker": "gpu-farm/llama@farm", "model": "smollm2", "slots": 2, "pid": 7, "ts": now, "interval_s": 2.0}
     assert dashboard.attributed(signer.attest_heartbeat(beat), keys, now)["operator"] == "gpu-farm"
     forged = dashboard.attributed(impostor.attest_heartbeat(beat), keys, now)
     assert forged["operator"] is None and forged["operator_claimed"] == "gpu-farm"

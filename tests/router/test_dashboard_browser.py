@@ -29,6 +29,8 @@ pytestmark = pytest.mark.slow
 ADMIN_KEY = "browser-test-admin-key"
 #: The operator the stack's worker runs for.
 OPERATOR = "gpu-farm"
+#: Its worker's name: an operator's workers go by ``<operator>/<hostname>``.
+WORKER = f"{OPERATOR}/llama@test"
 #: Generous: the first page load starts Chromium's renderer on a busy machine.
 EXPECT_MS = 30_000
 
@@ -122,10 +124,10 @@ def test_operator_and_requesters_watch_jobs_live_and_a_dead_worker_is_marked(
     admin = page_at(browser, base, "/dashboard")
     sign_in(admin, ADMIN_KEY)
     expect(admin.locator("#role")).to_have_text("admin")
-    worker = admin.locator('#herd tr[data-worker="llama@test"] td.worker-state')
+    worker = admin.locator(f'#herd tr[data-worker="{WORKER}"] td.worker-state')
     expect(worker).to_have_text("alive", timeout=EXPECT_MS)
     # Its signed heartbeat proves whose worker it is.
-    expect(admin.locator('#herd tr[data-worker="llama@test"] td.operator')).to_have_text(OPERATOR)
+    expect(admin.locator(f'#herd tr[data-worker="{WORKER}"] td.operator')).to_have_text(OPERATOR)
     # Set once: a page that reloads loses it.
     admin.evaluate("window.loadedOnce = true")
 
@@ -175,7 +177,7 @@ def test_operator_and_requesters_watch_jobs_live_and_a_dead_worker_is_marked(
     # A worker killed outright stops beating: the admin's page marks it dead.
     os.kill(stack.worker.proc.pid, signal.SIGKILL)
     expect(worker).to_have_text("dead", timeout=EXPECT_MS)
-    expect(admin.locator('#herd tr[data-worker="llama@test"]')).to_have_class("dead")
+    expect(admin.locator(f'#herd tr[data-worker="{WORKER}"]')).to_have_class("dead")
     admin.screenshot(path=str(shots / "dashboard-dead-worker.png"), full_page=True)
     assert admin.evaluate("window.loadedOnce") is True
     stack.replace_worker()

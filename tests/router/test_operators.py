@@ -272,7 +272,7 @@ def test_payouts_leave_the_books_balanced_and_never_overdraw(herder: Herder, ali
 # --- heartbeats --------------------------------------------------------------------------------
 
 
-def _beat(signer: signing.OperatorSigner, ts: float, worker: str = "w1@host",
+def _beat(signer: signing.OperatorSigner, ts: float, worker: str = "acme/w1@host",
           interval_s: float = 2.0) -> dict[str, Any]:
     doc = {"worker": worker, "model": "smollm2", "slots": 4, "busy": 0, "ts": ts, "pid": 4242, "interval_s": interval_s}
     return json.loads(json.dumps(signer.attest_heartbeat(doc)))  # as read back from Redis
@@ -290,7 +290,12 @@ def test_a_heartbeat_is_attributed_only_while_fresh_and_genuine() -> None:
     assert operators.verify_heartbeat(_beat(acme, now + 60), keys, now) is None
     assert operators.verify_heartbeat(_beat(acme, now, interval_s=0), keys, now) is None
     # Copied under another worker's name, or its time refreshed by hand.
-    assert operators.verify_heartbeat(_beat(acme, now) | {"worker": "w2@host"}, keys, now) is None
+    assert operators.verify_heartbeat(_beat(acme, now) | {"worker": "acme/w2@host"}, keys, now) is None
+    # Signed by its own key, but naming another operator's worker, or a house worker.
+    bolts = signing.OperatorSigner("bolt", bolt.key)
+    assert operators.verify_heartbeat(_beat(bolts, now, worker="acme/w1@host"), keys, now) is None
+    assert operators.verify_heartbeat(_beat(bolts, now, worker="w1@host"), keys, now) is None
+    assert operators.verify_heartbeat(_beat(bolts, now, worker="bolt/w1@host"), keys, now) == "bolt"
     assert operators.verify_heartbeat(_beat(acme, now - 100) | {"ts": now}, keys, now) is None
     # Another operator's key, an unregistered operator, no attestation.
     assert operators.verify_heartbeat(_beat(signing.OperatorSigner("acme", bolt.key), now), keys, now) is None
@@ -530,7 +535,7 @@ def test_a_worker_started_for_an_operator_signs_its_heartbeat_and_result_and_the
     assert from_stream == stored.document  # one document, one attestation, on both paths
     assert operators.attribute_result(from_stream, keys).operator == "acme" == from_stream["operator"]
     response = transport.responses[job]
-    assert response["status"] == "done" and response["worker"] == worker.name
+    assert response["status"] == "done" and response["worker"] == worker.worker
     with svc.sessions() as session:
         found = operators.earnings(session, "acme")
         assert ledger.check(session) == []

@@ -25,7 +25,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
-from llama_tasks import lifeline, runtime
+from llama_tasks import broker, lifeline, runtime
 from llama_tasks.errors import LlamasError, OneGpuPerProcess, UnsupportedPool
 from llama_tasks.heartbeat import Heartbeat
 from llama_tasks.placement import place
@@ -34,9 +34,13 @@ from llama_tasks.settings import cpu_count, get_settings
 
 log = logging.getLogger(__name__)
 
-app = Celery("llama_tasks")
+# An operator's worker runs under a broker user restricted to its role (llama_tasks.broker).
+_operator = get_settings().operator
+app = Celery("llama_tasks", amqp=broker.OperatorAMQP if _operator else None)
 app.config_from_object("celeryconfig")
 app.conf.task_default_queue = get_settings().queue
+if _operator:
+    app.conf.update(broker.operator_conf(_operator, dict(app.conf.broker_transport_options or {})))
 # The batching layout is the default: one process, one engine, a task thread per slot.
 app.conf.worker_pool = "threads"
 app.conf.worker_concurrency = get_settings().slots

@@ -48,3 +48,16 @@ class Consumer(CeleryConsumer):  # type: ignore[misc]
                             request.cancel(self.pool)
                         except Exception:  # as Celery does: one job that cannot be stopped stops no worker
                             log.exception("could not cancel %s after the broker connection was lost", request)
+
+
+class OperatorConsumer(Consumer):  # type: ignore[misc]
+    """The consumer of an operator's worker: without mingle and gossip (``llama_tasks.broker``).
+
+    Both bind queues on, and mingle publishes to, exchanges all workers
+    share, which an operator's broker user may not; as ``--without-mingle
+    --without-gossip`` would, given here so no operator has to know.
+    """
+
+    def __init__(self, *args: Any, worker_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        options = dict(worker_options or {}, without_mingle=True, without_gossip=True)
+        super().__init__(*args, worker_options=options, **kwargs)

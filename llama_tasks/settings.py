@@ -184,6 +184,19 @@ def queue_for(model: str) -> str:
     return f"llama.{model}"
 
 
+def unacked_keys(operator: str) -> dict[str, str]:
+    """kombu's keys for an operator's messages in flight (``broker_transport_options``).
+
+    kombu keeps every delivered, not yet acknowledged message of a Redis
+    broker in one hash (``unacked``) by default: any worker could read every
+    other worker's jobs there. An operator's workers keep theirs under keys of
+    their own, which its broker user alone may touch (``router.core.broker_access``).
+    """
+    return {option: f"{default}:{operator}" for option, default in
+            (("unacked_key", "unacked"), ("unacked_index_key", "unacked_index"),
+             ("unacked_mutex_key", "unacked_mutex"))}
+
+
 def exit_on_invalid(exc: ValidationError) -> SystemExit:
     """A one-line refusal to start that names every bad setting."""
     reasons = "; ".join(

@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
+from kombu import Exchange, Queue
 
 from llama_tasks import redact
 from llama_tasks import stream as token_stream
@@ -35,14 +36,21 @@ RPC_TIMEOUT_S = 30.0
 
 
 @functools.cache
-def requester_app() -> Celery:
+def requester_app(redis_url: str | None = None) -> Celery:
     """A plain Celery app on the shared configuration, for sending to the herder.
 
     Not the herder's own app: a requester needs the broker and the result
     backend, not the herder's tasks, schedule and start-up checks.
+    ``redis_url`` (default ``LLAMAS_REDIS_URL``) is the broker and result
+    store, such as the URL ``llamas broker client`` gives.
     """
     app = Celery("llamas-requester")
     app.config_from_object("celeryconfig")
+    if redis_url:
+        app.conf.broker_url = app.conf.result_backend = redis_url
+    # The herder binds its queue; a requester's broker user may not
+    # (router.core.broker_access), and need not.
+    app.conf.task_queues = [Queue(HERDER_QUEUE, Exchange(HERDER_QUEUE), routing_key=HERDER_QUEUE, no_declare=True)]
     return app
 
 
@@ -61,7 +69,7 @@ class Herder:
     def __init__(self, api_key: str = "", app: Celery | None = None, redis_url: str | None = None,
                  timeout_s: float = RPC_TIMEOUT_S) -> None:
         if app is None:
-            app = requester_app()
+            app = requester_app(redis_url)
         self.app = app
         self.api_key = api_key
         self.timeout_s = timeout_s

@@ -31,6 +31,7 @@ from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
 from llama_tasks.registry import DEFAULT_MODEL
 from router.cli.accounts import accounts_app, ledger_app
+from router.cli.broker import broker_app
 from router.cli.common import KEY_OPTION
 from router.cli.common import herder as _herder
 from router.cli.common import need_key as _need_key
@@ -52,6 +53,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(operators_app, name="operators")
+app.add_typer(broker_app, name="broker")
 
 out = Console()
 err = Console(stderr=True)

@@ -13,8 +13,9 @@ from rich.table import Table
 
 from llama_tasks import signing
 from llama_tasks.settings import operator_key_path
+from router.cli.broker import MODEL_OPTION, issue, show_url, worker_hint
 from router.cli.common import err, fail, ledger_session, out, read_public_key
-from router.core import operators
+from router.core import broker_access, operators
 from router.core.settings import get_settings
 
 operators_app = typer.Typer(
@@ -32,8 +33,9 @@ def add(
         "Default: generate a key pair and write the private key under the herder's home.",
         show_default=False,
     ),
+    model: list[str] = MODEL_OPTION,
 ) -> None:
-    """Register operator NAME (opening account NAME if missing) with its workers' signing key."""
+    """Register operator NAME (opening account NAME if missing) with its workers' signing key and broker user."""
     private: Ed25519PrivateKey | None = None
     if public_key is None:
         private = Ed25519PrivateKey.generate()
@@ -51,6 +53,7 @@ def add(
                 fail(f"{key_file} exists; register its public key with --public-key, or move it away")
             except OSError as exc:
                 fail(f"cannot write {key_file}: {exc.strerror or type(exc).__name__}")
+        url = issue(session, broker_access.OPERATOR, name, model)
     out.print(f"registered operator [bold]{escape(name)}[/bold], key id {signing.key_id(key)}")
     if api_key is not None:
         out.print(f"opened account [bold]{escape(name)}[/bold]; its API key:")
@@ -60,8 +63,10 @@ def add(
     if private is not None:
         out.print(f"private key written to {escape(str(key_file))} (mode 0600): give it to the operator's "
                    "workers, and keep no other copy here", soft_wrap=True)
-    out.print(f"start a worker as this operator: LLAMAS_OPERATOR={escape(name)} "
-               f"LLAMAS_OPERATOR_KEY=<its key file> celery -A llama_tasks worker -Q llama.<model>", soft_wrap=True)
+    out.print(f"broker user [bold]{escape(broker_access.user_name(broker_access.OPERATOR, name))}[/bold] "
+              f"(models: {escape(', '.join(model) or 'all')})")
+    show_url(url)
+    out.print(worker_hint(escape(name)), soft_wrap=True)
 
 
 @operators_app.command("list")

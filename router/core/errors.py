@@ -288,6 +288,23 @@ class InvalidPublicKey(LedgerError):
     template = "invalid public key: {reason}"
 
 
+# --- broker users --------------------------------------------------------------
+
+
+class BrokerUserExists(LedgerError):
+    """Raised when issuing a broker credential whose user is active (revoke it first)."""
+
+    fields = ("user",)
+    template = "broker user {user!r} exists; revoke it first (`llamas broker revoke {user}`)"
+
+
+class UnknownBrokerUser(LedgerError):
+    """Raised when a name matches no active broker user."""
+
+    fields = ("user",)
+    template = "no such active broker user: {user}"
+
+
 # --- data at rest ------------------------------------------------------------
 
 

@@ -178,6 +178,39 @@ class Operator(Base):
         return f"Operator(id={self.id!r}, name={self.name!r}, account_id={self.account_id!r})"
 
 
+class BrokerUser(Base):
+    """A Redis ACL user given to an operator's workers or a requester's client (``router.core.broker_access``).
+
+    Only the password's sha256 is kept, which Redis accepts as is: the herder
+    re-creates every active user from here after a Redis restart.
+    """
+
+    __tablename__ = "broker_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The Redis user name: ``<role>.<owner>``.
+    name: Mapped[str] = mapped_column(String(220), unique=True)
+    #: ``operator`` or ``client``.
+    role: Mapped[str] = mapped_column(String(20))
+    #: The operator's (or requester account's) name.
+    owner: Mapped[str] = mapped_column(String(200))
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    #: An operator's models, comma-separated; empty: every model.
+    models: Mapped[str] = mapped_column(Text, default="")
+    password_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
+    )
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m for m in (self.models or "").split(",") if m]
+
+    def __repr__(self) -> str:
+        return f"BrokerUser(name={self.name!r}, role={self.role!r}, revoked_at={self.revoked_at!r})"
+
+
 #: Job states. ``queued`` and ``running`` are open; the rest are final.
 QUEUED, RUNNING, DONE, FAILED, EXPIRED, CANCELLED = (
     "queued", "running", "done", "failed", "expired", "cancelled",

@@ -1,8 +1,9 @@
 """The herder's Celery application: ``celery -A router worker -Q herder -B``.
 
 Beat runs ``router.tick`` every ``LLAMAS_TICK_S`` (deadlines, leases,
-dispatch) and ``router.erase_text`` every minute (text past its retention,
-``router.core.retention``); everything else is driven by requests and worker results. The
+dispatch), ``router.erase_text`` every minute (text past its retention,
+``router.core.retention``) and ``router.broker_users`` every minute (Redis
+ACL users and bindings, ``router.herder.broker_users``); everything else is driven by requests and worker results. The
 main process refuses to start without the signing key, before it forks.
 """
 
@@ -20,6 +21,9 @@ from router.core import private_files, retention
 from router.core.preflight import herder_problem
 from router.core.settings import HERDER_QUEUE, get_settings
 
+#: How often the herder re-applies broker users and bindings (``router.herder.broker_users``).
+BROKER_USERS_EVERY_S = 60.0
+
 app = Celery("router")
 app.config_from_object("celeryconfig")
 app.conf.task_default_queue = HERDER_QUEUE
@@ -33,6 +37,11 @@ app.conf.beat_schedule = {
         "schedule": get_settings().tick_s,
         # A tick that waited longer than a few periods is stale: the next one covers it.
         "options": {"expires": get_settings().tick_s * 5},
+    },
+    "llamas-broker-users": {
+        "task": "router.broker_users",
+        "schedule": BROKER_USERS_EVERY_S,
+        "options": {"expires": BROKER_USERS_EVERY_S},
     },
     "llamas-erase-text": {
         "task": "router.erase_text",

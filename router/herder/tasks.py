@@ -22,7 +22,7 @@ from router.core.errors import BadChannel, SecretUnreadable
 from router.core.request import Submission
 from router.core.service import HerderService, get_service
 from router.core.settings import get_settings
-from router.herder import wiring
+from router.herder import broker_users, wiring
 from router.herder.app import app
 from router.herder.result_reader import ResultReader
 
@@ -50,6 +50,9 @@ def _start_reader(sender: Any = None, **_: Any) -> None:
         return
     _reader = ResultReader(service, redis.Redis.from_url(get_settings().redis_url),
                            consumer=f"{sender.hostname}:{os.getpid()}").start()
+    # Bindings and broker users at once, not a minute later: a Redis that
+    # restarted empty leaves operators' workers and clients locked out until then.
+    sync_broker_users.delay()
 
 
 @worker_shutdown.connect
@@ -186,6 +189,16 @@ def deliver_webhook(self: Task, job_id: str) -> int:
     pause_s = svc.settings.webhook_pause_s(self.request.retries)
     log.warning("webhook for job %s to %s failed (%s); trying again in %gs", job_id, host, detail, pause_s)
     raise self.retry(countdown=pause_s)
+
+
+#: The task that declares bindings and re-applies broker users (at start, then every minute).
+SYNC_BROKER_USERS_TASK = "router.broker_users"
+
+
+@app.task(name=SYNC_BROKER_USERS_TASK, ignore_result=True, send_events=False, **_PRIVATE)
+def sync_broker_users() -> int:
+    svc = service()
+    return broker_users.sync(svc.settings, app, svc.sessions, svc.redis)
 
 
 # Every minute: erase the text of jobs whose delivery and retention are over.

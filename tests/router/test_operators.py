@@ -366,15 +366,20 @@ def test_the_operator_share_is_a_validated_fraction_kept_in_millionths(monkeypat
 
 
 @pytest.fixture
-def cli(herder: Herder, ledger_url: str, tmp_path: Path,
+def cli(herder: Herder, ledger_url: str, tmp_path: Path, r: Any,
         monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """Invoke ``llamas operators …`` on the test ledger, with the herder's home in ``tmp_path``."""
     monkeypatch.setenv("LLAMAS_DATABASE_URL", ledger_url)
     monkeypatch.setenv("LLAMAS_HOME", str(tmp_path))
     get_settings.cache_clear()
     runner = CliRunner()
+    before = set(r.execute_command("ACL", "USERS"))
     yield lambda *args: runner.invoke(operators_app, list(args))
     get_settings.cache_clear()
+    # `operators add` made Redis users, which are the server's, not this test's database's.
+    made = set(r.execute_command("ACL", "USERS")) - before
+    if made:
+        r.execute_command("ACL", "DELUSER", *made)
 
 
 def _one_error(result: Any, text: str) -> None:

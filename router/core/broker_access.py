@@ -100,7 +100,7 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
         _selector([f"~{_literal(unacked['unacked_key'])}", f"~{_literal(unacked['unacked_index_key'])}"],
                   ("+zadd", "+zrem", "+zrange", "+hset", "+hget", "+hdel", "+watch")),
         # kombu's restore mutex: redis-py's lock (SET NX PX, released by a script that GETs and DELs).
-        _selector([f"~{_literal(unacked['unacked_mutex_key'])}"], ("+set", "+get", "+del", "+evalsha", "+eval")),
+        _selector([f"~{_literal(unacked['unacked_mutex_key'])}"], ("+set", "+get", "+del", "+evalsha")),
         "+script|load",
         _selector([f"%W~{_literal(RESULTS_STREAM)}"], ["+xadd"]),
         _selector([f"%W~{_literal(STREAM_PREFIX)}*"], ("+xadd", "+expire")),

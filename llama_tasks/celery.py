@@ -148,8 +148,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
             "n_ctx": settings.n_ctx,
         }
 
-    # A worker run for an operator signs its beats, so the herder can tell whose worker it is.
-    attest = loaded.operator.attest_heartbeat if loaded.operator is not None else None
+    # Every beat is signed, so the herder can tell whose worker it is.
+    attest = loaded.signer.attest_heartbeat
     # A beat vouches for progress: a worker whose engine stopped stepping drops out of the herd.
     _heartbeat = Heartbeat(redis.Redis.from_url(settings.redis_url), describe, settings.heartbeat_interval_s,
                            attest=attest, healthy=loaded.engine.healthy)

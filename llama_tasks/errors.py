@@ -85,6 +85,16 @@ class MissingOperatorKey(ConfigError):
     )
 
 
+class MissingHouseKey(ConfigError):
+    """Raised when a house worker cannot read the key that signs what it reports."""
+
+    fields = ("path", "reason")
+    template = (
+        "the house's workers sign every result with {path}, which cannot be used ({reason}): `llamas keys "
+        "generate` makes it beside the herder's key; copy it here, or point LLAMAS_HOUSE_KEY at it"
+    )
+
+
 class OneGpuPerProcess(ConfigError):
     """Raised when one batching worker process is given several GPUs."""
 

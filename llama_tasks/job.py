@@ -111,6 +111,9 @@ class Job(Generation):
     issued_at: float
     #: Whose prompt cache the job may reuse (the herder derives one per account; None: one tenant).
     cache_key: str | None = None
+    #: Known only to the herder and whoever received this envelope: the worker proves it received the
+    #: attempt by an HMAC under it in its signed result (``signing.receipt_proof``).
+    attempt_secret: str = ""
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Job:
@@ -124,6 +127,8 @@ class Job(Generation):
             raise InvalidRequest(str(exc)) from None
         if job.cache_key is not None and not (isinstance(job.cache_key, str) and 0 < len(job.cache_key) <= 128):
             raise InvalidRequest("cache_key must be a short string")
+        if not isinstance(job.attempt_secret, str) or len(job.attempt_secret) > 128:
+            raise InvalidRequest("attempt_secret must be a short string")
         return job
 
     def to_payload(self) -> dict[str, Any]:

@@ -47,8 +47,8 @@ class ProcessContext:
     redis: redis.Redis
     loads: int
     load_s: float
-    #: Signs each result for the operator this worker runs for; None: the house's worker.
-    operator: signing.OperatorSigner | None = None
+    #: Signs each result, claim and heartbeat for whoever runs this worker: an operator, or the house.
+    signer: signing.OperatorSigner
 
     def describe(self) -> str:
         """One log line: what this process loaded and how it runs it."""
@@ -68,7 +68,7 @@ def check_startup(settings: WorkerSettings) -> ModelSpec:
     spec = registry.lookup(settings.models_file, settings.model)
     registry.verify(spec)
     signing.load_public(settings.public_key, settings.public_key_file)
-    signing.load_operator(settings.operator, settings.operator_key_path)
+    signing.load_operator(settings.operator, settings.signer_key_path)
     return spec
 
 
@@ -101,7 +101,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
         redis=redis.Redis.from_url(settings.redis_url),
         loads=_load_count,
         load_s=time.perf_counter() - started,
-        operator=signing.load_operator(settings.operator, settings.operator_key_path),
+        signer=signing.load_operator(settings.operator, settings.signer_key_path),
     )
     return _context
 
@@ -128,7 +128,8 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
         raise Expired(job.job_id, job.expires_at, received_at)
     # The claim names this process, which also beats: if it dies, the herder
     # knows this attempt died with it.
-    claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s, worker, os.getpid())
+    claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s, worker, os.getpid(),
+                 sign=ctx.signer.sign_claim)
     stream = StreamWriter(ctx.redis, job.job_id, job.attempt, ctx.settings.stream_ttl_s)
     stream.start(worker, os.getpid())
     cancel_key = CANCEL_PREFIX + job.job_id
@@ -139,17 +140,16 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
         generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
-        claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
+        claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(), sign=ctx.signer.sign_claim)
         raise
     stream.end(generated.first.finish_reason)
-    claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid())
+    claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(), sign=ctx.signer.sign_claim)
     answer = generated.result(
         task_id=message_id, job_id=job.job_id, attempt=job.attempt, model=ctx.spec.name,
         model_id=ctx.spec.model_id, worker=worker, load_count=ctx.loads,
         queue_wait_s=max(0.0, received_at - job.issued_at),
     ).to_json()
-    if ctx.operator is not None:
-        # Signed once, here: the stream entry and the task's stored result are this same document.
-        answer = ctx.operator.attest_result(answer)
+    # Signed once, here: the stream entry and the task's stored result are this same document.
+    answer = ctx.signer.attest_result(answer, job.attempt_secret)
     results.publish(ctx.redis, answer)
     return answer

@@ -2,8 +2,8 @@
 
 For load and scale tests of the herder (``tests/bench/stub_worker.py``) and
 for running a request's whole life in one process (``router.herder.stub``): the
-result is a ``Result`` like ``runtime.run_envelope``'s, so the herder settles
-it exactly as it settles a real one (recounting the text's tokens itself).
+result is a ``Result`` like ``runtime.run_envelope``'s; signed by its
+caller as a real worker signs one, the herder settles it exactly as it settles a real one.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ SCRIPTED_TEXT = "Llamas hum when they are content."
 
 
 def answer(payload: dict[str, Any], task_id: str, worker: str, model_id: str,
-           text: str = SCRIPTED_TEXT) -> dict[str, Any]:
-    """The result document of a job (``payload`` as signed) that generated ``text`` in no time."""
+           text: str = SCRIPTED_TEXT, completion_tokens: int = 0) -> dict[str, Any]:
+    """The (unsigned) result document of a job (``payload`` as signed) that generated ``text``, in
+    ``completion_tokens`` tokens each choice, in no time."""
     received_at = time.time()
     n = int(payload.get("n") or 1)
     return Result(
@@ -29,7 +30,9 @@ def answer(payload: dict[str, Any], task_id: str, worker: str, model_id: str,
         attempt=payload["attempt"],
         model=payload["model"],
         model_id=model_id,
-        choices=tuple(Choice(index=i, text=text, finish_reason="stop") for i in range(n)),
+        choices=tuple(Choice(index=i, text=text, finish_reason="stop", completion_tokens=completion_tokens)
+                      for i in range(n)),
+        completion_tokens=completion_tokens * n,
         worker=worker,
         pid=os.getpid(),
         timings={

@@ -83,6 +83,11 @@ class SharedSettings(BaseSettings):
         return self.home / "herder.key"
 
     @property
+    def house_public_key_file(self) -> Path:
+        """The public half of the key the house's own workers sign their results with."""
+        return self.home / "house.pub"
+
+    @property
     def models_file(self) -> Path:
         return self.home / "models.json"
 
@@ -117,6 +122,12 @@ class WorkerSettings(SharedSettings):
         # The documented variable is LLAMAS_OPERATOR_KEY; an alias skips the prefix, hence spelled out.
         validation_alias=AliasChoices("LLAMAS_OPERATOR_KEY", "operator_key_file"),
         description="The operator's Ed25519 private key (PEM). Unset: <home>/operators/<operator>.key.",
+    )
+    house_key_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("LLAMAS_HOUSE_KEY", "house_key_file"),
+        description="A house worker's (no LLAMAS_OPERATOR) Ed25519 private key (PEM), which signs every result, "
+        "claim and heartbeat it reports. Unset: <home>/house.key (`llamas keys generate` makes it).",
     )
 
     sample_limit_s: float = Field(
@@ -163,6 +174,13 @@ class WorkerSettings(SharedSettings):
     def operator_key_path(self) -> Path:
         """Where this worker reads its operator's private key."""
         return self.operator_key_file or operator_key_path(self.home, self.operator)
+
+    @property
+    def signer_key_path(self) -> Path:
+        """The key this worker signs with: its operator's, or the house's."""
+        if self.operator:
+            return self.operator_key_path
+        return self.house_key_file or self.home / "house.key"
 
     def worker_name(self, hostname: str) -> str:
         """The name this worker goes by in heartbeats, claims and results.

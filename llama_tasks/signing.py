@@ -1,21 +1,25 @@
-"""Ed25519 envelopes: the herder signs work for workers; operators sign what their workers report.
+"""Ed25519 envelopes: the herder signs work for workers; workers sign what they report.
 
 An envelope is ``{"payload": {...}, "key_id": str, "sig": base64}``. The
 signature covers the payload's canonical JSON (sorted keys, no spaces), so any
 change to a field — prompt, max tokens, expiry — breaks it.
 
-A worker run on behalf of an operator (``LLAMAS_OPERATOR``) signs, with that
-operator's key, an *attestation* inside every result and heartbeat it
-publishes: an envelope naming the task, job, attempt, worker and operator
-(and a sha256 of the result's content), or the worker, process, operator and
-time of a heartbeat. The herder credits an operator only for results whose
-attestation verifies against the key registered for it.
+Every worker signs what it reports with the key of whoever runs it: an
+operator's key (``LLAMAS_OPERATOR``), or the house's (``<home>/house.key``)
+for the house's own workers. Each result carries an *attestation*: the sha256
+of the whole document (task, job, attempt, worker, model id and every
+choice's generated-token count included) and a *proof of receipt* — an HMAC
+of that sha256 under the attempt's secret, which only the signed envelope
+carried, so only a worker that received the attempt can report it. Each
+claim of an attempt and each heartbeat is signed the same way. The herder
+pays for a result only when all of it verifies (``router.core.provenance``).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass
@@ -29,12 +33,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from llama_tasks.errors import BadSignature, MissingOperatorKey, MissingPublicKey, UnknownSigner, Unsigned
+from llama_tasks.errors import BadSignature, MissingHouseKey, MissingOperatorKey, MissingPublicKey, UnknownSigner, Unsigned
 
 #: The field of a result or heartbeat document that holds its operator's signed attestation.
 ATTESTATION = "attestation"
 #: Fields of a heartbeat an attestation names.
 HEARTBEAT_CLAIMS = ("worker", "pid", "operator", "ts", "interval_s")
+#: The field of a claim document that holds its signature (an envelope over the claim's other fields).
+CLAIM_SIGNATURE = "signed"
 
 
 def canonical(payload: dict[str, Any]) -> bytes:
@@ -114,14 +120,28 @@ def write_private(key_file: Path, private_key: Ed25519PrivateKey, *, replace: bo
         f.write(pem)
 
 
-def generate_keypair(home: Path) -> tuple[Path, Path]:
-    """Write a new key pair as ``herder.key`` (PEM, mode 0600) and ``herder.pub`` (base64)."""
+def generate_keypair(home: Path, name: str = "herder") -> tuple[Path, Path]:
+    """Write a new key pair as ``<name>.key`` (PEM, mode 0600) and ``<name>.pub`` (base64).
+
+    ``herder`` signs work for workers; ``house`` signs what the house's own workers report.
+    """
     home.mkdir(parents=True, exist_ok=True)
     private_key = Ed25519PrivateKey.generate()
-    key_file, pub_file = home / "herder.key", home / "herder.pub"
+    key_file, pub_file = home / f"{name}.key", home / f"{name}.pub"
     write_private(key_file, private_key)
     pub_file.write_text(encode_public(private_key.public_key()) + "\n")
     return key_file, pub_file
+
+
+def attempt_secret(herder_key: Ed25519PrivateKey, job_id: str, attempt: int) -> str:
+    """The secret of one attempt: carried in its signed envelope, derived again by any herder."""
+    message = f"attempt:{job_id}:{attempt}".encode()
+    return hmac.new(herder_key.private_bytes_raw(), message, hashlib.sha256).hexdigest()
+
+
+def receipt_proof(secret: str, result_sha256: str) -> str:
+    """Proof that whoever reports ``result_sha256`` received the attempt whose ``secret`` it is."""
+    return hmac.new(secret.encode(), result_sha256.encode(), hashlib.sha256).hexdigest()
 
 
 def load_private(key_file: Path) -> Ed25519PrivateKey:
@@ -140,38 +160,57 @@ def load_public(configured: str, pub_file: Path) -> Ed25519PublicKey:
     return decode_public(pub_file.read_text())
 
 
-# --- operators: what a worker attests -------------------------------------------
+# --- what a worker attests ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class OperatorSigner:
-    """An operator's name and private key, held by a worker run on its behalf."""
+    """Whoever runs a worker, with its private key: an operator by name, or the house (name ``""``)."""
 
     name: str
     key: Ed25519PrivateKey
 
-    def attest_result(self, doc: dict[str, Any]) -> dict[str, Any]:
-        """``doc`` naming this operator, with an attestation of who produced it for which attempt.
+    @property
+    def operator(self) -> str | None:
+        return self.name or None
 
-        The signed payload is the operator and the sha256 of the whole document
-        (``content_sha256``), which covers its task, job, attempt and worker too.
+    def _named(self, doc: dict[str, Any]) -> dict[str, Any]:
+        named = {k: v for k, v in doc.items() if k not in (ATTESTATION, "operator")}
+        return named | {"operator": self.name} if self.name else named
+
+    def attest_result(self, doc: dict[str, Any], secret: str) -> dict[str, Any]:
+        """``doc`` naming its operator, with an attestation of who produced it and that it received the attempt.
+
+        The signed payload is the operator, the sha256 of the whole document
+        (``content_sha256``: its task, job, attempt, worker, model id and token
+        counts), and the proof of receipt under the attempt's ``secret``.
         """
-        named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
-        return named | {ATTESTATION: sign({"operator": self.name, "result_sha256": content_sha256(named)}, self.key)}
+        named = self._named(doc)
+        digest = content_sha256(named)
+        return named | {ATTESTATION: sign({"operator": self.operator, "result_sha256": digest,
+                                           "proof": receipt_proof(secret, digest)}, self.key)}
 
     def attest_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A heartbeat naming this operator, with an attestation of its worker, process and time."""
-        named = {k: v for k, v in doc.items() if k != ATTESTATION} | {"operator": self.name}
+        named = self._named(doc)
         return named | {ATTESTATION: sign({field: named.get(field) for field in HEARTBEAT_CLAIMS}, self.key)}
 
+    def sign_claim(self, claim: dict[str, Any]) -> dict[str, Any]:
+        """A claim of an attempt, signed: the herder pays only the worker whose claim holds the attempt."""
+        fields = {k: v for k, v in claim.items() if k != CLAIM_SIGNATURE} | {"operator": self.operator}
+        return fields | {CLAIM_SIGNATURE: sign(fields, self.key)}
 
-def load_operator(name: str, key_file: Path) -> OperatorSigner | None:
-    """The signer of operator ``name`` from its PEM key file; None when no operator is set (the house).
+
+def house_key_path(home: Path) -> Path:
+    """Where the house's workers read the key that signs what they report."""
+    return home / "house.key"
+
+
+def load_operator(name: str, key_file: Path) -> OperatorSigner:
+    """The signer of operator ``name`` (``""``: the house) from its PEM key file.
 
     Raises ``MissingOperatorKey`` when the file cannot be read as an Ed25519 key.
     """
-    if not name:
-        return None
     try:
         return OperatorSigner(name, load_private(key_file))
     except FileNotFoundError:
@@ -185,4 +224,6 @@ def load_operator(name: str, key_file: Path) -> OperatorSigner | None:
         reason = "not an Ed25519 private key in PEM"
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
+    if not name:
+        raise MissingHouseKey(str(key_file), reason)
     raise MissingOperatorKey(name, str(key_file), reason)

@@ -106,6 +106,7 @@ def _configure_environment() -> None:
     from llama_tasks import signing
 
     signing.generate_keypair(_HOME)
+    signing.generate_keypair(_HOME, "house")
 
 
 # At import, not in pytest_configure: pytest imports the conftest files of

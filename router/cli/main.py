@@ -275,15 +275,22 @@ def jobs_raise(job_id: str, key: str | None = KEY_OPTION, fee: int | None = type
 
 
 @keys_app.command("generate")
-def keys_generate(force: bool = typer.Option(False, help="Replace an existing key pair.")) -> None:
-    """Create the herder's key pair (the private key stays with the herder)."""
+def keys_generate(force: bool = typer.Option(False, help="Replace existing key pairs.")) -> None:
+    """Create the herder's key pair and the house workers' (each private key stays where it is used)."""
     settings = _settings()
-    if settings.private_key_file.exists() and not force:
-        fail(f"{settings.private_key_file} exists; pass --force to replace it (workers must get the new public key)")
-    _, pub_file = signing.generate_keypair(settings.home)
-    out.print(f"private key: {settings.private_key_file} (keep it on the herder)")
-    out.print(f"public key:  {pub_file}")
-    out.print(f"for workers: LLAMAS_PUBLIC_KEY={pub_file.read_text().strip()}")
+    house_file = signing.house_key_path(settings.home)
+    if settings.private_key_file.exists() and house_file.exists() and not force:
+        fail(f"{settings.private_key_file} and {house_file} exist; pass --force to replace them "
+             "(workers must get the new keys)")
+    if force or not settings.private_key_file.exists():
+        _, pub_file = signing.generate_keypair(settings.home)
+        out.print(f"private key: {settings.private_key_file} (keep it on the herder)")
+        out.print(f"public key:  {pub_file}")
+        out.print(f"for workers: LLAMAS_PUBLIC_KEY={pub_file.read_text().strip()}")
+    if force or not house_file.exists():
+        _, house_pub = signing.generate_keypair(settings.home, "house")
+        out.print(f"house key:   {house_file} (the house's own workers sign their results with it: copy it to "
+                  f"their hosts, or point LLAMAS_HOUSE_KEY at it; the herder keeps {house_pub.name})", soft_wrap=True)
 
 
 @keys_app.command("show")

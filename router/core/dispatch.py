@@ -58,6 +58,8 @@ def envelope(row: JobRow, key: Ed25519PrivateKey) -> dict[str, Any]:
     assert row.lease_until is not None and row.dispatched_at is not None
     job = as_job(row.id, row.attempt, json.loads(row.request), row.lease_until, row.dispatched_at)
     job.cache_key = cache_key(row.account_id, key)
+    # Only the worker that receives this envelope learns it: its result proves receipt with it.
+    job.attempt_secret = signing.attempt_secret(key, row.id, row.attempt)
     return signing.sign(job.to_payload(), key)
 
 

@@ -1,13 +1,12 @@
 """Operators: who runs workers, how their results are attributed, and what they earned.
 
 An operator is an ordinary requester account plus an Ed25519 public key. A
-worker run for an operator signs an attestation into every result and
+worker run for an operator signs an attestation into every result, claim and
 heartbeat it publishes (``llama_tasks.signing.OperatorSigner``); at
-settlement the herder credits the operator only if that attestation verifies
-against the key registered here and names the very task, job, attempt and
-worker of the result, and the sha256 of its content. Anything else — no
-attestation, an unregistered operator, another operator's key, a signature
-lifted from another job, content changed after signing — pays the house.
+settlement the herder pays the operator only for a result whose provenance
+verifies against the key registered here (``router.core.provenance``), and
+the dashboard attributes a worker to it only by a fresh signed heartbeat
+naming one of its workers.
 
 Plain functions over the caller's session; none commits.
 """
@@ -151,24 +150,6 @@ def _strict(value: Any) -> tuple[type, Any]:
     return type(value), value
 
 
-def attribute_result(doc: Any, keys: Keys) -> Attribution:
-    """Whose worker produced a result document, as its attestation proves.
-
-    The signature covers the sha256 of the whole document (task, job, attempt,
-    worker and operator included), so no field needs comparing on its own.
-    """
-    found = _attested(doc, keys, ())
-    if found.operator is None:
-        return found
-    try:
-        content = signing.content_sha256(doc)
-    except (TypeError, ValueError):  # not JSON: it cannot be what the worker signed
-        return Attribution(None, "content cannot be hashed")
-    if doc[signing.ATTESTATION]["payload"].get("result_sha256") != content:
-        return Attribution(None, "content changed after signing")
-    return found
-
-
 def verify_heartbeat(doc: dict[str, Any], keys: Keys, now: float, max_age_s: float | None = None) -> str | None:
     """The operator whose worker sent a heartbeat, or None when unsigned, forged or stale.
 
@@ -198,23 +179,6 @@ def named_for(worker: Any, operator: str) -> bool:
 def _number(value: Any) -> float | None:
     """``value`` if it is a finite int or float (not a bool), else None."""
     return float(value) if type(value) in (int, float) and math.isfinite(value) else None
-
-
-def credited(session: Session, doc: dict[str, Any], job_id: str) -> Operator | None:
-    """The registered operator a result for ``job_id`` pays, or None; a failed claim is logged by ids."""
-    attestation = doc.get(signing.ATTESTATION)
-    payload = attestation.get("payload") if isinstance(attestation, dict) else None
-    name = payload.get("operator") if isinstance(payload, dict) else None
-    operator = session.scalar(select(Operator).where(Operator.name == name)) if isinstance(name, str) else None
-    keys = {} if operator is None else {operator.name: signing.decode_public(operator.public_key)}
-    found = attribute_result(doc, keys)
-    if found.operator is not None:
-        return operator
-    if attestation is not None or doc.get("operator"):
-        # Ids only: the document is the worker's word and may carry anything.
-        log.warning("job %s task %s: result not attributed to an operator (%s); the house takes the charge",
-                    job_id, doc.get("task_id"), found.reason)
-    return None
 
 
 def share(charge: int, share_ppm: int) -> int:

@@ -1,7 +1,8 @@
 """What the herder, the gateway and the CLI check before they start.
 
-The herder and the gateway sign envelopes with the herder's private key.
-Without it they would start, look healthy and then fail inside every
+The herder and the gateway sign envelopes with the herder's private key, and
+check the house's workers' results against the house's public key.
+Without them they would start, look healthy and then fail inside every
 request; instead each refuses to start with one line that says how to make
 the key. The gateway and the CLI also need Redis to answer: without it every
 request would fail after Celery's reconnection retries.
@@ -14,6 +15,7 @@ from typing import Any
 from kombu.utils.url import maybe_sanitize_url
 
 from llama_tasks import redis_server, signing
+from llama_tasks.errors import LlamasError
 from router.core.settings import HerderSettings, get_settings
 
 
@@ -27,6 +29,12 @@ def herder_problem(settings: HerderSettings) -> str | None:
         signing.load_private(key_file)
     except (OSError, ValueError, TypeError) as exc:
         return f"the signing key {key_file} cannot be used ({exc}); replace it with `llamas keys generate --force`"
+    house = settings.house_public_key_file
+    try:
+        signing.load_public("", house)
+    except (OSError, ValueError, TypeError, LlamasError):
+        return (f"no usable house public key at {house} (the house's workers sign their results with its "
+                "private half); make the pair with `llamas keys generate` (or run `llamas up`, which makes it)")
     return None
 
 

@@ -2,8 +2,8 @@
 HTTP gateway call.
 
 ``HerderService`` is built from its parts (``router.core.parts``): a session
-factory, a token counter, the signing key, a Redis client, a transport, a
-forwarder, a herd source and a clock. Its constructor only stores them;
+factory, a token counter, the signing key, the house workers' public key, a
+Redis client, a transport, a forwarder, a herd source and a clock. Its constructor only stores them;
 ``router.herder.wiring.build`` makes the real ones for a process (migrating the
 ledger and loading the key), ``router.herder.stub`` makes in-process ones.
 """
@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import signing
+from llama_tasks import claims, signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from router.core import (
@@ -34,6 +34,7 @@ from router.core import (
     ledger,
     limits,
     metrics,
+    provenance,
     queue,
     receipts,
     retention,
@@ -50,6 +51,14 @@ from router.core.settings import HerderSettings
 
 log = logging.getLogger(__name__)
 
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
 #: A running attempt with no settled result after this long is looked up in the
 #: result store by the tick (its result may never have reached a herder: one
 #: that had read it from the results stream was killed, say).
@@ -61,7 +70,7 @@ class HerderService:
 
     def __init__(self, settings: HerderSettings, *, sessions: sessionmaker[Session], counter: TokenCounting,
                  key: Ed25519PrivateKey, redis_client: redis.Redis, transport: Transport, forwarder: Forwarder,
-                 herd: HerdSource, clock: Clock = time.time,
+                 herd: HerdSource, house_key: Ed25519PublicKey | None, clock: Clock = time.time,
                  read_sessions: sessionmaker[Session] | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -74,6 +83,8 @@ class HerderService:
         self.transport = transport
         self.forwarder = forwarder
         self._key = key
+        #: What results are checked against (``router.core.provenance``).
+        self.provenance = provenance.Keys(key, house_key)
         self._herd = herd
         self._clock = clock
 
@@ -260,9 +271,12 @@ class HerderService:
         deliveries: list[forwarding.Delivery] = []
         orders: list[Order] = []
         models: set[str] = set()
+        held = claims.holders(self.redis, [(_str(doc.get("job_id")), _int(doc.get("attempt"))) for _, doc in results])
         with self.sessions.begin() as session:
-            for task_id, doc in results:
-                row = settlement.settle(session, self.settings, self.counter, doc | {"task_id": task_id}, now)
+            for (task_id, doc), claim in zip(results, held, strict=True):
+                # The task id is the herder's own choice: a document signed for any other no longer verifies.
+                row = settlement.settle(session, self.settings, self.counter, self.provenance,
+                                        doc | {"task_id": task_id}, now, claim)
                 if row is not None:
                     deliveries.append(forwarding.claim(session, row))
                     models.add(row.model)

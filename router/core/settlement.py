@@ -5,12 +5,19 @@ acts only if the job is still in the state it expects; a redelivered result,
 a late lease check or a second cancel therefore changes nothing. A finished
 job is charged ``multiplier × actual cost`` (at most its hold) and gets the
 rest back, and so is one its time limit cut short (it ends ``failed``, with
-``GenerationTimedOut``); any other ending returns the whole hold. The actual cost counts
-every completion's tokens, and the prompt tokens a worker reused from its
-cache at the cached-token fee the job was quoted with. When the result's
-attestation proves a registered operator's worker produced it, that
-operator earns ``LLAMAS_OPERATOR_SHARE`` of the charge (rounded down) and the
-house captures the rest; otherwise the house captures it all.
+``GenerationTimedOut``); any other ending returns the whole hold.
+
+Only a result whose provenance verifies is settled (``provenance.check``:
+signed by the house or a registered operator, proving receipt of the very
+attempt, from the holder of its claim, for the registry's model id); any
+other is ignored and the attempt's lease runs out. The actual cost counts the
+tokens each completion generated as the worker signed them (a text can be
+made of more tokens than a recount of it finds: a grammar of single spaces),
+never more than ``max_tokens``, and the prompt tokens a worker reused from
+its cache at the cached-token fee the job was quoted with. When an operator's
+worker produced it, that operator earns ``LLAMAS_OPERATOR_SHARE`` of the
+charge (rounded down) and the house captures the rest; the house's own
+workers' charges the house captures whole.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from llama_tasks.result import TIME_LIMIT, Choice, Result
-from router.core import fees, ledger, operators, queue
+from router.core import fees, ledger, operators, provenance, queue
 from router.core.errors import InvalidOffer, JobNotQueued, UnknownJob
 from router.core.models import CANCELLED, DONE, EXPIRED, FAILED, QUEUED, RUNNING, Account, JobRow, width
 from router.core.parts import TokenCounting
+from router.core.provenance import Keys
 from router.core.settings import HerderSettings
 
 log = logging.getLogger(__name__)
@@ -75,12 +83,12 @@ def _refund_all(session: Session, row: JobRow, state: str, error: str, message: 
     return row
 
 
-def settle(session: Session, settings: HerderSettings, counter: TokenCounting, doc: dict[str, Any],
-           now: float) -> JobRow | None:
-    """Charge a completed attempt and record its answer; None if it is not current.
+def settle(session: Session, settings: HerderSettings, counter: TokenCounting, keys: Keys, doc: dict[str, Any],
+           now: float, claim: dict[str, Any] | None = None) -> JobRow | None:
+    """Charge a completed attempt and record its answer; None if it is not current or not proven.
 
-    ``doc`` must already be the authoritative result (read from the result
-    backend by the task id the herder chose), never a message's claim.
+    ``doc`` is the result document as the worker sent it (its attestation
+    signs it so); ``claim`` is the attempt's claim as Redis holds it, if any.
     """
     result = Result.from_json(doc)
     # No task id must not match (``task_id IS NULL`` would lock every queued job).
@@ -88,13 +96,20 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     if row is None or row.state != RUNNING or row.id != result.job_id or row.attempt != result.attempt:
         log.info("ignoring result for task %s: not a running attempt", result.task_id)
         return None
-    if result.model_id and result.model_id != counter.model_id(row.model):
+    if result.model_id != counter.model_id(row.model):
         # Not the model the requester paid for (or a forged id a receipt would vouch for): never settled;
         # the attempt's lease runs out and the job runs again.
         log.warning("ignoring result for task %s: it names model id %.16s…, not the registry's for %s",
                     result.task_id, _storable(result.model_id), row.model)
         return None
-    choices = _recount(counter, row, result)
+    proven = provenance.check(session, keys, doc, row, claim)
+    if not proven.accepted:
+        # Ids only: the document is the writer's word and may carry anything.
+        log.warning("ignoring result for task %s (job %s attempt %d): %s", result.task_id, row.id, row.attempt,
+                    proven.reason)
+        return None
+    operator = proven.operator
+    choices = _counted(row, result)
     completion = sum(c.completion_tokens for c in choices)
     cached = min(result.cached_tokens, row.prompt_tokens)
     # At the prices the job was quoted, whatever the prices are now.
@@ -104,8 +119,6 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     actual = fees.cost(base_fee, fee_per_token, fee_per_cached, row.prompt_tokens, cached, completion)
     held = ledger.held_for(session, row.id)
     charge = min(fees.charge(row.offered, row.quote, actual), held)
-    # The attestation signs the document as the worker sent it, not as read.
-    operator = operators.credited(session, doc, row.id)
     earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
     if operator is not None and earned:
         ledger.earn(session, _account(session, operator.account_id), earned, row.id)
@@ -125,7 +138,7 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, d
     row.charged, row.refunded = charge, held - charge
     row.worker = _storable(result.worker, "worker")
     row.operator = operator.name if operator is not None else None
-    row.model_id = _storable(result.model_id, "model_id") if result.model_id else None
+    row.model_id = _storable(result.model_id, "model_id")
     row.timings = json.dumps(result.timings)
     return row
 
@@ -137,17 +150,17 @@ def _asked(request_json: str) -> tuple[bool, int]:
     return request.get("logprobs") is True, top if isinstance(top, int) and not isinstance(top, bool) else 0
 
 
-def _recount(counter: TokenCounting, row: JobRow, result: Result) -> list[Choice]:
-    """The first ``n`` completions, storable, each with its recounted tokens and only the logprobs asked for."""
+def _counted(row: JobRow, result: Result) -> list[Choice]:
+    """The first ``n`` completions, storable, each with its signed token count and only the logprobs asked for."""
     logprobs, top_logprobs = _asked(row.request)
     return [
         Choice(
             index=choice.index,
             text=_storable(choice.text),
             finish_reason=_storable(choice.finish_reason)[:FINISH_REASON_CHARS],
-            # Recounted rather than the worker's own count; every token of the text as generated
-            # is paid for, even one the database cannot store (NUL).
-            completion_tokens=counter.completion_tokens(row.model, choice.text),
+            # What the worker generated, as it signed it; every token is paid for, even one the
+            # database cannot store (NUL), but never past what the job allowed.
+            completion_tokens=min(choice.completion_tokens, row.max_tokens),
             logprobs=[entry | {"top_logprobs": entry["top_logprobs"][:top_logprobs]} for entry in choice.logprobs]
             if logprobs and choice.logprobs is not None else None,
         )

@@ -13,6 +13,7 @@ sleeps; the ledger is a real SQL database and Redis is real.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import registry, scripted, signing
+from llama_tasks import engine, registry, scripted, signing
 from llama_tasks.errors import Expired, WrongModel
 from router.core import forwarding
 from router.core.db import open_ledger
@@ -117,15 +118,34 @@ class StubTransport:
         return ran
 
 
+#: The house's key in every in-process herder that is not given one: its workers sign with it.
+HOUSE = signing.OperatorSigner("", Ed25519PrivateKey.generate())
+
+
+@functools.cache
+def _vocab(path: str) -> Any:
+    return engine.load_vocab(registry.ModelSpec(name="", path=path, sha256=""))
+
+
+def generated_tokens(spec: registry.ModelSpec, text: str) -> int:
+    """How many tokens the scripted worker says it generated for ``text``: its tokenizer's count."""
+    return engine.count_completion(_vocab(spec.path), text)
+
+
 def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.ModelSpec],
                     text: str = scripted.SCRIPTED_TEXT, *, operator: signing.OperatorSigner | None = None,
-                    worker: str | None = None) -> StubWorker:
+                    worker: str | None = None,
+                    report: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> StubWorker:
     """A worker that checks envelopes as a real one does (signature, model, expiry) and answers ``text``.
 
-    With ``operator`` it runs for that operator: each result carries the
-    operator's attestation, as a real worker started with ``LLAMAS_OPERATOR`` does.
-    It answers as ``worker``, by default as the model's worker in ``StaticHerd``.
+    Its results are signed as a real worker's are: for ``operator``, as a
+    worker started with ``LLAMAS_OPERATOR`` does, else for the house
+    (``HOUSE``). It answers as host ``worker``, by default as the model's
+    worker in ``StaticHerd`` (an operator's: ``<operator>/<that name>``).
+    ``report`` changes each document before it is signed (what the worker
+    says it took from its prompt cache, say).
     """
+    signer = operator or HOUSE
 
     def run(envelope: dict[str, Any], task_id: str) -> dict[str, Any]:
         payload = signing.verify(envelope, public_key)
@@ -134,8 +154,12 @@ def scripted_worker(public_key: Ed25519PublicKey, models: dict[str, registry.Mod
             raise WrongModel(payload["model"], ",".join(sorted(models)))
         if payload["expires_at"] < time.time():
             raise Expired(payload["job_id"], payload["expires_at"], time.time())
-        doc = scripted.answer(payload, task_id, worker or worker_name(spec.name), spec.model_id, text)
-        return doc if operator is None else operator.attest_result(doc)
+        # ``worker`` is the hostname: an operator's worker goes by ``<operator>/<hostname>``, as a real one does.
+        name = worker or worker_name(spec.name)
+        if operator is not None:
+            name = f"{operator.name}/{name}"
+        doc = scripted.answer(payload, task_id, name, spec.model_id, text, generated_tokens(spec, text))
+        return signer.attest_result(report(doc) if report is not None else doc, payload.get("attempt_secret", ""))
 
     return run
 
@@ -160,11 +184,13 @@ class StaticHerd:
 def build(settings: HerderSettings, *, transport: StubTransport | None = None,
           herd: HerdSource | None = None, slots: int = 4,
           key: Ed25519PrivateKey | None = None, counter: TokenCounting | None = None,
-          sessions: sessionmaker[Session] | None = None, clock: Clock = time.time) -> HerderService:
+          sessions: sessionmaker[Session] | None = None, clock: Clock = time.time,
+          house: Ed25519PublicKey | None = None) -> HerderService:
     """A herder on ``settings``' ledger (migrated here) and Redis, with a stub transport.
 
     By default every registered model is served by one stub worker of
-    ``slots`` slots, and the herder signs with a fresh key.
+    ``slots`` slots, the herder signs with a fresh key, and the house's
+    workers with ``HOUSE``.
     """
     counter = counter or TokenCounter(settings.models_file, settings.grammar_step_budget_ms / 1000)
     read_sessions = sessions
@@ -180,6 +206,7 @@ def build(settings: HerderSettings, *, transport: StubTransport | None = None,
         transport=transport,
         forwarder=transport,
         herd=herd or StaticHerd(counter.models(), slots),
+        house_key=house or HOUSE.key.public_key(),
         clock=clock,
         read_sessions=read_sessions,
     )

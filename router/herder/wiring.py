@@ -31,4 +31,5 @@ def build(settings: HerderSettings, app: Celery) -> HerderService:
         transport=CeleryTransport(app),
         forwarder=CeleryForwarder(app, r, settings.response_ttl_s),
         herd=HerdReader(r),
+        house_key=signing.load_public("", settings.house_public_key_file),
     )

@@ -267,6 +267,9 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
     if not settings.private_key_file.exists():
         signing.generate_keypair(settings.home)
         console.print(f"[bold]keys[/]    created the herder's signing key pair in {settings.home}")
+    if not signing.house_key_path(settings.home).exists():
+        signing.generate_keypair(settings.home, "house")
+        console.print(f"[bold]keys[/]    created the house workers' signing key pair in {settings.home}")
     specs = [registry.lookup(settings.models_file, name) for name in models]
     for spec in specs:
         registry.verify(spec)

@@ -166,6 +166,8 @@ def configure(tmp: Path, redis_url: str) -> dict[str, str]:
     from llama_tasks import signing
 
     signing.generate_keypair(home)
+
+    signing.generate_keypair(home, "house")
     return dict(os.environ)
 
 

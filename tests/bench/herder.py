@@ -98,6 +98,7 @@ class Stack:
         home = tmp / "home"
         home.mkdir(parents=True)
         signing.generate_keypair(home)
+        signing.generate_keypair(home, "house")
         self.env = stack_env(home, redis_url)
         self.r = redis.Redis.from_url(redis_url)
         # Nothing of the previous stack (queues, heartbeats, results) may reach this one.

@@ -2,8 +2,9 @@
 
 ``celery -A tests.bench.stub_worker worker -Q llama.smollm2`` serves a task
 named ``llama_tasks.generate`` that returns a fixed text in the shape of
-``llama_tasks.runtime.run_envelope``'s result, without loading a model or
-verifying the envelope, and publishes the same heartbeat as a real worker so
+``llama_tasks.runtime.run_envelope``'s result, signed with the house's key
+as a real worker signs it, without loading a model or verifying the
+envelope, and publishes the same heartbeat as a real worker so
 the herder dispatches to it. It exists only for ``tests.bench.compare``'s
 overhead figures: never run it beside a real herd.
 """
@@ -19,7 +20,7 @@ from celery import Celery, Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.state import active_requests
 
-from llama_tasks import results, scripted
+from llama_tasks import engine, results, scripted, signing
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.heartbeat import Heartbeat
 from llama_tasks.registry import lookup
@@ -43,12 +44,29 @@ def _redis() -> redis.Redis:
 app.tasks.pop(GENERATE_TASK, None)
 
 
+@functools.cache
+def _signer() -> signing.OperatorSigner:
+    settings = get_settings()
+    return signing.load_operator(settings.operator, settings.signer_key_path)
+
+
+@functools.cache
+def _tokens() -> int:
+    """How many tokens ``SCRIPTED_TEXT`` is (a vocab-only load: no weights)."""
+    settings = get_settings()
+    return engine.count_completion(engine.load_vocab(lookup(settings.models_file, settings.model)),
+                                   scripted.SCRIPTED_TEXT)
+
+
 @app.task(name=GENERATE_TASK, bind=True, acks_late=True, max_retries=0, shared=False)
 def generate(self: Task, envelope: Any) -> dict[str, Any]:
-    """Answer one envelope with ``SCRIPTED_TEXT``; trusts its fields, checks nothing."""
+    """Answer one envelope with ``SCRIPTED_TEXT``; trusts its fields, checks nothing but signs its answer."""
     settings = get_settings()
     model_id = lookup(settings.models_file, settings.model).model_id
-    doc = scripted.answer(envelope["payload"], self.request.id, self.request.hostname, model_id)
+    payload = envelope["payload"]
+    doc = scripted.answer(payload, self.request.id, settings.worker_name(self.request.hostname), model_id,
+                          completion_tokens=_tokens())
+    doc = _signer().attest_result(doc, payload.get("attempt_secret", ""))
     results.publish(_redis(), doc)
     return doc
 

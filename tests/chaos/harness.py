@@ -207,6 +207,7 @@ def start_stack(kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     tmp = tmp_path_factory.mktemp(f"chaos-{kind}")
     home = tmp / "home"
     signing.generate_keypair(home)
+    signing.generate_keypair(home, "house")
     db_url = fresh_ledger(kind, tmp)
     # Same settings a production Redis must have (noeviction), nothing persisted: a restart loses everything.
     valkey = ValkeyServer(port=free_port(), data_dir=tmp / "valkey",

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from llama_tasks import runtime, signing
-from llama_tasks.errors import MissingOperatorKey
+from llama_tasks.errors import MissingHouseKey, MissingOperatorKey
 from llama_tasks.settings import WorkerSettings
 
 
@@ -20,20 +20,36 @@ def _result() -> dict[str, object]:
 
 
 def test_a_result_attestation_names_the_attempt_and_the_content_and_survives_json() -> None:
-    key = Ed25519PrivateKey.generate()
-    doc = signing.OperatorSigner("acme", key).attest_result(_result())
+    key, herder = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    secret = signing.attempt_secret(herder, "j-1", 2)
+    doc = signing.OperatorSigner("acme", key).attest_result(_result(), secret)
     assert doc["operator"] == "acme"
     # What the stream and the result store carry back (a lone surrogate included).
     doc = json.loads(json.dumps(doc))
     payload = signing.verify(doc[signing.ATTESTATION], key.public_key())
-    assert payload == {"operator": "acme", "result_sha256": signing.content_sha256(doc)}
+    digest = signing.content_sha256(doc)
+    # The proof of receipt: only a holder of the attempt's secret (the envelope's receiver) makes it.
+    assert payload == {"operator": "acme", "result_sha256": digest, "proof": signing.receipt_proof(secret, digest)}
+    assert signing.receipt_proof(signing.attempt_secret(herder, "j-1", 3), digest) != payload["proof"]
+    assert signing.attempt_secret(Ed25519PrivateKey.generate(), "j-1", 2) != secret
     # The hash covers the whole document: which attempt it was made for as well as its text.
     for field, value in (("text", "changed"), ("task_id", "t-2"), ("job_id", "j-2"), ("attempt", 3),
                          ("worker", "elsewhere@host"), ("operator", "bolt")):
         assert signing.content_sha256(doc | {field: value}) != payload["result_sha256"], field
     # Signing again replaces the attestation rather than covering it.
-    again = signing.OperatorSigner("acme", key).attest_result(doc)
+    again = signing.OperatorSigner("acme", key).attest_result(doc, secret)
     assert again[signing.ATTESTATION]["payload"] == payload
+
+
+def test_the_house_signs_without_naming_an_operator_and_claims_are_signed_too() -> None:
+    key = Ed25519PrivateKey.generate()
+    house = signing.OperatorSigner("", key)
+    doc = house.attest_result(_result() | {"operator": "acme"}, "secret")
+    assert "operator" not in doc  # a house document names no operator, whatever it said before
+    assert signing.verify(doc[signing.ATTESTATION], key.public_key())["operator"] is None
+    claim = house.sign_claim({"job_id": "j-1", "attempt": 2, "message": "t-1", "state": "running"})
+    payload = signing.verify(claim[signing.CLAIM_SIGNATURE], key.public_key())
+    assert payload == {"job_id": "j-1", "attempt": 2, "message": "t-1", "state": "running", "operator": None}
 
 
 def test_a_heartbeat_attestation_names_the_worker_process_operator_and_time() -> None:
@@ -45,7 +61,8 @@ def test_a_heartbeat_attestation_names_the_worker_process_operator_and_time() ->
 
 
 def test_an_operator_key_is_loaded_or_refused_with_its_reason(tmp_path: Path) -> None:
-    assert signing.load_operator("", tmp_path / "absent.key") is None  # the house's worker
+    with pytest.raises(MissingHouseKey, match="absent.key"):  # the house's worker needs the house's key
+        signing.load_operator("", tmp_path / "absent.key")
     key_file = tmp_path / "acme.key"
     signing.write_private(key_file, Ed25519PrivateKey.generate())
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -66,8 +83,12 @@ def test_an_operator_key_is_loaded_or_refused_with_its_reason(tmp_path: Path) ->
 
 def test_worker_settings_name_the_operator_and_its_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert WorkerSettings(home=tmp_path).operator == ""
+    assert WorkerSettings(home=tmp_path).signer_key_path == tmp_path / "house.key"
+    assert WorkerSettings(home=tmp_path, house_key_file=tmp_path / "h").signer_key_path == tmp_path / "h"
     settings = WorkerSettings(home=tmp_path, operator="acme")
-    assert settings.operator_key_path == tmp_path / "operators" / "acme.key"
+    assert settings.operator_key_path == settings.signer_key_path == tmp_path / "operators" / "acme.key"
+    assert settings.worker_name("llama@gpu1") == "acme/llama@gpu1"
+    assert WorkerSettings(home=tmp_path).worker_name("llama@gpu1") == "llama@gpu1"
     assert WorkerSettings(home=tmp_path, operator="acme", operator_key_file=tmp_path / "k").operator_key_path == \
         tmp_path / "k"
     monkeypatch.setenv("LLAMAS_OPERATOR", "bolt")

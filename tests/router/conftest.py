@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import make_url, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import registry
-from router.core import admission, fees, ledger, queue, settlement
+from llama_tasks import registry, signing
+from router.core import admission, fees, ledger, provenance, queue, settlement
 from router.core.db import make_engine, make_sessionmaker, upgrade
 from router.core.models import ESCROW, JobRow, Transfer
 from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
+from router.herder import stub
 from router.herder.tokens import TokenCounter
 
 #: Where the tests look for PostgreSQL when LLAMAS_TEST_POSTGRES_URL is unset.
@@ -121,6 +123,8 @@ class Herder:
         self.sessions = sessions
         self.settings = settings
         self.counter = counter
+        #: The herder's key (each attempt's secret) and the house's, as settlement checks results against them.
+        self.keys = provenance.Keys(Ed25519PrivateKey.generate(), stub.HOUSE.key.public_key())
 
     def configure(self, **overrides: Any) -> HerderSettings:
         """Replace settings fields (max_queue, aging_per_s, fees…) for what follows."""
@@ -188,11 +192,37 @@ class Herder:
         with self.sessions.begin() as session:
             return [row.id for row in queue.claim(session, self.settings, model, slots, now)]
 
-    def result(self, job_id: str, text: str, finish_reason: str = "stop", **extra: Any) -> dict[str, Any]:
-        """The result document a worker returns for a job's current attempt (one choice, ``text``)."""
+    def result(self, job_id: str, text: str, finish_reason: str = "stop", *,
+               signer: signing.OperatorSigner | None = None, **extra: Any) -> dict[str, Any]:
+        """The signed result document a house worker (or ``signer``'s) returns for a job's current attempt.
+
+        One choice, ``text``, generated in as many tokens as the tokenizer counts in it
+        (``completion_tokens=`` says otherwise), for the registry's model id.
+        """
         row = self.job(job_id)
-        return {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish_reason}], "worker": "w@test", **extra}
+        tokens = extra.pop("completion_tokens", None)
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason,
+                  "completion_tokens": self.counter.completion_tokens(row.model, text) if tokens is None else tokens}
+        worker = f"{signer.name}/w@test" if signer is not None and signer.name else "w@test"
+        doc = {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt, "model": row.model,
+               "model_id": self.counter.model_id(row.model), "choices": [choice], "worker": worker, **extra}
+        for given in doc["choices"] if isinstance(doc["choices"], list) else []:
+            # Choices given whole count their own text too, unless they say how many tokens they took.
+            if isinstance(given, dict) and isinstance(given.get("text"), str) and "completion_tokens" not in given:
+                given["completion_tokens"] = self.counter.completion_tokens(row.model, given["text"])
+        return self.sign(doc, signer)
+
+    def sign(self, doc: dict[str, Any], signer: signing.OperatorSigner | None = None,
+             secret: str | None = None) -> dict[str, Any]:
+        """``doc`` attested as a worker that received its attempt signs it (the house's, or ``signer``'s)."""
+        if secret is None:
+            secret = signing.attempt_secret(self.keys.herder, doc["job_id"], doc["attempt"])
+        return (signer or stub.HOUSE).attest_result(doc, secret)
+
+    def settle(self, doc: dict[str, Any], now: float, claim: dict[str, Any] | None = None) -> JobRow | None:
+        """Settle one result document as the herder does, in its own transaction."""
+        with self.sessions.begin() as session:
+            return settlement.settle(session, self.settings, self.counter, self.keys, doc, now, claim)
 
     def transfers(self, job_id: str) -> list[tuple[str, int]]:
         with self.sessions() as session:

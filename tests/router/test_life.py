@@ -224,6 +224,7 @@ def test_n_choices_are_each_recounted_and_charged(life: Any) -> None:
 def test_the_real_model_answers_through_the_workers_own_code(life: Any, tmp_path: Path, redis_url: str) -> None:
     """The worker's ``run_envelope`` (signature, claim, stream, batch engine) on the bundled model, inline."""
     svc, transport, key, _ = life
+    signing.write_private(tmp_path / "house.key", stub.HOUSE.key)  # the house key the stub herder checks against
     worker_settings = WorkerSettings(home=tmp_path, redis_url=redis_url, slots=2, n_ctx=512,
                                      public_key=signing.encode_public(svc.public_key))
     ctx = runtime.start_process(worker_settings, place(None, 1), slots=2)

@@ -41,9 +41,11 @@ class ScriptedGateway:
     def answer(self, row: JobRow, envelope: dict[str, Any]) -> None:
         """The worker: its result document for the job's current attempt, settled at once."""
         doc = {"task_id": row.task_id, "job_id": row.id, "attempt": row.attempt, "worker": "scripted@test",
+               "model": row.model, "model_id": self.svc.counter.model_id(row.model),
                "prompt_tokens": row.prompt_tokens, "timings": {}, **self.script}
         assert row.task_id is not None
-        self.svc.on_result(row.task_id, doc)
+        # Signed as a house worker that received the envelope signs it.
+        self.svc.on_result(row.task_id, stub.HOUSE.attest_result(doc, envelope["payload"]["attempt_secret"]))
 
     def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         reply = self.http.post(path, json={"model": MODEL, **body}, headers={"Authorization": f"Bearer {self.key}"})
@@ -114,7 +116,9 @@ def test_chat_lists_every_choice_with_logprobs_and_cached_tokens(gw: ScriptedGat
                                              "max_tokens": 4, "n": 2, "logprobs": True, "top_logprobs": 2})
 
     row = gw.row()
-    completion = gw.tokens("Hello!") + gw.tokens("Hello there, llama")
+    # The tokens each choice generated, as its worker signed them (4 for a text a recount finds in 6).
+    completion = 2 + 4
+    assert gw.tokens("Hello!") + gw.tokens("Hello there, llama") != completion
     assert row.quote == row.offered == 5 + 3 * (row.prompt_tokens + 2 * 4)
     charged = 5 + 3 * (row.prompt_tokens - 2 + completion) + 1 * 2
     assert reply["id"] == f"chatcmpl-{row.id}" and reply["object"] == "chat.completion"
@@ -153,7 +157,8 @@ def test_text_completions_give_logprobs_in_the_legacy_shape(gw: ScriptedGateway)
         "text_offset": [4, 6, 6, 7],  # from the start of the 4-character prompt
     }}]
     assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-    assert reply["usage"]["completion_tokens"] == gw.tokens("Llé!")
+    # Generated in 4 tokens (é as two bytes), which is what is charged: a recount of the text finds 3.
+    assert reply["usage"]["completion_tokens"] == 4 and gw.tokens("Llé!") == 3
 
 
 def test_text_completions_list_every_choice_without_logprobs_unless_asked(gw: ScriptedGateway) -> None:

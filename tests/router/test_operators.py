@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -19,10 +20,10 @@ from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
-from llama_tasks import signing
+from llama_tasks import claims, signing
 from llama_tasks.constants import GENERATE_TASK, RESULTS_STREAM
 from router.cli.operators import operators_app
-from router.core import ledger, operators, settlement
+from router.core import ledger, operators, provenance
 from router.core.db import alembic_config, make_engine, upgrade
 from router.core.errors import InsufficientFunds, InvalidAccountName, InvalidPublicKey, OperatorExists, UnknownOperator
 from router.core.models import REVENUE, JobRow, Transfer
@@ -55,9 +56,8 @@ def running(herder: Herder, api_key: str, **fields: Any) -> JobRow:
     return herder.job(job.id)
 
 
-def settle(herder: Herder, doc: dict[str, Any]) -> JobRow | None:
-    with herder.sessions.begin() as session:
-        return settlement.settle(session, herder.settings, herder.counter, doc, T0 + 60)
+def settle(herder: Herder, doc: dict[str, Any], claim: dict[str, Any] | None = None) -> JobRow | None:
+    return herder.settle(doc, T0 + 60, claim)
 
 
 def expected_transfers(row: JobRow, earned: int) -> list[tuple[str, int]]:
@@ -93,7 +93,7 @@ def test_settlement_splits_each_charge_exactly_between_the_operator_and_the_hous
     charges, earned_total = [], 0
     for max_tokens, multiplier, answer in JOBS:
         job = running(herder, alice, max_tokens=max_tokens, multiplier=multiplier)
-        row = settle(herder, acme.attest_result(herder.result(job.id, answer)))
+        row = settle(herder, herder.result(job.id, answer, signer=acme))
         assert row is not None and row.operator == "acme" and row.charged
         earned = row.charged * ppm // PPM
         assert herder.transfers(job.id) == expected_transfers(row, earned)
@@ -123,7 +123,7 @@ def test_a_house_worker_pays_the_house_everything_and_logs_nothing(
 def test_a_redelivered_result_credits_the_operator_once(herder: Herder, alice: str) -> None:
     acme = register(herder, "acme")
     job = running(herder, alice, max_tokens=32, multiplier="1.5")
-    doc = acme.attest_result(herder.result(job.id, TEXT))
+    doc = herder.result(job.id, TEXT, signer=acme)
 
     # The same result from the stream, the result store and a reclaimed entry, all at once.
     rows = run_together(6, lambda i: settle(herder, json.loads(json.dumps(doc))))
@@ -138,67 +138,108 @@ def test_a_redelivered_result_credits_the_operator_once(herder: Herder, alice: s
     herder.assert_books()
 
 
-# --- forgeries pay the house ----------------------------------------------------------------
+# --- forgeries are never settled -------------------------------------------------------------
 
 
 def _forged(herder: Herder, job_id: str, acme: signing.OperatorSigner, bolt: signing.OperatorSigner,
             forgery: str) -> dict[str, Any]:
-    doc = herder.result(job_id, TEXT)
+    genuine = herder.result(job_id, TEXT, signer=acme)
+    doc = {k: v for k, v in genuine.items() if k not in (signing.ATTESTATION, "operator")}
     if forgery == "acme's key, claiming bolt":
-        return signing.OperatorSigner("bolt", acme.key).attest_result(doc)
+        return herder.sign(doc | {"worker": "bolt/w@test"}, signing.OperatorSigner("bolt", acme.key))
     if forgery == "a stranger's key, claiming acme":
-        return signing.OperatorSigner("acme", Ed25519PrivateKey.generate()).attest_result(doc)
+        return herder.sign(doc, signing.OperatorSigner("acme", Ed25519PrivateKey.generate()))
     if forgery == "acme's attestation, naming bolt":
-        signed = acme.attest_result(doc)
-        return signed | {"operator": "bolt"}
+        return genuine | {"operator": "bolt"}
     if forgery == "an unregistered operator":
-        return stub.operator_signer("nobody").attest_result(doc)
+        return herder.sign(doc | {"worker": "nobody/w@test"}, stub.operator_signer("nobody"))
     if forgery == "a claim without a signature":
         return doc | {"operator": "acme"}
     if forgery == "another worker's result":
-        return acme.attest_result(doc) | {"worker": "elsewhere@host"}
+        return genuine | {"worker": "acme/elsewhere@host"}
     if forgery == "text changed after signing":
-        signed = acme.attest_result(doc)
-        return signed | {"choices": [signed["choices"][0] | {"text": TEXT + " And more."}]}
+        return genuine | {"choices": [genuine["choices"][0] | {"text": TEXT + " And more."}]}
+    if forgery == "tokens raised after signing":
+        return genuine | {"choices": [genuine["choices"][0] | {"completion_tokens": 30}]}
     if forgery == "garbage":
         return doc | {"operator": "acme", signing.ATTESTATION: "acme"}
+    if forgery == "no proof of receipt":
+        # Signed by acme's own key, but by a worker that never received the envelope: it lacks the secret.
+        return herder.sign(doc, acme, secret=secrets.token_hex(32))
+    if forgery == "bolt's worker, signed by bolt":
+        return herder.sign(doc | {"worker": "acme/w@test"}, bolt)
+    if forgery == "a house worker's name":
+        return herder.sign(doc | {"worker": "w@test"}, acme)
+    if forgery == "the house's name, acme's key":
+        return herder.sign(doc | {"worker": "w@test"}, signing.OperatorSigner("", acme.key))
     raise AssertionError(forgery)
 
 
 @pytest.mark.parametrize("forgery", [
     "acme's key, claiming bolt", "a stranger's key, claiming acme", "acme's attestation, naming bolt",
     "an unregistered operator", "a claim without a signature", "another worker's result",
-    "text changed after signing", "garbage",
+    "text changed after signing", "tokens raised after signing", "garbage", "no proof of receipt",
+    "bolt's worker, signed by bolt", "a house worker's name", "the house's name, acme's key",
 ])
-def test_a_result_its_operator_did_not_sign_pays_the_house_only(
+def test_a_result_that_does_not_prove_its_worker_is_never_settled(
         herder: Herder, alice: str, forgery: str, caplog: pytest.LogCaptureFixture) -> None:
     acme, bolt = register(herder, "acme"), register(herder, "bolt")
     job = running(herder, alice, max_tokens=32)
-    with caplog.at_level(logging.WARNING, logger="router.core.operators"):
-        row = settle(herder, _forged(herder, job.id, acme, bolt, forgery))
+    with caplog.at_level(logging.WARNING, logger="router.core.settlement"):
+        assert settle(herder, _forged(herder, job.id, acme, bolt, forgery)) is None
 
-    assert row is not None and row.state == "done" and row.operator is None
-    assert herder.transfers(job.id) == expected_transfers(row, 0)
-    assert herder.balances("acme", "bolt", REVENUE) == {"acme": 0, "bolt": 0, REVENUE: row.charged}
+    # Nothing moved: the attempt still runs (its lease would run out, and the job run again).
+    assert herder.job(job.id).state == "running"
+    assert herder.transfers(job.id) == [("hold", job.offered)]
+    assert herder.balances("acme", "bolt", REVENUE) == {"acme": 0, "bolt": 0, REVENUE: 0}
     [record] = caplog.records
     line = record.getMessage()
-    assert job.id in line and "house" in line and TEXT[:20] not in line
+    assert job.id in line and "ignoring" in line and TEXT[:20] not in line
+    # The worker that did receive it is still paid for its own result.
+    row = settle(herder, herder.result(job.id, TEXT, signer=acme))
+    assert row is not None and row.operator == "acme"
     herder.assert_books()
 
 
-def test_a_signature_replayed_onto_another_job_pays_the_house(herder: Herder, alice: str) -> None:
+def test_a_signature_replayed_onto_another_job_is_never_settled(herder: Herder, alice: str) -> None:
     acme = register(herder, "acme")
     first, second = (running(herder, alice, max_tokens=16) for _ in range(2))
-    genuine = acme.attest_result(herder.result(first.id, TEXT))
+    genuine = herder.result(first.id, TEXT, signer=acme)
     # Someone with broker access copies acme's attestation onto the other job's result.
     replayed = herder.result(second.id, TEXT) | {"operator": "acme", signing.ATTESTATION: genuine[signing.ATTESTATION]}
+    # Or the whole signed document, re-targeted at the other job's task.
+    retargeted = genuine | {"task_id": herder.job(second.id).task_id}
 
-    by_house = settle(herder, replayed)
+    assert settle(herder, replayed) is None and settle(herder, retargeted) is None
     by_acme = settle(herder, genuine)
 
-    assert by_house is not None and by_house.operator is None
     assert by_acme is not None and by_acme.operator == "acme"
+    assert herder.job(second.id).state == "running"
     assert herder.balance("acme") == operators.share(by_acme.charged or 0, herder.settings.operator_share_ppm)
+    herder.assert_books()
+
+
+def test_the_first_signed_claim_decides_whose_result_is_paid(herder: Herder, alice: str) -> None:
+    """Two workers received the attempt (a redelivery): only the one whose signed claim holds it is paid."""
+    acme, bolt = register(herder, "acme"), register(herder, "bolt")
+    job = running(herder, alice, max_tokens=32)
+    claim = {"job_id": job.id, "attempt": job.attempt, "message": job.task_id, "state": "running",
+             "worker": "acme/w@test", "pid": 1}
+    held_by_acme = acme.sign_claim(claim)
+
+    assert settle(herder, herder.result(job.id, TEXT, signer=bolt), held_by_acme) is None
+    # A claim no registered key signed, or one for another attempt, decides nothing.
+    forged = held_by_acme | {signing.CLAIM_SIGNATURE: stub.operator_signer("acme").sign_claim(claim)[
+        signing.CLAIM_SIGNATURE]}
+    other_attempt = acme.sign_claim(claim | {"attempt": job.attempt + 1})
+    with herder.sessions() as session:
+        assert provenance.claim_holder(session, herder.keys, held_by_acme, job) == signing.key_id(acme.key.public_key())
+        assert provenance.claim_holder(session, herder.keys, forged, job) is None
+        assert provenance.claim_holder(session, herder.keys, other_attempt, job) is None
+        assert provenance.claim_holder(session, herder.keys, {"garbage": True}, job) is None
+    assert herder.job(job.id).state == "running"
+    row = settle(herder, herder.result(job.id, TEXT, signer=acme), held_by_acme)
+    assert row is not None and row.operator == "acme" and herder.balance("bolt") == 0
     herder.assert_books()
 
 
@@ -210,7 +251,7 @@ def test_an_operator_earns_for_a_job_it_bought_itself(herder: Herder) -> None:
         ledger.deposit(session, ledger.account_by_name(session, "acme"), 1_000)
     assert api_key is not None
     job = running(herder, api_key, max_tokens=16)
-    row = settle(herder, acme.attest_result(herder.result(job.id, TEXT)))
+    row = settle(herder, herder.result(job.id, TEXT, signer=acme))
     assert row is not None and row.operator == "acme" and row.charged
     earned = operators.share(row.charged, herder.settings.operator_share_ppm)
     assert herder.balance("acme") == 1_000 - row.charged + earned
@@ -246,7 +287,7 @@ def test_register_refuses_taken_names_bad_names_system_accounts_and_bad_keys(her
 def test_payouts_leave_the_books_balanced_and_never_overdraw(herder: Herder, alice: str) -> None:
     acme = register(herder, "acme")
     job = running(herder, alice, max_tokens=64, multiplier="2")
-    row = settle(herder, acme.attest_result(herder.result(job.id, TEXT)))
+    row = settle(herder, herder.result(job.id, TEXT, signer=acme))
     assert row is not None
     earned = herder.balance("acme")
     with herder.sessions.begin() as session:
@@ -409,7 +450,7 @@ def test_cli_adds_lists_pays_out_and_refuses_in_one_line(
 
     # acme's worker, with the key the CLI wrote, serves a job.
     job = running(herder, alice, max_tokens=32, multiplier="1.5")
-    row = settle(herder, acme.attest_result(herder.result(job.id, TEXT)))
+    row = settle(herder, herder.result(job.id, TEXT, signer=acme))
     assert row is not None and row.operator == "acme"
     earned = operators.share(row.charged or 0, herder.settings.operator_share_ppm)
 
@@ -538,7 +579,12 @@ def test_a_worker_started_for_an_operator_signs_its_heartbeat_and_result_and_the
     streamed = [json.loads(fields[b"doc"]) for _, fields in r.xrange(RESULTS_STREAM)]
     [from_stream] = [doc for doc in streamed if doc.get("task_id") == task_id]
     assert from_stream == stored.document  # one document, one attestation, on both paths
-    assert operators.attribute_result(from_stream, keys).operator == "acme" == from_stream["operator"]
+    assert from_stream["operator"] == "acme"
+    # The claim in Redis is the worker's, signed with acme's key: the herder checked it against the result.
+    [claim] = claims.holders(r, [(job, 1)])
+    with svc.sessions() as session:
+        row = session.scalar(select(JobRow).where(JobRow.id == job))
+        assert provenance.claim_holder(session, svc.provenance, claim, row) == signing.key_id(acme.key.public_key())
     response = transport.responses[job]
     assert response["status"] == "done" and response["worker"] == worker.worker
     with svc.sessions() as session:

@@ -63,8 +63,8 @@ class Life:
 
     def worker(self, text: str = "Hello there, friend.") -> stub.StubWorker:
         """The scripted worker, reporting ``CACHED`` prompt tokens from its cache."""
-        answer = stub.scripted_worker(self.svc.public_key, self.svc.counter.models(), text)
-        return lambda envelope, task_id: answer(envelope, task_id) | {"cached_tokens": CACHED}
+        return stub.scripted_worker(self.svc.public_key, self.svc.counter.models(), text,
+                                    report=lambda doc: doc | {"cached_tokens": CACHED})
 
     def transfers(self, job_id: str) -> dict[str, int]:
         """The job's transfers summed by kind, read straight from the ledger."""

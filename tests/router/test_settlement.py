@@ -42,8 +42,7 @@ def snapshot(herder: Herder) -> tuple[Any, ...]:
 
 
 def settle(herder: Herder, doc: dict[str, Any], now: float = T0 + 60) -> JobRow | None:
-    with herder.sessions.begin() as session:
-        return settlement.settle(session, herder.settings, herder.counter, doc, now)
+    return herder.settle(doc, now)
 
 
 def fail(herder: Herder, task_id: str | None, retryable: bool = True,
@@ -65,21 +64,22 @@ def alice(herder: Herder) -> str:
 # --- a finished job ----------------------------------------------------------
 
 
-def test_a_finished_job_pays_its_multiplier_of_the_tokens_the_herder_counts(
+def test_a_finished_job_pays_its_multiplier_of_the_tokens_the_worker_signed_it_generated(
     herder: Herder, alice: str
 ) -> None:
     job = herder.submit(alice, max_tokens=64, multiplier="1.1")
     herder.claim(slots=1)
-    completion = herder.counter.completion_tokens("smollm2", TEXT)
+    recount = herder.counter.completion_tokens("smollm2", TEXT)
+    completion = recount + 7  # generated as more, smaller tokens than a recount of the text finds
     assert 1 < completion < 64
 
-    # The worker understates its tokens; the herder recounts from the text.
-    row = settle(herder, herder.result(job.id, TEXT, completion_tokens=1, prompt_tokens=1))
+    # The document's own sum and prompt tokens are the worker's word for nothing: each choice's signed count is.
+    row = settle(herder, herder.result(job.id, TEXT, completion_tokens=completion, prompt_tokens=1))
 
     assert row is not None and row.state == DONE
     actual = fees.quote(5, 2, job.prompt_tokens, completion)
     charged = job.offered * actual // job.quote
-    assert charged > fees.charge(job.offered, job.quote, fees.quote(5, 2, job.prompt_tokens, 1))
+    assert charged > fees.charge(job.offered, job.quote, fees.quote(5, 2, job.prompt_tokens, recount))
     assert (row.completion_tokens, row.charged, row.refunded) == (
         completion, charged, job.offered - charged)
     assert (views.response(row)["text"], views.response(row)["finish_reason"], row.worker) == (TEXT, "stop", "w@test")
@@ -119,7 +119,7 @@ def test_a_result_without_text_is_charged_for_no_completion_tokens(herder: Herde
     job = herder.submit(alice, max_tokens=32)
     herder.claim(slots=1)
 
-    row = settle(herder, herder.result(job.id, TEXT) | {"choices": [{"index": 0, "text": None}]})
+    row = settle(herder, herder.sign(herder.result(job.id, TEXT) | {"choices": [{"index": 0, "text": None}]}))
 
     assert row is not None and (views.response(row)["text"], row.completion_tokens) == ("", 0)
     assert row.charged == fees.quote(5, 2, job.prompt_tokens, 0)
@@ -541,12 +541,11 @@ OTHER = "Alpacas are smaller."
 
 
 def choice(index: int, text: str, finish: str = "stop", **extra: Any) -> dict[str, Any]:
-    """One completion of a worker's result document."""
-    return {"index": index, "text": text, "finish_reason": finish, "completion_tokens": 1, "logprobs": None,
-            **extra}
+    """One completion of a worker's result document (``Herder.result`` counts its tokens unless given)."""
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": None, **extra}
 
 
-def test_n_completions_are_each_recounted_and_cached_prompt_tokens_cost_their_own_fee(
+def test_n_completions_are_each_counted_and_cached_prompt_tokens_cost_their_own_fee(
     herder: Herder, alice: str
 ) -> None:
     herder.configure(base_fee=5, fee_per_token=3, fee_per_cached_token=1)
@@ -647,7 +646,7 @@ def test_a_result_without_choices_settles_as_one_empty_choice_and_nothing_cached
     # Text anywhere but in choices is not a completion: the worker's result has one shape.
     doc |= {"text": TEXT, "finish_reason": "length"}
 
-    row = settle(herder, doc)
+    row = settle(herder, herder.sign(doc))
 
     assert row is not None and (row.charged, row.cached_tokens) == (fees.quote(5, 2, job.prompt_tokens, 0), 0)
     response = views.response(herder.job(job.id))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 import uuid
 from collections import Counter
@@ -43,7 +44,7 @@ from sqlalchemy.orm import Session
 from llama_tasks import signing
 from llama_tasks.errors import ContextOverflow, EmptyPrompt, InvalidMaxTokens, SamplingOutOfRange
 from llama_tasks.job import MAX_CHOICES
-from router.core import ledger, operators, settlement
+from router.core import ledger, operators, provenance, settlement
 from router.core.admission import admit, price
 from router.core.db import make_engine, make_sessionmaker, upgrade
 from router.core.errors import (
@@ -78,6 +79,7 @@ from router.core.models import (
 from router.core.queue import claim
 from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
+from router.herder import stub
 from router.herder.tokens import TokenCounter
 
 MODEL = "smollm2"
@@ -135,9 +137,9 @@ CACHED = st.one_of(st.none(), st.integers(-2, 40), st.just(True))
 REFERENCES = st.one_of(st.none(), st.sampled_from(["r1", "r2", "r3"]))
 #: Operator shares the herder may be set to, with rounding (0.333333) and without (0, 1).
 SHARES = st.sampled_from(["0", "0.8", "1", "0.333333", "0.5"])
-#: Who a result says produced it: no one (the house), its operator, or a forgery of one.
-ATTRIBUTIONS = st.sampled_from(["house", "genuine", "genuine", "genuine", "other key", "unregistered",
-                                "replayed", "tampered"])
+#: Who a result says produced it: a house worker, an operator's, or a forgery of one (never settled).
+ATTRIBUTIONS = st.sampled_from(["house", "house", "genuine", "genuine", "genuine", "other key", "unregistered",
+                                "replayed", "tampered", "no proof", "unsigned", "another's worker"])
 
 
 def _offer_kwargs(offer: tuple[str, Any]) -> dict[str, Any]:
@@ -244,6 +246,8 @@ class HerderCore(RuleBasedStateMachine):
             account_max_in_flight=10**6,
         )
         self.counter = counter
+        #: The herder's key (each attempt's secret) and the house workers' public key.
+        self.keys = provenance.Keys(Ed25519PrivateKey.generate(), stub.HOUSE.key.public_key())
         self.now = 1_000.0
         self.accounts: dict[str, ModelAccount] = {}
         self.jobs: dict[str, ModelJob] = {}
@@ -493,52 +497,70 @@ class HerderCore(RuleBasedStateMachine):
 
     # --- results --------------------------------------------------------------
 
-    def _attribute(self, data: st.DataObject, doc: dict[str, Any], how: str) -> tuple[dict[str, Any], str | None]:
-        """``doc`` as a worker sends it (signed, or forged, as ``how`` says) and the operator it must pay."""
+    def _attribute(self, data: st.DataObject, doc: dict[str, Any], how: str) -> tuple[dict[str, Any], str | None, bool]:
+        """``doc`` as a worker sends it (signed, or forged, as ``how`` says), the operator it pays, and whether
+        it may be settled at all (only a genuine signature with the attempt's proof of receipt is)."""
+        secret = signing.attempt_secret(self.keys.herder, doc["job_id"], doc["attempt"])
         if how == "house":
-            return doc, None
+            return stub.HOUSE.attest_result(doc, secret), None, True
+        if how == "unsigned":
+            return doc, None, False
         name = data.draw(st.sampled_from(sorted(self.operators)))
         signer = self.operators[name].signer
+        doc = doc | {"worker": f"{name}/w1"}
         if how == "genuine":
-            return signer.attest_result(doc), name
+            return signer.attest_result(doc, secret), name, True
+        if how == "another's worker":
+            return signer.attest_result(doc | {"worker": "w1"}, secret), None, False
+        if how == "no proof":
+            # Signed by the operator, but by a worker that never received the attempt's envelope.
+            return signer.attest_result(doc, secrets.token_hex(32)), None, False
         if how == "other key":
             # Signed by another operator's key (or a stranger's) while claiming this one.
             keys = [o.signer.key for o in self.operators.values() if o.name != name] + [Ed25519PrivateKey.generate()]
-            return signing.OperatorSigner(name, data.draw(st.sampled_from(keys))).attest_result(doc), None
+            return signing.OperatorSigner(name, data.draw(st.sampled_from(keys))).attest_result(doc, secret), None, False
         if how == "unregistered":
-            return signing.OperatorSigner("ghost", Ed25519PrivateKey.generate()).attest_result(doc), None
+            return signing.OperatorSigner("ghost", Ed25519PrivateKey.generate()).attest_result(
+                doc | {"worker": "ghost/w1"}, secret), None, False
         if how == "replayed":
             # A genuine attestation of another job's result, copied onto this one.
-            other = signer.attest_result(doc | {"job_id": uuid.uuid4().hex})
-            return doc | {"operator": name, signing.ATTESTATION: other[signing.ATTESTATION]}, None
+            other = signer.attest_result(doc | {"job_id": uuid.uuid4().hex}, secret)
+            return doc | {"operator": name, signing.ATTESTATION: other[signing.ATTESTATION]}, None, False
         assert how == "tampered"
-        return signer.attest_result(doc) | {"timings": {"total_s": 9.5}}, None
+        return signer.attest_result(doc, secret) | {"timings": {"total_s": 9.5}}, None, False
 
     def _deliver(self, attempt: Attempt, job_id: str, attempt_no: int, texts: list[str], cached: Any,
                  no_choices: bool, data: st.DataObject, how: str) -> None:
         """A result of ``texts`` and ``cached`` prompt tokens; or, ``no_choices``, one without choices."""
-        doc: dict[str, Any] = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no,
-                               "worker": "w1", "timings": {"total_s": 0.5}}
+        doc: dict[str, Any] = {"task_id": attempt.task_id, "job_id": job_id, "attempt": attempt_no, "model": MODEL,
+                               "model_id": self.counter.model_id(MODEL), "worker": "w1", "timings": {"total_s": 0.5}}
         if no_choices:
             # Text anywhere but in choices is not read: one empty completion, nothing cached.
             doc |= {"text": texts[0], "finish_reason": "length"}
             texts = [""]
         else:
             doc["cached_tokens"] = cached
-            doc["choices"] = [{"index": i, "text": t, "finish_reason": "stop", "completion_tokens": 0,
-                               "logprobs": None} for i, t in enumerate(texts)]
-        doc, operator = self._attribute(data, doc, how)
+            # An honest worker's count of what it generated: the tokens of its text.
+            doc["choices"] = [{"index": i, "text": t, "finish_reason": "stop",
+                               "completion_tokens": self.counter.completion_tokens(MODEL, t), "logprobs": None}
+                              for i, t in enumerate(texts)]
+        doc, operator, proven = self._attribute(data, doc, how)
         job = self.jobs[attempt.job_id]
         current = job.state == RUNNING and job.task_id == attempt.task_id
         with self.sessions.begin() as session:
-            call = lambda: settlement.settle(session, self.settings, self.counter, doc, self.now)
-            if not (current and job_id == job.id and attempt_no == job.attempt):
+            call = lambda: settlement.settle(session, self.settings, self.counter, self.keys, doc, self.now)
+            if not (current and job_id == job.id and attempt_no == job.attempt and proven):
+                # Not the current attempt, or not proven to come from a worker that received it: nothing moves,
+                # and the attempt stays running until its lease runs out.
                 self._ignored(session, call)
+                event(f"refused: {how}" if current else "stale")
                 return
             row = call()
             assert row is not None and row.state == DONE
             # Every completion asked for is paid for, and no more than were asked for.
-            completion = sum(self.counter.completion_tokens(MODEL, t) for t in texts[: job.sub.n])
+            # Each at the count its worker signed, never past max_tokens.
+            completion = sum(min(self.counter.completion_tokens(MODEL, t), job.sub.max_tokens)
+                             for t in texts[: job.sub.n])
             valid = isinstance(cached, int) and not isinstance(cached, bool) and not no_choices
             cached = min(max(cached, 0), job.prompt_tokens) if valid else 0
             # At the prices the job was quoted, whatever they are now.

@@ -98,6 +98,7 @@ def _old_home(home: Path) -> list[Path]:
     home.mkdir(mode=0o755)
     home.chmod(0o755)
     signing.generate_keypair(home)
+    signing.generate_keypair(home, "house")
     connection = sqlite3.connect(home / "ledger.db")
     connection.execute("PRAGMA journal_mode=WAL")
     connection.execute("CREATE TABLE t (x)")

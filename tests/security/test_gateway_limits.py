@@ -456,6 +456,7 @@ def _answers(gateway: subprocess.Popen[bytes], port: int) -> bool:
 @pytest.mark.slow
 def test_four_200_mb_bodies_without_a_key_leave_a_real_gateways_memory_flat(tmp_path: Path, redis_url: str) -> None:
     signing.generate_keypair(tmp_path)
+    signing.generate_keypair(tmp_path, "house")
     port = free_port()
     env = dict(os.environ, LLAMAS_HOME=str(tmp_path), LLAMAS_REDIS_URL=redis_url,
                LLAMAS_DATABASE_URL=f"sqlite:///{tmp_path / 'ledger.db'}")

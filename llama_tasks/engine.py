@@ -115,7 +115,7 @@ def prompt_tokens(llm: Llama, job: Job) -> list[int]:
 
 
 def count_completion(llm: Llama, text: str) -> int:
-    """Tokens in a completion text: how the herder recounts what it charges for."""
+    """Tokens in a text as the tokenizer splits it (a generation may have made it of more, smaller ones)."""
     return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 

@@ -2,12 +2,13 @@
 
 The worker (``runtime``) and the scripted worker (``scripted``) build a
 ``Result``; ``to_json`` is the document on the results stream and in the
-result store (an operator's worker signs that document as it is sent).
-The herder reads it back with ``from_json``, which trusts nothing for money
-and refuses nothing either: a wrong type reads as empty, choices are put in
-their ``index`` order, log probabilities are kept only in their documented
-shape. A malformed document therefore still settles (its texts recounted by
-the herder) instead of leaving its job running.
+result store (the worker signs that document as it is sent: ``signing``).
+The herder reads it back with ``from_json``, which refuses nothing: a wrong
+type reads as empty, choices are put in their ``index`` order, log
+probabilities are kept only in their documented shape. Whether the document
+is settled at all is the herder's check of its signature
+(``router.core.provenance``); a malformed but signed one still settles
+instead of leaving its job running.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Choice:
     index: int
     text: str
     finish_reason: str
-    #: The worker's count in a worker's result; the herder's recount once settled.
+    #: Tokens generated for this choice, as the worker signed it (what is charged, at most max_tokens).
     completion_tokens: int = 0
     #: ``[{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]``, or None when not asked.
     logprobs: list[dict[str, Any]] | None = None
@@ -71,7 +72,7 @@ class Result:
     model_id: str
     choices: tuple[Choice, ...]
     prompt_tokens: int = 0
-    #: The worker's sum over its choices; the herder recounts the texts itself.
+    #: The worker's sum over its choices; the herder charges each choice's own count.
     completion_tokens: int = 0
     #: Prompt tokens reused from the worker's prompt cache.
     cached_tokens: int = 0

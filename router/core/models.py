@@ -279,10 +279,10 @@ class JobRow(Base):
     dispatched_at: Mapped[float | None] = mapped_column(Float)
     lease_until: Mapped[float | None] = mapped_column(Float, index=True)
     finished_at: Mapped[float | None] = mapped_column(Float)
-    #: The sum of every completion's recounted tokens.
+    #: The sum of every completion's generated tokens, as its worker signed them.
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
-    #: Every completion (``llama_tasks.result.Choice``: index, text, finish reason, recounted
-    #: tokens, logprobs) as a JSON list, choice 0 first; NULL for jobs that did not complete.
+    #: Every completion (``llama_tasks.result.Choice``: index, text, finish reason, signed
+    #: token count, logprobs) as a JSON list, choice 0 first; NULL for jobs that did not complete.
     choices: Mapped[str | None] = mapped_column(Text)
     #: Prompt tokens the worker reused from its prompt cache (clamped to ``[0, prompt_tokens]``).
     cached_tokens: Mapped[int | None] = mapped_column(Integer)

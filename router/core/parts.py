@@ -33,7 +33,8 @@ class TokenCounting(Protocol):
 
     def check_grammar(self, job: Job) -> None: ...
 
-    def completion_tokens(self, model: str, text: str) -> int: ...
+    def completion_tokens(self, model: str, text: str) -> int:
+        """Tokens in ``text`` as the tokenizer splits it (settlement charges what workers signed instead)."""
 
     def model_id(self, model: str) -> str: ...
 

@@ -256,9 +256,15 @@ def jobs_show(job_id: str, key: str | None = KEY_OPTION) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: str, key: str | None = KEY_OPTION) -> None:
-    """Cancel a queued job; the whole hold is returned."""
+    """Cancel a job: a queued one ends with its whole hold returned; a running one stops at the worker's
+    next step and is charged for what it generated."""
     doc = _herder(_need_key(key)).job(job_id).cancel()
-    out.print(f"job {job_id} {doc['state']}; refunded {doc['response']['refunded']}")
+    if "response" in doc:
+        out.print(f"job {job_id} {doc['state']}; refunded {doc['response']['refunded']}")
+    else:
+        # Still running: the worker stops it at its next step, and it ends then (``llamas jobs show``).
+        out.print(f"job {job_id} is {doc['state']}: asked to stop; it ends at the worker's next step, "
+                  "charged for the tokens it generated", highlight=False)
 
 
 @jobs_app.command("raise")

@@ -70,7 +70,11 @@ def test_jobs_list_show_cancel_and_raise(sqlite_stack):
     again = llamas(sqlite_stack, "jobs", "cancel", waiting.id, key=key)
     assert again.returncode == 1 and "is cancelled, not queued" in again.stderr
     assert "Traceback" not in again.stderr and len(again.stderr.strip().splitlines()) == 1
-    sqlite_stack.release(blocker)
+    # A running job is asked to stop: no error, and it ends charged for what it generated.
+    stopping = llamas(sqlite_stack, "jobs", "cancel", blocker.id, key=key)
+    assert stopping.returncode == 0 and "asked to stop" in stopping.stdout, stopping.stderr
+    ended = blocker.result(timeout=60)
+    assert ended["finish_reason"] == "cancelled" and ended["charged"] + ended["refunded"] == ended["offered"]
 
 
 def test_errors_are_one_line_and_a_nonzero_exit(sqlite_stack):

@@ -33,6 +33,14 @@ def _str(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def attempt_of(doc: dict[str, Any]) -> tuple[str, int]:
+    """``(job id, attempt)`` a document says it reports, as ``Result.from_json`` reads them.
+
+    -1 matches no attempt: a result that does not say which one settles none.
+    """
+    return _str(doc.get("job_id")), _int(doc.get("attempt"), -1)
+
+
 @dataclass(frozen=True)
 class Choice:
     """One completion of a job: its text, why it stopped, its tokens and, when asked, each token's logprobs."""
@@ -109,11 +117,11 @@ class Result:
         raw = doc.get("choices")
         raw = raw if isinstance(raw, list) and raw else [{}]
         timings = doc.get("timings")
+        job_id, attempt = attempt_of(doc)
         return cls(
             task_id=_str(doc.get("task_id")),
-            job_id=_str(doc.get("job_id")),
-            # -1 matches no attempt: a result that does not say which one settles none.
-            attempt=_int(doc.get("attempt"), -1),
+            job_id=job_id,
+            attempt=attempt,
             model=_str(doc.get("model")),
             model_id=_str(doc.get("model_id")),
             choices=tuple(Choice.from_json(c, i) for i, c in enumerate(_in_order(raw))),

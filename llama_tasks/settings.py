@@ -180,7 +180,7 @@ class WorkerSettings(SharedSettings):
         """The key this worker signs with: its operator's, or the house's."""
         if self.operator:
             return self.operator_key_path
-        return self.house_key_file or self.home / "house.key"
+        return self.house_key_file or house_key_path(self.home)
 
     def worker_name(self, hostname: str) -> str:
         """The name this worker goes by in heartbeats, claims and results.
@@ -190,6 +190,11 @@ class WorkerSettings(SharedSettings):
         worker off as another's (or as the house's, whose names have no ``/``).
         """
         return f"{self.operator}/{hostname}" if self.operator else hostname
+
+
+def house_key_path(home: Path) -> Path:
+    """Where ``llamas keys generate`` writes, and a house worker looks for, the house's private key."""
+    return home / "house.key"
 
 
 def operator_key_path(home: Path, operator: str) -> Path:

@@ -201,11 +201,6 @@ class OperatorSigner:
         return fields | {CLAIM_SIGNATURE: sign(fields, self.key)}
 
 
-def house_key_path(home: Path) -> Path:
-    """Where the house's workers read the key that signs what they report."""
-    return home / "house.key"
-
-
 def load_operator(name: str, key_file: Path) -> OperatorSigner:
     """The signer of operator ``name`` (``""``: the house) from its PEM key file.
 

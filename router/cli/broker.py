@@ -57,9 +57,13 @@ def show_url(url: str) -> None:
     out.print("[yellow]This URL is shown only once; only its password's hash is stored.[/yellow]")
 
 
-def worker_hint(name: str, url: str = "<its broker URL>") -> str:
-    return (f"start a worker as this operator: LLAMAS_REDIS_URL={url} LLAMAS_OPERATOR={name} "
-            "LLAMAS_OPERATOR_KEY=<its key file> celery -A llama_tasks worker -Q llama.<model>")
+def show_operator_credential(name: str, models: Sequence[str], url: str) -> None:
+    """An operator's broker user, its URL (once) and how to start a worker with it."""
+    out.print(f"broker user [bold]{escape(broker_access.user_name(broker_access.OPERATOR, name))}[/bold] "
+              f"(models: {escape(', '.join(models) or 'all')})")
+    show_url(url)
+    out.print(f"start a worker as this operator: LLAMAS_REDIS_URL=<its broker URL> LLAMAS_OPERATOR={escape(name)} "
+              "LLAMAS_OPERATOR_KEY=<its key file> celery -A llama_tasks worker -Q llama.<model>", soft_wrap=True)
 
 
 @broker_app.command("client")
@@ -80,9 +84,7 @@ def operator(name: str = typer.Argument(..., help="A registered operator."),
     with ledger_session() as session:
         operators.operator_by_name(session, name)
         url = issue(session, broker_access.OPERATOR, name, model)
-    out.print(f"broker user [bold]{escape(broker_access.user_name(broker_access.OPERATOR, name))}[/bold]")
-    show_url(url)
-    out.print(worker_hint(escape(name)), soft_wrap=True)
+    show_operator_credential(name, model, url)
 
 
 @broker_app.command("list")

@@ -30,6 +30,7 @@ from rich.text import Text
 from llama_tasks import registry, signing
 from llama_tasks.errors import LlamasError
 from llama_tasks.registry import DEFAULT_MODEL
+from llama_tasks.settings import house_key_path
 from router.cli.accounts import accounts_app, ledger_app
 from router.cli.broker import broker_app
 from router.cli.common import KEY_OPTION
@@ -284,7 +285,7 @@ def jobs_raise(job_id: str, key: str | None = KEY_OPTION, fee: int | None = type
 def keys_generate(force: bool = typer.Option(False, help="Replace existing key pairs.")) -> None:
     """Create the herder's key pair and the house workers' (each private key stays where it is used)."""
     settings = _settings()
-    house_file = signing.house_key_path(settings.home)
+    house_file = house_key_path(settings.home)
     if settings.private_key_file.exists() and house_file.exists() and not force:
         fail(f"{settings.private_key_file} and {house_file} exist; pass --force to replace them "
              "(workers must get the new keys)")

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from llama_tasks import signing
 from llama_tasks.settings import operator_key_path
-from router.cli.broker import MODEL_OPTION, issue, show_url, worker_hint
+from router.cli.broker import MODEL_OPTION, issue, show_operator_credential
 from router.cli.common import err, fail, ledger_session, out, read_public_key
 from router.core import broker_access, operators
 from router.core.settings import get_settings
@@ -63,10 +63,7 @@ def add(
     if private is not None:
         out.print(f"private key written to {escape(str(key_file))} (mode 0600): give it to the operator's "
                    "workers, and keep no other copy here", soft_wrap=True)
-    out.print(f"broker user [bold]{escape(broker_access.user_name(broker_access.OPERATOR, name))}[/bold] "
-              f"(models: {escape(', '.join(model) or 'all')})")
-    show_url(url)
-    out.print(worker_hint(escape(name)), soft_wrap=True)
+    show_operator_credential(name, model, url)
 
 
 @operators_app.command("list")

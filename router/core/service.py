@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from llama_tasks import claims, signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
+from llama_tasks.result import attempt_of
 from router.core import (
     admission,
     db,
@@ -50,14 +51,6 @@ from router.core.request import Submission
 from router.core.settings import HerderSettings
 
 log = logging.getLogger(__name__)
-
-
-def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 #: A running attempt with no settled result after this long is looked up in the
 #: result store by the tick (its result may never have reached a herder: one
@@ -271,7 +264,8 @@ class HerderService:
         deliveries: list[forwarding.Delivery] = []
         orders: list[Order] = []
         models: set[str] = set()
-        held = claims.holders(self.redis, [(_str(doc.get("job_id")), _int(doc.get("attempt"))) for _, doc in results])
+        # The claim of each attempt, in one read: whose result it is to pay for (``core.provenance``).
+        held = claims.holders(self.redis, [attempt_of(doc) for _, doc in results])
         with self.sessions.begin() as session:
             for (task_id, doc), claim in zip(results, held, strict=True):
                 # The task id is the herder's own choice: a document signed for any other no longer verifies.

@@ -31,7 +31,7 @@ from llama_tasks import redis_server, registry, signing
 from llama_tasks.constants import HERD_PREFIX
 from llama_tasks.registry import DEFAULT_MODEL
 from llama_tasks.settings import get_settings as worker_settings
-from llama_tasks.settings import queue_for
+from llama_tasks.settings import house_key_path, queue_for
 from router.core import private_files
 from router.core.settings import HERDER_QUEUE, HerderSettings
 from router.local.supervisor import RUN_TOKEN_ENV, Component, RunRecord, Supervisor, python_module
@@ -267,7 +267,7 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
     if not settings.private_key_file.exists():
         signing.generate_keypair(settings.home)
         console.print(f"[bold]keys[/]    created the herder's signing key pair in {settings.home}")
-    if not signing.house_key_path(settings.home).exists():
+    if not house_key_path(settings.home).exists():
         signing.generate_keypair(settings.home, "house")
         console.print(f"[bold]keys[/]    created the house workers' signing key pair in {settings.home}")
     specs = [registry.lookup(settings.models_file, name) for name in models]

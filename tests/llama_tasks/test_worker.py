@@ -210,6 +210,18 @@ def test_worker_refuses_to_start_when_the_model_file_is_missing_or_changed(start
         assert "loaded" not in out
 
 
+def test_a_house_worker_without_the_house_key_refuses_to_start(start_worker, tmp_path):
+    """Every result is signed: a worker with nothing to sign with would have every answer refused."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "herder.pub").write_text(Path(os.environ["LLAMAS_HOME"], "herder.pub").read_text())
+    worker = start_worker(concurrency=1, wait=False, LLAMAS_HOME=str(home))
+    assert worker.proc.wait(timeout=60) != 0
+    out = worker.output()
+    assert f"llamas worker refuses to start: the house's workers sign every result with {home / 'house.key'}" in out
+    assert "`llamas keys generate`" in out and "Traceback" not in out and "loaded" not in out
+
+
 def test_prompts_and_completions_stay_out_of_the_log_and_the_events(start_worker, send, make_job, celery_app):
     worker = start_worker(concurrency=1)
     secret = f"zebra{uuid.uuid4().hex[:12]}"

@@ -68,6 +68,29 @@ def test_a_gateway_without_the_signing_key_refuses_to_start(tmp_path):
     assert "`llamas keys generate`" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_an_older_home_without_the_house_key_is_refused_until_keys_generate_adds_it(tmp_path):
+    """A home made before every worker signed its results has the herder's pair only."""
+    env = fresh_env(tmp_path)
+    home = tmp_path / "fresh-home"
+    subprocess.run([sys.executable, "-m", "router.cli", "keys", "generate"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    herder_key = (home / "herder.key").read_bytes()
+    (home / "house.key").unlink()
+    (home / "house.pub").unlink()
+    res = run_gateway(env)
+    assert res.returncode != 0
+    assert f"llamas gateway refuses to start: no usable house public key at {home / 'house.pub'}" in res.stderr
+    assert "`llamas keys generate`" in res.stderr and "Traceback" not in res.stderr
+    # Run again, it adds the house's pair and leaves the herder's as it was.
+    again = subprocess.run([sys.executable, "-m", "router.cli", "keys", "generate"], cwd=ROOT, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "house key:" in again.stdout and "private key:" not in again.stdout
+    assert (home / "herder.key").read_bytes() == herder_key and (home / "house.pub").exists()
+    refused = subprocess.run([sys.executable, "-m", "router.cli", "keys", "generate"], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "--force" in refused.stderr
+
+
 def test_a_gateway_without_redis_refuses_to_start(tmp_path):
     env = fresh_env(tmp_path, LLAMAS_REDIS_URL=dead_redis_url())
     subprocess.run([sys.executable, "-m", "router.cli", "keys", "generate"], cwd=ROOT, env=env, check=True,

@@ -1,9 +1,10 @@
 """Replay protection: each (job id, attempt) is claimed by exactly one message.
 
 A message redelivered after its worker died carries the same Celery task id
-and may take over its own unfinished claim; anything else that presents a
-claimed attempt — a copied envelope, or the same message after it finished —
-is a replay.
+and may take over its own unfinished claim; the same message after its
+attempt finished is told so (``AlreadyAnswered``: its worker returns the
+answer it stored); anything else that presents a claimed attempt — a copied
+envelope — is a replay.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import redis
 
 from llama_tasks.constants import CLAIM_PREFIX
-from llama_tasks.errors import Replayed
+from llama_tasks.errors import AlreadyAnswered, Replayed
 
 RUNNING, DONE = "running", "done"
 
@@ -51,6 +52,9 @@ def claim(r: redis.Redis, job_id: str, attempt: int, message_id: str, ttl_s: int
         # Our own message, redelivered after its worker was lost: now ours.
         r.set(key, mine, xx=True, keepttl=True)
         return
+    if current.get("message") == message_id and current.get("state") == DONE:
+        # Our own message, redelivered after its worker had answered (and died before the ack).
+        raise AlreadyAnswered(job_id, attempt)
     raise Replayed(job_id, attempt)
 
 

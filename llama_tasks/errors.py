@@ -155,6 +155,11 @@ class Replayed(Rejected):
     template = "job {job_id} attempt {attempt} was already claimed"
 
 
+class AlreadyAnswered(Replayed):
+    """Raised when a message meets its own attempt's claim already finished:
+    it was redelivered after its worker had answered (``runtime`` returns the stored answer)."""
+
+
 class WrongModel(Rejected):
     """Raised when the envelope names a model this worker does not serve."""
 

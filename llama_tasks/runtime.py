@@ -10,6 +10,7 @@ together.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,10 +22,10 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from llama_cpp import Llama
 
-from llama_tasks import claims, engine, generation, registry, results, signing
+from llama_tasks import claims, engine, faults, generation, registry, results, signing
 from llama_tasks.batching import BatchEngine
 from llama_tasks.constants import CANCEL_PREFIX
-from llama_tasks.errors import Expired, LlamasError, WrongModel
+from llama_tasks.errors import AlreadyAnswered, Expired, LlamasError, Replayed, WrongModel
 from llama_tasks.job import Job, validate
 from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
@@ -128,22 +129,33 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
         raise Expired(job.job_id, job.expires_at, received_at)
     # The claim names this process, which also beats: if it dies, the herder
     # knows this attempt died with it.
-    claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s, worker, os.getpid(),
-                 sign=ctx.signer.sign_claim)
+    try:
+        claims.claim(ctx.redis, job.job_id, job.attempt, message_id, ctx.settings.claim_ttl_s, worker,
+                     os.getpid(), sign=ctx.signer.sign_claim)
+    except AlreadyAnswered:
+        # This message, redelivered after its worker answered and died before the
+        # ack: the same answer again (the herder settles an attempt once).
+        kept = results.stored(ctx.redis, ctx.signer.name, job.job_id, job.attempt)
+        if kept is None:
+            raise Replayed(job.job_id, job.attempt) from None
+        return kept
+    faults.point("started")
     stream = StreamWriter(ctx.redis, job.job_id, job.attempt, ctx.settings.stream_ttl_s)
     stream.start(worker, os.getpid())
     cancel_key = CANCEL_PREFIX + job.job_id
+    finish = functools.partial(claims.finish, ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(),
+                               sign=ctx.signer.sign_claim)
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        specs = generation.sequences(ctx.vocab, job, stream.token, ctx.settings.soft_time_limit_s,
+        specs = generation.sequences(ctx.vocab, job, _first_token_point(stream.token), ctx.settings.soft_time_limit_s,
                                      ctx.settings.shared_prefixes)
         generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
-        claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(), sign=ctx.signer.sign_claim)
+        finish()
         raise
+    faults.point("generated")
     stream.end(generated.first.finish_reason)
-    claims.finish(ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(), sign=ctx.signer.sign_claim)
     answer = generated.result(
         task_id=message_id, job_id=job.job_id, attempt=job.attempt, model=ctx.spec.name,
         model_id=ctx.spec.model_id, worker=worker, load_count=ctx.loads,
@@ -151,5 +163,24 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
     ).to_json()
     # Signed once, here: the stream entry and the task's stored result are this same document.
     answer = ctx.signer.attest_result(answer, job.attempt_secret)
-    results.publish(ctx.redis, answer)
+    # Published before the claim is marked finished: a worker that dies in
+    # between leaves the claim running, and the redelivered message generates
+    # again (the herder settles whichever result comes first); one that dies
+    # after leaves the answer kept for the redelivery to return.
+    results.publish(ctx.redis, answer, ctx.signer.name, 2 * ctx.settings.visibility_timeout_s)
+    faults.point("published")
+    finish()
+    faults.point("finished")
     return answer
+
+
+def _first_token_point(on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_text`` with the ``first_token`` crash point after its first call (``faults``)."""
+    if os.environ.get(faults.CRASH_AT_ENV) != "first_token":
+        return on_text
+
+    def streamed(text: str) -> None:
+        on_text(text)
+        faults.point("first_token")
+
+    return streamed

@@ -26,6 +26,7 @@ NOT_SETTINGS = {
     "LLAMAS_UP_RUN",  # set by `llamas up` for the processes it starts (router/local/run_record.py)
     "LLAMAS_TEST_REDIS_URL", "LLAMAS_TEST_EMBEDDED_REDIS", "LLAMAS_TEST_POSTGRES_URL",  # the test suite
     "LLAMAS_CHAOS_FULL", "LLAMAS_SCREENSHOTS", "LLAMAS_STATEFUL_EXAMPLES", "LLAMAS_STATEFUL_STEPS",
+    "LLAMAS_TEST_CRASH_AT", "LLAMAS_TEST_CRASH_MARKER",  # the crash points of the chaos suite (llama_tasks/faults.py)
 }
 
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)

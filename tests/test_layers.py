@@ -23,7 +23,7 @@ PACKAGES = ("llama_tasks", "router", "agent")
 #: llama_tasks modules that load neither llama.cpp nor Celery: what workers and the herder
 #: agree on (jobs, errors, keys, signatures, streams, heartbeats, results).
 PROTOCOL = {f"llama_tasks.{m}" for m in (
-    "claims", "constants", "errors", "heartbeat", "job", "placement", "redis_server", "registry",
+    "claims", "constants", "errors", "faults", "heartbeat", "job", "placement", "redis_server", "registry",
     "result", "results", "scripted", "settings", "signing", "stream",
 )}
 #: What the requester's client may use of the core: no SQL, no server code.

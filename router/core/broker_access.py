@@ -30,6 +30,7 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from llama_tasks import results
 from llama_tasks.constants import CANCEL_PREFIX, CLAIM_PREFIX, HERD_PREFIX, RESULTS_STREAM, STREAM_PREFIX
 from llama_tasks.settings import queue_for, unacked_keys
 from router.core import ledger
@@ -84,8 +85,8 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
     Each line is what ``llama_tasks`` sends, and nothing to read what others
     send: its queues (BRPOP; a restore pushes a message back), the binding
     table of its queues (SMEMBERS: where a restore or an error callback goes),
-    its own unacknowledged messages, the results stream (XADD only), token
-    streams (write only), claims, cancel flags (EXISTS), its own heartbeats,
+    its own unacknowledged messages, the results stream (XADD only), its own
+    kept answers, token streams (write only), claims, cancel flags (EXISTS), its own heartbeats,
     its tasks' states, events for Flower, and the herder's queue for the
     error callback of a failed generation (as any requester may).
     """
@@ -105,6 +106,8 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
         _selector([f"%W~{_literal(RESULTS_STREAM)}"], ["+xadd"]),
         _selector([f"%W~{_literal(STREAM_PREFIX)}*"], ("+xadd", "+expire")),
         _selector([f"~{_literal(CLAIM_PREFIX)}*"], ("+set", "+get")),
+        # Its own workers' kept answers (a redelivered message returns its attempt's).
+        _selector([f"~{_literal(results.answer_prefix(operator))}*"], ("+set", "+get")),
         _selector([f"%R~{_literal(CANCEL_PREFIX)}*"], ["+exists"]),
         _selector([f"%W~{herd}"], ("+set", "+del")),
         _selector([f"~{TASK_META_PREFIX}*"], ("+get", "+set", "+setex")),

@@ -6,8 +6,9 @@ dispatchers serialize on (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one
 advisory lock plus ``SKIP LOCKED``), so no job is sent twice, no model gets
 more jobs than it has slots, and no account more jobs in flight than its
 limit (``limits.in_flight``: its other jobs wait while other accounts' start).
-Messages are sent after the commit:
-if the herder dies in between, the job's lease runs out and it goes again.
+Messages are sent after the commit, and each send is then recorded in Redis
+(``mark_sent``): if the herder dies in between, the tick finds the attempt
+neither sent nor claimed by a worker (``unsent``) and sends it again.
 """
 
 from __future__ import annotations
@@ -15,18 +16,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import signing
+from llama_tasks import claims, faults, signing
 from router.core import queue
-from router.core.models import JobRow
+from router.core.models import RUNNING, JobRow
 from router.core.request import as_job
 from router.core.settings import HerderSettings
+
+#: ``SENT_PREFIX + task id`` exists once the attempt's message was sent.
+SENT_PREFIX = "llamas:sent:"
+#: An attempt claimed this long ago, neither recorded sent nor claimed by a
+#: worker, was never sent: the send follows the claim's commit within milliseconds.
+UNSENT_AFTER_S = 2.0
 
 #: send(job, envelope): puts one envelope on its model's queue.
 Sender = Callable[[JobRow, dict[str, Any]], None]
@@ -81,7 +91,31 @@ def dispatch(
     for model, slots in capacity(herd).items():
         with sessions.begin() as session:
             claimed = orders(queue.claim(session, settings, model, slots, now), key)
+        faults.point("claimed")
         for row, env in claimed:
             send(row, env)
             sent += 1
     return sent
+
+
+def mark_sent(r: redis.Redis, row: JobRow, lease_s: float) -> None:
+    """Record that the row's current attempt was sent (for as long as its lease runs)."""
+    r.set(SENT_PREFIX + str(row.task_id), 1, ex=max(1, math.ceil(lease_s)))
+
+
+def unsent(session: Session, r: redis.Redis, now: float) -> list[JobRow]:
+    """Running attempts claimed a while ago whose message no herder recorded sending
+    and no worker claimed: their herder died between the claim's commit and the send."""
+    running = session.execute(
+        select(JobRow.seq, JobRow.id, JobRow.attempt, JobRow.task_id)
+        .where(JobRow.state == RUNNING, JobRow.dispatched_at < now - UNSENT_AFTER_S)
+        .order_by(JobRow.seq)
+    ).all()
+    if not running:
+        return []
+    sent = r.mget([SENT_PREFIX + str(task_id) for _, _, _, task_id in running])
+    held = claims.holders(r, [(job_id, attempt) for _, job_id, attempt, _ in running])
+    lost = [seq for (seq, *_), mark, claim in zip(running, sent, held, strict=True) if mark is None and claim is None]
+    if not lost:
+        return []
+    return list(session.scalars(select(JobRow).where(JobRow.seq.in_(lost), JobRow.state == RUNNING)))

@@ -1,9 +1,16 @@
 """Forwarding: deliver each finished job's response to every channel it named.
 
 Channels are the waiting Python handle (a Redis key plus a wake-up list),
-a Celery task on the requester's own queue, and a signed webhook. A channel
-is marked delivered in SQL *before* it is used, by a conditional update that
-only one process can win, so no channel ever receives a response twice.
+a Celery task on the requester's own queue, and a signed webhook.
+
+Delivery is at least once, with an effect of exactly once. The transaction
+that ends a job also marks it ``delivery_due``; its response is then durable
+in the ledger. The process that ended it delivers after the commit and only
+then marks the channels delivered (``mark``): a process that dies in between
+leaves the job due, and the tick delivers it again (``due``). Every delivery
+names the job id, so a receiver drops a second one: the handle is one Redis
+key written again with the same response, a webhook carries the job id as
+``X-Llamas-Delivery``, and a callback's response carries ``job_id``.
 """
 
 from __future__ import annotations
@@ -35,14 +42,43 @@ def channels(row: JobRow) -> list[str]:
     return named
 
 
-def take(session: Session, job_id: str, channel: str) -> bool:
-    """Claim the delivery of ``channel`` for a job; False if it was already claimed."""
+@dataclass(frozen=True)
+class Delivery:
+    """A final response and the channels it goes to."""
+
+    job_id: str
+    response: dict[str, Any]
+    channels: list[str]
+    callback: tuple[str | None, str | None]
+    times: tuple[float, float | None, float | None]
+
+
+#: A job still due this long after it ended is delivered again by the tick: the
+#: process that ended it should have delivered and marked it long before.
+REDELIVER_AFTER_S = 5.0
+#: Due jobs one tick delivers again at most (the rest wait for the next tick).
+REDELIVER_BATCH = 100
+
+
+def mark(session: Session, d: Delivery) -> bool:
+    """Record that ``d`` was delivered; False if another process had recorded it first."""
     result = session.execute(
         update(JobRow)
-        .where(JobRow.id == job_id, ~JobRow.delivered.contains(channel))
-        .values(delivered=JobRow.delivered + channel + ",")
+        .where(JobRow.id == d.job_id, JobRow.delivery_due.is_(True))
+        .values(delivered="".join(c + "," for c in d.channels), delivery_due=False)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+def due(session: Session, now: float) -> list[Delivery]:
+    """Jobs that ended a while ago and are still not delivered: their deliverer died, say."""
+    rows = session.scalars(
+        select(JobRow)
+        .where(JobRow.delivery_due.is_(True), JobRow.finished_at < now - REDELIVER_AFTER_S)
+        .order_by(JobRow.finished_at)
+        .limit(REDELIVER_BATCH)
+    )
+    return [pending(row) for row in rows]
 
 
 def to_handle(r: redis.Redis, response: dict[str, Any], ttl_s: int) -> None:
@@ -54,26 +90,15 @@ def to_handle(r: redis.Redis, response: dict[str, Any], ttl_s: int) -> None:
     pipe.execute()
 
 
-@dataclass(frozen=True)
-class Delivery:
-    """A final response and the channels this process won the right to deliver it to."""
-
-    job_id: str
-    response: dict[str, Any]
-    channels: list[str]
-    callback: tuple[str | None, str | None]
-    times: tuple[float, float | None, float | None]
-
-
-def claim(session: Session, row: JobRow) -> Delivery:
-    """Claim the job's undelivered channels in the caller's transaction."""
-    todo = [c for c in channels(row) if take(session, row.id, c)]
-    return Delivery(row.id, views.response(row), todo, (row.callback_task, row.callback_queue),
+def pending(row: JobRow) -> Delivery:
+    """The delivery a job that just ended owes, marked due in the caller's transaction."""
+    row.delivery_due = True
+    return Delivery(row.id, views.response(row), channels(row), (row.callback_task, row.callback_queue),
                     (row.created_at, row.dispatched_at, row.finished_at))
 
 
 def deliver(forwarder: Forwarder, d: Delivery) -> None:
-    """Send a claimed delivery to its channels (after the claim has committed)."""
+    """Send a delivery to its channels (after the transaction that made it due has committed)."""
     if HANDLE in d.channels:
         forwarder.to_handle(d.response, d.times)
     task, queue = d.callback

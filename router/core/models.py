@@ -10,6 +10,7 @@ from datetime import datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -239,6 +241,9 @@ class JobRow(Base):
         Index("ix_jobs_account_state", "account_id", "state"),
         # The retention task's scan: jobs whose text is kept, oldest finished first.
         Index("ix_jobs_text_erased_at_finished_at", "text_erased_at", "finished_at"),
+        # The tick's look for undelivered responses: only the few due rows are in it.
+        Index("ix_jobs_delivery_due", "finished_at", sqlite_where=text("delivery_due"),
+              postgresql_where=text("delivery_due")),
     )
 
     # Arrival order; the public id is ``id``.
@@ -301,8 +306,11 @@ class JobRow(Base):
     callback_task: Mapped[str | None] = mapped_column(String(200))
     callback_queue: Mapped[str | None] = mapped_column(String(200))
     webhook_url: Mapped[str | None] = mapped_column(String(2000))
-    #: Channels already delivered to, comma-separated: never deliver twice.
+    #: Channels delivered to, comma-separated, recorded once the delivery has happened.
     delivered: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    #: The job has ended and its response is not yet known to be delivered
+    #: (``router.core.forwarding``): the tick delivers it again if its deliverer died.
+    delivery_due: Mapped[bool] = mapped_column(Boolean, server_default=false())
     #: When the retention task erased the job's text (``router.core.retention``): the
     #: request's prompt, messages, stop strings and grammar, the choices' text and
     #: logprobs. NULL while the text is kept.

@@ -22,7 +22,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from llama_tasks import claims, signing
+from llama_tasks import claims, faults, signing
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.result import attempt_of
@@ -104,6 +104,7 @@ class HerderService:
         except LlamasError as exc:
             self.refused(exc)
             raise
+        faults.point("admitted")
         self._send_all(orders)
         return doc
 
@@ -170,13 +171,13 @@ class HerderService:
         try:
             with self.sessions.begin() as session:
                 account = ledger.account_by_key(session, api_key)
-                delivery = forwarding.claim(session, settlement.cancel(session, account, job_id, self._clock()))
+                delivery = forwarding.pending(settlement.cancel(session, account, job_id, self._clock()))
         except JobNotQueued as exc:
             if exc.state != RUNNING:
                 raise
             self.redis.set(CANCEL_PREFIX + job_id, 1, ex=int(self.settings.lease_s) + 60)
             return self.describe(job_id)
-        self._deliver(delivery)
+        self._deliver([delivery])
         return self.describe(job_id)
 
     def raise_bid(self, api_key: str, job_id: str, fee: int | None, multiplier: float | None) -> dict[str, Any]:
@@ -212,6 +213,20 @@ class HerderService:
         if row.attempt > 1:
             metrics.inc(self.redis, "redeliveries")
         self.transport.send(row, envelope)
+        faults.point("sent")
+        # A claimed attempt the herder died before sending is sent again by the tick (``resend_unsent``).
+        dispatch.mark_sent(self.redis, row, self.settings.lease_s)
+
+    def resend_unsent(self) -> int:
+        """Send again the attempts claimed for dispatch whose message was never sent
+        (their herder died between the claim and the send); returns how many."""
+        with self.read_sessions.begin() as session:
+            rows = dispatch.unsent(session, self.redis, self._clock())
+            orders = dispatch.orders(rows, self._key)
+        for row, envelope in orders:
+            log.warning("job %s attempt %d was claimed but never sent: sending it now", row.id, row.attempt)
+            self._send(row, envelope)
+        return len(orders)
 
     def dispatch(self) -> int:
         return dispatch.dispatch(self.sessions, self.settings, self._herd(), self._key, self._send, self._clock())
@@ -252,9 +267,9 @@ class HerderService:
                 orders += claimed
         # Feed the freed slots first: forwarding takes longer than dispatching,
         # and the next jobs should not wait for it.
+        faults.point("settled")
         self._send_all(orders)
-        for delivery in deliveries:
-            self._deliver(delivery)
+        self._deliver(deliveries)
         return len(deliveries)
 
     def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> tuple[list[forwarding.Delivery], list[Order]]:
@@ -272,7 +287,7 @@ class HerderService:
                 row = settlement.settle(session, self.settings, self.counter, self.provenance,
                                         doc | {"task_id": task_id}, now, claim)
                 if row is not None:
-                    deliveries.append(forwarding.claim(session, row))
+                    deliveries.append(forwarding.pending(row))
                     models.add(row.model)
             for model in sorted(models):
                 orders += self._claim(session, model, slots.get(model, 0), now)
@@ -285,9 +300,8 @@ class HerderService:
         with self.sessions.begin() as session:
             row = settlement.fail_attempt(session, self.settings, task_id, error, str(exc), retryable,
                                           self._clock())
-            delivery = forwarding.claim(session, row) if row is not None else None
-        if delivery is not None:
-            self._deliver(delivery)
+            deliveries = [forwarding.pending(row)] if row is not None else []
+        self._deliver(deliveries)
         self.dispatch()
 
     def tick(self) -> dict[str, int]:
@@ -303,12 +317,14 @@ class HerderService:
                                               "the worker running it stopped", retryable=True, now=now)
                 ended += [row] if row is not None else []
             ended += settlement.reap_leases(session, self.settings, now)
-            deliveries = [forwarding.claim(session, row) for row in ended]
+            deliveries = [forwarding.pending(row) for row in ended]
+            # Responses whose deliverer died before delivering them (``router.core.forwarding``).
+            owed = forwarding.due(session, now)
         for attempt in lost:
             worker_loss.close_claim(self.redis, attempt)
-        for delivery in deliveries:
-            self._deliver(delivery)
-        return {"settled": settled, "ended": len(deliveries), "dispatched": self.dispatch()}
+        self._deliver(deliveries + owed)
+        return {"settled": settled, "ended": len(deliveries), "redelivered": len(owed),
+                "resent": self.resend_unsent(), "dispatched": self.dispatch()}
 
     def reconcile(self) -> int:
         """Settle running attempts whose outcome is already stored but never
@@ -337,8 +353,34 @@ class HerderService:
 
     # --- forwarding ---------------------------------------------------------------
 
-    def _deliver(self, delivery: forwarding.Delivery) -> None:
-        forwarding.deliver(self.forwarder, delivery)
+    def _deliver(self, deliveries: list[forwarding.Delivery]) -> None:
+        """Deliver responses whose jobs have ended (and committed), then record them delivered.
+
+        A delivery that fails (Redis away, say) stays due: the tick tries it
+        again. Each job's outcome is counted in the metrics by whoever records
+        its delivery first, so a delivery made twice is counted once.
+        """
+        done = []
+        for delivery in deliveries:
+            try:
+                forwarding.deliver(self.forwarder, delivery)
+            except Exception as exc:  # logged by type: a response holds the completion
+                log.warning("job %s not delivered yet (%s); the tick tries again", delivery.job_id,
+                            type(exc).__name__)
+                continue
+            done.append(delivery)
+        if not done:
+            return
+        faults.point("delivered")
+        with self.sessions.begin() as session:
+            first = [d for d in done if forwarding.mark(session, d)]
+        faults.point("marked")
+        for delivery in first:
+            if forwarding.HANDLE in delivery.channels:
+                try:
+                    metrics.record_outcome(self.redis, delivery.response, *delivery.times)
+                except redis.RedisError:
+                    log.warning("could not count job %s's outcome: Redis is unavailable", delivery.job_id)
 
     def webhook_target(self, job_id: str) -> tuple[str, str, dict[str, Any]]:
         """URL, secret and response of a job's webhook delivery."""

@@ -17,7 +17,7 @@ from celery import Celery
 from llama_tasks import redact
 from llama_tasks.constants import GENERATE_TASK
 from llama_tasks.settings import queue_for
-from router.core import forwarding, metrics
+from router.core import forwarding
 from router.core.models import JobRow
 from router.core.parts import StoredResult
 from router.core.settings import HERDER_QUEUE
@@ -73,9 +73,8 @@ class CeleryForwarder:
         self.response_ttl_s = response_ttl_s
 
     def to_handle(self, response: dict[str, Any], times: tuple[float, float | None, float | None]) -> None:
+        # The outcome's metrics are counted by the service, once per job, when it records the delivery.
         forwarding.to_handle(self.redis, response, self.response_ttl_s)
-        # The handle channel is taken exactly once per job: count the outcome here.
-        metrics.record_outcome(self.redis, response, *times)
 
     def to_callback(self, task: str, queue: str, response: dict[str, Any]) -> None:
         self.app.send_task(task, args=[response], queue=queue,

@@ -67,7 +67,7 @@ def generate(self: Task, envelope: Any) -> dict[str, Any]:
     doc = scripted.answer(payload, self.request.id, settings.worker_name(self.request.hostname), model_id,
                           completion_tokens=_tokens())
     doc = _signer().attest_result(doc, payload.get("attempt_secret", ""))
-    results.publish(_redis(), doc)
+    results.publish(_redis(), doc, "", 3600)
     return doc
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -47,15 +48,28 @@ class Row:
     double_delivered: int = 0
     http_5xx: int = 0
     log_leaks: int = 0
+    #: Measured from the requesters' side, by scenarios that follow each requester (else None).
+    answers_lost: int | None = None
+    answers_duplicated: int | None = None
+    #: Seconds from the fault to each requester's answer.
+    answer_waits: list[float] | None = None
 
     def cells(self) -> list[str]:
-        return [self.scenario, *(str(v) for v in (self.requests, self.lost, self.double_charged,
-                                                  self.double_delivered, self.http_5xx, self.log_leaks))]
+        counts = (self.requests, self.lost, self.double_charged, self.double_delivered, self.http_5xx,
+                  self.log_leaks, self.answers_lost, self.answers_duplicated)
+        return [self.scenario, *("—" if v is None else str(v) for v in counts), self.waits()]
+
+    def waits(self) -> str:
+        """Time to answer after the fault, p50 / max, as the table shows it."""
+        if not self.answer_waits:
+            return "—"
+        return f"{statistics.median(self.answer_waits):.1f} / {max(self.answer_waits):.1f}"
 
 
 #: Rows of every scenario this session audited, in order.
 RESULTS: list[Row] = []
-HEADER = ["scenario", "requests", "lost", "double-charged", "double-delivered", "5xx", "prompt/text in logs"]
+HEADER = ["scenario", "requests", "lost", "double-charged", "double-delivered", "5xx", "prompt/text in logs",
+          "answers lost", "answers duplicated", "time to answer after the fault, s (p50 / max)"]
 
 
 @dataclass
@@ -70,10 +84,23 @@ class Scenario:
     duplicated_streams: int = 0
     statuses: list[int] = field(default_factory=list)
     log_offsets: dict[Path, int] = field(default_factory=dict)
+    #: What each requester got, for scenarios that follow them (``requester``).
+    answers_lost: int | None = None
+    answers_duplicated: int | None = None
+    answer_waits: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.start_seq = self.stack.last_seq()
         self.log_offsets = {p: p.stat().st_size for p in self.stack.logs()}
+
+    def requester(self, lost: bool, duplicated: bool, wait_s: float | None) -> None:
+        """Count one requester's outcome: no (or a wrong) answer, more than one, and how
+        long after the fault its answer came (None: it has none)."""
+        self.answers_lost = (self.answers_lost or 0) + lost
+        self.answers_duplicated = (self.answers_duplicated or 0) + duplicated
+        self.answer_waits = self.answer_waits or []
+        if wait_s is not None:
+            self.answer_waits.append(wait_s)
 
     def sent(self, n: int = 1) -> None:
         """Count requests the scenario made (HTTP, client or raw envelopes)."""
@@ -94,7 +121,8 @@ class Scenario:
         problems: list[str] = []
         # Whatever is still open after this is reported as lost, not failed here.
         poll(lambda: not self.stack.open_jobs(), SETTLE_S, every_s=0.2)
-        row = Row(self.title, requests=self.requests)
+        row = Row(self.title, requests=self.requests, answers_lost=self.answers_lost,
+                  answers_duplicated=self.answers_duplicated, answer_waits=self.answer_waits)
         self._books(row, problems)
         self._deliveries(row, problems)
         self._gateway(row, problems)
@@ -209,6 +237,11 @@ def write_results(rows: list[Row], path: Path, mode: str, outcome: dict[str, Any
     for r in rows:
         for name in ("requests", "lost", "double_charged", "double_delivered", "http_5xx", "log_leaks"):
             setattr(totals, name, getattr(totals, name) + getattr(r, name))
+        for name in ("answers_lost", "answers_duplicated"):
+            if getattr(r, name) is not None:
+                setattr(totals, name, (getattr(totals, name) or 0) + getattr(r, name))
+        if r.answer_waits:
+            totals.answer_waits = (totals.answer_waits or []) + r.answer_waits
     lines = [
         "# Chaos suite: latest results",
         "",
@@ -219,6 +252,11 @@ def write_results(rows: list[Row], path: Path, mode: str, outcome: dict[str, Any
         "captured more than once; *double-delivered* = a channel (handle, callback, stream reader) that",
         "got a response or text twice; *5xx* = gateway answers of 500 and up (or crashed streams);",
         "*prompt/text in logs* = prompts (all carry a marker) or completions found in any log.",
+        "The last three columns are measured from the requesters' side, in the scenarios that follow",
+        "each requester (the crash points, the herder killed as it settles): *answers lost* = requesters",
+        "that got no answer, or one that is not the stored text; *answers duplicated* = requesters that",
+        "acted on an answer twice (a callback receiver drops a repeated delivery by its job id, a stream",
+        "reader was shown text twice); *time to answer* = from the fault to each requester's answer.",
         "",
         *table([*rows, totals]),
         "",

@@ -32,7 +32,7 @@ from llama_tasks.constants import HERD_PREFIX
 from router import Herder
 from router.core import ledger
 from router.core.models import FINAL_STATES, OPEN_STATES, JobRow
-from tests.processes import CeleryProcess, descendants
+from tests.processes import CeleryProcess, descendants, llama_worker
 from tests.processes import wait_for as poll
 from tests.stack import Stack, drop_postgres_database, free_port, fresh_ledger
 
@@ -119,13 +119,26 @@ class ChaosStack(Stack):
         self.herder.stop()  # closes its log; the process is already gone
         return family
 
-    def start_herder(self) -> None:
-        """A new herder with the same arguments (and the same beat schedule file) as the first."""
+    def start_herder(self, env: dict[str, str] | None = None) -> None:
+        """A new herder with the same arguments (and the same beat schedule file) as the first;
+        ``env`` adds to its environment (a crash point, say)."""
         self.herder_starts += 1
-        self.herder = CeleryProcess("router", "herder", "herder", 2, self.env,
+        self.herder = CeleryProcess("router", "herder", "herder", 2, self.env | (env or {}),
                                     self.tmp / f"herder-{self.herder_starts}.log",
                                     extra=["-B", "-s", str(self.tmp / "beat-schedule")])
         self.herder.wait_log("ready.")
+
+    def restart_herder(self, env: dict[str, str] | None = None) -> None:
+        """Stop the herder (as an upgrade would) and start another with ``env`` added."""
+        self.herder.stop()
+        self.start_herder(env)
+
+    def restart_worker(self, env: dict[str, str] | None = None) -> None:
+        """Stop the inference worker and start another with ``env`` added."""
+        self.worker.stop()
+        self._worker_starts += 1
+        self.worker = llama_worker("llama", 1, self.env | (env or {}), self.tmp / f"llama-{self._worker_starts}.log")
+        self.worker.wait_ready(self.r)
 
     def stop(self) -> None:
         super().stop()

@@ -14,6 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from llama_tasks import stream
+from llama_tasks.constants import GENERATE_TASK as GENERATE
 from llama_tasks.errors import (
     BadGrammar,
     BadSignature,
@@ -136,6 +137,29 @@ def test_a_replayed_envelope_is_refused_after_the_first_run(start_worker, send, 
     # The replay wrote nothing: one attempt started, one ended.
     kinds = [e["event"] for e in events(r, job.job_id)]
     assert kinds.count("start") == 1 and kinds.count("end") == 1
+
+
+def test_a_message_redelivered_after_its_attempt_finished_returns_the_same_answer(start_worker, make_job,
+                                                                                   celery_app, r):
+    # A worker that answered and died before acknowledging: Redis hands the same
+    # message (the same task id) to the next worker, which must not fail the job.
+    start_worker(concurrency=1)
+    envelope, job = make_job(max_tokens=4)
+    task_id = uuid.uuid4().hex
+    first = celery_app.send_task(GENERATE, args=[envelope], queue="llama.smollm2", task_id=task_id).get(timeout=60)
+    again = celery_app.send_task(GENERATE, args=[envelope], queue="llama.smollm2", task_id=task_id).get(timeout=60)
+    assert again == first  # the kept answer, signed as it was: the herder settles it once
+    kinds = [e["event"] for e in events(r, job.job_id)]
+    assert kinds.count("start") == 1 and kinds.count("end") == 1  # generated once
+
+
+def test_a_later_attempt_gets_the_whole_time_limit_however_long_ago_the_job_began(start_worker, send, make_job):
+    # Attempt 2 of a job first sent a minute ago, on a worker whose limit is 5 s:
+    # the limit counts from this attempt's start, not the job's.
+    start_worker(concurrency=1, LLAMAS_SOFT_TIME_LIMIT_S="5")
+    envelope, _ = make_job(attempt=2, issued_at=time.time() - 60, max_tokens=8)
+    doc = send(envelope).get(timeout=60)
+    assert (doc["attempt"], first(doc)["finish_reason"], doc["completion_tokens"]) == (2, "length", 8)
 
 
 @pytest.mark.parametrize(

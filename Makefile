@@ -143,7 +143,7 @@ herder: $(STAMP)
 	$(BIN)/celery -A router worker -Q herder -B -l info
 
 gateway: $(STAMP)
-	$(BIN)/uvicorn router.api:app --port 8000
+	$(BIN)/uvicorn router.api:app --http router.gateway.http_protocol:HeaderTimeoutH11Protocol --port 8000
 
 # Flower alone, on loopback, behind the same user and password as under
 # `llamas up` (made on first use in the home), /metrics included

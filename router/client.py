@@ -11,13 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import time
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Celery
+from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from kombu import Exchange, Queue
+from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from llama_tasks import redact
 from llama_tasks import stream as token_stream
@@ -33,6 +36,15 @@ from router.core.settings import HERDER_QUEUE
 STATUS_POLL_S = 5.0
 #: Default time to wait for the herder to answer a request.
 RPC_TIMEOUT_S = 30.0
+
+#: How a call fails when no herder answered it: the wait ran out; the message
+#: expired in the queue while no herder ran (a herder that starts later
+#: discards it as revoked); the broker could not be reached. None of these is
+#: an answer, so the call may be sent again; a herder's refusal is, and
+#: arrives as a ``LlamasError`` subclass.
+UNANSWERED: tuple[type[Exception], ...] = (
+    CeleryTimeout, TaskRevokedError, BrokerUnreachable, redis.ConnectionError, redis.TimeoutError,
+)
 
 
 @functools.cache
@@ -52,6 +64,11 @@ def requester_app(redis_url: str | None = None) -> Celery:
     # (router.core.broker_access), and need not.
     app.conf.task_queues = [Queue(HERDER_QUEUE, Exchange(HERDER_QUEUE), routing_key=HERDER_QUEUE, no_declare=True)]
     return app
+
+
+def new_reference() -> str:
+    """A reference for a submit its caller gave none: unique per account (admission's scope) by chance alone."""
+    return uuid.uuid4().hex
 
 
 def read_handle(r: redis.Redis, job_id: str, wait_s: float) -> dict[str, Any] | None:
@@ -82,11 +99,11 @@ class Herder:
         the message unacknowledged, and when Redis hands it back (after its
         visibility timeout) nobody is waiting, so it must not run then.
         Only calls that are safe to repeat retry (reads, cancels, and
-        submits that carry a ``reference``).
+        submits, which always carry a ``reference``).
         """
         try:
             return self._send(task, args, kwargs, secret)
-        except CeleryTimeout:
+        except UNANSWERED:
             if not retry:
                 raise
             return self._send(task, args, kwargs, secret)
@@ -148,7 +165,10 @@ class Herder:
         ``stop`` is one stop string or a list of them. ``sampling`` takes
         ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty`` and
         ``seed``. ``callback`` is a Celery task name, or ``(task, queue)``, that
-        receives the response with your ``reference``. With ``bump`` and no
+        receives the response with its ``reference``. Without a ``reference``
+        the client makes one (``new_reference``), so that a submit whose
+        answer was lost is sent again safely: the herder returns the job
+        the first one admitted instead of holding the offer twice. With ``bump`` and no
         explicit offer, the bid matches the last accepted multiplier when the
         queue is not empty, so the request does not go to the back of a busy
         queue. A request that cannot be right (a wrong type, a value out of
@@ -159,7 +179,7 @@ class Herder:
         sub = Submission.from_dict({
             "prompt": prompt, "messages": messages, "max_tokens": tokens, "model": model,
             "stop": stop, "grammar": grammar, "json_schema": json_schema,
-            "fee": fee, "multiplier": multiplier, "reference": reference,
+            "fee": fee, "multiplier": multiplier, "reference": new_reference() if reference is None else reference,
             "callback_task": task, "callback_queue": queue, "webhook_url": webhook,
             "deadline_s": deadline_s, "n": n, "logprobs": logprobs, "top_logprobs": top_logprobs, **sampling,
         })
@@ -168,9 +188,9 @@ class Herder:
             info = self.info()
             if info["queue_length"] and info["last_multiplier"]:
                 sub.multiplier = max(1.0, info["last_multiplier"])
-        # A submit is repeated only with a reference: the herder then returns
-        # the job the first one admitted instead of holding the offer twice.
-        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True, retry=sub.reference is not None)
+        # Repeated if unanswered: the reference makes the herder return the
+        # job the first one admitted instead of holding the offer twice.
+        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True)
         return JobHandle(self, doc)
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
@@ -229,15 +249,23 @@ class JobHandle:
                 return found
             if time.monotonic() >= next_poll or remaining <= 0:
                 # The response key may have been lost (Redis flushed): ask the herder.
-                try:
-                    self.status()
-                except CeleryTimeout:
-                    pass  # no herder answered the poll (one died holding it): keep waiting for the response
-                if "response" in self.doc:
-                    return self.doc["response"]
+                polled = self._poll()
+                if polled is not None and "response" in polled:
+                    return cast(dict[str, Any], polled["response"])
                 next_poll = time.monotonic() + STATUS_POLL_S
             if remaining <= 0:
                 raise ResultTimeout(self.id, timeout)
+
+    def _poll(self) -> dict[str, Any] | None:
+        """The job's status, or None when no herder answered (down, restarting, or one died holding the poll).
+
+        Sent once: the next poll is the retry. A herder's refusal still raises.
+        """
+        try:
+            self.doc = self._herder._call("router.status", self._herder.api_key, self.id, secret=True, retry=False)
+        except UNANSWERED:
+            return None
+        return self.doc
 
     def result(self, timeout: float = 300.0) -> dict[str, Any]:
         """The answer (text, choices, tokens, cached tokens, charged, refunded, finish reason, timings); raises if none."""

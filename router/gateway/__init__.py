@@ -9,5 +9,6 @@ the metrics, ``snapshot`` builds what the dashboard shows, and
 ``limits`` bounds what a request may make the gateway read (ASGI middleware
 and the JSON parse), ``headers`` adds security headers to every response,
 ``streams`` caps each key's open event streams, and ``sessions`` keeps the
-dashboard's sign-ins.
+dashboard's sign-ins. ``http_protocol`` is what uvicorn serves it with
+(``--http``): its h11 protocol with a deadline on request headers.
 """

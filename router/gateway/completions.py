@@ -89,8 +89,8 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     if resp is None:
         return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
     if resp["status"] != "done":
-        status, body = openai_shapes.failed(resp)
-        return JSONResponse(body, status_code=status, headers=headers)
+        status, body, retry = openai_shapes.failed(resp)
+        return JSONResponse(body, status_code=status, headers={**headers, **retry})
     return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
 
 

@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llama_tasks import errors as worker_errors
+from llama_tasks.errors import GenerationTimedOut, InvalidRequest
+from router.core.models import CANCELLED, EXPIRED
+
 #: Field of the stream chunk that tells a reader to discard the text so far.
 RESTART_FIELD = "llamas_restart"
 
@@ -111,30 +115,66 @@ def usage(resp: dict[str, Any]) -> dict[str, Any]:
             "offered": resp.get("offered"), "charged": resp.get("charged"), "refunded": resp.get("refunded")}
 
 
-#: Status of a failed job by its error: the requester's own limit is a timeout; the rest
-#: (workers lost, attempts exhausted) are the service's, a 503 to retry, never a 500.
-FAILED_STATUS = {"GenerationTimedOut": 408}
+#: Seconds a requester is asked to wait (``Retry-After``) before sending again a request
+#: whose job the service failed: long enough for a restarted herder or worker to serve.
+RETRY_AFTER_S = 5
 
 
-def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """``(status, body)`` answering a job that ended without completing (expired, cancelled, failed).
+def failed_status(resp: dict[str, Any]) -> int:
+    """HTTP status of a job that ended without completing, by whose limit or fault ended it; never a 500.
+
+    408 the requester's own deadline passed in the queue; 409 it was cancelled;
+    504 the worker's time limit cut the generation (the service's limit);
+    422 the worker refused the request itself (``InvalidRequest``: sending it
+    again fails again); 503 anything else, the service's own failure (workers
+    lost, every attempt used, an attempt replayed), to be sent again.
+    """
+    if resp["status"] == EXPIRED:
+        return 408
+    if resp["status"] == CANCELLED:
+        return 409
+    # By type, as the gateway maps every error: the job's error is its exception's class name.
+    error = getattr(worker_errors, resp.get("error") or "", None)
+    if isinstance(error, type) and issubclass(error, GenerationTimedOut):
+        return 504
+    if isinstance(error, type) and issubclass(error, InvalidRequest):
+        return 422
+    return 503
+
+
+def failed(resp: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``(status, body, headers)`` answering a job that ended without completing (expired, cancelled, failed).
 
     A job its time limit cut short carries what it made in ``choices`` and what it was charged in ``usage``.
+    A 503 carries ``Retry-After`` (and ``retry_after_s`` in the body).
     """
-    status = {"expired": 408, "cancelled": 409}.get(resp["status"]) or FAILED_STATUS.get(resp.get("error") or "", 503)
+    status = failed_status(resp)
     error: dict[str, Any] = {"message": resp.get("message"), "type": resp.get("error"),
                              "code": resp["status"], "job_id": resp["job_id"]}
+    headers = {}
+    if status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+        error["retry_after_s"] = RETRY_AFTER_S
     if resp.get("charged"):
         # Paid for, so handed over: what a generation cut by its time limit made, and its cost.
         error["usage"] = usage(resp)
         error["choices"] = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"]}
                             for c in resp.get("choices") or []]
-    return status, {"error": error}
+    return status, {"error": error}, headers
 
 
 def failed_chunk(resp: dict[str, Any]) -> dict[str, Any]:
-    """The stream event that ends a streamed job that did not complete."""
-    return {"error": {"message": resp.get("message"), "type": resp.get("error"), "code": resp["status"]}}
+    """The stream event that ends a streamed job that did not complete.
+
+    The stream's own status (200) was sent before the job ended, so the event
+    says the status a plain request would have had, and when to send it again.
+    """
+    status = failed_status(resp)
+    error: dict[str, Any] = {"message": resp.get("message"), "type": resp.get("error"), "code": resp["status"],
+                             "status": status}
+    if status == 503:
+        error["retry_after_s"] = RETRY_AFTER_S
+    return {"error": error}
 
 
 def model_list(info: dict[str, Any]) -> dict[str, Any]:

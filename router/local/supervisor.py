@@ -2,9 +2,12 @@
 
 Each component is a child process in its own session (so its process group
 is its own, pool children and beat included). A component that dies is
-reported and restarted (with a growing pause, so a broken one does not
-spin); Ctrl-C sends every child SIGTERM — Celery workers finish or requeue
-their running jobs — and waits for all of them, so nothing is left running.
+reported and restarted: after ``RESTART_PAUSE_S`` if it had been running
+healthily for ``HEALTHY_RUN_S``, else after a pause that doubles per crash
+up to ``RESTART_PAUSE_MAX_S`` (so one that dies right after starting does
+not spin, and a restarted herder still serves within seconds). Ctrl-C sends
+every child SIGTERM — Celery workers finish or requeue their running jobs —
+and waits for all of them, so nothing is left running.
 
 A ``llamas up`` killed with SIGKILL runs none of that, so on Linux every
 component also asks for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
@@ -30,8 +33,16 @@ from router.local.run_record import RUN_TOKEN_ENV, STOP_GRACE_S, RunRecord
 
 __all__ = ["RUN_TOKEN_ENV", "Component", "RunRecord", "Supervisor", "python_module"]
 
-#: Pause before restarting a dead component, doubled per crash up to the cap.
-RESTART_PAUSE_S, RESTART_PAUSE_MAX_S = 1.0, 30.0
+#: Pause before restarting a dead component (seconds), doubled per crash in a
+#: row up to the cap. The cap bounds every restart: with the supervisor's
+#: half-second poll, a dead component is started again within about 5.5 s
+#: however often it died, so a herder killed over and over still serves
+#: within seconds of each kill.
+RESTART_PAUSE_S, RESTART_PAUSE_MAX_S = 1.0, 5.0
+
+#: A component that ran this long (seconds) before dying was healthy: its
+#: crash count starts again, so it comes back after ``RESTART_PAUSE_S``.
+HEALTHY_RUN_S = 60.0
 
 
 @dataclass
@@ -45,9 +56,13 @@ class Component:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
+    started_at: float = 0.0
     _log_file: object = field(default=None, repr=False)
 
     def start(self) -> None:
+        # A restart opens the log again: close the last one's, or a component
+        # crash-looping for hours would use up the supervisor's descriptors.
+        self._close_log()
         private_files.private_dir(self.log.parent)
         # A log may quote what a component was given: for the service's user alone.
         log_file = os.fdopen(private_files.open_private_append(self.log), "ab")
@@ -74,8 +89,12 @@ class Component:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._close_log()
+
+    def _close_log(self) -> None:
         if self._log_file is not None:
             self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -85,19 +104,31 @@ class Component:
 
 
 class Supervisor:
-    """Keeps a set of components running until stopped."""
+    """Keeps a set of components running until stopped.
 
-    def __init__(self, report: Callable[[str], None] = print, record: RunRecord | None = None) -> None:
+    ``clock`` (seconds, monotonic) times the restart pauses and how long a
+    component ran; tests pass their own.
+    """
+
+    def __init__(
+        self, report: Callable[[str], None] = print, record: RunRecord | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.components: list[Component] = []
         self._report = report
         self._stopping = False
         self.record = record
+        self._clock = clock
 
     def add(self, component: Component) -> Component:
         self.components.append(component)
-        component.start()
-        self._remember(component)
+        self._start(component)
         return component
+
+    def _start(self, component: Component) -> None:
+        component.start()
+        component.started_at = self._clock()
+        self._remember(component)
 
     def _remember(self, component: Component) -> None:
         # Rewritten on every (re)start, so a SIGKILL leaves the current pids behind.
@@ -107,12 +138,16 @@ class Supervisor:
 
     def check(self) -> None:
         """Restart any component that died (after its back-off pause)."""
-        now = time.monotonic()
+        now = self._clock()
         for c in self.components:
             if self._stopping or c.running or c.proc is None:
                 continue
             if c.next_start == 0.0:
-                pause = min(RESTART_PAUSE_S * 2**c.restarts, RESTART_PAUSE_MAX_S)
+                # Seen dead now, so it ran at most this long: a long run was
+                # healthy, and an old crash must not slow this restart down.
+                if now - c.started_at >= HEALTHY_RUN_S:
+                    c.restarts = 0
+                pause = restart_pause_s(c.restarts)
                 self._report(
                     f"{c.name} exited with status {c.proc.returncode}; restarting in {pause:.0f}s "
                     f"(log: {c.log})\n{c.tail()}"
@@ -121,8 +156,7 @@ class Supervisor:
             elif now >= c.next_start:
                 c.restarts += 1
                 c.next_start = 0.0
-                c.start()
-                self._remember(c)
+                self._start(c)
 
     def run_forever(self, poll_s: float = 0.5) -> None:
         """Watch the components until SIGINT or SIGTERM, then stop them all."""
@@ -146,6 +180,13 @@ class Supervisor:
             if c.running:
                 self._report(f"stopping {c.name}")
             c.stop()
+
+
+def restart_pause_s(crashes: int) -> float:
+    """Seconds to wait before restarting a component after ``crashes`` quick crashes in a row."""
+    # The exponent is bounded: 2**1100 seconds is too large a float, and a
+    # component crash-looping for hours must not crash its supervisor.
+    return min(RESTART_PAUSE_S * 2 ** min(crashes, 32), RESTART_PAUSE_MAX_S)
 
 
 def _interrupt(signum: int, frame: object) -> None:

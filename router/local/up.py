@@ -43,6 +43,9 @@ DEMO_CREDITS = 1_000_000
 DEMO_MESSAGES = [{"role": "user", "content": "Say hello to a herd of llamas in one short sentence."}]
 #: How long `up` waits for a component to become ready.
 READY_TIMEOUT_S = 120.0
+#: uvicorn's ``--http`` for the gateway: ``router.gateway.http_protocol.HTTP_PROTOCOL``, by name
+#: (this layer does not import the gateway's; tests/router/test_header_timeout.py checks the two agree).
+GATEWAY_HTTP_PROTOCOL = "router.gateway.http_protocol:HeaderTimeoutH11Protocol"
 #: Flower's basic-auth user; its password is made once per home.
 FLOWER_USER = "admin"
 #: Files in the home: the record of a running set, Flower's password and the admin key.
@@ -321,7 +324,9 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
         ))
         api = supervisor.add(Component(
             name="gateway",
-            argv=python_module("uvicorn", "router.api:app", "--host", "127.0.0.1", "--port", str(port)),
+            # Its own HTTP protocol: uvicorn's own never times a request's headers (slowloris).
+            argv=python_module("uvicorn", "router.api:app", "--http", GATEWAY_HTTP_PROTOCOL,
+                               "--host", "127.0.0.1", "--port", str(port)),
             # Only the gateway serves what the admin key opens (the dashboard, /metrics).
             env=dict(env, LLAMAS_ADMIN_KEY=admin_secret), log=logs / "gateway.log",
         ))

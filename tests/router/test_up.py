@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from router.gateway.http_protocol import HTTP_PROTOCOL
 from router.local.supervisor import RUN_TOKEN_ENV
 from router.local.up import port_answers
 from tests.processes import ROOT, alive, children, descendants, wait_for
@@ -99,6 +100,8 @@ def test_up_answers_a_paid_request_restarts_a_dead_component_and_stops_everythin
 
             # Kill the gateway: it is reported and restarted.
             gateway = next(p for p in components if "uvicorn" in Path(f"/proc/{p}/cmdline").read_text())
+            # Served with the gateway's own HTTP protocol (a deadline on request headers).
+            assert HTTP_PROTOCOL in Path(f"/proc/{gateway}/cmdline").read_text()
             os.kill(gateway, signal.SIGKILL)
             wait_for(lambda: "gateway exited" in log.read_text(), 30, "the death report")
             wait_for(lambda: gateway not in children(up.pid) and len(children(up.pid)) == 4, 60, "restart")

@@ -7,7 +7,7 @@
    just sent (the vault code, digit by digit): a cached prefix now serves only
    its own account, beyond the chat template's public text.
 3. A generation past its time limit was refused in full although its text was
-   made (and streamed): it is now charged for what it made and answered 408.
+   made (and streamed): it is now charged for what it made and answered 504.
 
 The quick cases run the real gateway and herder core in process; the others
 run the whole service (herder, gateway and a real SmolLM2 worker) and audit
@@ -122,13 +122,13 @@ def test_another_account_cannot_read_a_prompt_from_the_cache(service: Stack) -> 
 
 
 @pytest.mark.slow
-def test_a_generation_cut_by_its_time_limit_is_charged_for_what_it_made_and_answered_408(service: Stack) -> None:
+def test_a_generation_cut_by_its_time_limit_is_charged_for_what_it_made_and_answered_504(service: Stack) -> None:
     key, _ = service.account(1_000_000)
     before = service.balance(key)
     # 1,999 letters and nothing else: at three letters a token, 660 tokens, far more than one thread
     # makes in its 3 s.
     reply = post(service, key, {"prompt": "Letters:", "max_tokens": 2000, "grammar": "root ::= [a-z]{1999}"})
-    assert reply.status_code == 408, reply.text
+    assert reply.status_code == 504, reply.text
     error = reply.json()["error"]
     assert error["type"] == "GenerationTimedOut" and error["usage"]["completion_tokens"] > 0
     row = service.job(error["job_id"])
@@ -145,7 +145,7 @@ def test_a_sampler_that_stalls_is_cut_off_and_another_tenants_job_is_answered(se
     frozen = httpx.post(service.gateway_url() + "/v1/completions", headers=auth(attacker), timeout=120, json={
         "model": "smollm2", "prompt": "Say a:", "max_tokens": 5, "grammar": FREEZER, "stream": False})
     # The watchdog answered the stuck job with what it made (a time limit's ending) and ended the worker.
-    assert frozen.status_code == 408, frozen.text
+    assert frozen.status_code == 504, frozen.text
     assert frozen.json()["error"]["type"] == "GenerationTimedOut"
     assert wait_for(lambda: service.worker.proc.poll() is not None, 60, "the stalled worker to exit")
     assert service.worker.proc.returncode == 75

@@ -91,7 +91,8 @@ def dispatch(
     for model, slots in capacity(herd).items():
         with sessions.begin() as session:
             claimed = orders(queue.claim(session, settings, model, slots, now), key)
-        faults.point("claimed")
+        if claimed:
+            faults.point("claimed")
         for row, env in claimed:
             send(row, env)
             sent += 1

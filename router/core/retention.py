@@ -81,11 +81,15 @@ def erase_row(row: JobRow, now: float) -> Erased:
 
 
 def erase_due(session: Session, kept_s: float, now: float, limit: int = BATCH) -> list[Erased]:
-    """Erase the text of up to ``limit`` final jobs that finished more than ``kept_s`` seconds ago."""
+    """Erase the text of up to ``limit`` final jobs that finished more than ``kept_s`` seconds ago.
+
+    A job whose response is still owed (``router.core.forwarding``: Redis
+    was away when it ended, say) keeps its text until it has been delivered.
+    """
     rows = session.scalars(
         select(JobRow)
         .where(JobRow.text_erased_at.is_(None), JobRow.finished_at <= now - kept_s,
-               JobRow.state.in_(FINAL_STATES))
+               JobRow.state.in_(FINAL_STATES), JobRow.delivery_due.is_(False))
         .order_by(JobRow.finished_at)
         .limit(limit)
         # PostgreSQL: two herders erasing at once take different rows (SQLite's writer is one anyway).

@@ -378,6 +378,21 @@ def test_a_queued_or_running_job_is_never_erased(life: Life) -> None:
     assert life.books() == []
 
 
+def test_a_job_whose_response_is_still_owed_keeps_its_text_until_delivered(life: Life,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    worker = stub.scripted_worker(life.svc.public_key, life.svc.counter.models(), COMPLETION)
+    with monkeypatch.context() as m:
+        # Redis is away as the job ends: its response cannot reach the handle, and stays owed.
+        m.setattr(life.transport, "to_handle", lambda response, times: (_ for _ in ()).throw(ConnectionError()))
+        job = life.svc.submit(life.key, Submission(prompt=PROMPT, max_tokens=8))["job_id"]
+        life.transport.join(life.svc, worker)
+    life.clock.now += life.svc.settings.text_kept_s + 1
+    assert life.erase() == 0 and life.row(job).delivery_due
+    assert life.svc.tick()["redelivered"] == 1
+    assert life.transport.responses[job]["text"] == COMPLETION  # the whole answer, however late
+    assert life.erase() == 1
+
+
 def test_retention_starts_after_the_longest_webhook_delivery() -> None:
     settings = HerderSettings(text_retention_s=0, webhook_timeout_s=10, webhook_attempts=5, webhook_backoff_s=2)
     # Five tries of 10 s, and pauses of 2, 4, 8 and 16 s between them.

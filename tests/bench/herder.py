@@ -120,17 +120,20 @@ class Stack:
             raise
 
     def _account(self) -> str:
-        from router.core import ledger
-        from router.core.db import make_engine, make_sessionmaker, upgrade
-
+        """The bench's account, made by the tree's own code: its migrations, its home's keys."""
         url = f"sqlite:///{self.tmp / 'home' / 'ledger.db'}"
-        upgrade(url)  # the herder migrates on its first task; the account is needed before
-        engine = make_engine(url)
-        try:
-            with make_sessionmaker(engine).begin() as session:
-                return ledger.create_account(session, "bench", FUNDS)[1]
-        finally:
-            engine.dispose()
+        # The herder migrates on its first task; the account is needed before.
+        script = ("import sys\n"
+                  "from router.core import ledger\n"
+                  "from router.core.db import make_engine, make_sessionmaker, upgrade\n"
+                  "upgrade(sys.argv[1])\n"
+                  "engine = make_engine(sys.argv[1])\n"
+                  "with make_sessionmaker(engine).begin() as session:\n"
+                  "    print(ledger.create_account(session, 'bench', int(sys.argv[2]))[1])\n"
+                  "engine.dispose()\n")
+        made = subprocess.run([sys.executable, "-c", script, url, str(FUNDS)], cwd=self.tree, env=self.env,
+                              capture_output=True, text=True, check=True)
+        return made.stdout.strip().splitlines()[-1]
 
     def cpu(self) -> dict[str, float]:
         own = os.times()

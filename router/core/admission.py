@@ -29,7 +29,7 @@ QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
 def _size(sub: Submission) -> int:
-    parts = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
+    parts = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop, sub.tools, sub.tool_choice]
     return len(json.dumps(parts, ensure_ascii=False).encode())
 
 

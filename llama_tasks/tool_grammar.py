@@ -1,0 +1,73 @@
+"""The GBNF grammar a tool call is sampled under, built from the functions' JSON schemas.
+
+Every call is written ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``
+(``tool_prompt`` tells the model so); the grammar admits exactly the calls
+whose name is an offered function and whose arguments match that function's
+schema, so even a small model's call parses and validates. With
+``tool_choice`` ``required`` or a named function the grammar holds from the
+first token; with ``auto`` it is lazy: the model writes freely until it
+writes ``<tool_call>`` (``TRIGGERS``), and from there on the grammar holds.
+With ``parallel_tool_calls`` false it admits one call, otherwise calls
+separated by a newline; after the last, only end-of-sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from llama_cpp.llama_grammar import SchemaConverter
+
+from llama_tasks.errors import BadTools
+from llama_tasks.tools import CLOSE, OPEN, SEPARATOR
+
+#: The lazy grammar's trigger patterns (std::regex, searched in the generated text).
+TRIGGERS = [OPEN]
+
+
+class _Converter(SchemaConverter):
+    """llama-cpp-python's converter, with ``$ref`` rules named per reference.
+
+    The original names a referenced definition's rule by the last part of
+    its path, so two functions that each define ``#/$defs/Item`` would share
+    the first one's rule; here each reference (its URL says which function)
+    gets a rule of its own.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self._ref_rules: dict[str, str] = {}
+
+    def _resolve_ref(self, ref: str) -> str:
+        name = self._ref_rules.get(ref)
+        if name is None:
+            # Named before it is visited, so a recursive definition refers to itself.
+            name = self._ref_rules[ref] = f"ref{len(self._ref_rules)}"
+            self.visit(self._refs[ref], name)
+        return name
+
+
+def _literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def gbnf(functions: dict[str, dict[str, Any]], parallel: bool) -> str:
+    """The grammar of one answer made of calls to ``functions`` (``{name: {"parameters": schema}}``).
+
+    Raises ``BadTools`` for a schema the converter cannot express.
+    """
+    converter = _Converter()
+    calls = []
+    for i, (name, fn) in enumerate(functions.items()):
+        try:
+            # resolve_refs rewrites the schema it is given: work on a copy.
+            parameters = converter.resolve_refs(copy.deepcopy(fn["parameters"]), f"tool{i}")
+            call = {"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                    "required": ["name", "arguments"]}
+            calls.append(converter.visit(call, f"call{i}"))
+        except Exception as exc:  # the converter raises bare Exceptions (and asserts on some shapes)
+            raise BadTools("tools", f"the parameters of {name!r} do not compile to a grammar: {exc}") from None
+    converter._add_rule("call", " | ".join(calls))
+    one = f"{_literal(OPEN)} call {_literal(CLOSE)}"
+    converter._add_rule("root", f"{one} ({_literal(SEPARATOR)} {one})*" if parallel else one)
+    return str(converter.format_grammar())

@@ -14,13 +14,16 @@ separated by a newline; after the last, only end-of-sequence.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
-from llama_cpp.llama_grammar import SchemaConverter
+from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
 from llama_tasks.errors import BadTools
 from llama_tasks.tools import CLOSE, OPEN, SEPARATOR
 
+#: Most values of a bounded integer the grammar spells out one by one.
+MAX_SPELLED_INTEGERS = 256
 #: The lazy grammar's trigger patterns (std::regex, searched in the generated text).
 TRIGGERS = [OPEN]
 
@@ -38,13 +41,43 @@ class _Converter(SchemaConverter):
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self._ref_rules: dict[str, str] = {}
 
+    def visit(self, schema: Any, name: str) -> Any:
+        # The converter ignores an integer's bounds; a small range is spelled out here, so a call
+        # sampled under the grammar respects them (a wider one is left to the parser's validation).
+        values = _small_range(schema)
+        if values is not None:
+            rule_name = name + "-" if name in RESERVED_NAMES else name or "root"
+            return self._add_rule(rule_name, "(" + " | ".join(f'"{v}"' for v in values) + ") space")
+        return super().visit(schema, name)
+
     def _resolve_ref(self, ref: str) -> str:
         name = self._ref_rules.get(ref)
         if name is None:
             # Named before it is visited, so a recursive definition refers to itself.
             name = self._ref_rules[ref] = f"ref{len(self._ref_rules)}"
-            self.visit(self._refs[ref], name)
+            body = self.visit(self._refs[ref], name)
+            if body != name:  # a primitive is answered with its shared rule: name it for the references
+                self._add_rule(name, body)
         return name
+
+
+def _small_range(schema: Any) -> range | None:
+    """The values of an integer schema bounded on both sides by at most ``MAX_SPELLED_INTEGERS`` values."""
+    if not isinstance(schema, dict) or schema.get("type") != "integer" or {"enum", "const", "$ref"} & set(schema):
+        return None
+    bounds = []
+    for inclusive, exclusive, step in (("minimum", "exclusiveMinimum", 1), ("maximum", "exclusiveMaximum", -1)):
+        values = [schema.get(inclusive)] + [schema.get(exclusive)]
+        if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                   for v in values):
+            return None
+        found = [math.ceil(v) if step == 1 else math.floor(v) for v in values[:1] if v is not None]
+        found += [math.floor(v) + 1 if step == 1 else math.ceil(v) - 1 for v in values[1:] if v is not None]
+        if not found:
+            return None
+        bounds.append(max(found) if step == 1 else min(found))
+    low, high = bounds
+    return range(low, high + 1) if 0 <= high - low < MAX_SPELLED_INTEGERS else None
 
 
 def _literal(text: str) -> str:

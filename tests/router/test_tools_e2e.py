@@ -15,6 +15,7 @@ from llama_tasks import engine, registry
 from router.core import ledger, views
 from router.core.models import JobRow
 from router.core.request import as_job
+from tests.router.test_cli import llamas
 
 pytestmark = pytest.mark.slow
 
@@ -170,3 +171,20 @@ def test_an_agent_framework_drives_a_two_step_tool_loop(stack: Any, gateway: str
         states, spent = {r.state for r in rows}, sum(r.charged or 0 for r in rows)
     assert len(rows) >= 2 and states == {"done"}  # the call, then the answer after its result
     assert stack.balance(key) == 100_000 - spent and stack.books() == []
+
+
+def test_llamas_run_offers_tools_from_a_file(stack: Any, tmp_path: Any) -> None:
+    key, _ = stack.account(100_000)
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps(TOOLS))
+    res = llamas(stack, "run", "What is the weather in Paris?", "--tokens", "60", "--tools", str(tools_file),
+                 "--tool-choice", "get_weather", key=key)
+    assert res.returncode == 0, res.stderr
+    [line] = res.stdout.strip().splitlines()
+    call = json.loads(line)
+    assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+    validate(json.loads(call["function"]["arguments"]), CITY)
+    assert "finish=tool_calls" in res.stderr
+    bad = llamas(stack, "run", "hi", "--tools", str(tools_file), "--tool-choice", "nope", key=key)
+    assert bad.returncode == 1 and "tool_choice" in bad.stderr
+    assert stack.books() == []

@@ -251,3 +251,13 @@ def test_a_lazy_grammar_takes_over_once_its_trigger_is_written(vocab: Any, batch
     spec.grammar_triggers = [word]
     lazy = generation.run(batch, [spec]).first
     assert lazy.text == free[:free.index(word)] + word + " zzz zzz" and lazy.finish_reason == "stop"
+
+
+def test_tools_travel_in_the_signed_job_and_are_erased_with_the_text() -> None:
+    from router.core.retention import erase_request
+
+    job = chat_job(messages=CONVERSATION, tool_choice={"type": "function", "function": {"name": "order"}},
+                   parallel_tool_calls=False)
+    assert Job.from_payload(job.to_payload()) == job
+    kept = json.loads(erase_request(json.dumps(job.generation())))
+    assert not {"tools", "tool_choice", "messages"} & set(kept) and kept["parallel_tool_calls"] is False

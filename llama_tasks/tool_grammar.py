@@ -8,7 +8,7 @@ schema, so even a small model's call parses and validates. With
 first token; with ``auto`` it is lazy: the model writes freely until it
 writes ``<tool_call>`` (``TRIGGERS``), and from there on the grammar holds.
 With ``parallel_tool_calls`` false it admits one call, otherwise calls
-separated by a newline; after the last, only end-of-sequence.
+one right after another; after the last, only end-of-sequence.
 """
 
 from __future__ import annotations
@@ -102,5 +102,6 @@ def gbnf(functions: dict[str, dict[str, Any]], parallel: bool) -> str:
             raise BadTools("tools", f"the parameters of {name!r} do not compile to a grammar: {exc}") from None
     converter._add_rule("call", " | ".join(calls))
     one = f"{_literal(OPEN)} call {_literal(CLOSE)}"
-    converter._add_rule("root", f"{one} ({_literal(SEPARATOR)} {one})*" if parallel else one)
+    more = f"{_literal(SEPARATOR)} {one}" if SEPARATOR else one
+    converter._add_rule("root", f"{one} ({more})*" if parallel else one)
     return str(converter.format_grammar())

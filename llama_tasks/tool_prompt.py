@@ -10,8 +10,8 @@ messages as Hugging Face's templates expect them. A template that does not
   per function (``name``, ``description``, ``parameters``) between
   ``<tools>`` tags, and how to call them; appended to the first message when
   it is a system message, otherwise a system message of its own before it;
-- an assistant message's calls as ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``
-  lines after its text: exactly what the model is asked to write;
+- an assistant message's calls as ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``,
+  one right after another, on a line after its text: exactly what the model is asked to write;
 - ``tool`` results (consecutive ones together) as one user message of
   ``<tool_response>{"name": …, "content": …}</tool_response>`` lines.
 
@@ -61,7 +61,7 @@ def tools_block(job: Generation) -> str | None:
         rule = "You must call a function now."
     else:
         rule = f"You must call {mode} now."
-    many = ("You may make several calls, one per line." if job.parallel_tool_calls
+    many = ("You may make several calls, one after another." if job.parallel_tool_calls
             else "Make at most one call.")
     return PREAMBLE + "\n".join(lines) + "\n" + HOW + "\n" + rule + " " + many
 

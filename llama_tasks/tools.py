@@ -32,8 +32,9 @@ from llama_tasks.errors import BadTools
 #: What opens and closes one call in the model's output (and in rendered conversations).
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
-#: What separates parallel calls.
-SEPARATOR = "\n"
+#: What separates parallel calls: nothing. After a call a small model would rather write a newline
+#: than end; with the newline ruled out it ends, instead of repeating its call until max_tokens.
+SEPARATOR = ""
 #: What a function's name may be (OpenAI's rule).
 NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 #: Most functions one request may offer.

@@ -95,7 +95,7 @@ def test_the_grammar_admits_exactly_the_calls_the_schema_allows(vocab: Any, argu
 
 def test_the_grammar_names_only_offered_functions_and_honours_parallel(vocab: Any) -> None:
     every = tool_grammar.gbnf(tools.offered("required", TOOLS), parallel=True)
-    two = order_call(**GOOD) + "\n" + tool_prompt.call_text("now", {})
+    two = order_call(**GOOD) + tools.SEPARATOR + tool_prompt.call_text("now", {})
     assert accepts(vocab, every, two)
     assert not accepts(vocab, every, tool_prompt.call_text("launch", {}))
     assert not accepts(vocab, every, "Sure! " + tool_prompt.call_text("now", {}))

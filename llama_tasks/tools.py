@@ -9,10 +9,14 @@ A chat request (``Generation``) carries OpenAI's own fields, unchanged:
 - ``parallel_tool_calls``: whether one answer may hold several calls (default true);
 - ``messages``: besides ``{role, content}``, an assistant message may carry ``tool_calls``
   (``[{"id", "type": "function", "function": {"name", "arguments": JSON text}}]``, its
-  content then may be empty) and a ``tool`` message answers one of them by ``tool_call_id``.
+  content then may be ``""``: content is always a string here, the gateway turns OpenAI's
+  null into ``""``) and a ``{"role": "tool", "tool_call_id", "content"}`` message answers one.
 
-The answer's choices carry ``tool_calls`` in the same shape and ``finish_reason: "tool_calls"``
-(``tool_calls.parse``). These checks run in the client, at admission (before money moves) and
+The answer (``router.core.views.response``, what every channel gets) keeps each choice's
+``text`` as the model wrote it and adds, when the job offered tools, ``content`` (the text
+around the calls, or None), ``tool_calls`` in the shape above and ``finish_reason:
+"tool_calls"`` (``tool_calls.parse``); a stream reads the same with
+``tool_calls.parser_for(generation, job_id, choice)``. These checks run in the client, at admission (before money moves) and
 again in the worker; a failure is ``BadTools`` (an HTTP 400 naming the field). Whether each
 schema compiles to a grammar is checked where the grammar is built (``engine.grammar_text``),
 at admission too.

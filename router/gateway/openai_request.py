@@ -5,6 +5,11 @@ accepted only at the value that asks for nothing (``best_of: 1``, ``echo:
 false``), or refused with a 400 that names it — never silently dropped.
 Values are then checked by the same ``request.check`` as the Python client's.
 
+Chat ``tools``, ``tool_choice``, ``parallel_tool_calls``, assistant
+``tool_calls`` and ``tool`` messages pass through in OpenAI's own shape
+(``llama_tasks.tools`` says what they mean and checks them); an assistant
+message with calls and a null content carries an empty one.
+
 ``n`` and log probabilities are honoured without streaming only: the token
 stream carries one completion's text, so ``stream`` with ``n > 1`` or with
 logprobs is refused by name rather than answered with less than was asked.

@@ -4,9 +4,11 @@ against a running stack with the bundled SmolLM2, each call schema-valid and eac
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import agents
+import httpx
 import openai
 import pytest
 from jsonschema import validate
@@ -15,6 +17,7 @@ from llama_tasks import engine, registry
 from router.core import ledger, views
 from router.core.models import JobRow
 from router.core.request import as_job
+from tests.processes import ROOT
 from tests.router.test_cli import llamas
 
 pytestmark = pytest.mark.slow
@@ -189,3 +192,16 @@ def test_llamas_run_offers_tools_from_a_file(stack: Any, tmp_path: Any) -> None:
     bad = llamas(stack, "run", "hi", "--tools", str(tools_file), "--tool-choice", "nope", key=key)
     assert bad.returncode == 1 and "tool_choice" in bad.stderr
     assert stack.books() == []
+
+
+def test_the_readmes_tool_call_request_works_as_pasted(stack: Any, gateway: str) -> None:
+    pasted = re.search(r"-d '(\{[^']*\"tools\"[^']*\})'", (ROOT / "README.md").read_text())
+    assert pasted is not None, "the README shows a tool-call request"
+    key, _ = stack.account(100_000)
+    reply = httpx.post(gateway + "/v1/chat/completions", json=json.loads(pasted.group(1)),
+                       headers={"Authorization": f"Bearer {key}"}, timeout=120)
+    assert reply.status_code == 200, reply.text
+    [call] = reply.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert reply.json()["choices"][0]["finish_reason"] == "tool_calls"
+    assert stack.balance(key) == 100_000 - reply.json()["usage"]["charged"]

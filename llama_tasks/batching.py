@@ -91,6 +91,9 @@ class SequenceSpec:
     repeat_penalty: float = DEFAULT_REPEAT_PENALTY
     seed: int = 0
     grammar: LlamaGrammar | None = None
+    #: Patterns that switch ``grammar`` on once the generated text matches one (a lazy grammar:
+    #: a tool call with tool_choice auto); empty: the grammar holds from the first token.
+    grammar_triggers: list[str] = field(default_factory=list)
     #: None: no log probabilities; k >= 0: each token's, with its k best alternatives.
     top_logprobs: int | None = None
     #: Receives the text as it becomes final (never a piece of a stop string).
@@ -456,7 +459,9 @@ class BatchEngine:
             n_vocab=self._n_vocab, penalty_last_n=PENALTY_LAST_N, penalty_repeat=spec.repeat_penalty,
             penalty_freq=0.0, penalty_present=0.0,
         )
-        if spec.grammar is not None:
+        if spec.grammar is not None and spec.grammar_triggers:
+            sampler.add_grammar_lazy_patterns(self.model, spec.grammar, spec.grammar_triggers, [])
+        elif spec.grammar is not None:
             sampler.add_grammar(self.model, spec.grammar)
         if spec.temperature == 0.0:
             sampler.add_greedy()

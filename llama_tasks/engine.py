@@ -27,6 +27,7 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from llama_tasks import tool_grammar, tool_prompt, tools
 from llama_tasks.errors import BadGrammar
 from llama_tasks.job import Job
 from llama_tasks.registry import ModelSpec
@@ -58,11 +59,16 @@ def render(llm: Llama, job: Job) -> tuple[str, list[str]]:
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         # A model without a template gets a plain transcript; documented in the README.
-        lines = [f"{m['role']}: {m['content']}" for m in job.messages or []]
+        lines = [f"{m['role']}: {m['content']}" for m in tool_prompt.plain_messages(job)]
         return "\n".join(lines) + "\nassistant:", []
     eos = _special_text(llm, llm.token_eos())
     formatter = _chat_formatter(template, eos, _special_text(llm, llm.token_bos()))
-    rendered = formatter(messages=cast(Any, job.messages or []))
+    # Tools go through a template that knows them; any other gets them in the documented plain format.
+    if tool_prompt.handles_tools(template):
+        messages, tools = tool_prompt.template_messages(job)
+        rendered = formatter(messages=cast(Any, messages), tools=cast(Any, tools))
+    else:
+        rendered = formatter(messages=cast(Any, tool_prompt.plain_messages(job)))
     return rendered.prompt, [s for s in rendered.stop or [] if s]
 
 
@@ -96,7 +102,9 @@ def public_tokens(llm: Llama, job: Job, tokens: list[int], shared_prefixes: Sequ
     def dummy(content: str) -> Job:
         if not job.is_chat:
             return dataclasses.replace(job, prompt=content)
-        return dataclasses.replace(job, messages=[{"role": m["role"], "content": content} for m in job.messages or []])
+        # Without tools or calls: their text is the requester's, never public.
+        return dataclasses.replace(job, messages=[{"role": m["role"], "content": content} for m in job.messages or []],
+                                   tools=None, tool_choice=None)
 
     first, second = encode(llm, dummy("x"))[0], encode(llm, dummy("y"))[0]
     public = min(common_prefix(first, second), common_prefix(tokens, first))
@@ -120,13 +128,24 @@ def count_completion(llm: Llama, text: str) -> int:
 
 
 def grammar_text(job: Job) -> str | None:
-    """The GBNF the job asks for, from its grammar or its JSON schema."""
+    """The GBNF the job asks for, from its offered tools, its grammar or its JSON schema.
+
+    A tool grammar with ``tool_choice`` auto is lazy: see ``grammar_triggers``.
+    """
+    offered = tools.offered(job.tool_choice, job.tools)
+    if offered:
+        return tool_grammar.gbnf(offered, job.parallel_tool_calls)
     if job.json_schema is not None:
         try:
             return json_schema_to_gbnf(json.dumps(job.json_schema))
         except Exception as exc:  # the converter raises bare Exceptions
             raise BadGrammar(f"JSON schema: {exc}") from None
     return job.grammar
+
+
+def grammar_triggers(job: Job) -> list[str]:
+    """Patterns that switch the job's grammar on (none: it holds from the first token)."""
+    return list(tool_grammar.TRIGGERS) if tools.choice(job.tool_choice, job.tools) == "auto" else []
 
 
 def compile_grammar(llm: Llama, gbnf: str) -> LlamaGrammar:

@@ -215,6 +215,13 @@ class BadGrammar(InvalidRequest):
     template = "grammar does not parse: {detail}"
 
 
+class BadTools(InvalidRequest):
+    """Raised when a request's tools, tool_choice or tool-call messages cannot be honoured."""
+
+    fields = ("param", "reason")
+    template = "invalid {param}: {reason}"
+
+
 class GrammarTooCostly(InvalidRequest):
     """Raised when sampling under a grammar or JSON schema would cost more per token than allowed."""
 

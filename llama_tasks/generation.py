@@ -89,6 +89,7 @@ def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
             # Choices differ by seed; choice 0 uses the job's, so n=1 is unchanged.
             seed=(seed + i) % (MAX_SEED + 1),
             grammar=grammar,
+            grammar_triggers=engine.grammar_triggers(job),
             top_logprobs=top,
             # The job's stream carries its first choice.
             on_text=on_text if i == 0 else None,

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from llama_tasks import tools as tool_fields
 from llama_tasks.errors import (
     BadLogprobs,
     BadStop,
@@ -51,8 +52,10 @@ MAX_CHOICES = 8
 MAX_TOP_LOGPROBS = 20
 
 
-#: Chat roles a message may have (what the models' chat templates render).
-ROLES = ("system", "user", "assistant")
+#: Chat roles a message may have (what the models' chat templates render; ``tool`` answers a call).
+ROLES = ("system", "user", "assistant", "tool")
+#: Fields a chat message may carry besides its role and content (``tools`` says which roles).
+MESSAGE_EXTRAS = frozenset({"tool_calls", "tool_call_id"})
 #: Sampling parameters that must be whole numbers.
 INTEGER_SAMPLING = frozenset({"top_k"})
 
@@ -66,7 +69,8 @@ class Generation:
 
     model: str = DEFAULT_MODEL
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    #: ``{role, content}``, plus ``tool_calls`` (assistant) or ``tool_call_id`` (tool): see ``tools``.
+    messages: list[dict[str, Any]] | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
@@ -83,6 +87,12 @@ class Generation:
     logprobs: bool = False
     #: With ``logprobs``, also this many likeliest alternatives at each position.
     top_logprobs: int = 0
+    #: Function tools the model may call, OpenAI's shape (see ``tools``); None: none.
+    tools: list[dict[str, Any]] | None = None
+    #: ``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name"}}``; None: auto with tools.
+    tool_choice: str | dict[str, Any] | None = None
+    #: Whether one answer may hold several calls.
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         # One stop string or a list of them, as OpenAI accepts; a bare string
@@ -154,12 +164,17 @@ def _check_messages(messages: object) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"} or not isinstance(m["content"], str):
-            raise InvalidRequest(f"messages[{i}] must be an object with exactly a role and a text content")
+        if (not isinstance(m, dict) or not {"role", "content"} <= set(m) <= {"role", "content"} | MESSAGE_EXTRAS
+                or not isinstance(m["content"], str)):
+            raise InvalidRequest(f"messages[{i}] must be an object with a role and a text content "
+                                 "(and tool_calls or tool_call_id)")
         if m["role"] not in ROLES:
             raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m['role']!r}")
         check_text(f"messages[{i}].content", m["content"])
-    if not any(m["content"].strip() for m in messages):
+    tool_fields.check_messages(messages)
+    for i, m in enumerate(messages):
+        check_text(f"messages[{i}]", json.dumps(m, ensure_ascii=False))
+    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
         raise EmptyPrompt()
 
 
@@ -224,6 +239,12 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
     if job.grammar is not None and (not isinstance(job.grammar, str) or len(job.grammar) > MAX_GRAMMAR_CHARS):
         raise InvalidRequest(f"grammar must be a string of at most {MAX_GRAMMAR_CHARS} characters")
     check_text("grammar", job.grammar)
+    tool_fields.check(job.tools, job.tool_choice, job.parallel_tool_calls,
+                      constrained=job.grammar is not None or job.json_schema is not None)
+    if job.tools is not None and not job.is_chat:
+        raise InvalidRequest("tools are offered on chat messages only")
+    if job.tools is not None:
+        _check_json("tools", job.tools)
     if job.json_schema is not None:
         if not isinstance(job.json_schema, dict):
             raise InvalidRequest("json_schema must be a JSON object")
@@ -233,6 +254,13 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
             raise InvalidRequest("json_schema must be plain JSON text (no NaN, Infinity or lone surrogates)") from None
         if size > MAX_GRAMMAR_CHARS:
             raise InvalidRequest(f"json_schema must be at most {MAX_GRAMMAR_CHARS} bytes")
+
+
+def _check_json(name: str, value: object) -> None:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise InvalidRequest(f"{name} must be plain JSON text (no NaN, Infinity or lone surrogates)") from None
 
 
 def check_fits(n_prompt: int, max_tokens: int, n_ctx: int) -> None:

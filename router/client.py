@@ -137,22 +137,25 @@ class Herder:
         return fees.offer(fees.quote(base, per, prompt_tokens, tokens, n), None, multiplier)
 
     def quote(self, prompt: str | None = None, tokens: int = DEFAULT_MAX_TOKENS, *,
-              messages: list[dict[str, str]] | None = None, model: str = DEFAULT_MODEL,
-              n: int = 1) -> dict[str, Any]:
-        sub = Submission(prompt=prompt, messages=messages, max_tokens=tokens, model=model, n=n)
+              messages: list[dict[str, Any]] | None = None, model: str = DEFAULT_MODEL,
+              n: int = 1, tools: list[dict[str, Any]] | None = None,
+              tool_choice: str | dict[str, Any] | None = None) -> dict[str, Any]:
+        sub = Submission(prompt=prompt, messages=messages, max_tokens=tokens, model=model, n=n, tools=tools,
+                         tool_choice=tool_choice)
         request.check(sub)
         return self._call("router.quote", sub.to_dict())
 
     # --- requests -------------------------------------------------------------
 
     def run(self, prompt: str | None = None, tokens: int = DEFAULT_MAX_TOKENS, *,
-            messages: list[dict[str, str]] | None = None,
+            messages: list[dict[str, Any]] | None = None,
             fee: int | None = None, multiplier: float | None = None, bump: bool = False,
             reference: str | None = None, callback: str | tuple[str, str] | None = None,
             webhook: str | None = None, deadline_s: float | None = None, stop: str | list[str] | None = None,
             grammar: str | None = None, json_schema: dict[str, Any] | None = None,
             model: str = DEFAULT_MODEL, n: int = 1, logprobs: bool = False, top_logprobs: int = 0,
-            **sampling: Any) -> JobHandle:
+            tools: list[dict[str, Any]] | None = None, tool_choice: str | dict[str, Any] | None = None,
+            parallel_tool_calls: bool = True, **sampling: Any) -> JobHandle:
         """Pay for one generation; returns its handle at once.
 
         ``n`` asks for that many completions of the prompt (the quote covers
@@ -164,7 +167,14 @@ class Herder:
         gateway refuses ``stream`` with ``n > 1`` or logprobs.
         ``stop`` is one stop string or a list of them. ``sampling`` takes
         ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty`` and
-        ``seed``. ``callback`` is a Celery task name, or ``(task, queue)``, that
+        ``seed``. ``tools`` offers function tools to a chat (OpenAI's
+        ``[{"type": "function", "function": {name, description, parameters}}]``),
+        ``tool_choice`` is ``auto`` (default), ``none``, ``required`` or
+        ``{"type": "function", "function": {"name": …}}``; ``messages`` may carry
+        assistant ``tool_calls`` and ``tool`` results (``tool_call_id``). The
+        response's choices then carry ``tool_calls`` (OpenAI's shape, arguments
+        valid against their schema) and ``content``, and ``finish_reason``
+        ``tool_calls``. ``callback`` is a Celery task name, or ``(task, queue)``, that
         receives the response with its ``reference``. Without a ``reference``
         the client makes one (``new_reference``), so that a submit whose
         answer was lost is sent again safely: the herder returns the job
@@ -181,7 +191,8 @@ class Herder:
             "stop": stop, "grammar": grammar, "json_schema": json_schema,
             "fee": fee, "multiplier": multiplier, "reference": new_reference() if reference is None else reference,
             "callback_task": task, "callback_queue": queue, "webhook_url": webhook,
-            "deadline_s": deadline_s, "n": n, "logprobs": logprobs, "top_logprobs": top_logprobs, **sampling,
+            "deadline_s": deadline_s, "n": n, "logprobs": logprobs, "top_logprobs": top_logprobs,
+            "tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls, **sampling,
         })
         request.check(sub)
         if bump and fee is None and multiplier is None:

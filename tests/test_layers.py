@@ -24,7 +24,7 @@ PACKAGES = ("llama_tasks", "router", "agent")
 #: agree on (jobs, errors, keys, signatures, streams, heartbeats, results).
 PROTOCOL = {f"llama_tasks.{m}" for m in (
     "claims", "constants", "errors", "faults", "heartbeat", "job", "placement", "redis_server", "registry",
-    "result", "results", "scripted", "settings", "signing", "stream",
+    "result", "results", "scripted", "settings", "signing", "stream", "tool_calls", "tools",
 )}
 #: What the requester's client may use of the core: no SQL, no server code.
 CLIENT_CORE = {f"router.core.{m}" for m in ("errors", "fees", "keys", "request", "settings")}

@@ -187,14 +187,21 @@ def run(
     reference: str | None = typer.Option(None, help="Idempotency reference."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the answer."),
     n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; not with --stream)."),
+    tools: Path | None = typer.Option(None, "--tools", help="JSON file of function tools the model may call "
+                                      "(OpenAI's tools list); the calls are printed as JSON lines."),
+    tool_choice: str | None = typer.Option(None, "--tool-choice", help="auto, none, required, or a function's name."),
 ) -> None:
     """Pay for one generation and print the answer."""
     if stream and n != 1:
         fail("--stream shows one completion; drop --stream to ask for --n completions")
+    offered = _tools_file(tools) if tools is not None else None
+    if offered is not None and not chat:
+        fail("--tools needs a chat message (drop --no-chat)")
     herder = _herder(_need_key(key))
     handle = herder.run(
         None if chat else prompt, tokens, messages=[{"role": "user", "content": prompt}] if chat else None,
         fee=fee, multiplier=multiplier, deadline_s=deadline, stop=stop, model=model, reference=reference, n=n,
+        tools=offered, tool_choice=_tool_choice(tool_choice),
     )
     if not as_json:
         err.print(f"job {handle.id}: quote {handle.doc['quote']}, held {handle.doc['offered']} "
@@ -217,11 +224,37 @@ def run(
         for choice in choices:
             if len(choices) > 1:
                 err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
-            out.print(choice["text"], markup=False, highlight=False)
+            if "tool_calls" in choice:
+                if choice.get("content"):
+                    out.print(choice["content"], markup=False, highlight=False)
+                for call in choice["tool_calls"]:
+                    out.print(json.dumps(call), markup=False, highlight=False)
+            else:
+                out.print(choice["text"], markup=False, highlight=False)
     err.print(f"{doc['prompt_tokens']} prompt ({doc.get('cached_tokens') or 0} cached) + "
               f"{doc['completion_tokens']} completion tokens, "
               f"finish={doc['finish_reason']}; charged {doc['charged']}, refunded {doc['refunded']}",
               highlight=False)
+
+
+def _tools_file(path: Path) -> list[dict[str, Any]]:
+    """The tools list a ``--tools`` file holds (a list, or an object with a ``tools`` list)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        fail(f"--tools {path}: {exc}")
+    if isinstance(data, dict) and "tools" in data:
+        data = data["tools"]
+    if not isinstance(data, list):
+        fail(f"--tools {path}: expected a JSON list of tools")
+    return data
+
+
+def _tool_choice(choice: str | None) -> str | dict[str, Any] | None:
+    """``--tool-choice``: one of the modes, or a function's name."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    return {"type": "function", "function": {"name": choice}}
 
 
 def _wait_in_queue(handle: Any, timeout: float) -> None:

@@ -29,7 +29,9 @@ QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
 
 
 def _size(sub: Submission) -> int:
-    parts = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
+    parts: list[Any] = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
+    if sub.tools is not None or sub.tool_choice is not None:  # a request without tools measures as it always did
+        parts += [sub.tools, sub.tool_choice]
     return len(json.dumps(parts, ensure_ascii=False).encode())
 
 

@@ -37,7 +37,8 @@ MAX_INT_DIGITS = 30
 _INT_BOUND = 10**1000
 #: Generation fields added after jobs were first fingerprinted: left out of the
 #: fingerprint at these defaults, so retrying an older job's submit still matches it.
-LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0}
+LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0, "tools": None, "tool_choice": None,
+                                  "parallel_tool_calls": True}
 
 
 @dataclass(kw_only=True)
@@ -69,7 +70,7 @@ class Submission(Generation):
         d = asdict(self)
         d.pop("reference")
         for name, default in LATER_DEFAULTS.items():
-            if type(d[name]) is type(default) and d[name] == default:
+            if type(d[name]) is type(default) and d[name] == default:  # None is None's type too
                 del d[name]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 

@@ -30,7 +30,7 @@ from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.core.models import FINAL_STATES, JobRow
 
 #: Fields of a stored request that hold the requester's text; the rest are figures and flags.
-REQUEST_TEXT_FIELDS = ("prompt", "messages", "stop", "grammar", "json_schema")
+REQUEST_TEXT_FIELDS = ("prompt", "messages", "stop", "grammar", "json_schema", "tools", "tool_choice")
 #: Jobs erased per transaction: each is one short write, so SQLite's single writer is never held long.
 BATCH = 200
 #: Most batches one run erases; a backlog (a first run on an old ledger) is worked off over several runs.

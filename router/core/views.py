@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from llama_tasks import tool_calls
 from llama_tasks.result import Choice
 from router.core import fees, ledger, queue
 from router.core.errors import UnknownJob
@@ -79,6 +80,19 @@ def completions(row: JobRow) -> list[Choice]:
     return [Choice(**c) for c in json.loads(row.choices)] if row.choices else []
 
 
+def _read_tool_calls(row: JobRow, choices: list[dict[str, Any]]) -> None:
+    """Add each choice's ``content`` and ``tool_calls`` when the job offered tools (``tool_calls.parse``).
+
+    ``text`` stays what the model wrote (and what was counted and charged);
+    ``finish_reason`` becomes ``tool_calls`` for a choice that ended with calls.
+    """
+    generation = json.loads(row.request) if row.request else {}
+    for choice in choices:
+        parser = tool_calls.parser_for(generation, row.id, choice["index"])
+        if parser is not None:
+            choice.update(tool_calls.parse(parser, choice["text"] or "", choice["finish_reason"]))
+
+
 def response(row: JobRow) -> dict[str, Any]:
     """What every channel receives about a finished job (``text`` and ``finish_reason`` are choice 0's).
 
@@ -90,6 +104,8 @@ def response(row: JobRow) -> dict[str, Any]:
     if row.text_erased_at is not None:
         for choice in choices:
             choice["text"], choice["logprobs"] = None, None
+    else:
+        _read_tool_calls(row, choices)
     first = choices[0] if choices else {"text": None, "finish_reason": None}
     erased = {} if row.text_erased_at is None else {"text_erased_at": row.text_erased_at}
     return erased | {
@@ -102,6 +118,8 @@ def response(row: JobRow) -> dict[str, Any]:
         "completion_tokens": row.completion_tokens,
         "cached_tokens": row.cached_tokens or 0,
         "finish_reason": first["finish_reason"],
+        # Choice 0's calls, beside its text (present when the job offered tools).
+        **({"tool_calls": first["tool_calls"]} if "tool_calls" in first else {}),
         "choices": choices,
         "offered": row.offered,
         "charged": row.charged,

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from llama_tasks import tool_calls
 from router.core import limits as fair_shares
 from router.core.ledger import hash_api_key
 from router.core.request import Submission
@@ -83,7 +84,9 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
                                   len(call.sub.prompt or ""))
     if slot is not None:
-        return streams.HeldStream(events(job, shapes, call.include_usage), slot, media_type="text/event-stream",
+        parsing = tool_calls.parser_for(call.sub.generation(), job.job_id) if call.chat else None
+        return streams.HeldStream(events(job, shapes, call.include_usage, parsing), slot,
+                                  media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
     resp = await job.wait_response()
     if resp is None:
@@ -94,16 +97,27 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
 
 
-async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE lines of a streamed completion, ``data: [DONE]`` last."""
+async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool,
+                 parsing: tool_calls.ToolCallParser | None = None) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion, ``data: [DONE]`` last.
+
+    With ``parsing`` (a chat that offered tools) the text goes through the
+    tool-call parser: content as it is known, each call once it is whole and valid.
+    """
     finished = False
     try:
         if shapes.chat:
             yield shapes.sse(shapes.role_chunk())
         async for event in job.follow():
             if event["event"] == "token":
-                yield shapes.sse(shapes.text_chunk(event["text"]))
+                if parsing is None:
+                    yield shapes.sse(shapes.text_chunk(event["text"]))
+                else:
+                    for chunk in shapes.tool_chunks(parsing.feed(event["text"])):
+                        yield shapes.sse(chunk)
             elif event["event"] == "restart":
+                if parsing is not None:  # the text so far is void, and so is what was parsed of it
+                    parsing = parsing.fresh()
                 yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0)))
             elif event["event"] == "disconnected":
                 return
@@ -111,6 +125,9 @@ async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: 
         finished = True
         if resp is None:
             return
+        if parsing is not None and resp["status"] == "done":
+            for chunk in shapes.tool_chunks(parsing.close()):
+                yield shapes.sse(chunk)
         if resp["status"] != "done":
             yield shapes.sse(openai_shapes.failed_chunk(resp))
         else:

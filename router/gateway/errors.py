@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_tasks.errors import InvalidRequest, LlamasError, SamplingOutOfRange
+from llama_tasks.errors import BadTools, InvalidRequest, LlamasError, SamplingOutOfRange
 from router.core.errors import (
     AdmissionError,
     BodyTooLarge,
@@ -51,6 +51,8 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     (ReferenceConflict, 409, "reference_conflict"),
     (MalformedBody, 400, "invalid_request_error"),
     (UnsupportedParameter, 400, "invalid_request_error"),
+    # OpenAI answers bad tools, tool_choice and tool messages with a 400.
+    (BadTools, 400, "invalid_request_error"),
     (JobNotQueued, 409, "job_not_queued"),
     (JobNotFinished, 409, "job_not_finished"),
     # The job's row and its ledger disagree: a bug of ours, not of the request.

@@ -5,6 +5,11 @@ accepted only at the value that asks for nothing (``best_of: 1``, ``echo:
 false``), or refused with a 400 that names it — never silently dropped.
 Values are then checked by the same ``request.check`` as the Python client's.
 
+Chat ``tools``, ``tool_choice``, ``parallel_tool_calls``, assistant
+``tool_calls`` and ``tool`` messages pass through in OpenAI's own shape
+(``llama_tasks.tools`` says what they mean and checks them); an assistant
+message with calls and a null content carries an empty one.
+
 ``n`` and log probabilities are honoured without streaming only: the token
 stream carries one completion's text, so ``stream`` with ``n > 1`` or with
 logprobs is refused by name rather than answered with less than was asked.
@@ -35,7 +40,8 @@ COMMON = frozenset({
     "top_k", "min_p", "repeat_penalty", "multiplier", "fee", "reference", "deadline_s",
     "grammar", "json_schema",
 })
-CHAT = COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs", "tools", "tool_choice",
+                 "parallel_tool_calls"}
 COMPLETION = COMMON | {"prompt"}
 
 #: OpenAI parameters accepted only at the value that asks for what we do anyway.
@@ -48,6 +54,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
+    # /v1/completions has no tools; chat completions honour them (an empty list is no tools).
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
@@ -58,14 +65,16 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 #: Why a parameter at another value is refused (shown in the error).
 WHY = {
     "top_logprobs": "text completions ask for alternatives with logprobs: N (0 to 5)",
-    "tools": "tool calls are not supported",
-    "tool_choice": "tool calls are not supported",
-    "functions": "function calls are not supported",
-    "function_call": "function calls are not supported",
-    "parallel_tool_calls": "tool calls are not supported",
+    "tools": "tool calls are offered on /v1/chat/completions",
+    "tool_choice": "tool calls are offered on /v1/chat/completions",
+    "functions": "the deprecated functions field is not supported; send tools",
+    "function_call": "the deprecated function_call field is not supported; send tool_choice",
+    "parallel_tool_calls": "tool calls are offered on /v1/chat/completions",
 }
 #: Role names OpenAI's newer models use for what the chat templates call "system".
 ROLE_ALIASES = {"developer": "system"}
+#: Fields a message of a role may carry besides role and content (``llama_tasks.tools``).
+MESSAGE_EXTRAS: dict[Any, set[str]] = {"assistant": {"tool_calls"}, "tool": {"tool_call_id"}}
 
 
 def parse_body(body: Any) -> dict[str, Any]:
@@ -107,20 +116,42 @@ def _text_content(i: int, content: Any) -> str:
     return "".join(parts)
 
 
+def _message(i: int, m: Any) -> dict[str, Any]:
+    if not isinstance(m, dict):
+        raise InvalidRequest(f"messages[{i}] must be an object")
+    role = m.get("role")
+    allowed = {"role", "content"} | MESSAGE_EXTRAS.get(role, set())
+    extra = set(m) - allowed
+    if extra:
+        raise UnsupportedParameter(f"messages[{i}].{sorted(extra)[0]}",
+                                   f"a {role} message carries only {', '.join(sorted(allowed))}")
+    out = {"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role}
+    # An assistant message that only calls tools has no content (OpenAI sends null).
+    calls = m.get("tool_calls")
+    out["content"] = "" if m.get("content") is None and calls else _text_content(i, m.get("content"))
+    if calls is not None:
+        out["tool_calls"] = calls
+    if "tool_call_id" in m:
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
+
+
 def _messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise InvalidRequest("messages must be a list of {role, content} objects")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"messages[{i}] must be an object")
-        extra = set(m) - {"role", "content"}
-        if extra:
-            raise UnsupportedParameter(f"messages[{i}].{sorted(extra)[0]}", "messages carry only a role and content")
-        role = m.get("role")
-        out.append({"role": ROLE_ALIASES.get(role, role) if isinstance(role, str) else role,
-                    "content": _text_content(i, m.get("content"))})
-    return out
+    return [_message(i, m) for i, m in enumerate(messages)]
+
+
+def _tools(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` as generation fields (an empty list: no tools)."""
+    fields: dict[str, Any] = {}
+    if body.get("tools") not in (None, []):
+        fields["tools"] = body["tools"]
+    if body.get("tool_choice") is not None and (fields or body["tool_choice"] != "none"):
+        fields["tool_choice"] = body["tool_choice"]
+    if body.get("parallel_tool_calls") is not None:
+        fields["parallel_tool_calls"] = body["parallel_tool_calls"]
+    return fields
 
 
 def _response_format(fmt: Any) -> dict[str, Any]:
@@ -205,6 +236,7 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) 
         if "messages" not in body:
             raise InvalidRequest("messages is required")
         fields["messages"] = _messages(body["messages"])
+        fields.update(_tools(body))
         constrained = _response_format(body.get("response_format"))
         if constrained and ("grammar" in fields or "json_schema" in fields):
             raise InvalidRequest("give response_format or grammar/json_schema, not both")

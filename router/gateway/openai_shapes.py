@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama_tasks import errors as worker_errors
+from llama_tasks import tool_calls
 from llama_tasks.errors import GenerationTimedOut, InvalidRequest
 from router.core.models import CANCELLED, EXPIRED
 
@@ -53,12 +54,28 @@ class Shapes:
     def _final_choice(self, choice: dict[str, Any]) -> dict[str, Any]:
         text, logprobs = choice.get("text") or "", choice.get("logprobs")
         if self.chat:
-            return {"index": choice["index"], "message": {"role": "assistant", "content": text},
+            return {"index": choice["index"], "message": _message(choice),
                     "logprobs": None if logprobs is None else {"content": logprobs},
                     "finish_reason": choice.get("finish_reason")}
         return {"index": choice["index"], "text": text,
                 "logprobs": None if logprobs is None else legacy_logprobs(logprobs, self.prompt_chars),
                 "finish_reason": choice.get("finish_reason")}
+
+    def tool_chunks(self, events: list[tool_calls.Event]) -> list[dict[str, Any]]:
+        """The chunks of a tool-offering chat's parsed output (``tool_calls.ToolCallParser``'s events)."""
+        out = []
+        for event in events:
+            if isinstance(event, tool_calls.Content):
+                out.append(self.text_chunk(event.text))
+                continue
+            if isinstance(event, tool_calls.CallStart):
+                call = {"index": event.index, "id": event.id, "type": "function",
+                        "function": {"name": event.name, "arguments": ""}}
+            else:
+                call = {"index": event.index, "function": {"arguments": event.text}}
+            out.append({**self._base(self._chunk_kind),
+                        "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
+        return out
 
     def role_chunk(self) -> dict[str, Any]:
         return {**self._base(self._chunk_kind),
@@ -84,6 +101,16 @@ class Shapes:
     @staticmethod
     def sse(doc: dict[str, Any]) -> str:
         return f"data: {json.dumps(doc)}\n\n"
+
+
+def _message(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice's ``message``: its text, or (a job that offered tools) its content and calls."""
+    if "tool_calls" not in choice:
+        return {"role": "assistant", "content": choice.get("text") or ""}
+    message = {"role": "assistant", "content": choice.get("content")}
+    if choice["tool_calls"]:
+        message["tool_calls"] = choice["tool_calls"]
+    return message
 
 
 def legacy_logprobs(entries: list[dict[str, Any]], start: int) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def test_a_body_that_is_not_utf8_or_not_json_gets_openai_shape(gw: Gateway) -> N
 @pytest.mark.parametrize("fields,param", [
     ({"best_of": 2}, "best_of"),
     ({"echo": True}, "echo"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"logit_bias": {"42": 5}}, "logit_bias"),
     ({"user": "someone"}, "user"),

@@ -83,7 +83,7 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
                                   len(call.sub.prompt or ""))
     if slot is not None:
-        return streams.HeldStream(events(job, shapes, call.include_usage), slot, media_type="text/event-stream",
+        return streams.HeldStream(events(job, shapes, call.sub.n, call.include_usage), slot, media_type="text/event-stream",
                                   headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
     resp = await job.wait_response()
     if resp is None:
@@ -94,17 +94,25 @@ async def completion(request: Request, call: Call, key: str, svc: HerderService,
     return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
 
 
-async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool) -> AsyncIterator[str]:
-    """The SSE lines of a streamed completion, ``data: [DONE]`` last."""
+def final_choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
+    """A done response's choices (a result that listed none answers one, with the job's finish reason)."""
+    return resp.get("choices") or [{"index": 0, "text": resp.get("text") or "",
+                                    "finish_reason": resp.get("finish_reason")}]
+
+
+async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, n: int,
+                 include_usage: bool) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion: every choice's pieces as made, then each one's end; ``[DONE]`` last."""
     finished = False
     try:
         if shapes.chat:
-            yield shapes.sse(shapes.role_chunk())
+            for index in range(n):
+                yield shapes.sse(shapes.role_chunk(index))
         async for event in job.follow():
             if event["event"] == "token":
-                yield shapes.sse(shapes.text_chunk(event["text"]))
+                yield shapes.sse(shapes.text_chunk(event["text"], event["index"], event["logprobs"]))
             elif event["event"] == "restart":
-                yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0)))
+                yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0), event["index"]))
             elif event["event"] == "disconnected":
                 return
         resp = await job.wait_response()
@@ -114,7 +122,7 @@ async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: 
         if resp["status"] != "done":
             yield shapes.sse(openai_shapes.failed_chunk(resp))
         else:
-            for chunk in shapes.closing_chunks(resp["finish_reason"], openai_shapes.usage(resp), include_usage):
+            for chunk in shapes.closing_chunks(final_choices(resp), openai_shapes.usage(resp), include_usage):
                 yield shapes.sse(chunk)
         yield "data: [DONE]\n\n"
     finally:

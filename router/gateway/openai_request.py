@@ -5,9 +5,8 @@ accepted only at the value that asks for nothing (``best_of: 1``, ``echo:
 false``), or refused with a 400 that names it — never silently dropped.
 Values are then checked by the same ``request.check`` as the Python client's.
 
-``n`` and log probabilities are honoured without streaming only: the token
-stream carries one completion's text, so ``stream`` with ``n > 1`` or with
-logprobs is refused by name rather than answered with less than was asked.
+``n`` and log probabilities are honoured streamed and not: a stream carries
+every choice's pieces with their ``index``, and their tokens' log probabilities.
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ def _legacy_logprobs(value: Any) -> dict[str, Any]:
 
 
 def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
-    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields; refused with ``stream``."""
+    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields."""
     names = ("n", "top_logprobs") if chat else ("n",)
     fields = {name: body[name] for name in names if body.get(name) is not None}
     if chat:
@@ -178,12 +177,6 @@ def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
             fields["logprobs"] = body["logprobs"]
     else:
         fields.update(_legacy_logprobs(body.get("logprobs")))
-    if body.get("stream") is True:
-        # The token stream carries one completion's text, and no probabilities.
-        if fields.get("n", 1) != 1:
-            raise UnsupportedParameter("n", "n > 1 is not streamed; ask without stream for several choices")
-        if fields.get("logprobs", False) is not False:
-            raise UnsupportedParameter("logprobs", "log probabilities are not streamed; ask without stream")
     return fields
 
 

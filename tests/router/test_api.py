@@ -98,6 +98,72 @@ def test_n_choices_logprobs_and_cached_tokens_through_the_openai_client(stack, g
     assert stack.books() == []
 
 
+def streamed_choices(chunks: list) -> dict[int, dict]:
+    """What a reader keeps of each streamed choice: text, logprob entries and finish reasons.
+
+    A chunk marked ``llamas_restart`` voids what its choice showed before it
+    (a worker was lost and the retry differs).
+    """
+    kept: dict[int, dict] = {}
+    for chunk in chunks:
+        restart = (chunk.model_extra or {}).get("llamas_restart")
+        if restart:
+            kept[restart["index"]] = {"text": "", "logprobs": [], "finish": []}
+        for c in chunk.choices:
+            mine = kept.setdefault(c.index, {"text": "", "logprobs": [], "finish": []})
+            mine["text"] += c.delta.content or ""
+            if c.logprobs is not None:
+                mine["logprobs"] += [t.model_dump() for t in c.logprobs.content]
+            if c.finish_reason:
+                mine["finish"].append(c.finish_reason)
+    return kept
+
+
+def test_three_choices_stream_together_through_the_openai_client(stack, gateway):
+    key, _ = stack.account(100_000)
+    chunks = list(client(gateway, key).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Tell me about llamas."}], max_tokens=16, n=3,
+        temperature=1.0, seed=7, stream=True, stream_options={"include_usage": True},
+    ))
+    row = stack.job(chunks[0].id.removeprefix("chatcmpl-"))
+    stored = views.response(row)["choices"]
+    kept = streamed_choices(chunks)
+    assert sorted(kept) == [0, 1, 2]
+    for choice in stored:
+        assert kept[choice["index"]]["text"] == choice["text"]
+        assert kept[choice["index"]]["finish"] == [choice["finish_reason"]]
+    assert len({c["text"] for c in stored}) > 1  # three samples, not one thrice
+    # Interleaved as made: some choice's piece comes before another choice's first piece ends the run.
+    order = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.content]
+    assert order != sorted(order)
+    assert chunks[-1].usage.completion_tokens == row.completion_tokens
+    assert chunks[-1].usage.model_extra["charged"] == row.charged
+    assert stack.balance(key) == 100_000 - row.charged and stack.books() == []
+
+
+def test_logprobs_stream_as_the_plain_answer_gives_them(stack, gateway):
+    key, _ = stack.account(100_000)
+    oa = client(gateway, key)
+    ask = dict(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, n=2,
+               temperature=1.0, seed=21, logprobs=True, top_logprobs=2)
+    plain = oa.chat.completions.create(**ask)
+    chunks = list(oa.chat.completions.create(**ask, stream=True))
+    row = stack.job(chunks[0].id.removeprefix("chatcmpl-"))
+    kept = streamed_choices(chunks)
+    for choice in views.response(row)["choices"]:
+        # Exactly what the job stored, token by token ...
+        assert kept[choice["index"]]["text"] == choice["text"]
+        assert kept[choice["index"]]["logprobs"] == choice["logprobs"]
+        # ... and the same tokens as the plain answer for the same seed.
+        same = plain.choices[choice["index"]]
+        assert kept[choice["index"]]["text"] == same.message.content
+        assert [t["token"] for t in kept[choice["index"]]["logprobs"]] == [t.token for t in same.logprobs.content]
+        assert [t["logprob"] for t in kept[choice["index"]]["logprobs"]] == pytest.approx(
+            [t.logprob for t in same.logprobs.content], abs=1e-3)
+    assert all(len(t["top_logprobs"]) == 2 for k in kept.values() for t in k["logprobs"])
+    assert stack.books() == []
+
+
 def test_models_info_health_and_jobs(stack, gateway):
     key, _ = stack.account(10_000)
     assert [m.id for m in client(gateway, key).models.list()] == ["smollm2"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -67,31 +67,58 @@ async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
         return {}
 
 
-async def completion(request: Request, call: Call, key: str, svc: HerderService,
-                     r: aioredis.Redis) -> Any:
-    """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
+@dataclass(frozen=True)
+class Started:
+    """An admitted job as its HTTP request holds it: the job, its rate-limit headers, its stream's slot."""
+
+    job: AdmittedJob
+    headers: dict[str, str]
+    slot: streams.Slot | None
+
+
+async def start(request: Request, sub: Submission, stream: bool, key: str, svc: HerderService,
+                r: aioredis.Redis) -> Started:
+    """Admit ``sub`` for ``key``: the one path of every endpoint that generates (chat, text, Responses)."""
     # A stream's slot is claimed before admission: past the key's share, nothing is held.
-    slot = await streams.claim(request.app, hash_api_key(key)) if call.stream else None
+    slot = await streams.claim(request.app, hash_api_key(key)) if stream else None
     try:
-        doc = await admit(svc, key, call.sub)
+        doc = await admit(svc, key, sub)
     except BaseException:
         if slot is not None:
             await slot.release()
         raise
     headers = await rate_limit_headers(svc, key)
-    job = AdmittedJob(request, svc, r, key, doc["job_id"])
-    shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
-                                  len(call.sub.prompt or ""))
-    if slot is not None:
-        return streams.HeldStream(events(job, shapes, call.sub.n, call.include_usage), slot, media_type="text/event-stream",
-                                  headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
-    resp = await job.wait_response()
+    return Started(AdmittedJob(request, svc, r, key, doc["job_id"]), headers, slot)
+
+
+async def answer(started: Started, shape: Callable[[dict[str, Any]], dict[str, Any]]) -> JSONResponse:
+    """Wait for the job and answer it: ``shape`` of a done response, or the error a failed one gets."""
+    resp = await started.job.wait_response()
     if resp is None:
         return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
     if resp["status"] != "done":
         status, body, retry = openai_shapes.failed(resp)
-        return JSONResponse(body, status_code=status, headers={**headers, **retry})
-    return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
+        return JSONResponse(body, status_code=status, headers={**started.headers, **retry})
+    return JSONResponse(shape(resp), headers=started.headers)
+
+
+def event_stream(started: Started, lines: AsyncIterator[str]) -> streams.HeldStream:
+    """The SSE response that sends ``lines``, holding the stream's slot until it ends."""
+    assert started.slot is not None
+    return streams.HeldStream(lines, started.slot, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Llamas-Job": started.job.job_id,
+                                       **started.headers})
+
+
+async def completion(request: Request, call: Call, key: str, svc: HerderService,
+                     r: aioredis.Redis) -> Any:
+    """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
+    started = await start(request, call.sub, call.stream, key, svc, r)
+    shapes = openai_shapes.Shapes(started.job.job_id, call.sub.model, call.chat, int(time.time()),
+                                  len(call.sub.prompt or ""))
+    if call.stream:
+        return event_stream(started, events(started.job, shapes, call.sub.n, call.include_usage))
+    return await answer(started, lambda resp: shapes.final(resp["choices"], openai_shapes.usage(resp)))
 
 
 def final_choices(resp: dict[str, Any]) -> list[dict[str, Any]]:

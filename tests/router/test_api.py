@@ -3,6 +3,7 @@ and raw HTTP for the error cases."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -162,6 +163,62 @@ def test_logprobs_stream_as_the_plain_answer_gives_them(stack, gateway):
             [t.logprob for t in same.logprobs.content], abs=1e-3)
     assert all(len(t["top_logprobs"]) == 2 for k in kept.values() for t in k["logprobs"])
     assert stack.books() == []
+
+
+def test_a_response_through_the_openai_client_is_charged_exactly(stack, gateway):
+    key, _ = stack.account(10_000)
+    reply = client(gateway, key).responses.create(model="smollm2", input="Say hello.",
+                                                  instructions="You are terse.", max_output_tokens=16)
+    row = stack.job(reply.id.removeprefix("resp_"))
+    assert reply.status in ("completed", "incomplete") and reply.output_text == views.response(row)["text"]
+    assert reply.output_text and reply.output[0].type == "message"
+    usage = reply.usage.model_dump()
+    assert usage["input_tokens"] == row.prompt_tokens and usage["output_tokens"] == row.completion_tokens
+    assert usage["charged"] == row.charged and stack.balance(key) == 10_000 - row.charged
+    assert stack.books() == []
+
+
+def test_a_streamed_response_through_the_openai_client(stack, gateway):
+    key, _ = stack.account(10_000)
+    events = list(client(gateway, key).responses.create(model="smollm2", input="Tell me about llamas.",
+                                                        max_output_tokens=32, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in (
+        "response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # A restart event voids the deltas before it (a worker was lost and the retry differs).
+    restarts = [i for i, e in enumerate(events) if e.type == "response.llamas_restart"]
+    deltas = [e.delta for e in events[(restarts[-1] + 1 if restarts else 0):] if e.type == "response.output_text.delta"]
+    final = events[-1].response
+    row = stack.job(final.id.removeprefix("resp_"))
+    assert len(deltas) > 3 and "".join(deltas) == final.output_text == views.response(row)["text"]
+    assert final.usage.output_tokens == row.completion_tokens
+    assert final.usage.model_dump()["charged"] == row.charged and stack.balance(key) == 10_000 - row.charged
+
+
+def test_a_json_schema_response_parses_against_its_schema(stack, gateway):
+    key, _ = stack.account(10_000)
+    schema = {"type": "object", "properties": {"animal": {"type": "string", "enum": ["llama", "alpaca"]},
+                                               "legs": {"type": "integer"}},
+              "required": ["animal", "legs"], "additionalProperties": False}
+    reply = client(gateway, key).responses.create(
+        model="smollm2", input="Describe a llama as JSON.", max_output_tokens=64,
+        text={"format": {"type": "json_schema", "name": "animal", "schema": schema, "strict": True}})
+    doc = json.loads(reply.output_text)
+    assert doc["animal"] in ("llama", "alpaca") and isinstance(doc["legs"], int)
+    row = stack.job(reply.id.removeprefix("resp_"))
+    assert stack.balance(key) == 10_000 - row.charged and stack.books() == []
+
+
+def test_a_bad_response_request_is_refused_with_nothing_held(stack, gateway):
+    key, _ = stack.account(1_000)
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gateway, key).responses.create(model="smollm2", input="hi", previous_response_id="resp_x")
+    assert info.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gateway, key).responses.create(model="smollm2", input="hi", store=True)
+    assert info.value.body["param"] == "store"
+    assert stack.balance(key) == 1_000 and stack.books() == []
 
 
 def test_models_info_health_and_jobs(stack, gateway):

@@ -186,11 +186,9 @@ def run(
     model: str = typer.Option(DEFAULT_MODEL),
     reference: str | None = typer.Option(None, help="Idempotency reference."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the answer."),
-    n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; not with --stream)."),
+    n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; --stream streams the first)."),
 ) -> None:
     """Pay for one generation and print the answer."""
-    if stream and n != 1:
-        fail("--stream shows one completion; drop --stream to ask for --n completions")
     herder = _herder(_need_key(key))
     handle = herder.run(
         None if chat else prompt, tokens, messages=[{"role": "user", "content": prompt}] if chat else None,
@@ -201,6 +199,8 @@ def run(
                   f"(×{handle.doc['multiplier']:.2f})", highlight=False)
         _wait_in_queue(handle, timeout)
     if stream and not as_json:
+        if n > 1:
+            err.print("--- choice 0", highlight=False)
         for piece in handle.stream(timeout=timeout):
             out.print(piece, end="", markup=False, highlight=False)
         out.print()
@@ -212,12 +212,12 @@ def run(
              f"(refunded {doc.get('refunded')})")
     if as_json:
         return
-    if not stream:
-        choices = doc.get("choices") or [{"index": 0, "text": doc["text"]}]
-        for choice in choices:
-            if len(choices) > 1:
-                err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
-            out.print(choice["text"], markup=False, highlight=False)
+    # Streamed, the first choice was shown as it came; the others are shown whole.
+    choices = (doc.get("choices") or [{"index": 0, "text": doc["text"]}])[1 if stream else 0:]
+    for choice in choices:
+        if n > 1:
+            err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
+        out.print(choice["text"], markup=False, highlight=False)
     err.print(f"{doc['prompt_tokens']} prompt ({doc.get('cached_tokens') or 0} cached) + "
               f"{doc['completion_tokens']} completion tokens, "
               f"finish={doc['finish_reason']}; charged {doc['charged']}, refunded {doc['refunded']}",

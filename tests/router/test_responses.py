@@ -10,10 +10,11 @@ in OpenAI's error shape with nothing held.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import openai
 import pytest
+from pydantic import BaseModel
 
 from router.core import ledger
 from router.core.errors import UnsupportedParameter
@@ -126,6 +127,27 @@ def test_a_streamed_response_sends_the_typed_events_in_order(gw: ScriptedGateway
     assert done.id == f"resp_{row.id}" and done.output_text == "Hello there!"
     assert done.usage.output_tokens == 3 and done.usage.model_dump()["charged"] == row.charged
     assert gw.balance() == DEPOSIT - row.charged
+
+
+def test_the_sdks_stream_helper_assembles_the_final_response(gw: ScriptedGateway) -> None:
+    gw.script = said("Hello there!")
+    gw.pieces = [(0, "Hello", None), (0, " there!", None)]
+    with sdk(gw).responses.stream(model=MODEL, input="Greet me.") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "Hello there!"
+    assert final.id == f"resp_{gw.row().id}"
+
+
+class Mood(BaseModel):
+    mood: Literal["up", "down"]
+
+
+def test_the_sdks_parse_helper_sends_a_strict_schema_and_parses_the_answer(gw: ScriptedGateway) -> None:
+    gw.script = said('{"mood": "down"}')
+    reply = sdk(gw).responses.parse(model=MODEL, input="How is the market?", text_format=Mood)
+    assert reply.output_parsed == Mood(mood="down")
+    assert asked(gw)["json_schema"]["properties"]["mood"]["enum"] == ["up", "down"]
 
 
 def test_the_raw_stream_names_each_event_on_its_event_line(gw: ScriptedGateway) -> None:

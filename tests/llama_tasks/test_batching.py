@@ -313,13 +313,17 @@ def test_every_choice_streams_its_text_and_logprobs_exactly_as_its_result(batch,
     pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
     entries: dict[int, list[dict[str, Any]]] = {0: [], 1: [], 2: []}
 
+    order: list[int] = []
+
     def on_text(index: int, piece: str, logprobs: list[dict[str, Any]] | None) -> None:
+        order.append(index)
         pieces[index].append(piece)
         assert logprobs is not None
         entries[index].extend(logprobs)
 
     result = generation.run(batch, generation.sequences(vocab, job, on_text))
     assert len({c.text for c in result.choices}) > 1  # sampled apart
+    assert order != sorted(order)  # decoded together: their pieces come interleaved, as made
     for i, choice in enumerate(result.choices):
         assert "".join(pieces[i]) == choice.text
         assert entries[i] == choice.logprobs and len(entries[i]) == choice.completion_tokens

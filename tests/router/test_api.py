@@ -134,9 +134,6 @@ def test_three_choices_stream_together_through_the_openai_client(stack, gateway)
         assert kept[choice["index"]]["text"] == choice["text"]
         assert kept[choice["index"]]["finish"] == [choice["finish_reason"]]
     assert len({c["text"] for c in stored}) > 1  # three samples, not one thrice
-    # Interleaved as made: some choice's piece comes before another choice's first piece ends the run.
-    order = [c.choices[0].index for c in chunks if c.choices and c.choices[0].delta.content]
-    assert order != sorted(order)
     assert chunks[-1].usage.completion_tokens == row.completion_tokens
     assert chunks[-1].usage.model_extra["charged"] == row.charged
     assert stack.balance(key) == 100_000 - row.charged and stack.books() == []

@@ -77,6 +77,11 @@ WATCHDOG_PERIOD_S = 0.25
 PAST_LIMIT_S = 1.0
 
 
+#: ``on_text(piece, logprobs)``: a final piece of text, and the log probability entries of the
+#: tokens it completes (the pieces join up to the text, the entries to the result's ``logprobs``).
+OnText = Callable[[str, list[dict[str, Any]] | None], None]
+
+
 @dataclass(kw_only=True)
 class SequenceSpec:
     """One sequence to generate: its prompt tokens and how to sample after them."""
@@ -96,8 +101,9 @@ class SequenceSpec:
     grammar_triggers: list[str] = field(default_factory=list)
     #: None: no log probabilities; k >= 0: each token's, with its k best alternatives.
     top_logprobs: int | None = None
-    #: Receives the text as it becomes final (never a piece of a stop string).
-    on_text: Callable[[str], None] | None = None
+    #: Receives the text as it becomes final (never a piece of a stop string), with the log
+    #: probabilities of the tokens whose text it completes (None unless ``top_logprobs`` is set).
+    on_text: OnText | None = None
     #: Seconds the sequence may take from admission; past it, it ends with what it made ("time_limit").
     time_limit_s: float | None = None
     #: Whose prompt cache this sequence may reuse: only a slot last filled with the same key
@@ -178,17 +184,25 @@ class _Text:
 
     Text is handed on only once it can no longer turn out to be the start of
     a stop string, so the pieces always join up to exactly the final text.
+    A token's log probability entry goes with the piece that completes its
+    text; what is left at the end (the token that held a stop string) goes
+    with the last piece, which may be empty, so the entries join up to
+    exactly the sequence's ``logprobs``.
     """
 
-    def __init__(self, stops: list[str], on_text: Callable[[str], None] | None) -> None:
+    def __init__(self, stops: list[str], on_text: OnText | None, logprobs: bool) -> None:
         self.stops, self.on_text = stops, on_text
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.hold_back = max((len(s) for s in stops), default=1) - 1
         self.text, self.emitted = "", 0
+        # Entries not yet handed on, each with the text length its token's text ends at.
+        self.entries: deque[tuple[int, dict[str, Any]]] | None = deque() if logprobs else None
 
-    def add(self, piece: bytes) -> bool:
-        """Append a token's bytes; True when a stop string ended the text."""
+    def add(self, piece: bytes, entry: dict[str, Any] | None = None) -> bool:
+        """Append a token's bytes (and its logprob entry); True when a stop string ended the text."""
         self.text += self.decoder.decode(piece)
+        if self.entries is not None and entry is not None:
+            self.entries.append((len(self.text), entry))
         cut = _earliest_stop(self.text, self.stops, max(0, self.emitted - self.hold_back))
         if cut >= 0:
             self.text = self.text[:cut]
@@ -201,14 +215,19 @@ class _Text:
     def close(self, flush_bytes: bool) -> str:
         if flush_bytes:  # bytes of a character the token limit cut in half
             self.text += self.decoder.decode(b"", final=True)
-        if len(self.text) > self.emitted:
-            self._emit(len(self.text))
+        if len(self.text) > self.emitted or self.entries:
+            self._emit(len(self.text), everything=True)
         return self.text
 
-    def _emit(self, upto: int) -> None:
+    def _emit(self, upto: int, everything: bool = False) -> None:
         piece, self.emitted = self.text[self.emitted:upto], upto
+        entries: list[dict[str, Any]] | None = None
+        if self.entries is not None:
+            entries = []
+            while self.entries and (everything or self.entries[0][0] <= upto):
+                entries.append(self.entries.popleft()[1])
         if self.on_text is not None:
-            self.on_text(piece)
+            self.on_text(piece, entries)
 
 
 @dataclass
@@ -242,7 +261,7 @@ class _Active:
         self.admitted_at = time.perf_counter()
         self.deadline = self.admitted_at + spec.time_limit_s if spec.time_limit_s else math.inf
         self.first_token_at: float | None = None
-        self.text = _Text(spec.stops, spec.on_text)
+        self.text = _Text(spec.stops, spec.on_text, spec.top_logprobs is not None)
         self.completion = 0
         self.next_token: int | None = None  # sampled, not yet decoded
         self.batch_index = -1  # where this step's logits for it are
@@ -541,9 +560,11 @@ class BatchEngine:
             self._end(seq, "stop")
             return
         seq.completion += 1
+        entry = None
         if seq.logprobs is not None:
-            seq.logprobs.append(self._logprobs(seq.batch_index, token, spec.top_logprobs or 0))
-        if seq.text.add(self._piece(token)):
+            entry = self._logprobs(seq.batch_index, token, spec.top_logprobs or 0)
+            seq.logprobs.append(entry)
+        if seq.text.add(self._piece(token), entry):
             self._end(seq, "stop")
         elif seq.completion >= spec.max_tokens:
             self._end(seq, "length")

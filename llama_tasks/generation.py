@@ -10,11 +10,12 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from llama_cpp import Llama
 
 from llama_tasks import engine
-from llama_tasks.batching import BatchEngine, SequenceResult, SequenceSpec, Ticket
+from llama_tasks.batching import BatchEngine, OnText, SequenceResult, SequenceSpec, Ticket
 from llama_tasks.job import MAX_SEED, Job
 from llama_tasks.result import Choice, Result
 
@@ -62,9 +63,26 @@ class JobResult:
         )
 
 
-def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
+#: ``on_text(index, piece, logprobs)``: a final piece of choice ``index``'s text, with its tokens'
+#: log probability entries (None without logprobs), as ``batching.SequenceSpec.on_text`` gives them.
+OnChoiceText = Callable[[int, str, list[dict[str, Any]] | None], None]
+
+
+def _for_choice(on_text: OnChoiceText | None, index: int) -> OnText | None:
+    if on_text is None:
+        return None
+
+    def choice_text(piece: str, logprobs: list[dict[str, Any]] | None) -> None:
+        on_text(index, piece, logprobs)
+
+    return choice_text
+
+
+def sequences(vocab: Llama, job: Job, on_text: OnChoiceText | None,
               time_limit_s: float | None = None, shared_prefixes: Sequence[str] = ()) -> list[SequenceSpec]:
     """The sequences of ``job`` (one per choice), or the typed error that refuses it.
+
+    Every choice streams its text through ``on_text``, with its index.
 
     Whether they fit a slot is the engine's to say, when they are submitted.
     """
@@ -91,8 +109,7 @@ def sequences(vocab: Llama, job: Job, on_text: Callable[[str], None] | None,
             grammar=grammar,
             grammar_triggers=engine.grammar_triggers(job),
             top_logprobs=top,
-            # The job's stream carries its first choice.
-            on_text=on_text if i == 0 else None,
+            on_text=_for_choice(on_text, i),
             time_limit_s=time_limit_s,
             cache_key=job.cache_key,
             public_tokens=public,

@@ -147,7 +147,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
                                sign=ctx.signer.sign_claim)
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        specs = generation.sequences(ctx.vocab, job, _first_token_point(stream.token), ctx.settings.soft_time_limit_s,
+        specs = generation.sequences(ctx.vocab, job, _first_token_point(stream), ctx.settings.soft_time_limit_s,
                                      ctx.settings.shared_prefixes)
         generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
@@ -174,13 +174,13 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
     return answer
 
 
-def _first_token_point(on_text: Callable[[str], None]) -> Callable[[str], None]:
-    """``on_text`` with the ``first_token`` crash point after its first call (``faults``)."""
-    if os.environ.get(faults.CRASH_AT_ENV) != "first_token":
-        return on_text
+def _first_token_point(stream: StreamWriter) -> generation.OnChoiceText:
+    """What writes each choice's text to ``stream``, with the ``first_token`` crash point after its first call."""
+    crash = os.environ.get(faults.CRASH_AT_ENV) == "first_token"
 
-    def streamed(text: str) -> None:
-        on_text(text)
-        faults.point("first_token")
+    def streamed(index: int, text: str, logprobs: list[dict[str, Any]] | None) -> None:
+        stream.token(text, index, logprobs)
+        if crash:
+            faults.point("first_token")
 
     return streamed

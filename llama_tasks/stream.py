@@ -1,15 +1,19 @@
 """Token streams: a Redis stream per job that requesters can follow live.
 
-Events are ``start`` (one per attempt), ``token`` (a piece of text), then
-``end`` (with the finish reason) or ``error``. An attempt that runs again
-after its worker was lost writes a new ``start`` and its text from the
-beginning; ``follow_text`` turns that into what a reader must see: every
-piece of text once, and a ``restart`` event only when the new attempt's text
-contradicts what was already shown.
+Events are ``start`` (one per attempt), ``token`` (a piece of one choice's
+text: its ``index``, and with logprobs asked for, its tokens' ``logprobs`` as
+JSON), then ``end`` (with the first choice's finish reason) or ``error``. The
+choices of a job with ``n > 1`` write their pieces interleaved, as they are
+made. An attempt that runs again after its worker was lost writes a new
+``start`` and its text from the beginning; ``follow_text`` turns that into
+what a reader must see: every piece of each choice's text once, and a
+``restart`` event for a choice only when the new attempt's text contradicts
+what was already shown of it.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -44,8 +48,12 @@ class StreamWriter:
         pipe.expire(self._key, self._ttl_s)
         pipe.execute()
 
-    def token(self, text: str) -> None:
-        self._add("token", text=text)
+    def token(self, text: str, index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None:
+        """A piece of choice ``index``'s text, with its tokens' log probability entries when asked for."""
+        fields = {"text": text, "index": str(index)}
+        if logprobs is not None:
+            fields["logprobs"] = json.dumps(logprobs)
+        self._add("token", **fields)
 
     def end(self, finish_reason: str) -> None:
         self._add("end", finish_reason=finish_reason)
@@ -104,48 +112,103 @@ def follow(r: redis.Redis, job_id: str, timeout_s: float = 60.0,
                 return
 
 
-class TextFollower:
-    """What a reader of one job's stream has been shown, across attempts.
+#: What a follower shows: ``token`` (``index``, ``text``, ``logprobs``: a list or None),
+#: ``restart`` (``index``, ``attempt``), and the raw ``end`` and ``error``.
+Shown = dict[str, Any]
 
-    ``feed`` takes raw events in order and returns the events to show: token
-    pieces that extend the shown text (a new attempt retracing text already
-    shown is silent), and ``restart`` followed by the new attempt's whole text
-    when it departs from what was shown (the reader must discard it).
+
+class TextFollower:
+    """What a reader of one choice's text has been shown, across attempts.
+
+    ``feed`` takes the choice's raw events in order and returns what to show:
+    token pieces that extend the shown text (a new attempt retracing text
+    already shown is silent), and ``restart`` followed by the new attempt's
+    whole text when it departs from what was shown (the reader must discard
+    it). Log probability entries travel with the text: each is shown once,
+    and a restart shows the new attempt's all over again.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
         self.shown = ""
+        self.shown_logprobs = 0
         self._current = ""
+        self._logprobs: list[dict[str, Any]] | None = None
 
-    def _catch_up(self, attempt: str) -> list[dict[str, str]]:
-        if self.shown.startswith(self._current):
+    def _token(self, text: str, logprobs: list[dict[str, Any]] | None) -> Shown:
+        return {"event": "token", "index": self.index, "text": text, "logprobs": logprobs}
+
+    def _restart(self, attempt: str) -> list[Shown]:
+        self.shown, self.shown_logprobs = self._current, len(self._logprobs or [])
+        restart: Shown = {"event": "restart", "index": self.index, "attempt": attempt}
+        whole = [self._token(self._current, self._logprobs)] if self._current or self._logprobs else []
+        return [restart, *whole]
+
+    def _catch_up(self, attempt: str) -> list[Shown]:
+        if self._current != self.shown and self.shown.startswith(self._current):
             return []  # retracing what the reader already has
-        if self._current.startswith(self.shown):
-            piece, self.shown = self._current[len(self.shown):], self._current
-            return [{"event": "token", "text": piece}]
-        self.shown = self._current
-        return [{"event": "restart", "attempt": attempt}, {"event": "token", "text": self._current}]
+        if not self._current.startswith(self.shown):
+            return self._restart(attempt)
+        piece, self.shown = self._current[len(self.shown):], self._current
+        logprobs = None
+        if self._logprobs is not None:
+            logprobs, self.shown_logprobs = self._logprobs[self.shown_logprobs:], max(
+                self.shown_logprobs, len(self._logprobs))
+        return [self._token(piece, logprobs)] if piece or logprobs else []
 
-    def feed(self, event: dict[str, str]) -> list[dict[str, str]]:
+    def start(self) -> None:
+        """A new attempt begins: its text is built up from nothing."""
+        self._current, self._logprobs = "", None
+
+    def feed(self, event: dict[str, str]) -> list[Shown]:
         kind = event["event"]
         if kind == "start":
-            self._current = ""
+            self.start()
             return []
         if kind == "token":
             self._current += event["text"]
+            if "logprobs" in event:
+                self._logprobs = (self._logprobs or []) + json.loads(event["logprobs"])
             return self._catch_up(event.get("attempt", ""))
-        if kind == "end" and self._current != self.shown:
-            # The final text stops short of what was shown, or departs from it.
-            restart = {"event": "restart", "attempt": event.get("attempt", "")}
-            text = [{"event": "token", "text": self._current}] if self._current else []
-            self.shown = self._current
-            return [restart, *text, event]
+        if kind == "end":
+            return [*self.finish(event.get("attempt", "")), event]
+        return [event]
+
+    def finish(self, attempt: str) -> list[Shown]:
+        """The attempt ended: a restart if its text stops short of what was shown, or departs from it."""
+        if self._current != self.shown:
+            return self._restart(attempt)
+        return []
+
+
+class ChoicesFollower:
+    """What a reader of one job's stream has been shown: a ``TextFollower`` per choice."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, TextFollower] = {}
+
+    def choice(self, index: int) -> TextFollower:
+        if index not in self.choices:
+            self.choices[index] = TextFollower(index)
+        return self.choices[index]
+
+    def feed(self, event: dict[str, str]) -> list[Shown]:
+        kind = event["event"]
+        if kind == "start":
+            for follower in self.choices.values():
+                follower.start()
+            return []
+        if kind == "token":
+            return self.choice(int(event.get("index") or 0)).feed(event)
+        if kind == "end":
+            attempt = event.get("attempt", "")
+            return [*(e for i in sorted(self.choices) for e in self.choices[i].finish(attempt)), event]
         return [event]
 
 
 def follow_text(r: redis.Redis, job_id: str, timeout_s: float = 60.0,
-                ended: Callable[[], bool] | None = None) -> Iterator[dict[str, str]]:
-    """``follow``, as a reader should see it: text once, ``restart`` when an attempt departs."""
-    follower = TextFollower()
+                ended: Callable[[], bool] | None = None) -> Iterator[Shown]:
+    """``follow``, as a reader should see it: each choice's text once, ``restart`` when an attempt departs."""
+    follower = ChoicesFollower()
     for event in follow(r, job_id, timeout_s, ended):
         yield from follower.feed(event)

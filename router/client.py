@@ -163,8 +163,7 @@ class Herder:
         generated token's log probability, with ``top_logprobs`` alternatives.
         The response's ``choices`` lists them all (``text`` is the first's) and
         ``cached_tokens`` counts prompt tokens a worker had cached (charged at
-        ``fee_per_cached_token``). Stream single completions only: the HTTP
-        gateway refuses ``stream`` with ``n > 1`` or logprobs.
+        ``fee_per_cached_token``). Every choice streams: ``stream(choice=i)``.
         ``stop`` is one stop string or a list of them. ``sampling`` takes
         ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``repeat_penalty`` and
         ``seed``. ``tools`` offers function tools to a chat (OpenAI's
@@ -285,8 +284,8 @@ class JobHandle:
             raise JobFailed(self.id, response["status"], response.get("error"), response.get("message"))
         return response
 
-    def stream(self, timeout: float = 300.0) -> Iterator[str]:
-        """Text pieces as the worker generates them, each piece once.
+    def stream(self, timeout: float = 300.0, choice: int = 0) -> Iterator[str]:
+        """Text pieces of one choice (the first unless ``choice`` says) as the worker generates them, each once.
 
         When a worker is lost mid-job the attempt that runs again retraces the
         same text silently (each job samples with its own fixed seed). Should it
@@ -297,8 +296,11 @@ class JobHandle:
         ended = False
         for event in token_stream.follow_text(r, self.id, timeout_s=timeout,
                                               ended=lambda: bool(r.exists(RESPONSE_PREFIX + self.id))):
+            if event["event"] in ("token", "restart") and event["index"] != choice:
+                continue
             if event["event"] == "token":
-                yield event["text"]
+                if event["text"]:
+                    yield event["text"]
             elif event["event"] == "restart":
                 raise StreamRestarted(self.id, int(event["attempt"] or 0))
             elif event["event"] == "error":

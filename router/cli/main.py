@@ -186,14 +186,12 @@ def run(
     model: str = typer.Option(DEFAULT_MODEL),
     reference: str | None = typer.Option(None, help="Idempotency reference."),
     timeout: float = typer.Option(600.0, help="Seconds to wait for the answer."),
-    n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; not with --stream)."),
+    n: int = typer.Option(1, "--n", help="Completions to generate (each paid for; --stream streams the first)."),
     tools: Path | None = typer.Option(None, "--tools", help="JSON file of function tools the model may call "
                                       "(OpenAI's tools list); the calls are printed as JSON lines."),
     tool_choice: str | None = typer.Option(None, "--tool-choice", help="auto, none, required, or a function's name."),
 ) -> None:
     """Pay for one generation and print the answer."""
-    if stream and n != 1:
-        fail("--stream shows one completion; drop --stream to ask for --n completions")
     offered = _tools_file(tools) if tools is not None else None
     if offered is not None and not chat:
         fail("--tools needs a chat message (drop --no-chat)")
@@ -208,6 +206,8 @@ def run(
                   f"(×{handle.doc['multiplier']:.2f})", highlight=False)
         _wait_in_queue(handle, timeout)
     if stream and not as_json:
+        if n > 1:
+            err.print("--- choice 0", highlight=False)
         for piece in handle.stream(timeout=timeout):
             out.print(piece, end="", markup=False, highlight=False)
         out.print()
@@ -219,18 +219,19 @@ def run(
              f"(refunded {doc.get('refunded')})")
     if as_json:
         return
-    if not stream:
-        choices = doc.get("choices") or [{"index": 0, "text": doc["text"]}]
-        for choice in choices:
-            if len(choices) > 1:
-                err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
-            if "tool_calls" in choice:
-                if choice.get("content"):
-                    out.print(choice["content"], markup=False, highlight=False)
-                for call in choice["tool_calls"]:
-                    out.print(json.dumps(call), markup=False, highlight=False)
-            else:
-                out.print(choice["text"], markup=False, highlight=False)
+    choices = doc.get("choices") or [{"index": 0, "text": doc["text"]}]
+    for choice in choices:
+        # Streamed, the first choice's text was shown as it came (its calls, parsed, are shown now).
+        shown = stream and choice["index"] == 0
+        if n > 1 and not shown:
+            err.print(f"--- choice {choice['index']} (finish={choice.get('finish_reason')})", highlight=False)
+        if "tool_calls" in choice:
+            if choice.get("content") and not shown:
+                out.print(choice["content"], markup=False, highlight=False)
+            for call in choice["tool_calls"]:
+                out.print(json.dumps(call), markup=False, highlight=False)
+        elif not shown:
+            out.print(choice["text"], markup=False, highlight=False)
     err.print(f"{doc['prompt_tokens']} prompt ({doc.get('cached_tokens') or 0} cached) + "
               f"{doc['completion_tokens']} completion tokens, "
               f"finish={doc['finish_reason']}; charged {doc['charged']}, refunded {doc['refunded']}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -68,70 +68,112 @@ async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
         return {}
 
 
-async def completion(request: Request, call: Call, key: str, svc: HerderService,
-                     r: aioredis.Redis) -> Any:
-    """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
+@dataclass(frozen=True)
+class Started:
+    """An admitted job as its HTTP request holds it: the job, its rate-limit headers, its stream's slot."""
+
+    job: AdmittedJob
+    headers: dict[str, str]
+    slot: streams.Slot | None
+
+
+async def start(request: Request, sub: Submission, stream: bool, key: str, svc: HerderService,
+                r: aioredis.Redis) -> Started:
+    """Admit ``sub`` for ``key``: the one path of every endpoint that generates (chat, text, Responses)."""
     # A stream's slot is claimed before admission: past the key's share, nothing is held.
-    slot = await streams.claim(request.app, hash_api_key(key)) if call.stream else None
+    slot = await streams.claim(request.app, hash_api_key(key)) if stream else None
     try:
-        doc = await admit(svc, key, call.sub)
+        doc = await admit(svc, key, sub)
     except BaseException:
         if slot is not None:
             await slot.release()
         raise
     headers = await rate_limit_headers(svc, key)
-    job = AdmittedJob(request, svc, r, key, doc["job_id"])
-    shapes = openai_shapes.Shapes(job.job_id, call.sub.model, call.chat, int(time.time()),
-                                  len(call.sub.prompt or ""))
-    if slot is not None:
-        parsing = tool_calls.parser_for(call.sub.generation(), job.job_id) if call.chat else None
-        return streams.HeldStream(events(job, shapes, call.include_usage, parsing), slot,
-                                  media_type="text/event-stream",
-                                  headers={"Cache-Control": "no-cache", "X-Llamas-Job": job.job_id, **headers})
-    resp = await job.wait_response()
+    return Started(AdmittedJob(request, svc, r, key, doc["job_id"]), headers, slot)
+
+
+async def answer(started: Started, shape: Callable[[dict[str, Any]], dict[str, Any]]) -> JSONResponse:
+    """Wait for the job and answer it: ``shape`` of a done response, or the error a failed one gets."""
+    resp = await started.job.wait_response()
     if resp is None:
         return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
     if resp["status"] != "done":
         status, body, retry = openai_shapes.failed(resp)
-        return JSONResponse(body, status_code=status, headers={**headers, **retry})
-    return JSONResponse(shapes.final(resp["choices"], openai_shapes.usage(resp)), headers=headers)
+        return JSONResponse(body, status_code=status, headers={**started.headers, **retry})
+    return JSONResponse(shape(resp), headers=started.headers)
 
 
-async def events(job: AdmittedJob, shapes: openai_shapes.Shapes, include_usage: bool,
-                 parsing: tool_calls.ToolCallParser | None = None) -> AsyncIterator[str]:
-    """The SSE lines of a streamed completion, ``data: [DONE]`` last.
+def event_stream(started: Started, lines: AsyncIterator[str]) -> streams.HeldStream:
+    """The SSE response that sends ``lines``, holding the stream's slot until it ends."""
+    assert started.slot is not None
+    return streams.HeldStream(lines, started.slot, media_type="text/event-stream",
+                              headers={"Cache-Control": "no-cache", "X-Llamas-Job": started.job.job_id,
+                                       **started.headers})
 
-    With ``parsing`` (a chat that offered tools) the text goes through the
-    tool-call parser: content as it is known, each call once it is whole and valid.
+
+async def completion(request: Request, call: Call, key: str, svc: HerderService,
+                     r: aioredis.Redis) -> Any:
+    """Admit ``call`` and answer it: the whole completion, or its SSE stream."""
+    started = await start(request, call.sub, call.stream, key, svc, r)
+    shapes = openai_shapes.Shapes(started.job.job_id, call.sub.model, call.chat, int(time.time()),
+                                  len(call.sub.prompt or ""))
+    if call.stream:
+        # A chat that offered tools streams each choice's text through its own tool-call parser.
+        generation = call.sub.generation()
+        parsers = [tool_calls.parser_for(generation, started.job.job_id, i) if call.chat else None
+                   for i in range(call.sub.n)]
+        return event_stream(started, events(started.job, shapes, parsers, call.include_usage))
+    return await answer(started, lambda resp: shapes.final(resp["choices"], openai_shapes.usage(resp)))
+
+
+def final_choices(resp: dict[str, Any]) -> list[dict[str, Any]]:
+    """A done response's choices (a result that listed none answers one, with the job's finish reason)."""
+    return resp.get("choices") or [{"index": 0, "text": resp.get("text") or "",
+                                    "finish_reason": resp.get("finish_reason")}]
+
+
+async def events(job: AdmittedJob, shapes: openai_shapes.Shapes,
+                 parsers: list[tool_calls.ToolCallParser | None], include_usage: bool) -> AsyncIterator[str]:
+    """The SSE lines of a streamed completion: every choice's pieces as made, then each one's end; ``[DONE]`` last.
+
+    ``parsers`` holds one entry per choice; a choice with a parser (a chat
+    that offered tools) streams its content as it is known and each call
+    once it is whole and valid.
     """
     finished = False
     try:
         if shapes.chat:
-            yield shapes.sse(shapes.role_chunk())
+            for index in range(len(parsers)):
+                yield shapes.sse(shapes.role_chunk(index))
         async for event in job.follow():
             if event["event"] == "token":
-                if parsing is None:
-                    yield shapes.sse(shapes.text_chunk(event["text"]))
+                index = event["index"]
+                parser = parsers[index]
+                if parser is None:
+                    yield shapes.sse(shapes.text_chunk(event["text"], index, event["logprobs"]))
                 else:
-                    for chunk in shapes.tool_chunks(parsing.feed(event["text"])):
+                    for chunk in shapes.tool_chunks(parser.feed(event["text"]), index):
                         yield shapes.sse(chunk)
             elif event["event"] == "restart":
-                if parsing is not None:  # the text so far is void, and so is what was parsed of it
-                    parsing = parsing.fresh()
-                yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0)))
+                index = event["index"]
+                parser = parsers[index]
+                if parser is not None:  # the choice's text so far is void, and so is what was parsed of it
+                    parsers[index] = parser.fresh()
+                yield shapes.sse(shapes.restart_chunk(int(event["attempt"] or 0), index))
             elif event["event"] == "disconnected":
                 return
         resp = await job.wait_response()
         finished = True
         if resp is None:
             return
-        if parsing is not None and resp["status"] == "done":
-            for chunk in shapes.tool_chunks(parsing.close()):
-                yield shapes.sse(chunk)
+        if resp["status"] == "done":
+            for index, parser in enumerate(parsers):
+                for chunk in shapes.tool_chunks(parser.close() if parser is not None else [], index):
+                    yield shapes.sse(chunk)
         if resp["status"] != "done":
             yield shapes.sse(openai_shapes.failed_chunk(resp))
         else:
-            for chunk in shapes.closing_chunks(resp["finish_reason"], openai_shapes.usage(resp), include_usage):
+            for chunk in shapes.closing_chunks(final_choices(resp), openai_shapes.usage(resp), include_usage):
                 yield shapes.sse(chunk)
         yield "data: [DONE]\n\n"
     finally:

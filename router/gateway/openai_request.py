@@ -10,9 +10,10 @@ Chat ``tools``, ``tool_choice``, ``parallel_tool_calls``, assistant
 (``llama_tasks.tools`` says what they mean and checks them); an assistant
 message with calls and a null content carries an empty one.
 
-``n`` and log probabilities are honoured without streaming only: the token
-stream carries one completion's text, so ``stream`` with ``n > 1`` or with
-logprobs is refused by name rather than answered with less than was asked.
+``n`` and log probabilities are honoured streamed and not: a stream carries
+every choice's pieces with their ``index``, and their tokens' log probabilities.
+A streamed chat that offers tools carries no log probabilities (its chunks
+are parsed content and calls, not tokens): ``logprobs`` with it is refused.
 """
 
 from __future__ import annotations
@@ -201,7 +202,7 @@ def _legacy_logprobs(value: Any) -> dict[str, Any]:
 
 
 def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
-    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields; refused with ``stream``."""
+    """``n``, ``logprobs`` and ``top_logprobs`` as generation fields."""
     names = ("n", "top_logprobs") if chat else ("n",)
     fields = {name: body[name] for name in names if body.get(name) is not None}
     if chat:
@@ -209,12 +210,6 @@ def _choices(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
             fields["logprobs"] = body["logprobs"]
     else:
         fields.update(_legacy_logprobs(body.get("logprobs")))
-    if body.get("stream") is True:
-        # The token stream carries one completion's text, and no probabilities.
-        if fields.get("n", 1) != 1:
-            raise UnsupportedParameter("n", "n > 1 is not streamed; ask without stream for several choices")
-        if fields.get("logprobs", False) is not False:
-            raise UnsupportedParameter("logprobs", "log probabilities are not streamed; ask without stream")
     return fields
 
 
@@ -237,6 +232,10 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) 
             raise InvalidRequest("messages is required")
         fields["messages"] = _messages(body["messages"])
         fields.update(_tools(body))
+        if body.get("stream") and fields.get("logprobs") and fields.get("tools") and \
+                fields.get("tool_choice") != "none":
+            raise UnsupportedParameter("logprobs", "log probabilities are not streamed with tools: "
+                                                   "drop stream or logprobs")
         constrained = _response_format(body.get("response_format"))
         if constrained and ("grammar" in fields or "json_schema" in fields):
             raise InvalidRequest("give response_format or grammar/json_schema, not both")

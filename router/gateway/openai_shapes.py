@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llama_tasks import errors as worker_errors
@@ -30,6 +30,8 @@ class Shapes:
     created: int
     #: Characters in a text completion's prompt: OpenAI's ``text_offset`` counts from the prompt's start.
     prompt_chars: int = 0
+    #: Where each streamed choice's ``text_offset`` has reached.
+    offsets: dict[int, TextOffsets] = field(default_factory=dict)
 
     def _base(self, kind: str) -> dict[str, Any]:
         prefix = "chatcmpl" if self.chat else "cmpl"
@@ -39,12 +41,21 @@ class Shapes:
     def _chunk_kind(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def _choice(self, text: str | None, finish: str | None, delta: bool) -> dict[str, Any]:
+    def _choice(self, text: str | None, finish: str | None, index: int = 0,
+                logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One choice of a stream chunk: a piece of its text (and its tokens' logprobs), or its end."""
         if not self.chat:
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        if delta:
-            return {"index": 0, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "finish_reason": finish}
+            legacy = None if logprobs is None else legacy_logprobs(logprobs, self._offsets(index))
+            return {"index": index, "text": text or "", "finish_reason": finish, "logprobs": legacy}
+        choice = {"index": index, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs}
+        return choice
+
+    def _offsets(self, index: int) -> TextOffsets:
+        if index not in self.offsets:
+            self.offsets[index] = TextOffsets(self.prompt_chars)
+        return self.offsets[index]
 
     def final(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         """The whole completion: every choice (``{index, text, finish_reason, logprobs}``, as stored)."""
@@ -61,12 +72,12 @@ class Shapes:
                 "logprobs": None if logprobs is None else legacy_logprobs(logprobs, self.prompt_chars),
                 "finish_reason": choice.get("finish_reason")}
 
-    def tool_chunks(self, events: list[tool_calls.Event]) -> list[dict[str, Any]]:
-        """The chunks of a tool-offering chat's parsed output (``tool_calls.ToolCallParser``'s events)."""
+    def tool_chunks(self, events: list[tool_calls.Event], index: int = 0) -> list[dict[str, Any]]:
+        """The chunks of choice ``index`` of a tool-offering chat: its parser's events (``tool_calls.ToolCallParser``)."""
         out = []
         for event in events:
             if isinstance(event, tool_calls.Content):
-                out.append(self.text_chunk(event.text))
+                out.append(self.text_chunk(event.text, index))
                 continue
             if isinstance(event, tool_calls.CallStart):
                 call = {"index": event.index, "id": event.id, "type": "function",
@@ -74,29 +85,35 @@ class Shapes:
             else:
                 call = {"index": event.index, "function": {"arguments": event.text}}
             out.append({**self._base(self._chunk_kind),
-                        "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
+                        "choices": [{"index": index, "delta": {"tool_calls": [call]}, "finish_reason": None}]})
         return out
 
-    def role_chunk(self) -> dict[str, Any]:
+    def role_chunk(self, index: int = 0) -> dict[str, Any]:
         return {**self._base(self._chunk_kind),
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
 
-    def text_chunk(self, text: str) -> dict[str, Any]:
-        return {**self._base(self._chunk_kind), "choices": [self._choice(text, None, True)]}
+    def text_chunk(self, text: str, index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A piece of choice ``index``'s text, with its tokens' log probabilities when they were asked for."""
+        return {**self._base(self._chunk_kind), "choices": [self._choice(text, None, index, logprobs)]}
 
-    def restart_chunk(self, attempt: int) -> dict[str, Any]:
-        """A chunk with no choices that says: the text so far is void, it starts over here.
+    def restart_chunk(self, attempt: int, index: int = 0) -> dict[str, Any]:
+        """A chunk with no choices that says: choice ``index``'s text so far is void, it starts over here.
 
         Sent only when a worker was lost and the attempt that ran again wrote
         different text; OpenAI clients see a chunk without choices.
         """
-        return {**self._base(self._chunk_kind), "choices": [], RESTART_FIELD: {"attempt": attempt}}
+        self.offsets.pop(index, None)
+        return {**self._base(self._chunk_kind), "choices": [],
+                RESTART_FIELD: {"attempt": attempt, "index": index}}
 
-    def closing_chunks(self, finish: str, usage: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
-        last = {**self._base(self._chunk_kind), "choices": [self._choice(None, finish, True)]}
+    def closing_chunks(self, choices: list[dict[str, Any]], usage: dict[str, Any],
+                       include_usage: bool) -> list[dict[str, Any]]:
+        """Each choice's finish reason (a chunk each), then ``usage``: in the last of them, or its own chunk."""
+        ends = [{**self._base(self._chunk_kind), "choices": [self._choice(None, c.get("finish_reason"), c["index"])]}
+                for c in choices]
         if not include_usage:
-            return [last | {"usage": usage}]
-        return [last, {**self._base(self._chunk_kind), "choices": [], "usage": usage}]
+            return [*ends[:-1], ends[-1] | {"usage": usage}]
+        return [*ends, {**self._base(self._chunk_kind), "choices": [], "usage": usage}]
 
     @staticmethod
     def sse(doc: dict[str, Any]) -> str:
@@ -113,23 +130,34 @@ def _message(choice: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def legacy_logprobs(entries: list[dict[str, Any]], start: int) -> dict[str, Any]:
+class TextOffsets:
+    """Character offsets of a text completion's tokens, token after token (a stream's chunks share one)."""
+
+    def __init__(self, start: int) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.offset = start
+
+    def take(self, entry: dict[str, Any]) -> int:
+        """The offset of ``entry``'s token; the next token's starts after its text."""
+        at = self.offset
+        self.offset += len(self.decoder.decode(bytes(entry["bytes"])))
+        return at
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], start: int | TextOffsets) -> dict[str, Any]:
     """Chat-style logprob entries in the legacy ``/v1/completions`` shape.
 
     ``text_offset`` is each token's character offset from the start of the
-    prompt (``start`` characters long). A token that ends inside a character
-    (its bytes are part of one) moves the offset only once the character is whole.
+    prompt (``start`` characters long, or the offsets a stream's earlier
+    chunks reached). A token that ends inside a character (its bytes are part
+    of one) moves the offset only once the character is whole.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    offsets, offset = [], start
-    for entry in entries:
-        offsets.append(offset)
-        offset += len(decoder.decode(bytes(entry["bytes"])))
+    offsets = start if isinstance(start, TextOffsets) else TextOffsets(start)
     return {
         "tokens": [e["token"] for e in entries],
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
-        "text_offset": offsets,
+        "text_offset": [offsets.take(e) for e in entries],
     }
 
 

@@ -77,9 +77,9 @@ class AdmittedJob:
             except redis.RedisError:
                 await anyio.sleep(REDIS_RETRY_S)
 
-    async def follow(self) -> AsyncIterator[dict[str, str]]:
-        """The job's stream as a reader should see it; ends early if the client goes away."""
-        last, follower = "0-0", token_stream.TextFollower()
+    async def follow(self) -> AsyncIterator[token_stream.Shown]:
+        """The job's stream as a reader should see it, every choice's; ends early if the client goes away."""
+        last, follower = "0-0", token_stream.ChoicesFollower()
         while True:
             try:
                 batch = cast(list[Any], await self.r.xread({token_stream.key(self.job_id): last},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -73,7 +74,7 @@ def test_eight_prompts_decoded_together_equal_the_single_sequence_path(batch, vo
 def test_sequences_join_and_leave_mid_batch_without_changing_answers(batch, vocab, single):
     long_seq = chat(vocab, PROMPTS[0], max_tokens=120)[0]
     started = threading.Event()
-    long_seq.on_text = lambda _piece: started.set()
+    long_seq.on_text = lambda _piece, _logprobs: started.set()
     long_ticket = batch.submit(long_seq)
     assert started.wait(120)  # the long one is generating: the others join it
     joiners = [chat(vocab, p, max_tokens=8)[0] for p in PROMPTS[1:4]]
@@ -92,7 +93,7 @@ def test_a_cancelled_sequence_frees_its_slot_within_one_step(spec, vocab):
         first = threading.Event()
         at_cancel: list[int] = []
 
-        def on_text(piece: str) -> None:
+        def on_text(piece: str, _logprobs: Any) -> None:
             pieces.append(piece)
             if len(pieces) == 3:
                 at_cancel.append(one_slot.steps)
@@ -213,7 +214,7 @@ def test_a_sequence_past_its_time_limit_ends_with_what_it_made(batch, vocab):
     # What it made was streamed and is paid for (the herder charges it, like a cancel).
     streamed: list[str] = []
     seq = chat(vocab, "Letters:", max_tokens=300, grammar=LONG_GRAMMAR)[0]
-    seq.time_limit_s, seq.on_text = 0.3, streamed.append
+    seq.time_limit_s, seq.on_text = 0.3, lambda piece, _logprobs: streamed.append(piece)
     result = batch.submit(seq).result(timeout=120)
     assert result.finish_reason == "time_limit"
     assert result.completion_tokens < 300 and "".join(streamed) == result.text
@@ -231,7 +232,7 @@ def test_a_job_that_cannot_fit_one_slot_is_refused_with_both_numbers(batch, voca
 def test_a_stream_that_fails_ends_its_own_job_and_no_other(batch, vocab, single):
     broken = chat(vocab, PROMPTS[6], max_tokens=20)[0]
 
-    def on_text(_piece: str) -> None:
+    def on_text(_piece: str, _logprobs: Any) -> None:
         raise ConnectionError("the stream's Redis went away")
 
     broken.on_text = on_text
@@ -301,3 +302,28 @@ def test_a_prefix_the_operator_declares_shared_is_reused_across_accounts(one_slo
     # Undeclared, the same system prompt stays the account's own.
     private = _ask(vocab, "Room three: fine.", "account-c", (), system)
     assert one_slot.submit(private).result(timeout=120).cached_tokens == private.public_tokens < reused
+
+
+def test_every_choice_streams_its_text_and_logprobs_exactly_as_its_result(batch, vocab):
+    # Three choices sampled apart, a stop string held back while it might start: each choice's
+    # pieces join up to its text and their entries to its logprobs, the stop's token included.
+    job = Job(job_id="j", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=24, temperature=1.0, seed=11, n=3,
+              logprobs=True, top_logprobs=2, stop=[" the"],
+              messages=[{"role": "user", "content": "Tell me about the sea."}])
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    entries: dict[int, list[dict[str, Any]]] = {0: [], 1: [], 2: []}
+
+    order: list[int] = []
+
+    def on_text(index: int, piece: str, logprobs: list[dict[str, Any]] | None) -> None:
+        order.append(index)
+        pieces[index].append(piece)
+        assert logprobs is not None
+        entries[index].extend(logprobs)
+
+    result = generation.run(batch, generation.sequences(vocab, job, on_text))
+    assert len({c.text for c in result.choices}) > 1  # sampled apart
+    assert order != sorted(order)  # decoded together: their pieces come interleaved, as made
+    for i, choice in enumerate(result.choices):
+        assert "".join(pieces[i]) == choice.text
+        assert entries[i] == choice.logprobs and len(entries[i]) == choice.completion_tokens

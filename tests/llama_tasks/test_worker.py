@@ -211,6 +211,21 @@ def test_the_stream_holds_the_same_text_as_the_result(start_worker, send, make_j
     assert 0 < r.ttl(stream.key(job.job_id)) <= 3600
 
 
+def test_every_choice_streams_its_text_and_logprobs_as_the_result_holds_them(start_worker, send, make_job, r):
+    start_worker(concurrency=1)
+    envelope, job = make_job(prompt=None, messages=[{"role": "user", "content": "Name a colour."}],
+                             max_tokens=10, n=3, temperature=1.0, seed=9, logprobs=True, top_logprobs=1,
+                             stop=["."])
+    res = send(envelope)
+    shown = list(stream.follow_text(r, job.job_id, timeout_s=60))
+    doc = res.get(timeout=60)
+    assert shown[-1]["event"] == "end" and not [e for e in shown if e["event"] == "restart"]
+    for choice in doc["choices"]:
+        mine = [e for e in shown if e["event"] == "token" and e["index"] == choice["index"]]
+        assert "".join(e["text"] for e in mine) == choice["text"]
+        assert [entry for e in mine for entry in e["logprobs"]] == choice["logprobs"]
+
+
 # Exactly 300 lowercase letters: the model cannot stop early, so the job is
 # long enough to be stopped in the middle.
 LONG_GRAMMAR = 'root ::= [a-z]{300}'

@@ -3,6 +3,7 @@ and raw HTTP for the error cases."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import httpx
@@ -96,6 +97,125 @@ def test_n_choices_logprobs_and_cached_tokens_through_the_openai_client(stack, g
     lp = legacy.choices[0].logprobs
     assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.top_logprobs) == 5
     assert stack.books() == []
+
+
+def streamed_choices(chunks: list) -> dict[int, dict]:
+    """What a reader keeps of each streamed choice: text, logprob entries and finish reasons.
+
+    A chunk marked ``llamas_restart`` voids what its choice showed before it
+    (a worker was lost and the retry differs).
+    """
+    kept: dict[int, dict] = {}
+    for chunk in chunks:
+        restart = (chunk.model_extra or {}).get("llamas_restart")
+        if restart:
+            kept[restart["index"]] = {"text": "", "logprobs": [], "finish": []}
+        for c in chunk.choices:
+            mine = kept.setdefault(c.index, {"text": "", "logprobs": [], "finish": []})
+            mine["text"] += c.delta.content or ""
+            if c.logprobs is not None:
+                mine["logprobs"] += [t.model_dump() for t in c.logprobs.content]
+            if c.finish_reason:
+                mine["finish"].append(c.finish_reason)
+    return kept
+
+
+def test_three_choices_stream_together_through_the_openai_client(stack, gateway):
+    key, _ = stack.account(100_000)
+    chunks = list(client(gateway, key).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Tell me about llamas."}], max_tokens=16, n=3,
+        temperature=1.0, seed=7, stream=True, stream_options={"include_usage": True},
+    ))
+    row = stack.job(chunks[0].id.removeprefix("chatcmpl-"))
+    stored = views.response(row)["choices"]
+    kept = streamed_choices(chunks)
+    assert sorted(kept) == [0, 1, 2]
+    for choice in stored:
+        assert kept[choice["index"]]["text"] == choice["text"]
+        assert kept[choice["index"]]["finish"] == [choice["finish_reason"]]
+    assert len({c["text"] for c in stored}) > 1  # three samples, not one thrice
+    assert chunks[-1].usage.completion_tokens == row.completion_tokens
+    assert chunks[-1].usage.model_extra["charged"] == row.charged
+    assert stack.balance(key) == 100_000 - row.charged and stack.books() == []
+
+
+def test_logprobs_stream_as_the_plain_answer_gives_them(stack, gateway):
+    key, _ = stack.account(100_000)
+    oa = client(gateway, key)
+    ask = dict(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, n=2,
+               temperature=1.0, seed=21, logprobs=True, top_logprobs=2)
+    plain = oa.chat.completions.create(**ask)
+    chunks = list(oa.chat.completions.create(**ask, stream=True))
+    row = stack.job(chunks[0].id.removeprefix("chatcmpl-"))
+    kept = streamed_choices(chunks)
+    for choice in views.response(row)["choices"]:
+        # Exactly what the job stored, token by token ...
+        assert kept[choice["index"]]["text"] == choice["text"]
+        assert kept[choice["index"]]["logprobs"] == choice["logprobs"]
+        # ... and the same tokens as the plain answer for the same seed.
+        same = plain.choices[choice["index"]]
+        assert kept[choice["index"]]["text"] == same.message.content
+        assert [t["token"] for t in kept[choice["index"]]["logprobs"]] == [t.token for t in same.logprobs.content]
+        assert [t["logprob"] for t in kept[choice["index"]]["logprobs"]] == pytest.approx(
+            [t.logprob for t in same.logprobs.content], abs=1e-3)
+    assert all(len(t["top_logprobs"]) == 2 for k in kept.values() for t in k["logprobs"])
+    assert stack.books() == []
+
+
+def test_a_response_through_the_openai_client_is_charged_exactly(stack, gateway):
+    key, _ = stack.account(10_000)
+    reply = client(gateway, key).responses.create(model="smollm2", input="Say hello.",
+                                                  instructions="You are terse.", max_output_tokens=16)
+    row = stack.job(reply.id.removeprefix("resp_"))
+    assert reply.status in ("completed", "incomplete") and reply.output_text == views.response(row)["text"]
+    assert reply.output_text and reply.output[0].type == "message"
+    usage = reply.usage.model_dump()
+    assert usage["input_tokens"] == row.prompt_tokens and usage["output_tokens"] == row.completion_tokens
+    assert usage["charged"] == row.charged and stack.balance(key) == 10_000 - row.charged
+    assert stack.books() == []
+
+
+def test_a_streamed_response_through_the_openai_client(stack, gateway):
+    key, _ = stack.account(10_000)
+    events = list(client(gateway, key).responses.create(model="smollm2", input="Tell me about llamas.",
+                                                        max_output_tokens=32, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in (
+        "response.completed", "response.incomplete")
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # A restart event voids the deltas before it (a worker was lost and the retry differs).
+    restarts = [i for i, e in enumerate(events) if e.type == "response.llamas_restart"]
+    deltas = [e.delta for e in events[(restarts[-1] + 1 if restarts else 0):] if e.type == "response.output_text.delta"]
+    final = events[-1].response
+    row = stack.job(final.id.removeprefix("resp_"))
+    assert len(deltas) > 3 and "".join(deltas) == final.output_text == views.response(row)["text"]
+    assert final.usage.output_tokens == row.completion_tokens
+    assert final.usage.model_dump()["charged"] == row.charged and stack.balance(key) == 10_000 - row.charged
+
+
+def test_a_json_schema_response_parses_against_its_schema(stack, gateway):
+    key, _ = stack.account(10_000)
+    schema = {"type": "object", "properties": {"animal": {"type": "string", "enum": ["llama", "alpaca"]},
+                                               "legs": {"type": "integer"}},
+              "required": ["animal", "legs"], "additionalProperties": False}
+    reply = client(gateway, key).responses.create(
+        model="smollm2", input="Describe a llama as JSON.", max_output_tokens=64,
+        text={"format": {"type": "json_schema", "name": "animal", "schema": schema, "strict": True}})
+    doc = json.loads(reply.output_text)
+    assert doc["animal"] in ("llama", "alpaca") and isinstance(doc["legs"], int)
+    row = stack.job(reply.id.removeprefix("resp_"))
+    assert stack.balance(key) == 10_000 - row.charged and stack.books() == []
+
+
+def test_a_bad_response_request_is_refused_with_nothing_held(stack, gateway):
+    key, _ = stack.account(1_000)
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gateway, key).responses.create(model="smollm2", input="hi", previous_response_id="resp_x")
+    assert info.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(gateway, key).responses.create(model="smollm2", input="hi", store=True)
+    assert info.value.body["param"] == "store"
+    assert stack.balance(key) == 1_000 and stack.books() == []
 
 
 def test_models_info_health_and_jobs(stack, gateway):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from router.core import views
+from router.core.models import JobRow
 from tests.processes import ROOT
 from tests.stack import running_stack
 
@@ -53,6 +54,15 @@ def test_run_json_and_stream(sqlite_stack):
     streamed = llamas(sqlite_stack, "run", "Once upon a time", "--no-chat", "--tokens", "8", "--stream", key=key)
     assert streamed.returncode == 0, streamed.stderr
     assert "charged" in streamed.stderr and streamed.stdout.strip()
+    # Several choices: the first streams, the others follow whole, each under its header.
+    several = llamas(sqlite_stack, "run", "Once upon a time", "--no-chat", "--tokens", "6", "--stream", "--n", "2",
+                     "--reference", "cli-stream-n2", key=key)
+    assert several.returncode == 0, several.stderr
+    assert "--- choice 0" in several.stderr and "--- choice 1" in several.stderr
+    with sqlite_stack.sessions.begin() as s:
+        row = s.query(JobRow).filter(JobRow.reference == "cli-stream-n2").one()
+    texts = [c["text"] for c in views.response(row)["choices"]]
+    assert len(texts) == 2 and all(t.strip() and t.strip() in several.stdout for t in texts)
 
 
 def test_jobs_list_show_cancel_and_raise(sqlite_stack):

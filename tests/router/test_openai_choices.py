@@ -17,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from llama_tasks import registry, signing
+from llama_tasks import stream as token_stream
 from llama_tasks.constants import HERD_PREFIX
 from router.core import ledger
 from router.core.models import JobRow
@@ -33,9 +34,11 @@ MODEL = "scripted"
 class ScriptedGateway:
     """The gateway over a herder whose one worker answers with ``self.script``."""
 
-    def __init__(self, svc: HerderService, key: str) -> None:
-        self.svc, self.key = svc, key
+    def __init__(self, svc: HerderService, key: str, r: Any = None) -> None:
+        self.svc, self.key, self.r = svc, key, r
         self.script: dict[str, Any] = {}
+        #: What the worker streams before it answers: (choice index, text, logprob entries or None).
+        self.pieces: list[tuple[int, str, list[dict[str, Any]] | None]] = []
         self.http = TestClient(create_app(lambda: svc), raise_server_exceptions=False)
 
     def answer(self, row: JobRow, envelope: dict[str, Any]) -> None:
@@ -44,6 +47,12 @@ class ScriptedGateway:
                "model": row.model, "model_id": self.svc.counter.model_id(row.model),
                "prompt_tokens": row.prompt_tokens, "timings": {}, **self.script}
         assert row.task_id is not None
+        if self.pieces:
+            writer = token_stream.StreamWriter(self.r, row.id, row.attempt, 60)
+            writer.start("scripted@test", 0)
+            for index, text, logprobs in self.pieces:
+                writer.token(text, index, logprobs)
+            writer.end(self.script["choices"][0]["finish_reason"])
         # Signed as a house worker that received the envelope signs it.
         self.svc.on_result(row.task_id, stub.HOUSE.attest_result(doc, envelope["payload"]["attempt_secret"]))
 
@@ -51,6 +60,15 @@ class ScriptedGateway:
         reply = self.http.post(path, json={"model": MODEL, **body}, headers={"Authorization": f"Bearer {self.key}"})
         assert reply.status_code == 200, reply.text
         return dict(reply.json())
+
+    def stream(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The chunks of a streamed answer (``[DONE]`` checked and left out)."""
+        reply = self.http.post(path, json={"model": MODEL, "stream": True, **body},
+                               headers={"Authorization": f"Bearer {self.key}"})
+        assert reply.status_code == 200, reply.text
+        lines = [line.removeprefix("data: ") for line in reply.text.split("\n\n") if line]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
 
     def row(self) -> JobRow:
         with self.svc.sessions.begin() as s:
@@ -85,10 +103,12 @@ def gw(r: Any, tmp_path: Path) -> Iterator[ScriptedGateway]:
     svc = stub.build(settings, transport=Answering(gateway, r), herd=stub.StaticHerd([MODEL], 4))
     with svc.sessions.begin() as s:
         _, key = ledger.create_account(s, "choices", DEPOSIT)
-    gateway.append(ScriptedGateway(svc, key))
+    gateway.append(ScriptedGateway(svc, key, r))
     r.set(HERD_PREFIX + "scripted@test", json.dumps({"worker": "scripted@test", "model": MODEL, "slots": 4}), ex=60)
     try:
-        yield gateway[0]
+        # One event loop for every request, as a server has: the app's Redis connections belong to it.
+        with gateway[0].http:
+            yield gateway[0]
     finally:
         r.delete(HERD_PREFIX + "scripted@test")
 
@@ -210,3 +230,57 @@ def test_legacy_text_offsets_count_characters_not_bytes() -> None:
     shaped = legacy_logprobs(entries, start=2)
     assert shaped["text_offset"] == [2, 3, 4, 4, 5]
     assert shaped["top_logprobs"] == [{}, {}, {}, {}, {}]  # logprobs: 0 asks for no alternatives
+
+
+# --- streams of every choice ----------------------------------------------------------------
+
+def test_a_chat_stream_carries_every_choice_with_its_logprobs_and_own_finish(gw: ScriptedGateway) -> None:
+    hello_there = [entry("Hello", -0.5, token("Hello", -0.5)), entry(" there", -0.25, token(" there", -0.25))]
+    gw.script = {"cached_tokens": 0, "choices": [
+        {"index": 0, "text": "Hello", "finish_reason": "stop", "completion_tokens": 2, "logprobs": HELLO},
+        {"index": 1, "text": "Hello there", "finish_reason": "length", "completion_tokens": 2,
+         "logprobs": hello_there}]}
+    # Interleaved as made; choice 0's last token held a stop string and streams with no text.
+    gw.pieces = [(0, "Hello", HELLO[:1]), (1, "Hello", hello_there[:1]), (1, " there", hello_there[1:]),
+                 (0, "", HELLO[1:])]
+
+    chunks = gw.stream("/v1/chat/completions", {"messages": [{"role": "user", "content": "Greet me."}],
+                                                "max_tokens": 2, "n": 2, "logprobs": True, "top_logprobs": 1,
+                                                "stream_options": {"include_usage": True}})
+
+    row = gw.row()
+    assert {c["id"] for c in chunks} == {f"chatcmpl-{row.id}"}
+    choices = [c["choices"][0] for c in chunks if c["choices"]]
+    assert [c["delta"] for c in choices[:2]] == [{"role": "assistant", "content": ""}] * 2
+    assert [c["index"] for c in choices[:2]] == [0, 1]
+    for i, final in enumerate(gw.script["choices"]):
+        mine = [c for c in choices if c["index"] == i]
+        assert "".join(c["delta"].get("content") or "" for c in mine) == final["text"]
+        assert [e for c in mine if c.get("logprobs") for e in c["logprobs"]["content"]] == final["logprobs"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [final["finish_reason"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    assert chunks[-1]["usage"]["charged"] == row.charged and gw.balance() == DEPOSIT - row.charged
+
+
+def test_a_text_stream_carries_legacy_logprobs_that_join_up_to_the_whole_answers(gw: ScriptedGateway) -> None:
+    # "é" in two one-byte tokens, split across two chunks: still one character at one offset.
+    pieces = [entry("Ll", -0.5, token("Ll", -0.5)), entry("\ufffd", -0.25, token("\ufffd", -0.25), raw=[0xC3]),
+              entry("\ufffd", -0.75, token("\ufffd", -0.75), raw=[0xA9]), entry("!", -1.0, token("!", -1.0))]
+    gw.script = {"cached_tokens": 0, "choices": [
+        {"index": 0, "text": "Llé!", "finish_reason": "length", "completion_tokens": 4, "logprobs": pieces},
+        {"index": 1, "text": "Ll", "finish_reason": "stop", "completion_tokens": 1, "logprobs": pieces[:1]}]}
+    gw.pieces = [(0, "Ll", pieces[:2]), (1, "Ll", pieces[:1]), (0, "é!", pieces[2:])]
+
+    chunks = gw.stream("/v1/completions", {"prompt": "Once", "max_tokens": 4, "n": 2, "logprobs": 1})
+
+    for i, final in enumerate(gw.script["choices"]):
+        mine = [c["choices"][0] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == final["text"]
+        joined: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for c in mine:
+            for name in joined:
+                joined[name] += (c["logprobs"] or {}).get(name, [])
+        assert joined == legacy_logprobs(final["logprobs"], len("Once"))
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [final["finish_reason"]]
+    # Without include_usage the last chunk carries usage (as a plain answer would).
+    assert chunks[-1]["usage"]["completion_tokens"] == 5

@@ -83,11 +83,12 @@ def test_client_stream_never_shows_text_twice_after_a_worker_dies(stack: Stack) 
 
 
 def test_sse_stream_never_shows_text_twice_after_a_worker_dies(stack: Stack) -> None:
+    # Two choices: each is followed on its own, and a restart names the choice it voids.
     gateway = stack.gateway_url()
     key, _ = stack.account(100_000)
     body = {"model": "smollm2", "prompt": STORY["prompt"], "max_tokens": STORY["tokens"], "temperature": 1.0,
-            "grammar": STORY["grammar"], "stream": True}
-    pieces: list[tuple[str, str]] = []
+            "grammar": STORY["grammar"], "stream": True, "n": 2}
+    pieces: dict[int, list[tuple[str, str]]] = {0: [], 1: []}
     job: dict[str, str] = {}
     started = threading.Event()
 
@@ -101,9 +102,9 @@ def test_sse_stream_never_shows_text_twice_after_a_worker_dies(stack: Stack) -> 
                     continue
                 chunk = json.loads(line[len("data: "):])
                 if "llamas_restart" in chunk:
-                    pieces.append(("restart", ""))
+                    pieces[chunk["llamas_restart"]["index"]].append(("restart", ""))
                 for choice in chunk.get("choices", []):
-                    pieces.append(("token", choice["text"]))
+                    pieces[choice["index"]].append(("token", choice["text"]))
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -113,7 +114,10 @@ def test_sse_stream_never_shows_text_twice_after_a_worker_dies(stack: Stack) -> 
     assert not reader.is_alive()
     row = stack.job(job["id"])
     assert row.state == "done"
-    assert shown_text(pieces) == views.response(row)["text"]
+    choices = views.response(row)["choices"]
+    assert len(choices) == 2
+    for choice in choices:
+        assert shown_text(pieces[choice["index"]]) == choice["text"]
     assert stack.captures(row.id) == 1 and stack.books() == []
 
 

@@ -30,10 +30,10 @@ class ScriptedJob:
     async def follow(self) -> AsyncIterator[dict[str, Any]]:
         if self.restart_after:
             for piece in self.pieces[:self.restart_after]:
-                yield {"event": "token", "text": piece}
-            yield {"event": "restart", "attempt": "2"}
+                yield {"event": "token", "text": piece, "index": 0, "logprobs": None}
+            yield {"event": "restart", "attempt": "2", "index": 0}
         for piece in self.pieces:
-            yield {"event": "token", "text": piece}
+            yield {"event": "token", "text": piece, "index": 0, "logprobs": None}
 
     async def wait_response(self) -> dict[str, Any]:
         return self.response
@@ -53,8 +53,8 @@ def stream(job: ScriptedJob) -> list[dict[str, Any]]:
     shapes = openai_shapes.Shapes("job-7", "smollm2", True, 0)
 
     async def collect() -> list[str]:
-        parser = tool_calls.ToolCallParser(WEATHER, "job-7")
-        return [line async for line in completions.events(job, shapes, True, parser)]  # type: ignore[arg-type]
+        parsers: list[tool_calls.ToolCallParser | None] = [tool_calls.ToolCallParser(WEATHER, "job-7")]
+        return [line async for line in completions.events(job, shapes, parsers, True)]  # type: ignore[arg-type]
 
     lines = anyio.run(collect)
     assert lines[-1] == "data: [DONE]\n\n"

@@ -174,7 +174,7 @@ def test_a_200_mb_chunked_body_with_a_key_is_cut_off_at_the_limit(gw: Gateway) -
 def test_a_200_mb_body_without_a_good_key_is_refused_before_a_byte_is_read(gw: Gateway, key: str | None) -> None:
     body = Body(ATTACK_BYTES)
     headers = {"content-type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    for path in ("/v1/chat/completions", "/v1/completions"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
         status, raw = call(gw.app, body, headers, path)
         assert status == 401 and json.loads(raw)["error"]["code"] == "UnknownAccount"
     assert body.taken == 0

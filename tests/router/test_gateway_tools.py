@@ -97,3 +97,12 @@ def test_the_api_docs_list_the_tool_fields(gw: Gateway) -> None:
     body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(body["properties"])
     assert json.dumps(body)
+
+
+def test_streamed_logprobs_with_tools_are_refused_by_name(gw: Gateway) -> None:
+    # A tool-offering stream sends parsed content and calls, not tokens: no place for their log probabilities.
+    assert_openai_error(gw.post(chat(tools=[WEATHER], stream=True, logprobs=True)), 400, "UnsupportedParameter",
+                        "logprobs")
+    assert gw.untouched()
+    gw.admit_only(chat(tools=[WEATHER], logprobs=True))  # not streamed: honoured
+    gw.admit_only(chat(tools=[WEATHER], tool_choice="none", stream=True, logprobs=True))  # nothing offered

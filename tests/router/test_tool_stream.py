@@ -106,3 +106,37 @@ def test_an_answer_without_a_call_streams_as_plain_text() -> None:
     text = "No tools needed <tool here."
     chunks = stream(ScriptedJob(list(text), response(text)))
     assert reassemble(chunks) == {"role": "assistant", "content": text, "tool_calls": []}
+
+
+def test_every_choice_of_a_stream_is_parsed_on_its_own() -> None:
+    # Two choices interleaved piece by piece: each one's calls come out under its own index.
+    other = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    texts = [TEXT, other]
+    pieces = [(i, text[k:k + 5]) for k in range(0, max(map(len, texts)), 5) for i, text in enumerate(texts)
+              if text[k:k + 5]]
+
+    class TwoChoices(ScriptedJob):
+        async def follow(self) -> AsyncIterator[dict[str, Any]]:
+            for index, piece in pieces:
+                yield {"event": "token", "text": piece, "index": index, "logprobs": None}
+
+    choices = []
+    for index, text in enumerate(texts):
+        parsed = tool_calls.parse(tool_calls.ToolCallParser(WEATHER, "job-7", index), text, "stop")
+        choices.append({"index": index, "text": text, "logprobs": None, **parsed})
+    resp = {"status": "done", "finish_reason": "tool_calls", "choices": choices, "prompt_tokens": 9,
+            "completion_tokens": 60, "charged": 80, "offered": 90, "refunded": 10}
+    shapes = openai_shapes.Shapes("job-7", "smollm2", True, 0)
+
+    async def collect() -> list[str]:
+        parsers: list[tool_calls.ToolCallParser | None] = [tool_calls.ToolCallParser(WEATHER, "job-7", i)
+                                                           for i in range(2)]
+        job = TwoChoices([], resp)
+        return [line async for line in completions.events(job, shapes, parsers, True)]  # type: ignore[arg-type]
+
+    lines = anyio.run(collect)
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    for index, choice in enumerate(choices):
+        own = [{**c, "choices": [x for x in c["choices"] if x["index"] == index]} for c in chunks]
+        message = reassemble(own)
+        assert message["tool_calls"] == choice["tool_calls"] and message["content"] == choice["content"]

@@ -37,7 +37,7 @@ MAX_INT_DIGITS = 30
 _INT_BOUND = 10**1000
 #: Generation fields added after jobs were first fingerprinted: left out of the
 #: fingerprint at these defaults, so retrying an older job's submit still matches it.
-LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0}
+LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0, "input": None, "dimensions": None}
 
 
 @dataclass(kw_only=True)

@@ -141,6 +141,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
         return
     out.print(f"[bold]{doc['name']}[/] {doc['version']} — base fee {doc['base_fee']}, "
               f"fee per token {doc['fee_per_token']} (cached {doc.get('fee_per_cached_token', doc['fee_per_token'])}), "
+              f"fee per embedding token {doc.get('fee_per_embedding_token', '—')}, "
               f"queue {doc['queue_length']}, running {doc['running']}, "
               f"last accepted multiplier {doc['last_multiplier'] or '—'}")
     models = Table("model", "id", "slots", "context per job", title="models")

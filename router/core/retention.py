@@ -1,7 +1,8 @@
 """Erasing a finished job's text once its delivery is over and its retention has passed.
 
 A job keeps its request's text (prompt or messages, stop strings, grammar or
-JSON schema) and its completions' text and logprobs only while delivery needs
+JSON schema, an embedding job's inputs) and its completions' text and logprobs
+(an embedding job's vectors) only while delivery needs
 them (``HerderSettings.webhook_delivery_s`` after it finished: the longest a
 webhook can take, every try at its deadline with every pause between) plus
 ``LLAMAS_TEXT_RETENTION_S``. Then a periodic herder task (``router.erase_text``)

@@ -83,7 +83,8 @@ def gw(tmp_path: Path, redis_url: str, worker: runtime.ProcessContext) -> Iterat
 
 
 def test_float_embeddings_through_the_openai_client_are_charged_exactly(gw: Gateway) -> None:
-    reply = gw.openai.embeddings.create(model="smollm2", input=TEXTS, extra_body={"multiplier": 2})
+    reply = gw.openai.embeddings.create(model="smollm2", input=TEXTS, encoding_format="float",
+                                        extra_body={"multiplier": 2})
     assert reply.object == "list" and reply.model == "smollm2"
     assert [d.index for d in reply.data] == [0, 1, 2] and all(d.object == "embedding" for d in reply.data)
     vectors = np.array([d.embedding for d in reply.data])
@@ -96,13 +97,15 @@ def test_float_embeddings_through_the_openai_client_are_charged_exactly(gw: Gate
 
 
 def test_base64_embeddings_are_little_endian_float32_of_the_same_vectors(gw: Gateway) -> None:
-    floats = gw.openai.embeddings.create(model="smollm2", input="Llamas hum to each other.")
+    floats = gw.openai.embeddings.create(model="smollm2", input="Llamas hum to each other.", encoding_format="float")
     raw = gw.post({"model": "smollm2", "input": "Llamas hum to each other.", "encoding_format": "base64"}).json()
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
     assert np.array_equal(decoded, np.array(floats.data[0].embedding, dtype=np.float32))
-    # The SDK asks for base64 itself when given it, and hands back the string.
+    # Asked for base64 by name, the SDK hands back the string; asked for nothing, it asks for base64 and decodes.
     b64 = gw.openai.embeddings.create(model="smollm2", input=[[1, 2, 3]], encoding_format="base64")
     assert isinstance(b64.data[0].embedding, str) and len(base64.b64decode(b64.data[0].embedding)) == 4 * 576
+    default = gw.openai.embeddings.create(model="smollm2", input="Llamas hum to each other.")
+    assert default.data[0].embedding == floats.data[0].embedding
     assert gw.books()[2] == []
 
 

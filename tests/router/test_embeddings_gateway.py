@@ -150,3 +150,8 @@ def test_an_offer_below_the_quote_is_402_and_no_key_is_401(gw: Gateway) -> None:
     assert reply.status_code == 402 and int(reply.headers["X-Needed"]) > 1
     assert gw.http.post("/v1/embeddings", content=json.dumps({"input": "x"})).status_code == 401
     assert gw.books() == (DEPOSIT, 0, [])
+
+
+def test_info_shows_the_fee_per_embedding_token(gw: Gateway) -> None:
+    info = gw.http.get("/info").json()
+    assert info["fee_per_embedding_token"] == 3 and info["base_fee"] == 2

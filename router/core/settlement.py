@@ -14,7 +14,10 @@ other is ignored and the attempt's lease runs out. The actual cost counts the
 tokens each completion generated as the worker signed them (a text can be
 made of more tokens than a recount of it finds: a grammar of single spaces),
 never more than ``max_tokens``, and the prompt tokens a worker reused from
-its cache at the cached-token fee the job was quoted with. When an operator's
+its cache at the cached-token fee the job was quoted with. An embedding job's
+actual cost is its quote (its inputs' tokens as the herder counted them, at
+the embedding fee), and only a result with one vector per input is charged:
+any other is refunded whole. When an operator's
 worker produced it, that operator earns ``LLAMAS_OPERATOR_SHARE`` of the
 charge (rounded down) and the house captures the rest; the house's own
 workers' charges the house captures whole.

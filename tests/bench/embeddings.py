@@ -115,13 +115,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--model", default=None, help="GGUF file (default: the bundled SmolLM2)")
     p.add_argument("--build", action="store_true", help="build llama-server if it is missing")
+    p.add_argument("--llama-server", type=Path, default=None,
+                   help="a llama-server binary (default: tests.bench.llama_server's, for the installed llama-cpp-python)")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
 
 def measure_llama_server(args: argparse.Namespace, model: str, env: dict[str, str], tmp: Path,
                          batch: list[str]) -> dict[str, dict[str, float]] | str:
-    binary = llama_server.binary_path()
+    binary = args.llama_server or llama_server.binary_path()
     if not binary.exists():
         if not args.build:
             return f"not measured: no llama-server at {binary} (run with --build)"

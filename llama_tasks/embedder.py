@@ -164,7 +164,8 @@ class Embedder:
         """The inputs of the next decode: the oldest waiting, as many as fit."""
         taken: list[_Input] = []
         with self._lock:
-            budget = max(EMBED_STEP_TOKENS, len(self._queue[0].tokens)) if self._queue else 0
+            # Never past the context, which a slot's context below EMBED_STEP_TOKENS makes the smaller.
+            budget = min(self.n_ctx, max(EMBED_STEP_TOKENS, len(self._queue[0].tokens))) if self._queue else 0
             used = 0
             while self._queue and len(taken) < EMBED_MAX_SEQS and used + len(self._queue[0].tokens) <= budget:
                 item = self._queue.popleft()

@@ -190,3 +190,13 @@ def test_vectors_travel_as_little_endian_float32_base64():
     assert embedding_job.dimensions_of(text) == 3
     for junk in ("", "not base64!", "AAA=", 12, None):
         assert embedding_job.dimensions_of(junk) == 0
+
+
+def test_a_context_smaller_than_the_step_budget_bounds_each_decode(batch):
+    embedder = Embedder(batch.model, 128, 2)
+    try:
+        tickets = [embedder.submit([[1] * 100]), embedder.submit([[2] * 100])]
+        assert embedder.step() == 1 and embedder.step() == 1
+        assert all(len(t.result(timeout=0)) == 1 for t in tickets)
+    finally:
+        embedder.close()

@@ -125,8 +125,11 @@ class Embedded:
                           for i, v in enumerate(self.vectors)),
             prompt_tokens=self.prompt_tokens,
             worker=worker, pid=os.getpid(), load_count=load_count,
-            timings={"queue_wait_s": queue_wait_s, "engine_queue_s": self.queue_s, "embed_s": self.embed_s,
-                     "tokens_per_s": self.prompt_tokens / self.embed_s if self.embed_s > 0 else 0.0},
+            # A generation's timings, so every reader of them finds its keys: the inputs are the prompt,
+            # and nothing is generated (``tokens_per_s`` is generation's speed; the inputs' is its own key).
+            timings={"queue_wait_s": queue_wait_s, "engine_queue_s": self.queue_s, "prompt_s": self.embed_s,
+                     "generation_s": 0.0, "tokens_per_s": 0.0,
+                     "embed_tokens_per_s": self.prompt_tokens / self.embed_s if self.embed_s > 0 else 0.0},
         )
 
 

@@ -28,7 +28,6 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,7 +58,8 @@ def http_send(base_url: str, api_key: str | None, extra: dict[str, Any]) -> Send
 
     def send(batch: list[str]) -> int:
         reply = client.post("/v1/embeddings", json={"model": "smollm2", "input": batch, **extra})
-        reply.raise_for_status()
+        if reply.status_code != 200:
+            raise RuntimeError(f"{reply.status_code} from {base_url}: {reply.text[:500]}")
         doc = reply.json()
         if len(doc["data"]) != len(batch):
             raise RuntimeError(f"{len(doc['data'])} vectors for {len(batch)} inputs")
@@ -136,7 +136,8 @@ def measure_llama_server(args: argparse.Namespace, model: str, env: dict[str, st
         send = http_send(server.url, None, {})
         return {"one request": timed(one_request(send), batch, args.reps),
                 "one per text": timed(one_per_text(send, args.slots), batch, args.reps),
-                "argv": " ".join(argv)}  # type: ignore[dict-item]
+                # Shown by file name: where this machine keeps them says nothing about the run.
+                "argv": " ".join(["llama-server", *(Path(a).name if a == model else a for a in argv[1:])])}  # type: ignore[dict-item]
     finally:
         server.stop()
 
@@ -146,8 +147,8 @@ def measure_ours(args: argparse.Namespace, env: dict[str, str], tmp: Path,
     stack = compare.Stack(dict(env, LLAMAS_N_CTX=str(CTX)), tmp, slots=args.slots, herder_concurrency=2,
                           worker_env={"LLAMAS_SLOTS": str(args.slots), "LLAMAS_THREADS": str(args.threads),
                                       "LLAMAS_N_CTX": str(CTX)})
-    stack.start()
     try:
+        stack.start()  # inside: a stack that fails to start still stops what it started
         assert stack.gateway is not None
         send = http_send(stack.gateway.url, stack.api_key, {})
         return {"one request": timed(one_request(send), batch, args.reps),
@@ -167,7 +168,8 @@ def report(args: argparse.Namespace, model: str, batch: list[str], base: dict[st
     lines = [
         "# Embeddings throughput",
         "",
-        f"`python -m tests.bench.embeddings {' '.join(sys.argv[1:])}` on {datetime.date.today()}: "
+        f"`python -m tests.bench.embeddings --threads {args.threads} --slots {args.slots} --inputs {args.inputs} "
+        f"--reps {args.reps}` on {datetime.date.today()}: "
         f"{platform.machine()}, {os.cpu_count()} cores, model `{Path(model).name}`, {args.threads} threads for every "
         f"system, {len(batch)} texts of {base['tokens'] / len(batch):.1f} tokens on average "
         f"({int(base['tokens'])} in all), median of {args.reps} runs after a warm-up; servers with {args.slots} "
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         env = compare.configure(tmp, redis.url)
         from llama_tasks import registry
 
-        model = args.model or registry.smollm2_path()
+        model = str(args.model or registry.smollm2_path())
         batch = texts(args.inputs)
         compare.log("in process")
         base = inprocess(model, args.threads, batch, args.reps)

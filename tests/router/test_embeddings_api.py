@@ -50,6 +50,9 @@ def test_float_and_base64_embeddings_through_the_openai_client(stack, gateway):
     usage = floats.usage.model_dump()
     assert usage["prompt_tokens"] == usage["total_tokens"] == row.prompt_tokens
     assert row.quote == 1 + row.prompt_tokens and usage["charged"] == row.charged == row.offered
+    # Answered by its first attempt: the worker's task ended well (none failed and went again).
+    assert row.attempt == 1 and row.error is None
+    assert "raised unexpected" not in stack.worker.output()
     b64 = oa.embeddings.create(model="smollm2", input=TEXTS[0], encoding_format="base64")
     decoded = np.frombuffer(base64.b64decode(b64.data[0].embedding), dtype="<f4")
     assert float(decoded @ vectors[0]) > 0.999

@@ -77,6 +77,8 @@ def test_an_embedding_is_quoted_held_embedded_and_charged_exactly(life: Any, wor
     transport.join(svc, run_worker(worker))
     response = transport.responses[doc["job_id"]]
     assert response["status"] == "done" and response["prompt_tokens"] == sum(tokens)
+    # The timings every reader of a result expects (the worker's task logs prompt_s and generation_s).
+    assert {"prompt_s", "generation_s", "queue_wait_s"} <= set(response["timings"])
     assert response["completion_tokens"] == 0
     vectors = [np.array(embedding_job.decode_vector(c["embedding"])) for c in response["choices"]]
     assert [c["index"] for c in response["choices"]] == [0, 1, 2]

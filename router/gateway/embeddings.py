@@ -101,8 +101,15 @@ def shape(resp: dict[str, Any], model: str, encoding: str) -> dict[str, Any]:
             "id": f"embd-{resp['job_id']}"}
 
 
+def openapi_body() -> dict[str, Any]:
+    """The request body's schema for the API docs, from ``HONOURED``."""
+    schema = {"type": "object", "properties": {n: {} for n in sorted(HONOURED)}, "required": ["input"],
+              "additionalProperties": False}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 # The key first (401 before a byte of the body is read), then the body (400/413).
-@router.post("/v1/embeddings")
+@router.post("/v1/embeddings", openapi_extra=openapi_body())
 async def embeddings(request: Request, key: AccountKey, call: Annotated[EmbedCall, Depends(embed_call)],
                      svc: Service, r: AsyncRedis) -> Any:
     doc = await admit(svc, key, call.sub)

@@ -152,6 +152,8 @@ def test_an_offer_below_the_quote_is_402_and_no_key_is_401(gw: Gateway) -> None:
     assert gw.books() == (DEPOSIT, 0, [])
 
 
-def test_info_shows_the_fee_per_embedding_token(gw: Gateway) -> None:
+def test_info_shows_the_fee_per_embedding_token_and_the_docs_the_endpoint(gw: Gateway) -> None:
     info = gw.http.get("/info").json()
     assert info["fee_per_embedding_token"] == 3 and info["base_fee"] == 2
+    body = gw.http.get("/openapi.json").json()["paths"]["/v1/embeddings"]["post"]["requestBody"]
+    assert set(body["content"]["application/json"]["schema"]["properties"]) >= {"input", "encoding_format"}

@@ -91,3 +91,12 @@ def test_llamas_embed(stack):
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "576 dims" in shown.stdout and "charged" in shown.stderr
     assert stack.balance(key) == 10_000 - doc["charged"] - int(shown.stderr.split("charged ")[1].split(",")[0])
+
+
+def test_the_texts_embedded_stay_out_of_the_logs(stack, gateway):
+    key, _ = stack.account(1_000)
+    secret = "zebra-violet-canary embeds quietly"
+    client(gateway, key).embeddings.create(model="smollm2", input=[secret, secret + " again"])
+    logs = {"herder": stack.herder.output(), "worker": stack.worker.output(),
+            "gateway": (stack.tmp / "gateway.log").read_text(errors="replace")}
+    assert [name for name, text in logs.items() if "zebra-violet-canary" in text] == []

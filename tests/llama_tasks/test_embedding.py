@@ -200,3 +200,33 @@ def test_a_context_smaller_than_the_step_budget_bounds_each_decode(batch):
         assert all(len(t.result(timeout=0)) == 1 for t in tickets)
     finally:
         embedder.close()
+
+
+def test_generation_waits_at_most_one_embedding_decode_between_its_steps(batch, vocab):
+    seq = generation.sequences(vocab, Job(job_id="g", attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=40,
+                                          temperature=0.0, messages=[{"role": "user", "content": PROMPTS[1]}]),
+                               None)[0]
+    seen: list[tuple[int, bool]] = []  # (generation steps so far, generating?) at each embedding decode
+    real_step = batch.embedder.step
+    ticket = None
+
+    def step() -> int:
+        done = real_step()
+        if done:
+            seen.append((batch.steps, ticket is not None and not ticket.done()))
+        return done
+
+    batch.embedder.step = step  # type: ignore[method-assign]
+    try:
+        ticket = batch.submit(seq)
+        # 3,000 tokens of inputs: several decodes of at most 512 tokens each.
+        jobs = [batch.embed([[7] * 100] * 5) for _ in range(6)]
+        assert all(len(j.result(timeout=120)) == 5 for j in jobs)
+        ticket.result(timeout=120)
+    finally:
+        batch.embedder.step = real_step  # type: ignore[method-assign]
+    assert len(seen) >= 6
+    while_generating = [steps for steps, generating in seen if generating]
+    assert len(while_generating) >= 2
+    # Between two embedding decodes made while the sequence generated, it took a step of its own.
+    assert all(b > a for a, b in zip(while_generating, while_generating[1:]))

@@ -23,6 +23,7 @@ requests share one decode.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -35,6 +36,8 @@ from llama_cpp._internals import LlamaModel
 
 from llama_tasks import embedding
 from llama_tasks.errors import EngineFailed
+
+log = logging.getLogger(__name__)
 
 #: Tokens one embedding decode takes at most (an input longer than this is decoded alone): the most one
 #: embedding step may hold up the generating sequences, like the generation's own prompt chunks.
@@ -160,6 +163,10 @@ class Embedder:
         self._ctx, self.pooling = ctx, pooling
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         self.n_embd = int(llama_cpp.llama_model_n_embd_out(self.model.model))
+        declared = self.declared_pooling()
+        log.info("embedding context made: %d dimensions, %s pooling (the model declares %s), %d tokens a decode",
+                 self.n_embd, embedding.POOLING_NAMES.get(pooling, str(pooling)),
+                 embedding.POOLING_NAMES.get(declared, str(declared)), min(self.n_ctx, EMBED_STEP_TOKENS))
 
     def _take(self) -> list[_Input]:
         """The inputs of the next decode: the oldest waiting, as many as fit."""

@@ -9,8 +9,9 @@ reports inputs a second and input tokens a second, the median of
 1. in-process llama-cpp-python, ``Llama(embedding=True, pooling_type=MEAN,
    n_threads=T).embed(texts)``: its own batching (512 tokens a decode), no
    serving at all: the floor of what any server of these kernels can reach;
-2. llama.cpp's ``llama-server --embedding --pooling mean -np S`` (``tests.bench.llama_server``
-   builds it; ``--build`` builds it if missing, else it is left out when absent);
+2. llama.cpp's ``llama-server --embedding --pooling mean -np S`` (``--llama-server PATH``, or
+   ``tests.bench.llama_server``'s build for the installed llama-cpp-python: ``--build`` builds it
+   if missing, else it is left out when absent);
 3. ours: herder with beat, one inference worker (``LLAMAS_SLOTS=S``), the
    HTTP gateway and a SQLite ledger (``tests.bench.compare.Stack``), every
    request paid for.

@@ -17,6 +17,10 @@ own), except its public part (the chat template's own text, a prefix the
 operator declares shared): a tenant's prompt never shortens, and so never
 times or counts, another tenant's.
 
+Embedding jobs share the thread (``llama_tasks.embedder``): after each
+generation step it runs one decode of the inputs waiting to be embedded, in a
+second context on the same weights.
+
 A watchdog thread ends what a step cannot: a sampler that spins inside
 llama.cpp (a pathological grammar) is C code no Python thread can interrupt,
 so past ``sample_limit_s`` (or a sequence's own time limit) the watchdog
@@ -47,6 +51,7 @@ from llama_cpp import LlamaGrammar
 from llama_cpp import _logger as llama_logger
 from llama_cpp._internals import LlamaModel, LlamaSampler
 
+from llama_tasks.embedder import Embedder, EmbedTicket
 from llama_tasks.engine import common_prefix
 from llama_tasks.errors import EngineFailed
 from llama_tasks.job import (
@@ -298,6 +303,8 @@ class BatchEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        #: Inputs of embedding jobs, decoded by this engine's thread between generation steps.
+        self.embedder = Embedder(model, n_ctx_per_slot, n_threads)
 
     @classmethod
     def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int,
@@ -352,6 +359,7 @@ class BatchEngine:
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        self.embedder.close()
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -367,6 +375,17 @@ class BatchEngine:
             if self._stopping or self.stalled:
                 raise EngineFailed("the engine is stopping")
             self._waiting.append(ticket)
+            self._lock.notify_all()
+        return ticket
+
+    def embed(self, inputs: list[list[int]]) -> EmbedTicket:
+        """Queue the token lists of one embedding job; the ticket gives their vectors (unit norm)."""
+        for tokens in inputs:
+            check_fits(len(tokens), 0, self.n_ctx_per_slot)
+        with self._lock:
+            if self._stopping or self.stalled:
+                raise EngineFailed("the engine is stopping")
+            ticket = self.embedder.submit(inputs)
             self._lock.notify_all()
         return ticket
 
@@ -420,6 +439,7 @@ class BatchEngine:
                     seq.ticket._finish(None, EngineFailed("the engine stalled on another job"))
             for ticket in waiting:
                 ticket._finish(None, EngineFailed("the engine stalled on another job"))
+            self.embedder.fail_all(EngineFailed("the engine stalled on another job"))
         finally:
             # Whatever went wrong above, the worker must not stay frozen.
             if self.on_stall is not None:
@@ -430,7 +450,7 @@ class BatchEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stopping and not self._waiting and not self.busy():
+                while not self._stopping and not self._waiting and not self.busy() and not self.embedder.pending():
                     self._lock.wait()
                 if self._stopping or self.stalled:
                     break
@@ -443,12 +463,18 @@ class BatchEngine:
                     if slot.active is not None:
                         self._release(slot.active, None, EngineFailed(f"decoding failed: {exc}"))
                         self._forget(slot)
+            try:
+                # One embedding decode between two generation steps: neither waits longer than one of the other.
+                self.embedder.step()
+            except Exception:  # its inputs' tickets are answered; generation goes on
+                log.exception("embedding step failed")
         for slot in self._slots:
             if slot.active is not None:
                 self._release(slot.active, None, EngineFailed("the engine stopped"))
         for ticket in self._waiting:
             ticket._finish(None, EngineFailed("the engine stopped"))
         self._waiting.clear()
+        self.embedder.fail_all(EngineFailed("the engine stopped"))
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, each where its prompt is cached longest."""

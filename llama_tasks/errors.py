@@ -254,6 +254,27 @@ class GenerationTimedOut(InvalidRequest):
     template = "generation took longer than {limit_s}s"
 
 
+class BadInput(InvalidRequest):
+    """Raised when an embedding request's input is not text or tokens the model can take."""
+
+    fields: ClassVar[tuple[str, ...]] = ("param", "detail")
+    template = "bad {param}: {detail}"
+
+
+class EmptyInput(BadInput):
+    """Raised when an embedding request has no input, or one of its inputs is empty."""
+
+    fields = ("param",)
+    template = "{param} is empty: every input must hold at least one character or token"
+
+
+class InputTooLong(BadInput):
+    """Raised when one input to embed has more tokens than the model's context holds."""
+
+    fields = ("param", "tokens", "n_ctx")
+    template = "{param} has {tokens} tokens; the model's context holds {n_ctx}"
+
+
 # --- the engine: the attempt failed, another may succeed --------------------
 
 

@@ -34,6 +34,11 @@ class JobResult:
         return self.choices[0]
 
     @property
+    def finish_reason(self) -> str:
+        """Why the job's stream ended: its first choice's reason."""
+        return self.first.finish_reason
+
+    @property
     def completion_tokens(self) -> int:
         return sum(c.completion_tokens for c in self.choices)
 

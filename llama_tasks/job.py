@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from llama_tasks import embedding_job
 from llama_tasks import tools as tool_fields
 from llama_tasks.errors import (
     BadLogprobs,
@@ -93,6 +94,11 @@ class Generation:
     tool_choice: str | dict[str, Any] | None = None
     #: Whether one answer may hold several calls.
     parallel_tool_calls: bool = True
+    #: Texts or token arrays to embed: set, the job is an embedding job (``llama_tasks.embedding``)
+    #: and generates nothing; its prompt, messages and generation fields must stay unset.
+    input: list[str | list[int]] | None = None
+    #: Size the embeddings are asked in (OpenAI's ``dimensions``); only the model's own is accepted.
+    dimensions: int | None = None
 
     def __post_init__(self) -> None:
         # One stop string or a list of them, as OpenAI accepts; a bare string
@@ -109,6 +115,10 @@ class Generation:
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.input is not None
 
 
 @dataclass(kw_only=True)
@@ -203,6 +213,9 @@ def validate(job: Generation, max_tokens_cap: int | None) -> None:
     if not isinstance(job.model, str) or not job.model or not job.model.isprintable():
         raise InvalidRequest(f"model must be a model name, got {job.model!r}")
     check_text("model", job.model)
+    if job.is_embedding or job.dimensions is not None:
+        embedding_job.validate(job)
+        return
     if job.messages is not None:
         if job.prompt is not None:
             raise InvalidRequest("give either a prompt or chat messages, not both")

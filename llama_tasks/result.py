@@ -52,10 +52,15 @@ class Choice:
     completion_tokens: int = 0
     #: ``[{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]``, or None when not asked.
     logprobs: list[dict[str, Any]] | None = None
+    #: An embedding job's vector for input ``index`` (``llama_tasks.embedding``: base64 of
+    #: little-endian float32, unit norm); None for a completion.
+    embedding: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
-                "completion_tokens": self.completion_tokens, "logprobs": self.logprobs}
+        doc = {"index": self.index, "text": self.text, "finish_reason": self.finish_reason,
+               "completion_tokens": self.completion_tokens, "logprobs": self.logprobs}
+        # Only where there is one: a completion's documents stay as they were.
+        return doc if self.embedding is None else doc | {"embedding": self.embedding}
 
     @classmethod
     def from_json(cls, raw: Any, index: int) -> Choice:
@@ -65,7 +70,8 @@ class Choice:
         return cls(index=index, text=_str(raw.get("text")),
                    finish_reason=finish if isinstance(finish, str) else str(finish),
                    completion_tokens=max(0, _int(raw.get("completion_tokens"))),
-                   logprobs=_logprobs(raw.get("logprobs")))
+                   logprobs=_logprobs(raw.get("logprobs")),
+                   embedding=raw["embedding"] if isinstance(raw.get("embedding"), str) else None)
 
 
 @dataclass(frozen=True)

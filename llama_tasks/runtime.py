@@ -22,7 +22,7 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from llama_cpp import Llama
 
-from llama_tasks import claims, engine, faults, generation, registry, results, signing
+from llama_tasks import claims, embedding, engine, faults, generation, registry, results, signing
 from llama_tasks.batching import BatchEngine
 from llama_tasks.constants import CANCEL_PREFIX
 from llama_tasks.errors import AlreadyAnswered, Expired, LlamasError, Replayed, WrongModel
@@ -147,15 +147,19 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
                                sign=ctx.signer.sign_claim)
     try:
         validate(job, ctx.settings.max_tokens_cap)
-        specs = generation.sequences(ctx.vocab, job, _first_token_point(stream), ctx.settings.soft_time_limit_s,
-                                     ctx.settings.shared_prefixes)
-        generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
+        generated: generation.JobResult | embedding.Embedded
+        if job.is_embedding:
+            generated = embedding.run(ctx.engine, ctx.vocab, job)
+        else:
+            specs = generation.sequences(ctx.vocab, job, _first_token_point(stream),
+                                         ctx.settings.soft_time_limit_s, ctx.settings.shared_prefixes)
+            generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
         finish()
         raise
     faults.point("generated")
-    stream.end(generated.first.finish_reason)
+    stream.end(generated.finish_reason)
     answer = generated.result(
         task_id=message_id, job_id=job.job_id, attempt=job.attempt, model=ctx.spec.name,
         model_id=ctx.spec.model_id, worker=worker, load_count=ctx.loads,

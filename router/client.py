@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from llama_tasks import redact
 from llama_tasks import stream as token_stream
+from llama_tasks.embedding_job import as_inputs, decode_vector
 from llama_tasks.job import DEFAULT_MAX_TOKENS
 from llama_tasks.registry import DEFAULT_MODEL
 from router.core import fees, request
@@ -202,6 +203,39 @@ class Herder:
         # job the first one admitted instead of holding the offer twice.
         doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True)
         return JobHandle(self, doc)
+
+    def embed(self, input: str | list[str] | list[int] | list[list[int]], *, model: str = DEFAULT_MODEL,
+              fee: int | None = None, multiplier: float | None = None, reference: str | None = None,
+              deadline_s: float | None = None, dimensions: int | None = None,
+              timeout: float = 300.0) -> dict[str, Any]:
+        """Pay for the embeddings of ``input`` and wait for them (up to ``timeout`` s).
+
+        ``input`` is a text, a list of texts, a token array or a list of token
+        arrays, as OpenAI's. Returns the response document with
+        ``embeddings``: one vector (a list of floats, unit L2 norm) per input,
+        in input order, beside ``prompt_tokens`` (the input tokens charged),
+        ``charged`` and ``refunded``. Quoted as ``base_fee +
+        fee_per_embedding_token × input tokens`` and charged exactly that
+        times the multiplier. ``dimensions`` is accepted only at the model's
+        own size. Raises ``JobFailed`` if the job did not complete, and a
+        bad request's typed error before anything is sent.
+        """
+        sub = Submission.from_dict({
+            "input": as_inputs(input), "model": model, "dimensions": dimensions, "fee": fee,
+            "multiplier": multiplier, "reference": new_reference() if reference is None else reference,
+            "deadline_s": deadline_s,
+        })
+        request.check(sub)
+        doc = self._call("router.submit", self.api_key, sub.to_dict(), secret=True)
+        response = JobHandle(self, doc).result(timeout)
+        return response | {"embeddings": [decode_vector(c["embedding"]) for c in response["choices"]]}
+
+    def embedding_quote(self, input: str | list[str] | list[int] | list[list[int]], *,
+                        model: str = DEFAULT_MODEL) -> dict[str, Any]:
+        """What embedding ``input`` would cost: its input tokens and the quote, counted as admission counts them."""
+        sub = Submission(input=as_inputs(input), model=model)  # type: ignore[arg-type]
+        request.check(sub)
+        return self._call("router.quote", sub.to_dict())
 
     def jobs(self, limit: int = 20) -> list[dict[str, Any]]:
         """Your most recent jobs, newest first."""

@@ -23,8 +23,8 @@ PACKAGES = ("llama_tasks", "router", "agent")
 #: llama_tasks modules that load neither llama.cpp nor Celery: what workers and the herder
 #: agree on (jobs, errors, keys, signatures, streams, heartbeats, results).
 PROTOCOL = {f"llama_tasks.{m}" for m in (
-    "claims", "constants", "errors", "faults", "heartbeat", "job", "placement", "redis_server", "registry",
-    "result", "results", "scripted", "settings", "signing", "stream", "tool_calls", "tools",
+    "claims", "constants", "embedding_job", "errors", "faults", "heartbeat", "job", "placement", "redis_server",
+    "registry", "result", "results", "scripted", "settings", "signing", "stream", "tool_calls", "tools",
 )}
 #: What the requester's client may use of the core: no SQL, no server code.
 CLIENT_CORE = {f"router.core.{m}" for m in ("errors", "fees", "keys", "request", "settings")}
@@ -34,7 +34,8 @@ CLIENT_CORE = {f"router.core.{m}" for m in ("errors", "fees", "keys", "request",
 #: ``router.api`` assemble the rest and may import anything; nothing imports them back.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "router.core": ("router.core", *PROTOCOL),
-    "router.herder": ("router.core", "router.herder", *PROTOCOL, "llama_tasks.engine", "llama_tasks.grammar_probe",
+    "router.herder": ("router.core", "router.herder", *PROTOCOL, "llama_tasks.embedding", "llama_tasks.engine",
+                      "llama_tasks.grammar_probe",
                       "llama_tasks.lifeline", "llama_tasks.redact"),
     "router.gateway": ("router.core", "router.gateway", *PROTOCOL),
     "router.local": ("router.core", "router.local", *PROTOCOL, "llama_tasks.lifeline"),

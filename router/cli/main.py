@@ -36,6 +36,7 @@ from router.cli.broker import broker_app
 from router.cli.common import KEY_OPTION
 from router.cli.common import herder as _herder
 from router.cli.common import need_key as _need_key
+from router.cli.embed import embed
 from router.cli.operators import operators_app
 from router.cli.receipts import receipts_app
 
@@ -55,6 +56,7 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(operators_app, name="operators")
 app.add_typer(broker_app, name="broker")
+app.command("embed")(embed)
 
 out = Console()
 err = Console(stderr=True)
@@ -139,6 +141,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
         return
     out.print(f"[bold]{doc['name']}[/] {doc['version']} — base fee {doc['base_fee']}, "
               f"fee per token {doc['fee_per_token']} (cached {doc.get('fee_per_cached_token', doc['fee_per_token'])}), "
+              f"fee per embedding token {doc.get('fee_per_embedding_token', '—')}, "
               f"queue {doc['queue_length']}, running {doc['running']}, "
               f"last accepted multiplier {doc['last_multiplier'] or '—'}")
     models = Table("model", "id", "slots", "context per job", title="models")

@@ -15,9 +15,17 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from llama_tasks.job import MAX_SEED, check_fits
+from llama_tasks import embedding_job
+from llama_tasks.job import MAX_SEED, Job, check_fits
 from router.core import fees, ledger, limits, queue, request, webhooks
-from router.core.errors import InsufficientFee, NoWorkers, QueueFull, ReferenceConflict, RequestTooLarge
+from router.core.errors import (
+    InsufficientFee,
+    NoWorkers,
+    QueueFull,
+    ReferenceConflict,
+    RequestTooLarge,
+    UnsupportedParameter,
+)
 from router.core.models import QUEUED, JobRow
 from router.core.parts import TokenCounting
 from router.core.request import Submission, as_job
@@ -32,6 +40,8 @@ def _size(sub: Submission) -> int:
     parts: list[Any] = [sub.prompt, sub.messages, sub.grammar, sub.json_schema, sub.stop]
     if sub.tools is not None or sub.tool_choice is not None:  # a request without tools measures as it always did
         parts += [sub.tools, sub.tool_choice]
+    if sub.input is not None:
+        parts.append(sub.input)
     return len(json.dumps(parts, ensure_ascii=False).encode())
 
 
@@ -66,6 +76,18 @@ class Priced:
 
     quote: int
     prompt_tokens: int
+    #: An embedding job: its prompt tokens are its inputs', priced at ``fee_per_embedding_token``, and it
+    #: generates nothing (``max_tokens`` 0).
+    embedding: bool = False
+
+    def rates(self, settings: HerderSettings) -> tuple[int, int, int]:
+        """``(base_fee, fee_per_token, fee_per_cached_token)`` the job is quoted, and so charged, at."""
+        if self.embedding:
+            return settings.base_fee, settings.fee_per_embedding_token, settings.fee_per_embedding_token
+        return settings.base_fee, settings.fee_per_token, settings.cached_token_fee
+
+    def max_tokens(self, sub: Submission) -> int:
+        return 0 if self.embedding else sub.max_tokens
 
 
 def admit(
@@ -101,11 +123,13 @@ def admit(
 
     job_id = uuid.uuid4().hex
     quoted, prompt_tokens = priced.quote, priced.prompt_tokens
+    max_tokens = priced.max_tokens(sub)
+    base_fee, fee_per_token, fee_per_cached_token = priced.rates(settings)
     offered = fees.offer(quoted, sub.fee, sub.multiplier)
     if offered < quoted:
         raise InsufficientFee(quoted, offered)
     share = limits.of(session, settings, account.id)
-    limits.check_request(share, prompt_tokens, sub.max_tokens, sub.n)
+    limits.check_request(share, prompt_tokens, max_tokens, sub.n)
     if _lock_queue(session):
         # A concurrent submit of this reference may have committed while we waited.
         existing = _existing(session, account.id, sub)
@@ -127,12 +151,12 @@ def admit(
         model=sub.model,
         request=json.dumps(_signed_generation(sub)),
         prompt_tokens=prompt_tokens,
-        max_tokens=sub.max_tokens,
+        max_tokens=max_tokens,
         n=sub.n,
         quote=quoted,
-        base_fee=settings.base_fee,
-        fee_per_token=settings.fee_per_token,
-        fee_per_cached_token=settings.cached_token_fee,
+        base_fee=base_fee,
+        fee_per_token=fee_per_token,
+        fee_per_cached_token=fee_per_cached_token,
         offered=offered,
         bid_ppm=bid,
         priority=queue.priority(bid, now, settings.aging_per_s),
@@ -151,7 +175,7 @@ def admit(
     if windows is not None:
         # Last: a refusal here rolls the hold back, and nothing after it refuses
         # (a failed commit gives the entry back through the reservation).
-        windows.take(account, job_id, limits.request_tokens(prompt_tokens, sub.max_tokens, sub.n), share, now)
+        windows.take(account, job_id, limits.request_tokens(prompt_tokens, max_tokens, sub.n), share, now)
     return row, True
 
 
@@ -170,6 +194,8 @@ def price(settings: HerderSettings, counter: TokenCounting, sub: Submission) -> 
     if sub.webhook_url is not None:
         webhooks.check_target(sub.webhook_url, settings.webhook_allowed)
     job = as_job("quote", 0, sub.generation(), 0.0, 0.0)
+    if job.is_embedding:
+        return _price_embedding(settings, counter, job)
     prompt_tokens = counter.prompt_tokens(job)  # UnknownModelRequested for a model we lack
     # Each of the n completions is its own sequence of prompt + max_tokens.
     check_fits(prompt_tokens, sub.max_tokens, settings.n_ctx)
@@ -177,6 +203,22 @@ def price(settings: HerderSettings, counter: TokenCounting, sub: Submission) -> 
     # Nothing assumed cached: the hold must cover the worst case.
     quoted = fees.quote(settings.base_fee, settings.fee_per_token, prompt_tokens, sub.max_tokens, sub.n)
     return Priced(quoted, prompt_tokens)
+
+
+def _price_embedding(settings: HerderSettings, counter: TokenCounting, job: Job) -> Priced:
+    """An embedding job's quote: every input counted with the model's tokenizer, each within its context."""
+    lengths = counter.input_tokens(job)  # UnknownModelRequested, or BadInput for a token the model lacks
+    embedding_job.check_lengths(lengths, settings.n_ctx)
+    if job.dimensions is not None:
+        size = counter.embedding_size(job.model)
+        if job.dimensions != size:
+            # Cutting a vector short keeps its meaning only for a model trained for it (matryoshka);
+            # a GGUF does not say whether its model was, and a generative one was not.
+            raise UnsupportedParameter("dimensions", f"{job.model} gives {size}-dimensional embeddings and is "
+                                                     f"not known to allow shorter ones; ask for {size} or leave it out")
+    total = sum(lengths)
+    return Priced(fees.embedding_quote(settings.base_fee, settings.fee_per_embedding_token, total), total,
+                  embedding=True)
 
 
 def _signed_generation(sub: Submission) -> dict[str, Any]:

@@ -27,6 +27,15 @@ def quote(base_fee: int, fee_per_token: int, prompt_tokens: int, tokens: int, n:
     return base_fee + fee_per_token * (prompt_tokens + n * tokens)
 
 
+def embedding_quote(base_fee: int, fee_per_embedding_token: int, input_tokens: int) -> int:
+    """The fee for embedding inputs of ``input_tokens`` tokens in all: also exactly what they cost.
+
+    Nothing about an embedding is unknown before it runs (no completion,
+    no cache), so the quote is its actual cost and the charge is the offer.
+    """
+    return base_fee + fee_per_embedding_token * input_tokens
+
+
 def cost(base_fee: int, fee_per_token: int, fee_per_cached_token: int, prompt_tokens: int,
          cached_tokens: int, completion_tokens: int) -> int:
     """What a finished job used: its fresh prompt and completion tokens, and its cached prompt tokens.

@@ -33,6 +33,12 @@ class TokenCounting(Protocol):
 
     def check_grammar(self, job: Job) -> None: ...
 
+    def input_tokens(self, job: Job) -> list[int]:
+        """Tokens in each input of an embedding job."""
+
+    def embedding_size(self, model: str) -> int:
+        """Dimensions of ``model``'s embeddings."""
+
     def completion_tokens(self, model: str, text: str) -> int:
         """Tokens in ``text`` as the tokenizer splits it (settlement charges what workers signed instead)."""
 

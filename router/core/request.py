@@ -38,7 +38,7 @@ _INT_BOUND = 10**1000
 #: Generation fields added after jobs were first fingerprinted: left out of the
 #: fingerprint at these defaults, so retrying an older job's submit still matches it.
 LATER_DEFAULTS: dict[str, Any] = {"n": 1, "logprobs": False, "top_logprobs": 0, "tools": None, "tool_choice": None,
-                                  "parallel_tool_calls": True}
+                                  "parallel_tool_calls": True, "input": None, "dimensions": None}
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,8 @@
 """Erasing a finished job's text once its delivery is over and its retention has passed.
 
 A job keeps its request's text (prompt or messages, stop strings, grammar or
-JSON schema) and its completions' text and logprobs only while delivery needs
+JSON schema, an embedding job's inputs) and its completions' text and logprobs
+(an embedding job's vectors) only while delivery needs
 them (``HerderSettings.webhook_delivery_s`` after it finished: the longest a
 webhook can take, every try at its deadline with every pause between) plus
 ``LLAMAS_TEXT_RETENTION_S``. Then a periodic herder task (``router.erase_text``)
@@ -30,7 +31,7 @@ from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
 from router.core.models import FINAL_STATES, JobRow
 
 #: Fields of a stored request that hold the requester's text; the rest are figures and flags.
-REQUEST_TEXT_FIELDS = ("prompt", "messages", "stop", "grammar", "json_schema", "tools", "tool_choice")
+REQUEST_TEXT_FIELDS = ("prompt", "messages", "stop", "grammar", "json_schema", "tools", "tool_choice", "input")
 #: Jobs erased per transaction: each is one short write, so SQLite's single writer is never held long.
 BATCH = 200
 #: Most batches one run erases; a backlog (a first run on an old ledger) is worked off over several runs.
@@ -68,7 +69,9 @@ def erase_choices(choices_json: str | None) -> str | None:
         return "[]"
     if not isinstance(choices, list):
         return "[]"
-    return json.dumps([c | {"text": "", "logprobs": None} for c in choices if isinstance(c, dict)])
+    # An embedding's vector is as much the requester's text as the text is: it can be inverted.
+    return json.dumps([c | {"text": "", "logprobs": None} | ({"embedding": None} if "embedding" in c else {})
+                       for c in choices if isinstance(c, dict)])
 
 
 def erase_row(row: JobRow, now: float) -> Erased:

@@ -137,6 +137,10 @@ class HerderService:
     def quote(self, sub: Submission) -> dict[str, Any]:
         """What ``sub`` would cost, counted exactly as admission counts it."""
         priced = admission.price(self.settings, self.counter, sub)
+        if priced.embedding:
+            return {"model": sub.model, "prompt_tokens": priced.prompt_tokens, "inputs": len(sub.input or []),
+                    "base_fee": self.settings.base_fee,
+                    "fee_per_embedding_token": self.settings.fee_per_embedding_token, "quote": priced.quote}
         return {
             "model": sub.model,
             "prompt_tokens": priced.prompt_tokens,

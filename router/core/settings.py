@@ -45,6 +45,11 @@ class HerderSettings(SharedSettings):
         description="Fee per prompt token a worker reused from its prompt cache, at most "
         "fee_per_token; unset = fee_per_token. Quotes assume nothing is cached.",
     )
+    fee_per_embedding_token: int = Field(
+        1, ge=0,
+        description="Fee per input token of an embedding request (/v1/embeddings, `Herder.embed`, `llamas embed`): "
+        "its quote is base_fee + this × the input tokens, and that is what it is charged (times its multiplier).",
+    )
     max_queue: int = Field(1000, ge=1, description="Queued jobs past which requests are refused.")
     aging_per_s: float = Field(
         0.0, ge=0, description="Multiplier a waiting job's effective bid gains per second."
@@ -154,6 +159,8 @@ class HerderSettings(SharedSettings):
         # A zero quote would make every bid a division by zero and every job free.
         if self.base_fee == 0 and self.fee_per_token == 0:
             raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_TOKEN cannot both be 0")
+        if self.base_fee == 0 and self.fee_per_embedding_token == 0:
+            raise ValueError("LLAMAS_BASE_FEE and LLAMAS_FEE_PER_EMBEDDING_TOKEN cannot both be 0")
         # Quotes price every prompt token as uncached: a dearer cached token
         # could cost more than the hold that was meant to cover the worst case.
         if self.fee_per_cached_token is not None and self.fee_per_cached_token > self.fee_per_token:

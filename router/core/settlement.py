@@ -14,7 +14,10 @@ other is ignored and the attempt's lease runs out. The actual cost counts the
 tokens each completion generated as the worker signed them (a text can be
 made of more tokens than a recount of it finds: a grammar of single spaces),
 never more than ``max_tokens``, and the prompt tokens a worker reused from
-its cache at the cached-token fee the job was quoted with. When an operator's
+its cache at the cached-token fee the job was quoted with. An embedding job's
+actual cost is its quote (its inputs' tokens as the herder counted them, at
+the embedding fee), and only a result with one vector per input is charged:
+any other is refunded whole. When an operator's
 worker produced it, that operator earns ``LLAMAS_OPERATOR_SHARE`` of the
 charge (rounded down) and the house captures the rest; the house's own
 workers' charges the house captures whole.
@@ -29,6 +32,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from llama_tasks import embedding_job
 from llama_tasks.result import TIME_LIMIT, Choice, Result
 from router.core import fees, ledger, operators, provenance, queue
 from router.core.errors import InvalidOffer, JobNotQueued, UnknownJob
@@ -109,9 +113,21 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, k
                     proven.reason)
         return None
     operator = proven.operator
-    choices = _counted(row, result)
-    completion = sum(c.completion_tokens for c in choices)
-    cached = min(result.cached_tokens, row.prompt_tokens)
+    embedded = _embedding_inputs(row.request)
+    if embedded is not None:
+        choices = _embeddings(result, embedded)
+        if choices is None:
+            # Signed, but not an answer to what was paid for: nothing is charged for it.
+            log.warning("job %s attempt %d: its result lacks a vector per input; failed and refunded",
+                        row.id, row.attempt)
+            return _refund_all(session, row, FAILED, "EmbeddingsMissing",
+                               "the worker's result did not hold one embedding per input", now)
+        # Nothing an embedding does is unknown at the quote: its inputs' tokens, counted by the herder.
+        completion, cached = 0, 0
+    else:
+        choices = _counted(row, result)
+        completion = sum(c.completion_tokens for c in choices)
+        cached = min(result.cached_tokens, row.prompt_tokens)
     # At the prices the job was quoted, whatever the prices are now.
     base_fee = settings.base_fee if row.base_fee is None else row.base_fee
     fee_per_token = settings.fee_per_token if row.fee_per_token is None else row.fee_per_token
@@ -141,6 +157,20 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, k
     row.model_id = _storable(result.model_id, "model_id")
     row.timings = json.dumps(result.timings)
     return row
+
+
+def _embedding_inputs(request_json: str) -> int | None:
+    """How many inputs a job's stored request asks to embed; None for a generation."""
+    inputs = json.loads(request_json).get("input")
+    return len(inputs) if isinstance(inputs, list) else None
+
+
+def _embeddings(result: Result, inputs: int) -> list[Choice] | None:
+    """One choice per input, each with its vector and nothing else; None unless every input has one."""
+    choices = [Choice(index=c.index, text="", finish_reason="stop", embedding=c.embedding)
+               for c in result.choices[:inputs]]
+    sizes = {embedding_job.dimensions_of(c.embedding) for c in choices}
+    return choices if len(choices) == inputs and len(sizes) == 1 and 0 not in sizes else None
 
 
 def _asked(request_json: str) -> tuple[bool, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from router.gateway import completions, dashboard, deps, docs, errors, headers, jobs, limits, ops, responses
+from router.gateway import completions, dashboard, deps, docs, embeddings, errors, headers, jobs, limits, ops, responses
 from router.gateway.deps import ServiceFactory
 
 
@@ -22,6 +22,7 @@ def create_app(service_factory: ServiceFactory) -> FastAPI:
     errors.install(app)
     app.include_router(completions.router)
     app.include_router(responses.router)
+    app.include_router(embeddings.router)
     app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(dashboard.router)

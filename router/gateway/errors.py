@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_tasks.errors import BadTools, InvalidRequest, LlamasError, SamplingOutOfRange
+from llama_tasks.errors import BadInput, BadTools, InvalidRequest, LlamasError, SamplingOutOfRange
 from router.core.errors import (
     AdmissionError,
     BodyTooLarge,
@@ -62,6 +62,8 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str]] = [
     (TooManyStreams, 429, "too_many_streams"),
     (BodyTooLarge, 413, "request_too_large"),
     (NoWorkers, 503, "no_worker"),
+    # An embedding's input: empty, too long for the context, not text or tokens (OpenAI's 400).
+    (BadInput, 400, "invalid_request_error"),
     (InvalidRequest, 422, "invalid_request_error"),
     (AdmissionError, 422, "invalid_request_error"),
     (LlamasError, 400, "invalid_request_error"),

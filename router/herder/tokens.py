@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llama_cpp import Llama
 
-from llama_tasks import engine, registry
+from llama_tasks import embedding, engine, registry
 from llama_tasks.constants import GRAMMAR_STEP_BUDGET_S
 from llama_tasks.errors import UnknownModel
 from llama_tasks.grammar_probe import GrammarProbe
@@ -46,6 +46,16 @@ class TokenCounter:
     def prompt_tokens(self, job: Job) -> int:
         with self._lock:
             return len(engine.prompt_tokens(self._vocab(job.model), job))
+
+    def input_tokens(self, job: Job) -> list[int]:
+        """Tokens in each input of an embedding job, as the worker will feed them."""
+        with self._lock:
+            return [len(t) for t in embedding.input_tokens(self._vocab(job.model), job)]
+
+    def embedding_size(self, model: str) -> int:
+        """How many dimensions ``model``'s embeddings have."""
+        with self._lock:
+            return embedding.size_of(self._vocab(model))
 
     def check_grammar(self, job: Job) -> None:
         """Raise ``BadGrammar`` unless the job's grammar or JSON schema compiles for its model,

@@ -72,6 +72,7 @@ class OurWorker(CeleryProcess):
     def __init__(self, queue: str, name: str, env: dict[str, str], log: Path,
                  extra: list[str] | None = None) -> None:
         self.name = f"{name}@bench"
+        self.worker = self.name  # what its heartbeat goes by (``CeleryProcess.wait_ready`` looks it up)
         self.log = log
         self.argv = our_worker_argv(queue, self.name, extra)
         self._log_file = open(log, "wb")  # noqa: SIM115 (open for the worker's life; closed in stop)

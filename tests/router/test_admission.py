@@ -390,9 +390,10 @@ def test_choices_are_part_of_a_references_request_and_old_fingerprints_still_mat
     with pytest.raises(ReferenceConflict):
         herder.submit(key, reference="r", max_tokens=8, logprobs=True)
     assert len(herder.jobs()) == 1
-    # A job admitted before n, logprobs and tools existed was fingerprinted without them.
+    # A job admitted before n, logprobs, tools and embeddings existed was fingerprinted without them.
     before = Submission(prompt="Say hello.", max_tokens=8).to_dict()
-    for name in ("reference", "n", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"):
+    for name in ("reference", "n", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "input",
+                 "dimensions"):
         del before[name]
     assert job.request_hash == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()
     herder.assert_books()

@@ -41,7 +41,7 @@ def job(**fields):
 
 def run(batch, llm, j):
     pieces: list[str] = []
-    result = generation.run(batch, generation.sequences(llm, j, pieces.append))
+    result = generation.run(batch, generation.sequences(llm, j, lambda _index, piece, _logprobs: pieces.append(piece)))
     return result.first, pieces
 
 

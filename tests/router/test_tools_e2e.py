@@ -130,6 +130,33 @@ def test_a_two_step_tool_loop_gets_a_final_answer(stack: Any, gateway: str, voca
     assert stack.balance(key) == 100_000 - spent and stack.books() == []
 
 
+def test_a_responses_function_call_round_trip(stack: Any, gateway: str) -> None:
+    key, _ = stack.account(100_000)
+    oa = client(gateway, key)
+    weather = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": CITY}
+    first = oa.responses.create(model="smollm2", input="What is the weather in Paris?", tools=[weather],
+                                tool_choice="required", parallel_tool_calls=False, max_output_tokens=60,
+                                temperature=0)
+    [call] = [item for item in first.output if item.type == "function_call"]
+    assert call.name == "get_weather" and first.status == "completed"
+    validate(json.loads(call.arguments), CITY)
+    final = oa.responses.create(model="smollm2", tools=[weather], tool_choice="none", max_output_tokens=40,
+                                temperature=0, input=[
+                                    {"role": "user", "content": "What is the weather in Paris?"},
+                                    call.model_dump(exclude_none=True),
+                                    {"type": "function_call_output", "call_id": call.call_id,
+                                     "output": "sunny, 21 degrees"}])
+    assert final.output_text and not [item for item in final.output if item.type == "function_call"]
+    # Both turns are chat jobs of the same ledger: charged what their usage says, and nothing else.
+    rows = [stack.job(reply.id.removeprefix("resp_")) for reply in (first, final)]
+    assert [r.charged for r in rows] == [first.usage.model_extra["charged"], final.usage.model_extra["charged"]]
+    # The second turn asked the chat path for the call and its output, as a tool loop does.
+    asked = json.loads(rows[1].request)["messages"]
+    assert asked[1]["tool_calls"][0]["id"] == call.call_id
+    assert asked[2] == {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21 degrees"}
+    assert stack.balance(key) == 100_000 - sum(r.charged for r in rows) and stack.books() == []
+
+
 def test_bad_tools_are_a_400_through_the_openai_client(stack: Any, gateway: str) -> None:
     key, _ = stack.account(10_000)
     with pytest.raises(openai.BadRequestError) as caught:

@@ -10,8 +10,9 @@ next step and frees its slot the step it finishes, is cancelled or runs out of
 time. Callers (Celery's task threads) ``submit`` and wait on the ``Ticket``.
 
 A free slot keeps what its last sequence left in its KV memory, and a new
-sequence goes to the free slot that shares the longest prefix with its
-prompt: the shared part is not computed again (the prompt cache). A prefix
+sequence goes to the free slot where it saves the most: the prefix of its
+prompt that slot holds, which is not computed again (the prompt cache), less
+what of another prompt it would throw away. A prefix
 is reused only for the same ``cache_key`` (the herder gives each account its
 own), except its public part (the chat template's own text, a prefix the
 operator declares shared): a tenant's prompt never shortens, and so never
@@ -487,7 +488,7 @@ class BatchEngine:
                 ticket._finish(self._cancelled_before_start(ticket))
                 continue
             spec = ticket.spec
-            slot = max(free, key=lambda s: (s.reusable(spec), -s.last_used))
+            slot = self._slot_for(spec, free)
             # At least the last prompt token is decoded again: its logits are the first sample.
             reused = min(slot.reusable(spec), len(spec.tokens) - 1)
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reused, -1):
@@ -496,6 +497,22 @@ class BatchEngine:
             slot.cached = slot.cached[:reused]
             slot.owner, slot.public = spec.cache_key, spec.public_tokens
             slot.active = _Active(ticket, slot, reused, self._sampler(spec))
+
+    @staticmethod
+    def _slot_for(spec: SequenceSpec, free: list[_Slot]) -> _Slot:
+        """The free slot where ``spec`` saves the most: the prompt its memory serves, less what of
+        another prompt it would throw away; among equals the one longest unused.
+
+        Taking a slot for a few shared tokens (a chat template's opening) would
+        throw away a whole prompt that its requester may send again (a long
+        system prompt, tools, a conversation) to save a few: an empty or
+        stale slot is the better place then.
+        """
+        def saved(slot: _Slot) -> tuple[int, float]:
+            served = slot.reusable(spec)
+            return served - (len(slot.cached) - served), -slot.last_used
+
+        return max(free, key=saved)
 
     def _sampler(self, spec: SequenceSpec) -> LlamaSampler:
         """The chain llama-cpp-python's ``Llama.generate`` builds, so answers match it."""

@@ -221,6 +221,17 @@ def test_a_sequence_past_its_time_limit_ends_with_what_it_made(batch, vocab):
     assert len(vocab.tokenize(result.text.encode(), add_bos=False, special=False)) <= result.completion_tokens
 
 
+def test_a_prompt_sharing_only_the_template_leaves_another_prompts_cache_alone(batch, vocab):
+    # B shares only the chat template's opening with A: it takes the slot longest unused instead of
+    # A's, so A asked again is served from its cache (the tool-call system block, a long system prompt).
+    [first] = chat(vocab, "Describe, in detail, how llamas were domesticated in the Andes. " * 6, max_tokens=4)
+    batch.submit(first).result(timeout=120)
+    batch.submit(chat(vocab, "Hi there.", max_tokens=4)[0]).result(timeout=120)
+    again = batch.submit(chat(vocab, "Describe, in detail, how llamas were domesticated in the Andes. " * 6,
+                              max_tokens=4)[0])
+    assert again.result(timeout=120).cached_tokens == len(first.tokens) - 1
+
+
 def test_a_job_that_cannot_fit_one_slot_is_refused_with_both_numbers(batch, vocab):
     seq = chat(vocab, "hello", max_tokens=8)[0]
     seq.max_tokens = N_CTX

@@ -18,18 +18,14 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 from llama_tasks.embedding_job import as_inputs, decode_vector
-from llama_tasks.errors import BadInput, InvalidRequest
+from llama_tasks.errors import BadInput
 from llama_tasks.registry import DEFAULT_MODEL
 from router.core.errors import UnsupportedParameter
 from router.core.request import Submission
-from router.gateway import limits, openai_request, openai_shapes
-from router.gateway.completions import admit, rate_limit_headers
+from router.gateway import completions, limits, openai_request
 from router.gateway.deps import AccountKey, AsyncRedis, Service, service_of
-from router.gateway.errors import openai_error
-from router.gateway.waiting import AdmittedJob
 
 router = APIRouter()
 
@@ -45,17 +41,6 @@ class EmbedCall:
 
     sub: Submission
     encoding_format: str
-
-
-def _bid(fields: dict[str, Any], headers: Mapping[str, str]) -> None:
-    """The bid from ``X-Llamas-Multiplier`` / ``X-Llamas-Fee``, as the completion endpoints take it."""
-    if "multiplier" not in fields and headers.get("x-llamas-multiplier") is not None:
-        fields["multiplier"] = headers["x-llamas-multiplier"]
-    if "fee" not in fields and headers.get("x-llamas-fee") is not None:
-        try:
-            fields["fee"] = int(headers["x-llamas-fee"])
-        except ValueError:
-            raise InvalidRequest(f"X-Llamas-Fee must be an integer, got {headers['x-llamas-fee']!r}") from None
 
 
 def submission(body: Mapping[str, Any], headers: Mapping[str, str]) -> EmbedCall:
@@ -74,7 +59,7 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str]) -> EmbedCall
                                                              "dimensions") if body.get(name) is not None}
     fields["model"] = body.get("model") if body.get("model") is not None else DEFAULT_MODEL
     fields["input"] = as_inputs(body.get("input"))
-    _bid(fields, headers)
+    openai_request.header_bid(fields, headers)
     return EmbedCall(Submission.from_dict(fields), encoding)
 
 
@@ -112,12 +97,6 @@ def openapi_body() -> dict[str, Any]:
 @router.post("/v1/embeddings", openapi_extra=openapi_body())
 async def embeddings(request: Request, key: AccountKey, call: Annotated[EmbedCall, Depends(embed_call)],
                      svc: Service, r: AsyncRedis) -> Any:
-    doc = await admit(svc, key, call.sub)
-    headers = await rate_limit_headers(svc, key)
-    resp = await AdmittedJob(request, svc, r, key, doc["job_id"]).wait_response()
-    if resp is None:
-        return openai_error(499, "client disconnected", "invalid_request_error", "client_closed")
-    if resp["status"] != "done":
-        status, body, retry = openai_shapes.failed(resp)
-        return JSONResponse(body, status_code=status, headers={**headers, **retry})
-    return JSONResponse(shape(resp, call.sub.model, call.encoding_format), headers=headers)
+    # The one admission and answer of every paid endpoint (chat, text and Responses take it too).
+    started = await completions.start(request, call.sub, False, key, svc, r)
+    return await completions.answer(started, lambda resp: shape(resp, call.sub.model, call.encoding_format))

@@ -244,7 +244,13 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) 
         if not isinstance(body.get("prompt"), str):
             raise InvalidRequest("prompt must be one string")
         fields["prompt"] = body["prompt"]
-    # The bid may also come in headers, for clients that cannot add body fields.
+    header_bid(fields, headers)
+    return Submission.from_dict(fields)
+
+
+def header_bid(fields: dict[str, Any], headers: Mapping[str, str]) -> None:
+    """The bid from ``X-Llamas-Multiplier`` / ``X-Llamas-Fee`` where the body named none, for clients
+    that cannot add body fields (every endpoint that is paid takes it the same way)."""
     if "multiplier" not in fields and headers.get("x-llamas-multiplier") is not None:
         fields["multiplier"] = headers["x-llamas-multiplier"]
     if "fee" not in fields and headers.get("x-llamas-fee") is not None:
@@ -252,8 +258,6 @@ def submission(body: Mapping[str, Any], headers: Mapping[str, str], chat: bool) 
             fields["fee"] = int(headers["x-llamas-fee"])
         except ValueError:
             raise InvalidRequest(f"X-Llamas-Fee must be an integer, got {headers['x-llamas-fee']!r}") from None
-    sub = Submission.from_dict(fields)
-    return sub
 
 
 def openapi_body(chat: bool) -> dict[str, Any]:

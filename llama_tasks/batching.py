@@ -303,6 +303,7 @@ class BatchEngine:
         self._n_vocab = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._stop_reason = "the engine stopped"
         self.steps = 0
         #: Inputs of embedding jobs, decoded by this engine's thread between generation steps.
         self.embedder = Embedder(model, n_ctx_per_slot, n_threads)
@@ -343,10 +344,12 @@ class BatchEngine:
         self._watchdog.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "the engine stopped") -> None:
+        """Stop the loop and free the context; sequences still in it fail with ``reason`` (retryably)."""
         if self._thread is None and self._ctx is None:
             return  # never started, or stopped already
         with self._lock:
+            self._stop_reason = reason
             self._stopping = True
             self._lock.notify_all()
         if self.stalled:
@@ -471,11 +474,11 @@ class BatchEngine:
                 log.exception("embedding step failed")
         for slot in self._slots:
             if slot.active is not None:
-                self._release(slot.active, None, EngineFailed("the engine stopped"))
+                self._release(slot.active, None, EngineFailed(self._stop_reason))
         for ticket in self._waiting:
-            ticket._finish(None, EngineFailed("the engine stopped"))
+            ticket._finish(None, EngineFailed(self._stop_reason))
         self._waiting.clear()
-        self.embedder.fail_all(EngineFailed("the engine stopped"))
+        self.embedder.fail_all(EngineFailed(self._stop_reason))
 
     def _admit(self) -> None:
         """Move waiting sequences into free slots, each where its prompt is cached longest."""

@@ -65,6 +65,20 @@ class ModelHashMismatch(ConfigError):
     template = "model {model!r}: {path} has sha256 {actual}, registry says {expected}"
 
 
+class ModelTooLarge(ConfigError):
+    """Raised when a model's file is larger than the memory this worker declares it can hold."""
+
+    fields = ("name", "needed_mb", "available_mb")
+    template = "model {name!r} needs {needed_mb} MB, this worker can hold {available_mb} MB"
+
+
+class ModelIdMismatch(ConfigError):
+    """Raised when an Init names a model whose id is not the one this worker's registry gives that name."""
+
+    fields = ("name", "asked", "registered")
+    template = "model {name!r} is {registered} in this worker's registry, not {asked}"
+
+
 class MissingPublicKey(ConfigError):
     """Raised when no herder public key is configured."""
 
@@ -165,6 +179,34 @@ class WrongModel(Rejected):
 
     fields = ("job_model", "worker_model")
     template = "job is for model {job_model!r}, this worker serves {worker_model!r}"
+
+
+class NotAnInit(Rejected):
+    """Raised when a control message is not a well-formed Init."""
+
+    fields = ("detail",)
+    template = "not an Init: {detail}"
+
+
+class NotForThisWorker(Rejected):
+    """Raised when a signed Init names another worker (it was copied to this one's list)."""
+
+    fields = ("addressee", "worker")
+    template = "Init is addressed to {addressee!r}, this worker is {worker!r}"
+
+
+class InitExpired(Rejected):
+    """Raised when an Init arrives after its expiry, or was issued before this worker started."""
+
+    fields = ("nonce", "detail")
+    template = "Init {nonce} is stale: {detail}"
+
+
+class InitReplayed(Rejected):
+    """Raised when an Init's nonce was already taken: the same message, sent again."""
+
+    fields = ("nonce",)
+    template = "Init {nonce} was already received once"
 
 
 # --- invalid input: a typed error, never retried ----------------------------

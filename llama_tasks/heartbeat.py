@@ -54,6 +54,7 @@ class Heartbeat:
         self._attest = attest
         self._healthy = healthy
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamas-heartbeat", daemon=True)
         self._worker: str | None = None
 
@@ -65,7 +66,8 @@ class Heartbeat:
             if self._healthy is not None and not self._healthy():
                 # No beat: the herd entry expires and the herder sends nothing more here.
                 log.warning("heartbeat withheld: the engine is not making progress")
-                self._stop.wait(self._interval_s)
+                self._wake.wait(self._interval_s)
+                self._wake.clear()
                 continue
             try:
                 doc = self._describe() | {"ts": time.time(), "pid": os.getpid(), "interval_s": self._interval_s}
@@ -75,10 +77,16 @@ class Heartbeat:
                 beat(self._r, doc, self._interval_s)
             except redis.RedisError as exc:  # the broker may come back; keep beating
                 log.warning("heartbeat failed: %s", exc)
-            self._stop.wait(self._interval_s)
+            self._wake.wait(self._interval_s)
+            self._wake.clear()
+
+    def beat_now(self) -> None:
+        """Publish the next beat at once (the worker's state changed), not at the end of the interval."""
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=self._interval_s + 1)
         if self._worker:
             try:

@@ -1,7 +1,8 @@
 """What a worker process holds and how it runs one signed envelope.
 
-``start_process`` fills the per-process context once (the model in a batch
-engine, the herder's public key, the operator's signing key, a Redis client);
+``start_process`` fills the per-process context (the model in a batch
+engine, the herder's public key, the operator's signing key, a Redis client)
+once per model it serves (``unload`` frees it for the next);
 ``run_envelope`` is the whole life of a task, as a plain function that tests
 can call without Celery.
 Celery's task threads call it concurrently: the engine decodes their jobs
@@ -25,7 +26,7 @@ from llama_cpp import Llama
 from llama_tasks import claims, embedding, engine, faults, generation, registry, results, signing
 from llama_tasks.batching import BatchEngine
 from llama_tasks.constants import CANCEL_PREFIX
-from llama_tasks.errors import AlreadyAnswered, Expired, LlamasError, Replayed, WrongModel
+from llama_tasks.errors import AlreadyAnswered, EngineFailed, Expired, LlamasError, Replayed, WrongModel
 from llama_tasks.job import Job, validate
 from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
@@ -64,24 +65,28 @@ _context: ProcessContext | None = None
 _load_count = 0
 
 
-def check_startup(settings: WorkerSettings) -> ModelSpec:
-    """Verify what a worker needs before it forks: the model file, the herder's key and its operator's."""
-    spec = registry.lookup(settings.models_file, settings.model)
-    registry.verify(spec)
+def check_startup(settings: WorkerSettings, serve: bool = True) -> ModelSpec | None:
+    """Verify what a worker needs before it starts: the model file (when it starts with one,
+    ``serve``), the herder's key and its operator's."""
+    spec = None
+    if serve:
+        spec = registry.lookup(settings.models_file, settings.model)
+        registry.verify(spec)
     signing.load_public(settings.public_key, settings.public_key_file)
     signing.load_operator(settings.operator, settings.signer_key_path)
     return spec
 
 
 def start_process(settings: WorkerSettings, placement: Placement, slots: int,
-                  on_stall: Callable[[], None] | None = None) -> ProcessContext:
-    """Load the model into this process as ``placement`` says, with ``slots`` sequences.
+                  on_stall: Callable[[], None] | None = None, spec: ModelSpec | None = None) -> ProcessContext:
+    """Load ``spec`` (default: the configured model) into this process as ``placement`` says, with ``slots`` sequences.
 
     ``on_stall`` is called when the engine's watchdog gives up on it (every
-    job it held has been answered by then).
+    job it held has been answered by then). A worker serves one model at a
+    time: it calls ``unload`` before loading another (``llama_tasks.switching``).
     """
     global _context, _load_count
-    spec = registry.lookup(settings.models_file, settings.model)
+    spec = spec or registry.lookup(settings.models_file, settings.model)
     if placement.cuda_visible_devices is not None:
         # Must be set before the CUDA runtime initialises inside the load.
         os.environ["CUDA_VISIBLE_DEVICES"] = placement.cuda_visible_devices
@@ -107,9 +112,27 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
     return _context
 
 
+def unload(reason: str = "the engine stopped") -> None:
+    """Stop this process's engine and free its model; jobs still in it fail with ``reason`` (retryably)."""
+    global _context
+    ctx, _context = _context, None
+    if ctx is None:
+        return
+    ctx.engine.stop(reason)
+    if not ctx.engine.stalled:
+        # The weights now, not whenever the collector gets to them: the next model needs the memory.
+        ctx.engine.model.close()
+    ctx.redis.close()
+
+
+def loaded() -> ProcessContext | None:
+    """This process's context, or None while it serves no model (idle, or between two)."""
+    return _context
+
+
 def context() -> ProcessContext:
     if _context is None:
-        raise RuntimeError("this process has not loaded a model (the worker's start-up hooks did not run)")
+        raise EngineFailed("this process serves no model now (it is idle, or changing models)")
     return _context
 
 

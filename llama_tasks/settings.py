@@ -130,6 +130,12 @@ class WorkerSettings(SharedSettings):
         "claim and heartbeat it reports. Unset: <home>/house.key (`llamas keys generate` makes it).",
     )
 
+    memory_mb: int = Field(
+        0, ge=0,
+        description="Memory this worker may fill with a model, in MB: what it tells the herder it can hold, and "
+        "the most an Init may load. 0 = the machine's RAM on the CPU, and no limit on a GPU (set it there: "
+        "the card's memory is not read).",
+    )
     sample_limit_s: float = Field(
         5.0, gt=0, le=600,
         description="Longest the engine may take to sample one token of one sequence (milliseconds is normal; "
@@ -200,6 +206,10 @@ def house_key_path(home: Path) -> Path:
 def operator_key_path(home: Path, operator: str) -> Path:
     """Where ``llamas operators add`` writes, and a worker looks for, an operator's private key."""
     return home / "operators" / f"{operator}.key"
+
+
+#: The queue a worker with no model listens on: nothing is ever sent to it.
+IDLE_QUEUE = "llamas.idle"
 
 
 def queue_for(model: str) -> str:

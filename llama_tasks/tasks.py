@@ -10,7 +10,7 @@ from celery import Task
 from llama_tasks import redact, runtime
 from llama_tasks.celery import app
 from llama_tasks.constants import GENERATE_TASK
-from llama_tasks.errors import InvalidRequest, Rejected
+from llama_tasks.errors import EngineFailed, InvalidRequest, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,15 @@ redact.install_log_filter()
     reject_on_worker_lost=True,
     max_retries=0,
     # Expected refusals: logged as one line with their reason, not a traceback.
-    throws=(Rejected, InvalidRequest),
+    # (``EngineFailed``: a job handed back when its worker changes models, or its engine stalled.)
+    throws=(Rejected, InvalidRequest, EngineFailed),
     Request=redact.PRIVATE_REQUEST,
 )
 def generate(self: Task, envelope: Any) -> dict[str, Any]:
     """Generate one signed job; the result document is the task's return value."""
     try:
         doc = runtime.run_envelope(runtime.context(), envelope, self.request.id, self.request.hostname)
-    except (Rejected, InvalidRequest) as exc:
+    except (Rejected, InvalidRequest, EngineFailed) as exc:
         # The type and its numbers only: messages may quote the request.
         log.warning("task %s refused: %s", self.request.id, redact.describe_error(exc))
         raise

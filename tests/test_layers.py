@@ -23,7 +23,7 @@ PACKAGES = ("llama_tasks", "router", "agent")
 #: llama_tasks modules that load neither llama.cpp nor Celery: what workers and the herder
 #: agree on (jobs, errors, keys, signatures, streams, heartbeats, results).
 PROTOCOL = {f"llama_tasks.{m}" for m in (
-    "claims", "constants", "embedding_job", "errors", "faults", "heartbeat", "job", "placement", "redis_server",
+    "claims", "constants", "control", "embedding_job", "errors", "faults", "heartbeat", "job", "placement", "redis_server",
     "registry", "result", "results", "scripted", "settings", "signing", "stream", "tool_calls", "tools",
 )}
 #: What the requester's client may use of the core: no SQL, no server code.
@@ -39,7 +39,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
                       "llama_tasks.lifeline", "llama_tasks.redact"),
     "router.gateway": ("router.core", "router.gateway", *PROTOCOL),
     "router.local": ("router.core", "router.local", *PROTOCOL, "llama_tasks.lifeline"),
-    "router.cli": ("router.core", "router.cli", "router.client", "router.local", *PROTOCOL),
+    "router.cli": ("router.core", "router.cli", "router.client", "router.admin", "router.local", *PROTOCOL),
+    # The admin's Python API on the herd (Inits): the core's functions over the herder's key and Redis.
+    "router.admin": ("router.core", *PROTOCOL),
     "router.client": (*CLIENT_CORE, *PROTOCOL, "llama_tasks.redact"),
     "llama_tasks": ("llama_tasks",),
     # The agent is a requester (the client only); its offline accuracy tool runs the model in process.

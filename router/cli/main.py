@@ -39,6 +39,7 @@ from router.cli.common import need_key as _need_key
 from router.cli.embed import embed
 from router.cli.operators import operators_app
 from router.cli.receipts import receipts_app
+from router.cli.workers import workers_app
 
 #: Entry point group through which installed packages add command groups.
 PLUGIN_GROUP = "llamas.cli"
@@ -55,6 +56,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(receipts_app, name="receipts")
 app.add_typer(operators_app, name="operators")
+app.add_typer(workers_app, name="workers")
 app.add_typer(broker_app, name="broker")
 app.command("embed")(embed)
 
@@ -114,11 +116,14 @@ def up(slots: int = typer.Option(0, "--slots", "-s", min=0, max=256,
        flower_port: int = typer.Option(5555, help="Port of Flower."),
        model: list[str] = typer.Option([], help="Model to serve (repeatable; default LLAMAS_MODEL)."),
        gpu: list[int] = typer.Option([], help="GPU id to serve on, one worker each (repeatable; "
-                                              "default LLAMAS_GPUS, none = the CPU).")) -> None:
+                                              "default LLAMAS_GPUS, none = the CPU)."),
+       workers: int = typer.Option(0, "--workers", min=0, max=64,
+                                   help="Start N workers with no model, which the herder gives models as the "
+                                        "queue needs (needs LLAMAS_PLACEMENT=demand).")) -> None:
     """Start the whole service on this machine and answer a paid demo request."""
     from router.local.up import up as run_up
 
-    run_up(slots or None, port, flower_port, model or None, gpu or None)
+    run_up(slots or None, port, flower_port, model or None, gpu or None, placed=workers)
 
 
 @app.command()
@@ -149,7 +154,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
         models.add_row(m["name"], m["id"][:16] + "…", str(m["slots"]), f"{m['context_per_job']} tokens")
     herd = Table("worker", "model", "slots", "busy", "gpus", title="herd")
     for w in doc["herd"]:
-        herd.add_row(w["worker"], w["model"], str(w["slots"]), str(w["busy"]), ",".join(map(str, w["gpus"])) or "cpu")
+        herd.add_row(w["worker"], w["model"] or "—", str(w["slots"]), str(w["busy"]), ",".join(map(str, w["gpus"])) or "cpu")
     prices = Table("multiplier", "queue position", "expected wait", title="price discovery")
     for row in doc["price_discovery"]:
         wait = row["expected_wait_s"]

@@ -30,9 +30,9 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from llama_tasks import results
+from llama_tasks import control, results
 from llama_tasks.constants import CANCEL_PREFIX, CLAIM_PREFIX, HERD_PREFIX, RESULTS_STREAM, STREAM_PREFIX
-from llama_tasks.settings import queue_for, unacked_keys
+from llama_tasks.settings import IDLE_QUEUE, queue_for, unacked_keys
 from router.core import ledger
 from router.core.errors import BrokerUserExists, UnknownBrokerUser
 from router.core.keys import NOTIFY_PREFIX, RESPONSE_PREFIX
@@ -83,9 +83,10 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
     """The ACL rules of operator ``operator``'s workers, serving ``models`` (none: every model).
 
     Each line is what ``llama_tasks`` sends, and nothing to read what others
-    send: its queues (BRPOP; a restore pushes a message back), the binding
+    send: its queues and the idle one (BRPOP; a restore pushes a message back), the binding
     table of its queues (SMEMBERS: where a restore or an error callback goes),
-    its own unacknowledged messages, the results stream (XADD only), its own
+    its own unacknowledged messages, its own workers' Inits (BLPOP, and a SET
+    NX of each nonce), the results stream (XADD only), its own
     kept answers, token streams (write only), claims, cancel flags (EXISTS), its own heartbeats,
     its tasks' states, events for Flower, and the herder's queue for the
     error callback of a failed generation (as any requester may).
@@ -93,9 +94,14 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
     queues = operator_queues(models)
     unacked = unacked_keys(operator)
     herd = _literal(f"{HERD_PREFIX}{operator}/") + "*"
+    # A worker with no model listens on the idle queue, beside its model queues while it changes models.
+    consumed = [*queues, _literal(IDLE_QUEUE)]
     return [
         *CONNECTION,
-        _selector(_queue_keys(queues, "~"), ("+brpop", "+rpop", "+lpush", "+rpush")),
+        _selector(_queue_keys(consumed, "~"), ("+brpop", "+rpop", "+lpush", "+rpush")),
+        # Its own workers' Inits: popped from their lists, each nonce taken once.
+        _selector([f"~{_literal(control.CONTROL_PREFIX + operator + '/')}*"], ["+blpop"]),
+        _selector([f"~{_literal(control.SEEN_PREFIX + operator + '/')}*"], ["+set"]),
         _selector([f"%R~{_literal(BINDING_PREFIX)}{q}" for q in queues]
                   + [f"%R~{_literal(BINDING_PREFIX + HERDER_QUEUE)}"], ["+smembers"]),
         _selector([f"~{_literal(unacked['unacked_key'])}", f"~{_literal(unacked['unacked_index_key'])}"],
@@ -115,6 +121,35 @@ def operator_rules(operator: str, models: Sequence[str] = ()) -> list[str]:
         _selector(commands=["+publish"], channels=[f"&{EVENTS_CHANNEL}*"]),
         _selector(_queue_keys([_literal(HERDER_QUEUE)], "%W~"), ["+lpush"]),
     ]
+
+
+def reachable_models(session: Session, worker: str) -> list[str] | None:
+    """The models whose queues ``worker``'s broker credential lets it take; None: every model.
+
+    A house worker may serve anything; an operator's worker (``<operator>/<host>``)
+    what its operator's broker user names (none named: every model), so no
+    Init moves it to a queue that Redis would refuse it.
+    """
+    operator, slash, _ = worker.partition("/")
+    if not slash:
+        return None
+    user = session.scalar(select(BrokerUser).where(BrokerUser.name == user_name(OPERATOR, operator)))
+    return None if user is None or not user.model_names else user.model_names
+
+
+def may_serve(session: Session, worker: str, model: str) -> bool:
+    """Whether ``worker``'s broker credential lets it take ``model``'s queue (``reachable_models``)."""
+    reachable = reachable_models(session, worker)
+    return reachable is None or model in reachable
+
+
+def within_reach(session: Session, heartbeat: dict[str, Any]) -> dict[str, Any]:
+    """A worker's heartbeat with only the models its broker credential reaches left in ``can_load``."""
+    loadable = heartbeat.get("can_load") or []
+    reachable = reachable_models(session, str(heartbeat.get("worker") or "")) if loadable else None
+    if reachable is None:
+        return heartbeat
+    return heartbeat | {"can_load": [m for m in loadable if m.get("model") in reachable]}
 
 
 def client_rules() -> list[str]:

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from llama_tasks import claims, faults, signing
+from llama_tasks.control import SERVING
 from router.core import queue
 from router.core.models import RUNNING, JobRow
 from router.core.request import as_job
@@ -44,11 +45,17 @@ Sender = Callable[[JobRow, dict[str, Any]], None]
 Order = tuple[JobRow, dict[str, Any]]
 
 
+def serving(worker: dict[str, Any]) -> bool:
+    """Whether a heartbeat says its worker takes work for its model now (not idle, loading or draining)."""
+    return bool(worker.get("model")) and worker.get("state", SERVING) == SERVING
+
+
 def capacity(herd: Iterable[dict[str, Any]]) -> dict[str, int]:
-    """Slots per model across the live workers."""
+    """Slots per model across the live workers that serve it now."""
     slots: dict[str, int] = defaultdict(int)
     for worker in herd:
-        slots[worker["model"]] += int(worker.get("slots", 0))
+        if serving(worker):
+            slots[worker["model"]] += int(worker.get("slots", 0))
     return dict(slots)
 
 

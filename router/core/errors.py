@@ -346,3 +346,46 @@ class TooManyStreams(AdmissionError):
 
     fields = ("limit",)
     template = "this key already holds {limit} open event streams; close one first"
+
+
+# --- the herd: telling a worker which model to serve --------------------------
+
+
+class HerdError(HerderError):
+    """Raised when an Init cannot be sent, or its worker refused it."""
+
+
+class UnknownWorker(HerdError):
+    """Raised when an Init names a worker with no live heartbeat."""
+
+    fields = ("worker", "live")
+    template = "no live worker named {worker!r} (live: {live})"
+
+
+class UnknownModelId(HerdError):
+    """Raised when an Init names a model neither registered by name nor by sha256."""
+
+    fields = ("model",)
+    template = "no registered model is named {model!r} or has that sha256 (`llamas models list`)"
+
+
+class InitRefused(HerdError):
+    """Raised when the worker refused an Init; it keeps serving what it had."""
+
+    fields = ("worker", "model", "reason")
+    template = "worker {worker} refused to serve {model}: {reason}"
+
+
+class InitTimedOut(HerdError):
+    """Raised when a worker did not report an Init's outcome in time (it may still be loading)."""
+
+    fields = ("worker", "model", "waited_s", "last")
+    template = "worker {worker} has not reported serving {model} after {waited_s:.0f}s (last seen: {last})"
+
+
+class ModelNotPermitted(HerdError):
+    """Raised when an Init would move an operator's worker to a model its broker credential does not reach."""
+
+    fields = ("worker", "model")
+    template = ("worker {worker}'s operator may not serve {model} (its broker user names other models: "
+                "`llamas broker operator` to change that)")

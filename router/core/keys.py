@@ -21,3 +21,11 @@ DASHBOARD_SESSION_PREFIX = "llamas:dashboard:session:"
 #: ``STREAMS_PREFIX + {key's hash, or "admin"}`` → sorted set of the key's open event streams (member a
 #: stream id, score its lease's end in ms), shared by every gateway (``router.gateway.streams``).
 STREAMS_PREFIX = "llamas:streams:"
+#: Held (``SET NX PX``, a random token) by the one herder placing workers this tick (``router.core.placement``).
+PLACEMENT_LOCK = "llamas:placement:lock"
+#: Hash of worker → the Init placement sent it that its heartbeat does not show yet (JSON ``Pending``).
+PLACEMENT_PENDING = "llamas:placement:pending"
+#: List of placement's latest decisions, newest first (JSON), for the dashboard.
+PLACEMENT_DECISIONS = "llamas:placement:decisions"
+#: JSON object model → why no worker moves to it although its queue waits, as placement's latest step saw it.
+PLACEMENT_WAITING = "llamas:placement:waiting"

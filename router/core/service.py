@@ -28,13 +28,17 @@ from llama_tasks.errors import Expired, InvalidRequest, LlamasError, Rejected
 from llama_tasks.result import attempt_of
 from router.core import (
     admission,
+    broker_access,
     db,
     dispatch,
     forwarding,
+    herd_control,
     info,
     ledger,
     limits,
     metrics,
+    placement,
+    placement_store,
     provenance,
     queue,
     receipts,
@@ -44,7 +48,7 @@ from router.core import (
     worker_loss,
 )
 from router.core.dispatch import Order
-from router.core.errors import JobNotQueued, UnknownJob
+from router.core.errors import JobNotQueued, UnknownJob, UnknownModelId, UnknownWorker
 from router.core.models import RUNNING, JobRow
 from router.core.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.core.request import Submission
@@ -96,11 +100,12 @@ class HerderService:
             # A worker that has just started may be newer than the cached herd: look again before refusing.
             slots = (dispatch.capacity(self._herd()).get(sub.model, 0)
                      or dispatch.capacity(self._herd(fresh=True)).get(sub.model, 0))
+            served = slots > 0 or self._placeable(sub.model)
             try:
-                doc, orders = self._admit(api_key, sub, priced, slots)
+                doc, orders = self._admit(api_key, sub, priced, slots, served)
             except IntegrityError:
                 # A concurrent submit with the same reference won the insert.
-                doc, orders = self._admit(api_key, sub, priced, slots)
+                doc, orders = self._admit(api_key, sub, priced, slots, served)
         except LlamasError as exc:
             self.refused(exc)
             raise
@@ -109,15 +114,23 @@ class HerderService:
         return doc
 
     def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
-               slots: int) -> tuple[dict[str, Any], list[Order]]:
+               slots: int, served: bool) -> tuple[dict[str, Any], list[Order]]:
         """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
         now = self._clock()
         # A commit that fails gives back the place the admission took in the account's minute windows.
         with limits.reserve(self.windows) as windows, self.sessions.begin() as session:
-            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=slots > 0,
+            row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=served,
                                            windows=windows)
             orders = self._claim(session, sub.model, slots, now) if created else []
             return views.describe_row(session, row), orders
+
+    def _placeable(self, model: str) -> bool:
+        """Whether demand placement may yet give ``model`` a worker: one live worker can hold it."""
+        if self.settings.placement != "demand":
+            return False
+        with self.read_sessions.begin() as session:
+            herd = [broker_access.within_reach(session, doc) for doc in self._herd()]
+        return placement.could_serve(herd, model, self.counter.model_id(model), self._clock())
 
     def rate_limits(self, api_key: str) -> limits.Usage:
         """Where the key's account stands in its requests- and tokens-per-minute windows (``x-ratelimit-*``)."""
@@ -327,8 +340,52 @@ class HerderService:
         for attempt in lost:
             worker_loss.close_claim(self.redis, attempt)
         self._deliver(deliveries + owed)
-        return {"settled": settled, "ended": len(deliveries), "redelivered": len(owed),
-                "resent": self.resend_unsent(), "dispatched": self.dispatch()}
+        done = {"settled": settled, "ended": len(deliveries), "redelivered": len(owed),
+                "resent": self.resend_unsent()}
+        if self.settings.placement == "demand":
+            done["placed"] = len(self.place())
+        return done | {"dispatched": self.dispatch()}
+
+    def place(self) -> list[placement.Move]:
+        """Re-initialise workers towards the models whose queue waits (``router.core.placement``).
+
+        One herder at a time (a short Redis lock): the others skip this
+        tick's placement. Each Init is signed with this herder's key, and
+        each decision logged with its reason and kept for the dashboard.
+        Returns the moves whose Init was sent.
+        """
+        try:
+            with placement_store.turn(self.redis) as mine:
+                return self._place() if mine else []
+        except redis.RedisError as exc:  # the tick's other duties go on; placement tries again next tick
+            log.warning("placement skipped: Redis is unavailable (%s)", type(exc).__name__)
+            return []
+
+    def _place(self) -> list[placement.Move]:
+        now = self._clock()
+        herd = self._herd(fresh=True)
+        models = self.counter.models()
+        with self.read_sessions.begin() as session:
+            wanted = placement.demand(session, now)
+            # No Init may move an operator's worker to a queue its broker user cannot take.
+            herd = [broker_access.within_reach(session, doc) for doc in herd]
+        on_the_way = placement_store.pending(self.redis, herd, now)
+        decided = placement.plan(herd, wanted, now, self.settings,
+                                 {name: spec.model_id for name, spec in models.items()}, on_the_way)
+        for model in placement_store.note_waiting(self.redis, decided.waiting):
+            log.info("placement: %s waits: %s", model, decided.waiting[model])
+        sent = []
+        for move in decided.moves:
+            try:
+                _, nonce = herd_control.init(self.redis, self._key, herd, models, move.worker, move.to_model, now)
+            except (UnknownWorker, UnknownModelId) as exc:
+                log.warning("placement: no Init for %s: %s", move.worker, exc)
+                continue
+            placement_store.record(self.redis, move, nonce, now)
+            log.info("placement: %s from %s to %s (Init %s): %s", move.worker, move.from_model or "no model",
+                     move.to_model, nonce, move.reason)
+            sent.append(move)
+        return sent
 
     def reconcile(self) -> int:
         """Settle running attempts whose outcome is already stored but never

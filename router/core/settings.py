@@ -68,6 +68,23 @@ class HerderSettings(SharedSettings):
         "0 = no probe (requesters you trust; workers still cut off a sampler that stalls, LLAMAS_SAMPLE_LIMIT_S).",
     )
     tick_s: float = Field(1.0, gt=0, le=60, description="Period of dispatch, leases and deadlines.")
+    placement: Literal["off", "demand"] = Field(
+        "off",
+        description="demand: every tick the herder moves idle or under-used workers towards the models whose "
+        "queue waits (an Init), and admits requests for a model no worker serves but one could load. off: "
+        "each worker serves the model it was started with or told to serve (`llamas workers init`); a "
+        "request for a model nobody serves is refused at once.",
+    )
+    placement_dwell_s: float = Field(
+        30.0, ge=0, le=3600,
+        description="Demand placement: least time a worker serves a model before it may be moved again "
+        "(a worker serving nothing may be placed at once).",
+    )
+    placement_wait_s: float = Field(
+        2.0, ge=0, le=3600,
+        description="Demand placement: how long a model's oldest queued job must have waited before a worker "
+        "serving another model is moved to it (a model no worker serves gets one at once).",
+    )
     response_ttl_s: int = Field(86400, ge=60, description="How long responses wait for handles.")
     webhook_timeout_s: float = Field(
         10.0, gt=0, le=600,

@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
 from llama_tasks.errors import InvalidRequest
-from router.core import operators
+from router.core import operators, placement_store
 from router.core.errors import UnknownAccount
 from router.core.service import HerderService
 from router.gateway import limits, sessions, streams
@@ -77,7 +77,9 @@ def snapshot(app: FastAPI, svc: HerderService, who: str) -> dict[str, Any]:
             if parts.admin_doc is None or now - parts.admin_at >= dashboard.DEFAULT_PERIOD_S:
                 keys = operators.public_keys(session)
                 workers = parts.memory.observe([dashboard.attributed(w, keys, now) for w in herd], now)
-                parts.admin_doc = dashboard.admin_view(session, svc.settings, herd, workers, parts.books, now)
+                decisions = placement_store.decisions(svc.redis, dashboard.PLACEMENT_DECISIONS)
+                parts.admin_doc = dashboard.admin_view(session, svc.settings, herd, workers, parts.books, now,
+                                                       decisions, placement_store.waiting(svc.redis))
                 parts.admin_at = now
             return parts.admin_doc
 

@@ -20,6 +20,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from llama_tasks.control import ACCEPTED, DRAINING, IDLE, LOADING, SERVING
 from router.core import dispatch, fees, info, ledger, metrics, operators
 from router.core.keys import DASHBOARD_SEEN
 from router.core.models import (
@@ -47,6 +48,8 @@ BOOKS_EVERY_S = 10.0
 HISTORY_MINUTES = 60
 #: A dead worker stays on the dashboard this long after its last heartbeat.
 FORGET_DEAD_S = 3600.0
+#: Placement decisions listed.
+PLACEMENT_DECISIONS = 30
 
 
 def _round(value: float | None, digits: int = 3) -> float | None:
@@ -118,6 +121,30 @@ def attributed(doc: dict[str, Any], keys: operators.Keys, now: float) -> dict[st
             "operator_claimed": claimed if verified is None and isinstance(claimed, str) else None}
 
 
+def model_state(doc: dict[str, Any]) -> str:
+    """What a heartbeat says its worker does with its model: idle, loading, serving or draining."""
+    return str(doc.get("state") or (SERVING if doc.get("model") else IDLE))
+
+
+def moving_to(doc: dict[str, Any]) -> str | None:
+    """The model a draining or loading worker is changing to (the Init it accepted), else None."""
+    init = doc.get("init") or {}
+    if model_state(doc) in (DRAINING, LOADING) and init.get("outcome") == ACCEPTED:
+        return str(init.get("model"))
+    return None
+
+
+def placement_view(settings: HerderSettings, decisions: list[dict[str, Any]],
+                   waiting: dict[str, str] | None = None) -> dict[str, Any]:
+    """Demand placement's mode, latest decisions (newest first) and the models whose queue waits with no
+    worker moving to them, each with why (workers, models, counts and reasons: no text)."""
+    keep = ("at", "worker", "from", "to", "reason")
+    return {"mode": settings.placement, "dwell_s": settings.placement_dwell_s,
+            "wait_s": settings.placement_wait_s,
+            "decisions": [{k: d.get(k) for k in keep} for d in decisions[:PLACEMENT_DECISIONS]],
+            "waiting": [{"model": m, "reason": why} for m, why in sorted((waiting or {}).items())]}
+
+
 @dataclass
 class HerdMemory:
     """Workers seen alive, kept in Redis so a dead one is shown as dead, not forgotten.
@@ -148,7 +175,8 @@ class HerdMemory:
             doc = alive.get(name) or remembered[name]
             last_seen = now if name in alive else float(remembered[name].get("last_seen", 0))
             workers.append({
-                "worker": name, "model": doc.get("model"), "gpus": doc.get("gpus") or [],
+                "worker": name, "model": doc.get("model"), "state": model_state(doc), "since": doc.get("since"),
+                "moving_to": moving_to(doc), "gpus": doc.get("gpus") or [],
                 "slots": doc.get("slots", 0), "busy": doc.get("busy", 0) if name in alive else 0,
                 "operator": doc.get("operator"), "operator_claimed": doc.get("operator_claimed"),
                 "alive": name in alive,
@@ -224,8 +252,10 @@ def recent_jobs(session: Session, account_id: int | None = None, limit: int = RE
 
 
 def admin_view(session: Session, settings: HerderSettings, herd: list[dict[str, Any]],
-                  workers: list[dict[str, Any]], books: BooksCache, now: float | None = None) -> dict[str, Any]:
-    """Everything but text, for the admin's dashboard."""
+               workers: list[dict[str, Any]], books: BooksCache, now: float | None = None,
+               decisions: list[dict[str, Any]] | None = None,
+               waiting: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything but text, for the admin's dashboard; ``decisions`` and ``waiting`` are placement's latest."""
     now = time.time() if now is None else now
     return {
         "role": "admin",
@@ -233,6 +263,7 @@ def admin_view(session: Session, settings: HerderSettings, herd: list[dict[str, 
         "prices": info.prices(session, settings, herd, now),
         "market": market(session, herd),
         "herd": herd_view(session, workers, now),
+        "placement": placement_view(settings, decisions or [], waiting),
         "money": {**money(session, now), "books": books.verdict(session, now)},
         "operators": operators.list_operators(session),
         "jobs": recent_jobs(session),

@@ -219,15 +219,23 @@ def _where(gateway: str, flower: str, key_file: Path, pw_file: Path, admin: str)
 
 
 def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
-       models: list[str] | None = None, gpus: list[int] | None = None) -> None:
+       models: list[str] | None = None, gpus: list[int] | None = None, placed: int = 0) -> None:
     """Run the service in the foreground until interrupted: one worker per model and GPU.
 
     ``models`` and ``gpus`` default to the workers' own settings
     (``LLAMAS_MODEL``, ``LLAMAS_GPUS``), which the herder's do not carry.
+    ``placed`` > 0 starts that many workers with no model instead, which the
+    herder's demand placement gives models (``LLAMAS_PLACEMENT=demand``).
     """
     settings = HerderSettings()
+    if placed and settings.placement != "demand":
+        raise SystemExit("--workers starts workers with no model, which only demand placement gives models: "
+                        "set LLAMAS_PLACEMENT=demand (or name models with --model)")
+    if placed and models:
+        raise SystemExit("--workers and --model: either the herder places N workers (--workers) or each "
+                        "named model gets its own (--model), not both")
     workers = worker_settings()
-    models = models or [workers.model]
+    models = [] if placed else (models or [workers.model])
     gpus = workers.gpu_ids if gpus is None else gpus
     # Everything this process and its components write (the ledger, keys,
     # logs, Redis's and Flower's files) is for the service's user alone, and
@@ -244,7 +252,7 @@ def up(slots: int | None = None, port: int = 8000, flower_port: int = 5555,
     # token, which is how `llamas down` finds leftovers wherever they are.
     os.environ[RUN_TOKEN_ENV] = record.token
     try:
-        _up(settings, record, slots, port, flower_port, models, gpus)
+        _up(settings, record, slots, port, flower_port, models, gpus, placed)
     finally:
         record.discard()
 
@@ -260,8 +268,18 @@ def worker_layout(model: str, node: str, gpus: list[int]) -> list[tuple[str, dic
     return [(f"llama-{model}-gpu{g}@{node}", {"LLAMAS_MODEL": model, "LLAMAS_GPUS": str(g)}) for g in gpus]
 
 
+def placed_layout(count: int, node: str, gpus: list[int], cores: int) -> list[tuple[str, dict[str, str]]]:
+    """``count`` workers with no model for the herder to place: round-robin over the GPUs, or
+    sharing the CPU's cores (llama.cpp's threads of two workers must not compete for one core)."""
+    if gpus:
+        return [(f"llama-{i}-gpu{gpus[i % len(gpus)]}@{node}", {"LLAMAS_GPUS": str(gpus[i % len(gpus)])})
+                for i in range(count)]
+    threads = str(max(1, cores // count))
+    return [(f"llama-{i}@{node}", {"LLAMAS_GPUS": "", "LLAMAS_THREADS": threads}) for i in range(count)]
+
+
 def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: int, flower_port: int,
-        models: list[str], gpus: list[int]) -> None:
+        models: list[str], gpus: list[int], placed: int = 0) -> None:
     import redis
 
     embedded = redis_server.ensure(settings.redis_url)
@@ -314,6 +332,14 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
             for spec in specs
             for name, worker_env in worker_layout(spec.name, node, gpus)
         }
+        threads = worker_settings().threads or os.cpu_count() or 1
+        for name, worker_env in placed_layout(placed, node, gpus, threads) if placed else []:
+            short = name.split("@")[0].removeprefix("llama-")
+            workers[name] = supervisor.add(Component(
+                name=f"worker {short}",
+                argv=python_module("celery", "-A", "llama_tasks", "worker", "--no-model", "-n", name, "-l", "info"),
+                env=dict(env, **worker_env, **env_slots), log=logs / f"worker-{short}.log",
+            ))
         herder = supervisor.add(Component(
             name="herder",
             argv=python_module(
@@ -340,14 +366,15 @@ def _up(settings: HerderSettings, record: RunRecord, slots: int | None, port: in
             beat = _wait(worker.name, worker, lambda name=worker_name: r.get(HERD_PREFIX + name))
             doc = json.loads(beat)
             where = f"GPU {doc['gpus'][0]}" if doc.get("gpus") else "CPU"
-            console.print(f"[bold]worker[/]  {worker_name}: {where}, {doc['slots']} slots batched in one engine, "
-                          f"{doc.get('n_ctx', settings.n_ctx)} tokens per job, log {worker.log}")
+            serves = doc.get("model") or "no model yet (the herder places it on demand)"
+            console.print(f"[bold]worker[/]  {worker_name}: {serves}, {where}, {doc['slots']} slots batched in one "
+                          f"engine, {doc.get('n_ctx', settings.n_ctx)} tokens per job, log {worker.log}")
         _wait("herder", herder, lambda: "ready." in _read(herder.log))
         console.print(f"[bold]herder[/]  herder@{node} on queue '{HERDER_QUEUE}' with beat, log {herder.log}")
         _wait("gateway", api, lambda: port_answers(port))
         _wait("flower", dashboard, lambda: port_answers(flower_port))
         _where(gateway, flower, settings.home / "demo.key", pw_file, admin_where)
-        _demo(gateway, api_key, specs[0].name)
+        _demo(gateway, api_key, specs[0].name if specs else DEFAULT_MODEL)
         console.print("[bold]up[/] — Ctrl-C stops everything.")
         supervisor.run_forever()
     finally:

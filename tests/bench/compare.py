@@ -145,9 +145,9 @@ def choose_redis() -> Redis:
         for db in range(9, 16):
             url = f"redis://127.0.0.1:6379/{db}"
             client = redis.Redis.from_url(url)
-            if client.set(SESSION_KEY, f"bench {os.getpid()}", nx=True, ex=3600):
+            if client.set(SESSION_KEY, os.getpid(), nx=True, ex=3600):
                 client.flushdb()
-                client.set(SESSION_KEY, f"bench {os.getpid()}", ex=3600)
+                client.set(SESSION_KEY, os.getpid(), ex=3600)
                 client.close()
                 return Redis(url)
     # Imported here: llama_tasks must not be imported before LLAMAS_* is set.

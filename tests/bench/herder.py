@@ -103,7 +103,7 @@ class Stack:
         self.r = redis.Redis.from_url(redis_url)
         # Nothing of the previous stack (queues, heartbeats, results) may reach this one.
         self.r.flushdb()
-        self.r.set(SESSION_KEY, f"bench {os.getpid()}", ex=3600)
+        self.r.set(SESSION_KEY, os.getpid(), ex=3600)
         self.herder = CeleryProcess("router", "herder", "bench-herder", os.cpu_count() or 1, self.env,
                                     tmp / "herder.log", cwd=tree,
                                     extra=["-B", "-s", str(tmp / "beat-schedule"), *(herder_args or [])])

@@ -38,3 +38,15 @@ def test_up_starts_one_worker_per_gpu_or_one_for_the_cpu():
         ("llama-m-gpu0@h", {"LLAMAS_MODEL": "m", "LLAMAS_GPUS": "0"}),
         ("llama-m-gpu2@h", {"LLAMAS_MODEL": "m", "LLAMAS_GPUS": "2"}),
     ]
+
+
+def test_up_with_workers_starts_that_many_with_no_model_round_robin_over_gpus_or_sharing_the_cores():
+    from router.local.up import placed_layout
+
+    assert placed_layout(2, "h", [0, 1], cores=16) == [("llama-0-gpu0@h", {"LLAMAS_GPUS": "0"}),
+                                                         ("llama-1-gpu1@h", {"LLAMAS_GPUS": "1"})]
+    assert [env["LLAMAS_GPUS"] for _, env in placed_layout(3, "h", [5], cores=16)] == ["5", "5", "5"]
+    # On the CPU, llama.cpp's threads of two workers must not compete for one core.
+    assert placed_layout(2, "h", [], cores=2) == [("llama-0@h", {"LLAMAS_GPUS": "", "LLAMAS_THREADS": "1"}),
+                                                   ("llama-1@h", {"LLAMAS_GPUS": "", "LLAMAS_THREADS": "1"})]
+    assert placed_layout(3, "h", [], cores=2)[0][1]["LLAMAS_THREADS"] == "1"

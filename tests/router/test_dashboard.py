@@ -18,9 +18,9 @@ import redis as redis_lib
 from fastapi.testclient import TestClient
 
 from llama_tasks.scripted import SCRIPTED_TEXT
-from router.core import ledger, operators
+from router.core import ledger, operators, placement, placement_store
 from router.core.errors import UnknownAccount
-from router.core.keys import DASHBOARD_SEEN
+from router.core.keys import DASHBOARD_SEEN, PLACEMENT_DECISIONS, PLACEMENT_PENDING, PLACEMENT_WAITING
 from router.core.request import Submission
 from router.core.settings import HerderSettings
 from router.gateway import snapshot as dashboard
@@ -125,6 +125,33 @@ def test_the_admin_sees_the_market_the_herd_the_money_and_every_job_but_no_text(
     assert PROMPT not in text and SCRIPTED_TEXT not in text and "alice-ref" not in text
 
 
+def test_the_admin_sees_each_worker_s_model_state_and_placement_s_decisions(market: dict[str, Any]) -> None:
+    http, r = market["http"], market["r"]
+    r.delete(PLACEMENT_DECISIONS)
+    move = placement.Move("stub-smollm2@local", None, "smollm2", "stub-smollm2@local is idle; smollm2 waits")
+    placement_store.record(r, move, "nonce-1", 1_700_000_000.0)
+    placement_store.note_waiting(r, {"twin": "twin has 2 job(s) queued; no worker moves to it: w2 cannot load it"})
+    try:
+        signed_in(http, ADMIN_KEY)
+        snap = http.get("/dashboard/snapshot").json()
+    finally:
+        r.delete(PLACEMENT_DECISIONS, PLACEMENT_PENDING, PLACEMENT_WAITING)
+    [worker] = snap["herd"]
+    assert worker["state"] == "serving" and worker["moving_to"] is None
+    assert snap["placement"]["mode"] == "off"
+    assert snap["placement"]["waiting"] == [
+        {"model": "twin", "reason": "twin has 2 job(s) queued; no worker moves to it: w2 cannot load it"}]
+    assert snap["placement"]["decisions"] == [{"at": 1_700_000_000.0, "worker": "stub-smollm2@local", "from": None,
+                                               "to": "smollm2", "reason": move.reason}]
+
+
+def test_a_draining_or_loading_worker_shows_the_model_it_moves_to() -> None:
+    init = {"nonce": "n", "model": "twin", "outcome": "accepted", "reason": "", "at": 1.0}
+    assert dashboard.moving_to({"model": "smollm2", "state": "loading", "init": init}) == "twin"
+    assert dashboard.moving_to({"model": "smollm2", "state": "serving", "init": init}) is None
+    assert dashboard.model_state({"model": None}) == "idle"
+
+
 def test_a_requester_sees_their_balance_their_jobs_and_prices_only(market: dict[str, Any]) -> None:
     http = market["http"]
     assert signed_in(http, market["bob"]) == {"role": "requester", "account": "bob"}
@@ -192,7 +219,8 @@ def test_a_worker_whose_heartbeat_stops_is_remembered_as_dead(redis_url: str) ->
     memory = dashboard.HerdMemory(r, forget_after_s=60)
     doc = {"worker": "llama@a", "model": "smollm2", "slots": 4, "busy": 2, "gpus": [0]}
     t0 = time.time()
-    assert memory.observe([doc], t0) == [{"worker": "llama@a", "model": "smollm2", "gpus": [0], "slots": 4,
+    assert memory.observe([doc], t0) == [{"worker": "llama@a", "model": "smollm2", "state": "serving",
+                                          "since": None, "moving_to": None, "gpus": [0], "slots": 4,
                                           "busy": 2, "operator": None, "operator_claimed": None, "alive": True,
                                           "last_seen_s_ago": 0.0}]
     # Another gateway process (a fresh memory on the same Redis) knows it too once it is gone.

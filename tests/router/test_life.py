@@ -168,6 +168,30 @@ def test_an_unserved_model_and_an_unknown_one_are_refused_before_anything_is_hel
     assert rows(svc) == [] and books(svc, key) == (DEPOSIT, []) and transport.sent == []
 
 
+def test_with_demand_placement_a_model_a_worker_could_load_is_admitted_to_wait(life: Any) -> None:
+    svc, transport, key, _ = life
+    settings = svc.settings.model_copy(update={"placement": "demand"})
+    spec = svc.counter.models()["smollm2"]
+    loader = {"worker": "idle@local", "model": None, "state": "idle", "slots": 2, "busy": 0, "gpus": [],
+              "memory_mb": 1000, "can_load": [{"model": "smollm2", "model_id": spec.model_id, "mb": 100}]}
+    placeable = stub.StaticHerd([], 1)
+    placeable.workers = [loader]
+    waiting = stub.build(settings, transport=transport, herd=placeable, sessions=svc.sessions, counter=svc.counter)
+    job = waiting.submit(key, Submission(prompt="Anyone there?", max_tokens=8))
+    assert job["state"] == "queued" and transport.sent == []  # held, queued, sent to nobody yet
+    # A worker whose memory is too small, or that lacks the file, cannot: refused with nothing held.
+    for cannot in ({"memory_mb": 50}, {"can_load": [{"model": "smollm2", "model_id": "0" * 64, "mb": 100}]}):
+        placeable.workers = [loader | cannot]
+        with pytest.raises(NoWorkers):
+            waiting.submit(key, Submission(prompt="And now?", max_tokens=8))
+    # Without placement, nobody would move a worker: refused as unserved.
+    off = stub.build(svc.settings, transport=transport, herd=placeable, sessions=svc.sessions, counter=svc.counter)
+    placeable.workers = [loader]
+    with pytest.raises(NoWorkers):
+        off.submit(key, Submission(prompt="Off?", max_tokens=8))
+    assert [r.id for r in rows(svc)] == [job["job_id"]] and books(svc, key)[1] == []
+
+
 def test_a_retried_reference_gets_its_job_back_even_while_no_worker_serves(life: Any) -> None:
     svc, transport, key, _ = life
     first = svc.submit(key, Submission(prompt="Once", max_tokens=8, reference="r-1"))["job_id"]

@@ -27,13 +27,14 @@ def _env(home: Path, redis_url: str) -> dict[str, str]:
     return dict(os.environ, LLAMAS_HOME=str(home), LLAMAS_REDIS_URL=redis_url, COLUMNS="200")
 
 
-def _start_up(env: dict[str, str], log: Path, port: int, flower_port: int) -> subprocess.Popen[bytes]:
+def _start_up(env: dict[str, str], log: Path, port: int, flower_port: int,
+              *extra: str) -> subprocess.Popen[bytes]:
     """``llamas up`` in the background, returned once it serves (or has exited)."""
     ready = "Ctrl-C stops everything"
     before = log.read_text().count(ready) if log.exists() else 0
     out = open(log, "ab")
     up = subprocess.Popen(
-        [sys.executable, "-m", "router.cli", "up", "--port", str(port), "--flower-port", str(flower_port)],
+        [sys.executable, "-m", "router.cli", "up", "--port", str(port), "--flower-port", str(flower_port), *extra],
         cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
     )
     out.close()
@@ -221,3 +222,31 @@ def test_a_taken_port_is_a_clear_error(tmp_path, redis_url):
     assert res.returncode != 0
     assert f"port {port} for the HTTP gateway is already taken" in res.stderr
     assert "--port" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_workers_without_demand_placement_or_beside_models_is_a_clear_error(tmp_path, redis_url):
+    env = dict(os.environ, LLAMAS_HOME=str(tmp_path / "home"), LLAMAS_REDIS_URL=redis_url)
+    alone = _cli(env, "up", "--workers", "2", timeout_s=60)
+    assert alone.returncode != 0 and "LLAMAS_PLACEMENT=demand" in alone.stderr and "Traceback" not in alone.stderr
+    both = _cli(dict(env, LLAMAS_PLACEMENT="demand"), "up", "--workers", "2", "--model", "smollm2", timeout_s=60)
+    assert both.returncode != 0 and "not both" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_up_with_workers_the_herder_places_answers_the_demo_request(tmp_path, redis_url):
+    port, flower_port = free_port(), free_port()
+    env = dict(_env(tmp_path / "home", redis_url), LLAMAS_PLACEMENT="demand")
+    log = tmp_path / "up.log"
+    up = _start_up(env, log, port, flower_port, "--workers", "2")
+    try:
+        text = log.read_text()
+        assert text.count("no model yet (the herder places it on demand)") == 2
+        # The demo request waited for placement and was answered, paid for.
+        assert "answer:" in text and "charged" in text and "refunded" in text
+        listed = _cli(env, "workers", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        served = [w for w in json.loads(listed.stdout) if w["model"] == "smollm2" and w["state"] == "serving"]
+        assert served, listed.stdout
+        assert "placement: " in (tmp_path / "home" / "logs" / "herder.log").read_text()
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=60)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,16 +25,19 @@ from kombu import Connection, Exchange, Queue
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
+from llama_tasks import control, registry
 from llama_tasks import stream as token_stream
 from llama_tasks.constants import CLAIM_PREFIX, HERD_PREFIX, RESULTS_STREAM
-from llama_tasks.settings import queue_for, unacked_keys
+from llama_tasks.settings import IDLE_QUEUE, queue_for, unacked_keys
 from router import Herder
+from router.admin import HerdAdmin
 from router.cli.main import app as cli_app
 from router.core import broker_access, ledger
 from router.core.db import make_engine, make_sessionmaker, upgrade
+from router.core.errors import ModelNotPermitted
 from router.core.keys import RESPONSE_PREFIX
-from router.core.settings import get_settings
-from tests.processes import llama_worker
+from router.core.settings import HerderSettings, get_settings
+from tests.processes import CeleryProcess, llama_worker
 from tests.stack import Stack, running_stack
 
 
@@ -118,7 +122,15 @@ def test_an_operator_credential_reaches_its_own_keys_only(creds: Credentials, r:
     op.set(f"{HERD_PREFIX}{creds.operator}/w1@host", "{}", px=1000)
     op.xadd(RESULTS_STREAM, {"doc": "{}"}, maxlen=10_000, approximate=True)
     assert op.brpop([queue_for(creds.model)], timeout=1) is None
+    assert op.brpop([queue_for(creds.model), IDLE_QUEUE], timeout=1) is None  # a worker with no model, or changing
+    # Its own workers' Inits: popped, each nonce taken once; no one else's.
+    assert op.blpop([f"{control.CONTROL_PREFIX}{creds.operator}/w1@host"], timeout=1) is None
+    assert op.set(f"{control.SEEN_PREFIX}{creds.operator}/w1@host:n1", 1, nx=True, px=1000)
 
+    refused(lambda: op.blpop([f"{control.CONTROL_PREFIX}someone-else/w1@host"], timeout=1))
+    refused(lambda: op.blpop([f"{control.CONTROL_PREFIX}w1@house"], timeout=1))
+    refused(lambda: op.rpush(f"{control.CONTROL_PREFIX}{creds.operator}/w1@host", "{}"))  # only the herder sends Inits
+    refused(lambda: op.set(f"{control.SEEN_PREFIX}someone-else/w1@host:n1", 1))
     refused(lambda: op.brpop(["llama.other-model"], timeout=1))   # another model's queue
     refused(lambda: op.brpop(["herder"], timeout=1))              # the herder's
     refused(lambda: op.lrange(queue_for(creds.model), 0, -1))     # its own queue's contents
@@ -304,4 +316,33 @@ def test_a_job_runs_end_to_end_through_an_acl_operator_worker_and_an_acl_client(
         assert {c["user"] for c in admin.client_list()} >= {creds.users[0], creds.users[1]}
     finally:
         events.close()
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_an_operators_worker_with_no_model_is_initialised_under_its_acl_user(
+        acl_stack: tuple[Stack, Credentials], tmp_path: Path) -> None:
+    stack, creds = acl_stack
+    admin_redis = stack.r
+    stack.worker.stop()  # only the operator's worker serves
+    env = dict(stack.env, LLAMAS_REDIS_URL=creds.operator_url, LLAMAS_OPERATOR=creds.operator,
+               LLAMAS_OPERATOR_KEY=str(creds.key_file))
+    worker = CeleryProcess("llama_tasks", queue_for("smollm2"), "opidle", 1, env, tmp_path / "idle.log", ["--no-model"])
+    try:
+        assert worker.wait_ready(admin_redis)["state"] == "idle"
+        # The admin on the herder's machine: its key, and a registry with a model this operator may not serve.
+        home = tmp_path / "admin"
+        home.mkdir()
+        for name in ("herder.key", "herder.pub"):
+            (home / name).write_bytes((Path(os.environ["LLAMAS_HOME"]) / name).read_bytes())
+        registry.add_model(home / "models.json", "second", registry.smollm2_path())
+        admin = HerdAdmin(HerderSettings(home=home, database_url=stack.db_url, redis_url=stack.env["LLAMAS_REDIS_URL"]))
+        with pytest.raises(ModelNotPermitted):
+            admin.init(worker.worker, "second")
+        assert admin.init(worker.worker, "smollm2", timeout_s=60)["model"] == "smollm2"
+        handle = Herder(creds.api_key, redis_url=creds.client_url).run("Name one animal.", 8, temperature=0.0)
+        assert handle.result(timeout=60)["worker"] == worker.worker
+        # Nothing the Init, the queue change or the job sent was refused to the operator's user.
+        assert _denials(admin_redis, creds.users) == [], worker.output()[-3000:]
+    finally:
         worker.stop()

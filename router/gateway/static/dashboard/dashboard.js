@@ -153,12 +153,16 @@ function drawOperator(snap) {
     cell(tr, w.worker);
     cell(tr, w.alive ? "alive" : "dead", `worker-state ${w.alive ? "alive" : "dead"}`);
     cell(tr, w.model ?? "");
+    const moving = w.moving_to ? ` → ${w.moving_to}` : "";
+    const since = w.since ? ` since ${clock(w.since)}` : "";
+    cell(tr, w.alive ? `${w.state}${moving}${since}` : "", `model-state model-state-${w.state}`);
     cell(tr, w.gpus && w.gpus.length ? w.gpus.join(", ") : "CPU");
     cell(tr, fmtInt(w.slots), "num"); cell(tr, fmtInt(w.busy), "num");
     cell(tr, w.tokens_per_s.toFixed(1), "num");
     cell(tr, w.alive ? "now" : `${fmtS(w.last_seen_s_ago)} ago`, "num");
     cell(tr, w.operator ?? (w.operator_claimed ? `${w.operator_claimed}? (unverified: house)` : "house"), "operator");
   });
+  drawPlacement(snap.placement);
   fill("operators", snap.operators, (tr, o) => {
     cell(tr, o.operator); cell(tr, fmtInt(o.jobs), "num"); cell(tr, fmtInt(o.earned), "num");
     cell(tr, fmtInt(o.paid_out), "num"); cell(tr, fmtInt(o.balance), "num");
@@ -166,6 +170,21 @@ function drawOperator(snap) {
   drawPrices(snap.prices);
   drawJobs(snap.jobs, true);
   drawCharts(snap);
+}
+
+function drawPlacement(p) {
+  $("placement-mode").textContent = p.mode === "demand"
+    ? `Demand placement is on (LLAMAS_PLACEMENT=demand): a worker serves a model at least ${fmtS(p.dwell_s)} ` +
+      `before it moves, and leaves another model for a queue only once its oldest job has waited ${fmtS(p.wait_s)}.`
+    : "Demand placement is off (LLAMAS_PLACEMENT=off): each worker serves what it was started with or told to serve.";
+  const waits = p.waiting.map((w) => `${w.model} waits: ${w.reason}`);
+  $("placement-waiting").replaceChildren(...waits.map((text) => {
+    const li = document.createElement("li"); li.textContent = text; return li;
+  }));
+  fill("placement", p.decisions, (tr, d) => {
+    cell(tr, clock(d.at)); cell(tr, d.worker); cell(tr, d.from ?? "no model"); cell(tr, d.to);
+    cell(tr, d.reason, "reason");
+  }, "no decisions yet");
 }
 
 function drawRequester(snap) {

@@ -18,6 +18,15 @@ own), except its public part (the chat template's own text, a prefix the
 operator declares shared): a tenant's prompt never shortens, and so never
 times or counts, another tenant's.
 
+With ``draft_tokens`` > 0 the engine also decodes speculatively from the
+prompt: after a sequence's next token it puts a draft, the tokens that
+followed the latest earlier occurrence of its last few tokens
+(``_PromptLookup``), into the same batch, then samples at each drafted position
+in turn for as long as the sampler chooses the drafted token. The sampler makes
+the same choices, one per token and in order, as without the draft, so the
+answer is the same; where text repeats its prompt, several tokens come out of
+one step. The rest of a draft leaves the sequence's memory.
+
 Embedding jobs share the thread (``llama_tasks.embedder``): after each
 generation step it runs one decode of the inputs waiting to be embedded, in a
 second context on the same weights.
@@ -70,6 +79,9 @@ log = logging.getLogger(__name__)
 #: Prompt tokens one step may decode (llama.cpp's n_batch): a long prompt is
 #: fed in chunks so the sequences already generating are not stalled for it.
 STEP_TOKENS = 512
+#: Prompt-lookup drafting: the longest and shortest run of a sequence's last tokens looked up
+#: earlier in it (its prompt and what it generated); what followed there is the draft.
+DRAFT_NGRAM_MAX, DRAFT_NGRAM_MIN = 3, 2
 #: Generated tokens the repeat penalty looks back over (llama-cpp-python's default).
 PENALTY_LAST_N = 64
 #: Longest one sequence's sampling may take before the watchdog calls the engine stalled.
@@ -133,6 +145,8 @@ class SequenceResult:
     queue_s: float  # waiting for a free slot
     prompt_s: float  # from admission until the first token was sampled
     generation_s: float  # from the first token to the end
+    drafted_tokens: int = 0  # tokens drafted from its own text and decoded to be checked
+    accepted_tokens: int = 0  # of those, the ones its sampler chose: each saved a step
 
     @property
     def tokens_per_s(self) -> float:
@@ -236,6 +250,40 @@ class _Text:
             self.on_text(piece, entries)
 
 
+class _PromptLookup:
+    """Drafts for prompt-lookup decoding (speculative decoding without a draft model).
+
+    A sequence that copies from its prompt (extracting, rewriting, JSON with
+    repeated keys) continues the way it went before: after its last ``n``
+    tokens, propose what followed the latest earlier occurrence of those ``n``
+    tokens. ``seen`` maps each ``n``-gram to the index of the token that
+    followed it, kept up to date one token at a time (no scan per step).
+    """
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens: list[int] = []
+        self.seen: dict[tuple[int, ...], int] = {}
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        # The n-grams ending at the current last token are indexed once it stops being the suffix.
+        end = len(self.tokens)
+        for n in range(DRAFT_NGRAM_MIN, DRAFT_NGRAM_MAX + 1):
+            if end >= n:
+                self.seen[tuple(self.tokens[end - n:end])] = end
+        self.tokens.append(token)
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that followed the latest earlier occurrence of the longest suffix found."""
+        for n in range(DRAFT_NGRAM_MAX, DRAFT_NGRAM_MIN - 1, -1):
+            if len(self.tokens) >= n:
+                follows = self.seen.get(tuple(self.tokens[-n:]))
+                if follows is not None:
+                    return self.tokens[follows:follows + limit]
+        return []
+
+
 @dataclass
 class _Slot:
     """One sequence id of the context and what its KV memory holds."""
@@ -272,6 +320,16 @@ class _Active:
         self.next_token: int | None = None  # sampled, not yet decoded
         self.batch_index = -1  # where this step's logits for it are
         self.logprobs: list[dict[str, Any]] | None = [] if spec.top_logprobs is not None else None
+        #: Its prompt and sampled tokens, indexed for drafting (None: this engine drafts nothing).
+        self.lookup: _PromptLookup | None = None
+        self.draft: list[int] = []  # decoded this step after ``next_token``, to be checked
+        self.drafted = self.accepted = 0
+        #: Greedy with nothing that changes the logits (no grammar, no repeat penalty): its token is
+        #: the argmax of its logits, taken for every such sequence of a step at once.
+        self.argmax = spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
+        #: How many tokens its next draft may have: halved down to one by each rejected draft,
+        #: doubled back by each accepted whole, so text that does not repeat costs little.
+        self.draft_limit = 0
 
 
 class BatchEngine:
@@ -282,9 +340,16 @@ class BatchEngine:
     """
 
     def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int,
-                 sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None) -> None:
+                 sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None,
+                 draft_tokens: int = 0) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
+        #: Most tokens drafted per sequence and step (prompt lookup); 0: no speculative decoding.
+        self.draft_tokens = draft_tokens
+        #: Tokens drafted and accepted, over the engine's life.
+        self.drafted = self.accepted = 0
         self.model, self.slots, self.n_ctx_per_slot, self.n_threads = model, slots, n_ctx_per_slot, n_threads
         self.sample_limit_s = sample_limit_s
         #: Called (from the watchdog) once the engine is stalled for good; every ticket is answered first.
@@ -305,18 +370,26 @@ class BatchEngine:
         self._stopping = False
         self._stop_reason = "the engine stopped"
         self.steps = 0
+        #: Seconds spent in generation steps, and in llama_decode within them: the rest is the
+        #: engine's own work per step (admitting, sampling, detokenising, stop strings, streaming).
+        self.step_s = self.decode_s = 0.0
+        #: This step's argmax of every output row's logits (None until a greedy sequence needs it), and the rows.
+        self._argmax: Any = None
+        self._outputs = 0
         #: Inputs of embedding jobs, decoded by this engine's thread between generation steps.
         self.embedder = Embedder(model, n_ctx_per_slot, n_threads)
 
     @classmethod
     def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int,
-             sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None) -> BatchEngine:
+             sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None,
+             draft_tokens: int = 0) -> BatchEngine:
         # llama.cpp's own log (every layer, every buffer) only on errors.
         llama_logger.set_verbose(False)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         model = LlamaModel(path_model=path, params=params, verbose=False)
-        return cls(model, slots, n_ctx_per_slot, n_threads, sample_limit_s=sample_limit_s, on_stall=on_stall)
+        return cls(model, slots, n_ctx_per_slot, n_threads, sample_limit_s=sample_limit_s, on_stall=on_stall,
+                   draft_tokens=draft_tokens)
 
     # --- life cycle ----------------------------------------------------------
 
@@ -459,6 +532,7 @@ class BatchEngine:
                 if self._stopping or self.stalled:
                     break
                 self._admit()
+            started = time.perf_counter()
             try:
                 self._step()
             except Exception as exc:  # a bug or llama.cpp refusing: fail what runs, keep serving
@@ -467,6 +541,7 @@ class BatchEngine:
                     if slot.active is not None:
                         self._release(slot.active, None, EngineFailed(f"decoding failed: {exc}"))
                         self._forget(slot)
+            self.step_s += time.perf_counter() - started
             try:
                 # One embedding decode between two generation steps: neither waits longer than one of the other.
                 self.embedder.step()
@@ -500,6 +575,9 @@ class BatchEngine:
             slot.cached = slot.cached[:reused]
             slot.owner, slot.public = spec.cache_key, spec.public_tokens
             slot.active = _Active(ticket, slot, reused, self._sampler(spec))
+            if self.draft_tokens:
+                slot.active.lookup = _PromptLookup(spec.tokens)
+                slot.active.draft_limit = self.draft_tokens
 
     @staticmethod
     def _slot_for(spec: SequenceSpec, free: list[_Slot]) -> _Slot:
@@ -562,10 +640,20 @@ class BatchEngine:
             n += 1
 
         # Generating sequences first, one token each: a joining prompt never stalls them.
-        for seq in active:
-            if seq.next_token is not None:
-                add(seq, seq.next_token, len(seq.slot.cached), True)
-                fed.append((seq, [seq.next_token]))
+        generating = [seq for seq in active if seq.next_token is not None]
+        spare = STEP_TOKENS - len(generating)
+        for seq in generating:
+            assert seq.next_token is not None
+            pos = len(seq.slot.cached)
+            add(seq, seq.next_token, pos, True)
+            fed.append((seq, [seq.next_token]))
+            # Its draft after it, each with logits: what the sampler would choose there is checked below.
+            seq.draft = self._draft(seq, pos, spare)
+            spare -= len(seq.draft)
+            for i, token in enumerate(seq.draft):
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos + 1 + i, 1
+                batch.seq_id[n][0], batch.logits[n] = seq.slot.seq_id, True
+                n += 1
         budget = STEP_TOKENS - n
         for seq in active:
             if seq.next_token is None and seq.pending and budget > 0:
@@ -576,30 +664,74 @@ class BatchEngine:
                 fed.append((seq, chunk))
                 budget -= len(chunk)
         batch.n_tokens = n
+        self._argmax, self._outputs = None, sum(1 for i in range(n) if batch.logits[i])
+        decoding = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx, batch)
+        self.decode_s += time.perf_counter() - decoding
         if rc != 0:
             raise EngineFailed(f"llama_decode returned {rc}")
         self.steps += 1
         for seq, tokens in fed:
             seq.slot.cached.extend(tokens)
             seq.next_token = None
+            draft, seq.draft = seq.draft, []
+            accepted = 0
             if not seq.pending and seq.batch_index >= 0 and seq.slot.active is seq:
-                self._sampling = (seq, time.perf_counter())
-                try:
-                    self._sample(seq)
-                except Exception as exc:  # its stream's Redis went away: this job fails, the batch goes on
-                    if seq.slot.active is seq:
-                        self._release(seq, None, exc)
-                finally:
-                    self._sampling = None
-                if self.stalled:
+                if not self._sample_guarded(seq):
                     return  # the watchdog answered every ticket meanwhile; nothing here is ours any more
+                # Each drafted token the sampler chose itself is kept, and its logits give the next
+                # sample: the same choices, one per token, as without the draft.
+                while accepted < len(draft) and seq.slot.active is seq and seq.next_token == draft[accepted]:
+                    seq.slot.cached.append(draft[accepted])
+                    if seq.lookup is not None:
+                        seq.lookup.append(draft[accepted])
+                    seq.next_token = None
+                    seq.batch_index += 1
+                    accepted += 1
+                    if not self._sample_guarded(seq):
+                        return
+                if draft:
+                    whole = accepted == len(draft)
+                    seq.draft_limit = min(self.draft_tokens, 2 * seq.draft_limit) if whole else max(1, seq.draft_limit // 2)
+                seq.drafted += len(draft)
+                seq.accepted += accepted
+                self.drafted += len(draft)
+                self.accepted += accepted
+            if accepted < len(draft):
+                # The rest of the draft is not the sequence's: out of its memory.
+                llama_cpp.llama_memory_seq_rm(self._memory, seq.slot.seq_id, len(seq.slot.cached), -1)
             seq.batch_index = -1
+
+    def _sample_guarded(self, seq: _Active) -> bool:
+        """Sample ``seq`` where its logits are, watched; False once the watchdog has taken over."""
+        self._sampling = (seq, time.perf_counter())
+        try:
+            self._sample(seq)
+        except Exception as exc:  # its stream's Redis went away: this job fails, the batch goes on
+            if seq.slot.active is seq:
+                self._release(seq, None, exc)
+        finally:
+            self._sampling = None
+        return not self.stalled
+
+    def _draft(self, seq: _Active, pos: int, spare: int) -> list[int]:
+        """What to decode after ``seq``'s next token at ``pos`` to check it: at most ``spare`` tokens,
+        none past its context or its max_tokens."""
+        if seq.lookup is None:
+            return []
+        assert seq.next_token is not None
+        seq.lookup.append(seq.next_token)
+        room = min(seq.draft_limit, spare, self.n_ctx_per_slot - pos - 1,
+                   seq.ticket.spec.max_tokens - seq.completion - 1)
+        return seq.lookup.draft(room) if room > 0 else []
 
     def _sample(self, seq: _Active) -> None:
         spec = seq.ticket.spec
-        # The sampler copies the logits it works on: the context's stay as decoded.
-        token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx, seq.batch_index)
+        if seq.argmax:
+            token = self._greedy(seq.batch_index)
+        else:
+            # The sampler copies the logits it works on: the context's stay as decoded.
+            token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx, seq.batch_index)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
@@ -616,6 +748,22 @@ class BatchEngine:
             self._end(seq, "length")
         else:
             seq.next_token = token
+
+    def _greedy(self, index: int) -> int:
+        """The argmax of the logits of batch entry ``index``: what the greedy sampler picks (the first
+        of equals, as llama.cpp's), from one argmax over every output row of the step, taken once.
+
+        llama.cpp's sampler copies all the vocabulary's logits into candidates for each sample
+        (tens of microseconds a sequence); a step of 64 sequences then costs milliseconds of CPU
+        that a GPU waits through.
+        """
+        base = llama_cpp.llama_get_logits(self._ctx)
+        if self._argmax is None:
+            rows = np.ctypeslib.as_array(base, shape=(self._outputs, self._n_vocab))
+            self._argmax = rows.argmax(axis=1)
+        row = ctypes.cast(llama_cpp.llama_get_logits_ith(self._ctx, index), ctypes.c_void_p).value or 0
+        start = ctypes.cast(base, ctypes.c_void_p).value or 0
+        return int(self._argmax[(row - start) // (4 * self._n_vocab)])
 
     # --- log probabilities ----------------------------------------------------
 
@@ -673,6 +821,8 @@ class BatchEngine:
             queue_s=seq.admitted_at - seq.ticket.submitted_at,
             prompt_s=first - seq.admitted_at,
             generation_s=ended - first,
+            drafted_tokens=seq.drafted,
+            accepted_tokens=seq.accepted,
         )
 
     def _release(self, seq: _Active, result: SequenceResult | None, error: BaseException | None = None) -> None:

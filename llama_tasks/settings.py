@@ -130,6 +130,13 @@ class WorkerSettings(SharedSettings):
         "claim and heartbeat it reports. Unset: <home>/house.key (`llamas keys generate` makes it).",
     )
 
+    draft_tokens: int = Field(
+        0, ge=0, le=32,
+        description="Speculative decoding from the prompt: at most this many tokens per sequence and step are "
+        "drafted from what followed the same tokens earlier in its prompt or answer, and checked in the same "
+        "decode; the answer is the same, in fewer steps where text repeats (rewriting, extracting, JSON). "
+        "0 = off.",
+    )
     memory_mb: int = Field(
         0, ge=0,
         description="Memory this worker may fill with a model, in MB: what it tells the herder it can hold, and "

@@ -11,16 +11,17 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select, text
 from sqlalchemy.orm import Session
 
-from router.core import fees, limits
-from router.core.models import QUEUED, RUNNING, JobRow
+from router.core import fees
+from router.core.models import QUEUED, RUNNING, AccountLimits, JobRow
 from router.core.settings import HerderSettings
 
-#: PostgreSQL advisory lock every claim holds until commit (distinct from
-#: admission's queue lock, ``admission.QUEUE_LOCK_KEY``).
-CLAIM_LOCK_KEY = 0x636C6C616D61  # "cllama"
+#: First key of the PostgreSQL advisory lock a claim holds on its model (the second: the model's hashtext).
+MODEL_LOCK_NS = 0x636C6D64  # "clmd"
+#: First key of the PostgreSQL advisory lock a claim holds on an account whose jobs it may start.
+ACCOUNT_LOCK_NS = 0x636C6163  # "clac"
 #: The order queued jobs leave in: best priority first, first come first served among equals.
 ORDER: tuple[Any, ...] = (JobRow.priority.desc(), JobRow.seq)
 
@@ -73,21 +74,27 @@ def running_sequences(session: Session, model: str) -> int:
     ) or 0
 
 
-def _serialize(session: Session) -> None:
-    """Make claims one at a time on PostgreSQL (SQLite's ``BEGIN IMMEDIATE`` already does).
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
-    One lock for every model, not one per model: an account's jobs in flight
-    are counted over the whole herd, so two claims for two models must not
-    both start its last allowed job.
+
+def _startable(session: Session, model: str, now: float, passed: set[int], slots: int,
+               count: int | None) -> list[tuple[JobRow, int | None]]:
+    """The best queued jobs of ``model`` that may start now, leaving out accounts in ``passed``, each with
+    its account's own in-flight cap; on PostgreSQL locked, skipping rows another transaction holds.
+
+    ``count`` None: as many as the model's slots look free, counted without a lock (a guess the
+    claim checks once it holds the model).
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
-
-
-def _startable(session: Session, model: str, now: float, full: set[int], count: int) -> list[JobRow]:
-    """The best ``count`` queued jobs of ``model`` that may start now, leaving out accounts in ``full``."""
+    if count is None:
+        running = select(func.coalesce(func.sum(JobRow.n), 0)).where(
+            JobRow.model == model, JobRow.state == RUNNING).scalar_subquery()
+        limit: Any = func.max(0, slots - running) if not _postgres(session) else func.greatest(0, slots - running)
+    else:
+        limit = count
     query = (
-        select(JobRow)
+        select(JobRow, AccountLimits.max_in_flight)
+        .outerjoin(AccountLimits, AccountLimits.account_id == JobRow.account_id)
         .where(
             JobRow.model == model,
             JobRow.state == QUEUED,
@@ -95,13 +102,40 @@ def _startable(session: Session, model: str, now: float, full: set[int], count: 
             or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
         )
         .order_by(*ORDER)
-        .limit(count)
+        .limit(limit)
     )
-    if full:
-        query = query.where(JobRow.account_id.not_in(sorted(full)))
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.scalars(query))
+    if passed:
+        query = query.where(JobRow.account_id.not_in(sorted(passed)))
+    if _postgres(session):
+        query = query.with_for_update(of=JobRow, skip_locked=True)
+    return [(row, cap) for row, cap in session.execute(query).tuples()]
+
+
+def _hold(session: Session, model: str | None, accounts: list[int]) -> set[int]:
+    """PostgreSQL: take the model's claim lock (waiting; None: already held) and every account's
+    that no other claim holds (never waiting); returns the accounts held. SQLite: all of them
+    (``BEGIN IMMEDIATE`` already made this transaction the only writer)."""
+    if not _postgres(session) or (model is None and not accounts):
+        return set(accounts)
+    model_lock = "pg_advisory_xact_lock(:model_ns, hashtext(:model))" if model is not None else "true"
+    held = session.execute(
+        text(f"SELECT {model_lock}, ARRAY(SELECT a FROM unnest(CAST(:accounts AS integer[])) AS a "
+             "WHERE pg_try_advisory_xact_lock(:account_ns, a) ORDER BY a)"),
+        {"model_ns": MODEL_LOCK_NS, "model": model, "accounts": accounts, "account_ns": ACCOUNT_LOCK_NS},
+    ).one()[1]
+    return set(held)
+
+
+def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dict[int, int]]:
+    """Sequences of ``model`` running now, and the slots each of ``accounts`` holds over every model."""
+    on_model = func.sum(case((JobRow.model == model, JobRow.n), else_=0))
+    rows = session.execute(
+        select(JobRow.account_id, func.sum(JobRow.n), on_model)
+        .where(JobRow.state == RUNNING, or_(JobRow.model == model, JobRow.account_id.in_(sorted(accounts))))
+        .group_by(JobRow.account_id)
+    ).all()
+    per_account = {account: int(n or 0) for account, n, _ in rows if account in accounts}
+    return sum(int(m or 0) for _, _, m in rows), per_account
 
 
 def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
@@ -117,40 +151,54 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
     (``limits.in_flight``, over every model; admission refuses a job of more
     choices than that): an account at its limit is passed over, its jobs
     wait, and the slots go to the next best jobs of other accounts.
+
+    On PostgreSQL nothing is locked for every claim: the candidate rows are
+    taken ``FOR UPDATE SKIP LOCKED``; the claims of one model then wait on
+    that model's lock only to count its free slots and mark their rows (claims
+    of other models never wait on it); and an account's slots are counted
+    under that account's lock, taken only if no other claim holds it (a
+    claim for another model that holds it passes its jobs over, until the
+    next claim). What the order guarantees is in ``docs/scaling.md``.
     """
-    _serialize(session)
-    free = slots - running_sequences(session, model)
-    if free <= 0:
-        return []
-    running = limits.running_by_account(session)
-    caps = limits.in_flight_caps(session)
-    default_cap = settings.account_max_in_flight
-    full = {account for account, n in running.items() if n >= caps.get(account, default_cap)}
     claimed: list[JobRow] = []
-    while free > 0:
-        rows = _startable(session, model, now, full, free)
-        for row in rows:
-            if row.account_id in full:  # it filled up earlier in this batch
+    passed: set[int] = set()  # accounts this claim starts nothing more for
+    running: dict[int, int] = {}  # slots held by the accounts this claim holds
+    caps: dict[int, int] = {}
+    free: int | None = None  # not counted until the model is held
+    while free is None or free > 0:
+        # First look (before the model's lock): as many as seem free; then as many as are.
+        asked = free
+        rows = _startable(session, model, now, passed, slots, asked)
+        fresh = sorted({row.account_id for row, _ in rows} - running.keys() - passed)
+        if free is None or fresh:
+            held = _hold(session, model if free is None else None, fresh)
+            passed |= set(fresh) - held
+            on_model, counted = _running(session, model, held)
+            if free is None:
+                free = slots - on_model
+            running.update({account: counted.get(account, 0) for account in held})
+        caps.update({row.account_id: settings.account_max_in_flight if cap is None else cap for row, cap in rows})
+        for row, _ in rows:
+            if free <= 0:
+                break
+            if row.account_id in passed:  # held by another claim, or it filled up earlier in this batch
                 continue
             need = min(row.n, slots)
             if need > free:
                 return claimed  # the best job left waits for its slots, and everything behind it too
-            held = running.get(row.account_id, 0)
+            cap = caps[row.account_id]
             # Admission refuses more choices than the limit; a limit lowered since may leave one alone to run.
-            if held and held + need > caps.get(row.account_id, default_cap):
-                full.add(row.account_id)  # this job would take the account past its share: it waits
+            if running[row.account_id] and running[row.account_id] + need > cap:
+                passed.add(row.account_id)  # this job would take the account past its share: it waits
                 continue
             _start(row, settings, now)
             claimed.append(row)
             free -= need
-            running[row.account_id] = held + need
-            if running[row.account_id] >= caps.get(row.account_id, default_cap):
-                full.add(row.account_id)
-            if free <= 0:
-                break
-        else:
-            if not rows:
-                break  # no more candidates
+            running[row.account_id] += need
+            if running[row.account_id] >= cap:
+                passed.add(row.account_id)
+        if free <= 0 or (asked is not None and len(rows) < asked):
+            break  # no more candidates (a first look, made before the lock, is always made again)
         session.flush()  # the jobs just started are no longer queued for the next look
     return claimed
 

@@ -2,8 +2,8 @@
 
 The herd comes from worker heartbeats; the jobs in flight come from SQL.
 Choosing and marking jobs happens in one transaction (``queue.claim``;
-SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: rows ``SKIP LOCKED``, the model's
-lock to count its slots, each account's to count its jobs in flight), so no
+SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: job and slot rows ``SKIP LOCKED``,
+each account's lock to count its jobs in flight), so no
 job is sent twice, no model gets more jobs than it has slots, and no account
 more jobs in flight than its limit (``limits.in_flight``: its other jobs wait
 while other accounts' start).

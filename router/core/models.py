@@ -47,7 +47,7 @@ SYSTEM_ACCOUNTS = (WORLD, ESCROW, REVENUE)
 #: Accounts whose balance lives in parts: every hold, capture, release and earn writes one of them.
 PARTED_ACCOUNTS = (ESCROW, REVENUE)
 #: Parts revenue is spread over.
-REVENUE_SHARDS = 16
+REVENUE_SHARDS = 256
 
 #: Every kind of transfer. ``earn`` moves an operator's share of a job's charge
 #: from escrow to the operator; ``payout`` pays an operator out to the world.
@@ -362,6 +362,29 @@ class JobRow(Base):
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+
+class ModelSlot(Base):
+    """One of a model's slots in the herd, as PostgreSQL claims take them (``router.core.queue``).
+
+    A claim locks the free slots it fills ``FOR UPDATE SKIP LOCKED``, so
+    claims of one model wait only for the rows they both want. A slot is free
+    when it holds no attempt or the attempt it holds is no longer running (so
+    nothing has to free it when the attempt ends). Slots ``no >= `` the herd's
+    current slots for the model are not used. SQLite counts running jobs
+    instead (one writer at a time).
+    """
+
+    __tablename__ = "model_slots"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The running job (``jobs.seq``) and attempt that took the slot last; NULL: never taken.
+    job_seq: Mapped[int | None] = mapped_column(Integer)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+
+    def __repr__(self) -> str:
+        return f"ModelSlot(model={self.model!r}, no={self.no!r}, job_seq={self.job_seq!r}, attempt={self.attempt!r})"
 
 
 def width(column: str) -> int:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, text
+from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from router.core import fees
-from router.core.models import QUEUED, RUNNING, AccountLimits, JobRow
+from router.core.models import QUEUED, RUNNING, AccountLimits, JobRow, ModelSlot
 from router.core.settings import HerderSettings
 
-#: First key of the PostgreSQL advisory lock a claim holds on its model (the second: the model's hashtext).
-MODEL_LOCK_NS = 0x636C6D64  # "clmd"
 #: First key of the PostgreSQL advisory lock a claim holds on an account whose jobs it may start.
 ACCOUNT_LOCK_NS = 0x636C6163  # "clac"
 #: The order queued jobs leave in: best priority first, first come first served among equals.
@@ -111,23 +109,65 @@ def _startable(session: Session, model: str, now: float, passed: set[int], slots
     return [(row, cap) for row, cap in session.execute(query).tuples()]
 
 
-def _hold(session: Session, model: str | None, accounts: list[int]) -> set[int]:
-    """PostgreSQL: take the model's claim lock (waiting; None: already held) and every account's
-    that no other claim holds (never waiting); returns the accounts held. SQLite: all of them
-    (``BEGIN IMMEDIATE`` already made this transaction the only writer)."""
-    if not _postgres(session) or (model is None and not accounts):
-        return set(accounts)
-    model_lock = "pg_advisory_xact_lock(:model_ns, hashtext(:model))" if model is not None else "true"
-    held = session.execute(
-        text(f"SELECT {model_lock}, ARRAY(SELECT a FROM unnest(CAST(:accounts AS integer[])) AS a "
-             "WHERE pg_try_advisory_xact_lock(:account_ns, a) ORDER BY a)"),
-        {"model_ns": MODEL_LOCK_NS, "model": model, "accounts": accounts, "account_ns": ACCOUNT_LOCK_NS},
-    ).one()[1]
-    return set(held)
+#: ``Session.info`` key: the transaction whose claim took account locks last.
+_CLAIMED_KEY = "llamas_claimed_accounts"
+#: A slot row's condition of being free, on ``model_slots s LEFT JOIN jobs j ON j.seq = s.job_seq``. A slot
+#: re-taken since the claim's snapshot is re-checked by PostgreSQL against the job it held then, so it reads
+#: as taken (NULL), never as free.
+_FREE = "(s.job_seq IS NULL OR j.state <> 'running' OR j.attempt <> s.attempt)"
+
+
+def _take(session: Session, model: str, slots: int, accounts: list[int], count: int,
+          wait: bool) -> tuple[set[int], list[int]]:
+    """PostgreSQL: the claim locks of ``accounts`` (``wait``: waited for, lowest id first; else only those
+    no other claim holds) and up to ``count`` free slots of ``model``, locked (others' skipped, never
+    waited for)."""
+    accounts_held = (
+        "(SELECT array_agg(a) FROM (SELECT a, pg_advisory_xact_lock(:ns, a) "
+        "FROM unnest(CAST(:accounts AS integer[])) AS a) AS locked)" if wait else
+        "ARRAY(SELECT a FROM unnest(CAST(:accounts AS integer[])) AS a WHERE pg_try_advisory_xact_lock(:ns, a))"
+    )
+    held, free = session.execute(
+        text(f"SELECT {accounts_held}, "
+             "ARRAY(SELECT s.no FROM model_slots s LEFT JOIN jobs j ON j.seq = s.job_seq "
+             f"WHERE s.model = :model AND s.no < :slots AND {_FREE} "
+             "ORDER BY s.no LIMIT :count FOR UPDATE OF s SKIP LOCKED)"),
+        {"accounts": sorted(accounts), "ns": ACCOUNT_LOCK_NS, "model": model, "slots": slots, "count": count},
+    ).one()
+    return set(held or ()), list(free)
+
+
+def _make_slots(session: Session, model: str, slots: int) -> None:
+    """PostgreSQL: the rows of ``model``'s slots 0 … slots − 1 that are missing (the herd grew, or is new).
+
+    Made and committed on a connection of their own, so the claim waits (for another claim making the same
+    rows) while holding nothing another claim could be waiting for.
+    """
+    bind = session.get_bind()
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO model_slots (model, no) SELECT :model, g FROM generate_series(0, :slots - 1) AS g "
+                 "ON CONFLICT DO NOTHING"), {"model": model, "slots": slots})
+
+
+def _counted(session: Session, model: str, accounts: set[int], slot_nos: list[int]) -> tuple[dict[int, int], set[int]]:
+    """PostgreSQL, once the locks are held: the slots each of ``accounts`` holds over every model, and those
+    of ``slot_nos`` that a running attempt holds after all (none, as ``_FREE`` is written)."""
+    rows = session.execute(
+        text("SELECT 'account', account_id, SUM(n) FROM jobs "
+             "WHERE state = 'running' AND account_id = ANY(CAST(:accounts AS integer[])) GROUP BY account_id "
+             "UNION ALL SELECT 'slot', s.no, 0 FROM model_slots s JOIN jobs j ON j.seq = s.job_seq "
+             "WHERE s.model = :model AND s.no = ANY(CAST(:nos AS integer[])) AND j.state = 'running' "
+             "AND j.attempt = s.attempt"),
+        {"accounts": sorted(accounts), "model": model, "nos": slot_nos},
+    ).all()
+    return ({key: int(n) for kind, key, n in rows if kind == "account"},
+            {key for kind, key, _ in rows if kind == "slot"})
 
 
 def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dict[int, int]]:
-    """Sequences of ``model`` running now, and the slots each of ``accounts`` holds over every model."""
+    """SQLite: sequences of ``model`` running now, and the slots each of ``accounts`` holds over every model."""
     on_model = func.sum(case((JobRow.model == model, JobRow.n), else_=0))
     rows = session.execute(
         select(JobRow.account_id, func.sum(JobRow.n), on_model)
@@ -136,6 +176,61 @@ def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dic
     ).all()
     per_account = {account: int(n or 0) for account, n, _ in rows if account in accounts}
     return sum(int(m or 0) for _, _, m in rows), per_account
+
+
+class _Slots:
+    """The free slots one claim may fill: a count on SQLite, locked slot rows on PostgreSQL."""
+
+    def __init__(self, session: Session, model: str, slots: int) -> None:
+        self.session, self.model, self.slots = session, model, slots
+        self.postgres = _postgres(session)
+        self.free: int | None = None  # not known until the first look's accounts are held
+        self.nos: list[int] = []  # PostgreSQL: the slot rows this claim holds and has not filled
+        self.filled: list[dict[str, Any]] = []
+
+    def hold(self, accounts: list[int], want: int) -> tuple[set[int], dict[int, int]]:
+        """Hold what ``accounts`` (and, the first time, ``want`` slots) need; returns the accounts held and
+        the slots each of them holds over every model, counted after the locks."""
+        if not self.postgres:
+            on_model, running = _running(self.session, self.model, set(accounts))
+            if self.free is None:
+                self.free = self.slots - on_model
+            return set(accounts), running
+        first = self.free is None
+        # Waiting for accounts only in a transaction's first claim, lowest id first: two claims never wait
+        # for each other's accounts crosswise.
+        transaction = self.session.get_transaction()
+        wait = first and self.session.info.get(_CLAIMED_KEY) is not transaction
+        self.session.info[_CLAIMED_KEY] = transaction
+        held, nos = _take(self.session, self.model, self.slots, accounts, want if first else 0, wait)
+        if first:
+            self.nos = nos
+            if len(nos) < want:
+                # Fewer than wanted: other claims hold the rest, or their rows are missing (the herd grew, or
+                # the model is new here): they are made, and looked at once more.
+                _make_slots(self.session, self.model, self.slots)
+                self.nos += [no for no in _take(self.session, self.model, self.slots, [], want, False)[1]
+                             if no not in self.nos][: want - len(nos)]
+        running, taken = _counted(self.session, self.model, held, self.nos)
+        self.nos = [no for no in self.nos if no not in taken]
+        if self.free is None:
+            self.free = len(self.nos)
+        return held, running
+
+    def fill(self, row: JobRow, need: int) -> None:
+        """Give ``need`` of the held slots to ``row``'s attempt (just started)."""
+        assert self.free is not None
+        self.free -= need
+        if self.postgres:
+            for no in self.nos[:need]:
+                self.filled.append({"model": self.model, "no": no, "job_seq": row.seq, "attempt": row.attempt})
+            del self.nos[:need]
+
+    def write(self) -> None:
+        """Record the attempts in their slot rows (PostgreSQL)."""
+        if self.filled:
+            self.session.execute(update(ModelSlot), self.filled)
+            self.filled = []
 
 
 def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
@@ -152,39 +247,41 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
     choices than that): an account at its limit is passed over, its jobs
     wait, and the slots go to the next best jobs of other accounts.
 
-    On PostgreSQL nothing is locked for every claim: the candidate rows are
-    taken ``FOR UPDATE SKIP LOCKED``; the claims of one model then wait on
-    that model's lock only to count its free slots and mark their rows (claims
-    of other models never wait on it); and an account's slots are counted
-    under that account's lock, taken only if no other claim holds it (a
-    claim for another model that holds it passes its jobs over, until the
-    next claim). What the order guarantees is in ``docs/scaling.md``.
+    On PostgreSQL no lock is shared by every claim, nor by every claim of a
+    model: the candidate jobs and the free slots (``ModelSlot`` rows) are
+    taken ``FOR UPDATE SKIP LOCKED``, so claims wait only for rows they both
+    want, and never for those; an account's slots in flight are counted under
+    that account's lock, tried (a claim that finds it held passes the
+    account's jobs over, until the next claim). SQLite's ``BEGIN IMMEDIATE``
+    makes each claim the only writer. What the order guarantees is in
+    ``docs/scaling.md``.
     """
     claimed: list[JobRow] = []
     passed: set[int] = set()  # accounts this claim starts nothing more for
     running: dict[int, int] = {}  # slots held by the accounts this claim holds
     caps: dict[int, int] = {}
-    free: int | None = None  # not counted until the model is held
-    while free is None or free > 0:
-        # First look (before the model's lock): as many as seem free; then as many as are.
-        asked = free
+    free = _Slots(session, model, slots)
+    while free.free is None or free.free > 0:
+        # First look: as many as seem free; then as many as this claim holds.
+        asked = free.free
         rows = _startable(session, model, now, passed, slots, asked)
+        if not rows:
+            break
         fresh = sorted({row.account_id for row, _ in rows} - running.keys() - passed)
-        if free is None or fresh:
-            held = _hold(session, model if free is None else None, fresh)
+        if asked is None or fresh:
+            held, counted = free.hold(fresh, sum(min(row.n, slots) for row, _ in rows))
             passed |= set(fresh) - held
-            on_model, counted = _running(session, model, held)
-            if free is None:
-                free = slots - on_model
             running.update({account: counted.get(account, 0) for account in held})
         caps.update({row.account_id: settings.account_max_in_flight if cap is None else cap for row, cap in rows})
+        assert free.free is not None
         for row, _ in rows:
-            if free <= 0:
+            if free.free <= 0:
                 break
             if row.account_id in passed:  # held by another claim, or it filled up earlier in this batch
                 continue
             need = min(row.n, slots)
-            if need > free:
+            if need > free.free:
+                free.write()
                 return claimed  # the best job left waits for its slots, and everything behind it too
             cap = caps[row.account_id]
             # Admission refuses more choices than the limit; a limit lowered since may leave one alone to run.
@@ -192,14 +289,15 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
                 passed.add(row.account_id)  # this job would take the account past its share: it waits
                 continue
             _start(row, settings, now)
+            free.fill(row, need)
             claimed.append(row)
-            free -= need
             running[row.account_id] += need
             if running[row.account_id] >= cap:
                 passed.add(row.account_id)
-        if free <= 0 or (asked is not None and len(rows) < asked):
-            break  # no more candidates (a first look, made before the lock, is always made again)
+        if free.free <= 0 or (asked is not None and len(rows) < asked):
+            break  # no more candidates (a first look, made before the counts, is always made again)
         session.flush()  # the jobs just started are no longer queued for the next look
+    free.write()
     return claimed
 
 

@@ -61,22 +61,34 @@ def test_two_requesters_admit_settle_and_cancel_without_waiting_on_each_other(he
     herder.assert_books()
 
 
-def test_claims_of_two_models_do_not_wait_and_an_account_held_by_one_is_passed_over_once(herder: Herder) -> None:
+def test_claims_of_one_model_for_two_requesters_do_not_wait_on_each_other(herder: Herder) -> None:
     _postgres_only(herder)
     alice, bob = herder.account("alice", DEPOSIT), herder.account("bob", DEPOSIT)
-    alice_first = herder.submit(alice)
-    alice_twin = herder.submit(alice, model=TWIN_MODEL, now=T0 + 1)
-    bob_twin = herder.submit(bob, model=TWIN_MODEL, now=T0 + 2)
-
+    alices = herder.submit(alice)
     with herder.sessions.begin() as first:
-        assert [row.id for row in queue.claim(first, herder.settings, "smollm2", 4, T0)] == [alice_first.id]
+        # Alice's job, claimed into one of the model's two slots, uncommitted.
+        assert [row.id for row in queue.claim(first, herder.settings, "smollm2", 2, T0)] == [alices.id]
         with herder.sessions.begin() as second:
             _impatient(second)
-            # Alice's account is being counted by the open claim: her twin job waits, bob's starts.
-            started = queue.claim(second, herder.settings, TWIN_MODEL, 4, T0)
-            assert [row.id for row in started] == [bob_twin.id]
+            # Bob's job is admitted and claimed into the other slot.
+            bobs = _admit(herder, second, bob)
+            assert [row.id for row in queue.claim(second, herder.settings, "smollm2", 2, T0)] == [bobs.id]
+    # Both slots are taken: a third job waits.
+    herder.submit(bob, now=T0 + 1)
+    assert herder.claim(slots=2) == []
+    herder.assert_books()
 
-    assert herder.claim(slots=4, model=TWIN_MODEL) == [alice_twin.id]
+
+def test_claims_of_two_models_do_not_wait_on_each_other(herder: Herder) -> None:
+    _postgres_only(herder)
+    alice, bob = herder.account("alice", DEPOSIT), herder.account("bob", DEPOSIT)
+    alices = herder.submit(alice)
+    bobs = herder.submit(bob, model=TWIN_MODEL)
+    with herder.sessions.begin() as first:
+        assert [row.id for row in queue.claim(first, herder.settings, "smollm2", 4, T0)] == [alices.id]
+        with herder.sessions.begin() as second:
+            _impatient(second)
+            assert [row.id for row in queue.claim(second, herder.settings, TWIN_MODEL, 4, T0)] == [bobs.id]
     herder.assert_books()
 
 

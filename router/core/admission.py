@@ -138,13 +138,13 @@ def admit(
         raise InsufficientFee(quoted, offered)
     share = limits.of(session, settings, account.id)
     limits.check_request(share, prompt_tokens, max_tokens, sub.n)
-    queued = queue.queued_count(session)
+    queued, own = limits.queued_of(session, account.id)
     if _lock_queue(session, queued, settings.max_queue):
-        queued = queue.queued_count(session)
+        queued, own = limits.queued_of(session, account.id)
     if queued >= settings.max_queue:
         raise QueueFull(queued, settings.max_queue)
     # One account fills only its share of the queue (counted under the account's lock, so exactly).
-    limits.check_queued(session, account.id, share)
+    limits.check_queued(own, share)
 
     ledger.hold(session, account, offered, job_id)  # InsufficientFunds: nothing held
     bid = fees.bid_ppm(offered, quoted)

@@ -140,19 +140,19 @@ def check_request(limits: Limits, prompt_tokens: int, max_tokens: int, n: int) -
 # --- queued and running jobs, in SQL ---------------------------------------------
 
 
-def queued_of(session: Session, account_id: int) -> int:
-    """The account's jobs waiting in the queue (every model)."""
-    return session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.account_id == account_id, JobRow.state == QUEUED)) or 0
+def queued_of(session: Session, account_id: int) -> tuple[int, int]:
+    """Jobs waiting in the queue (every model): in all, and the account's."""
+    mine = func.count().filter(JobRow.account_id == account_id)
+    total, own = session.execute(select(func.count(), mine).select_from(JobRow).where(JobRow.state == QUEUED)).one()
+    return int(total or 0), int(own or 0)
 
 
-def check_queued(session: Session, account_id: int, limits: Limits) -> None:
-    """Refuse a new job of an account that already has its share of the queue.
+def check_queued(queued: int, limits: Limits) -> None:
+    """Refuse a new job of an account that already has ``queued`` jobs, its share of the queue.
 
     Counted in the admission's transaction, under the account's row lock: two
     admissions of one account cannot both see room for one more.
     """
-    queued = queued_of(session, account_id)
     if queued >= limits.queued:
         raise AccountQueueFull("queued jobs", limits.queued, QUEUE_RETRY_S)
 

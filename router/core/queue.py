@@ -151,19 +151,23 @@ def _make_slots(session: Session, model: str, slots: int) -> None:
                  "ON CONFLICT DO NOTHING"), {"model": model, "slots": slots})
 
 
-def _counted(session: Session, model: str, accounts: set[int], slot_nos: list[int]) -> tuple[dict[int, int], set[int]]:
-    """PostgreSQL, once the locks are held: the slots each of ``accounts`` holds over every model, and those
-    of ``slot_nos`` that a running attempt holds after all (none, as ``_FREE`` is written)."""
+def _counted(session: Session, model: str, accounts: set[int],
+             slot_nos: list[int]) -> tuple[dict[int, int], set[int], int]:
+    """PostgreSQL, once the locks are held: the slots each of ``accounts`` holds over every model, those of
+    ``slot_nos`` that a running attempt holds after all (none, as ``_FREE`` is written), and the sequences of
+    ``model`` running (committed)."""
     rows = session.execute(
         text("SELECT 'account', account_id, SUM(n) FROM jobs "
              "WHERE state = 'running' AND account_id = ANY(CAST(:accounts AS integer[])) GROUP BY account_id "
              "UNION ALL SELECT 'slot', s.no, 0 FROM model_slots s JOIN jobs j ON j.seq = s.job_seq "
              "WHERE s.model = :model AND s.no = ANY(CAST(:nos AS integer[])) AND j.state = 'running' "
-             "AND j.attempt = s.attempt"),
+             "AND j.attempt = s.attempt "
+             "UNION ALL SELECT 'model', 0, COALESCE(SUM(n), 0) FROM jobs WHERE model = :model AND state = 'running'"),
         {"accounts": sorted(accounts), "model": model, "nos": slot_nos},
     ).all()
     return ({key: int(n) for kind, key, n in rows if kind == "account"},
-            {key for kind, key, _ in rows if kind == "slot"})
+            {key for kind, key, _ in rows if kind == "slot"},
+            sum(int(n) for kind, _, n in rows if kind == "model"))
 
 
 def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dict[int, int]]:
@@ -211,10 +215,12 @@ class _Slots:
                 _make_slots(self.session, self.model, self.slots)
                 self.nos += [no for no in _take(self.session, self.model, self.slots, [], want, False)[1]
                              if no not in self.nos][: want - len(nos)]
-        running, taken = _counted(self.session, self.model, held, self.nos)
+        running, taken, on_model = _counted(self.session, self.model, held, self.nos)
         self.nos = [no for no in self.nos if no not in taken]
         if self.free is None:
-            self.free = len(self.nos)
+            # A job of more choices than the herd had slots holds fewer slot rows than it runs sequences:
+            # the count of sequences bounds the free slots too, as it does on SQLite.
+            self.free = min(len(self.nos), self.slots - on_model)
         return held, running
 
     def fill(self, row: JobRow, need: int) -> None:

@@ -33,6 +33,8 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 CHECK = "ck_accounts_balance_nonnegative"
+#: ``router.core.models.REVENUE_SHARDS`` when this migration was written.
+REVENUE_SHARDS = 256
 OLD = "balance >= 0 OR (kind = 'system' AND name = 'world')"
 NEW = "balance >= 0 OR (kind = 'system' AND name IN ('world', 'escrow'))"
 
@@ -60,6 +62,15 @@ def upgrade() -> None:
         HAVING SUM(CASE WHEN t.kind = 'hold' THEN t.amount ELSE -t.amount END) > 0
         """
     )
+    # Revenue's shards exist from the start: two of the first settlements never wait for one another to
+    # create the same shard (the insert of a key another transaction is inserting waits for its commit).
+    op.execute(
+        f"""
+        INSERT INTO account_parts (account_id, part, balance)
+        SELECT r.id, 'shard-' || n.n, 0 FROM accounts r, ({_numbers(REVENUE_SHARDS)}) AS n
+        WHERE r.name = 'revenue' AND r.kind = 'system'
+        """
+    )
     op.execute(
         """
         UPDATE accounts SET balance = balance - COALESCE(
@@ -79,6 +90,11 @@ def downgrade() -> None:
     )
     op.drop_table("account_parts")
     _set_check(NEW, OLD)
+
+
+def _numbers(count: int) -> str:
+    """SQL rows 0 … count − 1, one column, on both backends."""
+    return " UNION ALL ".join(f"SELECT {n} AS n" for n in range(count))
 
 
 def _set_check(old: str, new: str) -> None:

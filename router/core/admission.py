@@ -31,9 +31,12 @@ from router.core.parts import TokenCounting
 from router.core.request import Submission, as_job
 from router.core.settings import HerderSettings
 
-#: PostgreSQL advisory lock that makes counting the queue and joining it one step
-#: (distinct from dispatch's ``queue.CLAIM_LOCK_KEY``).
+#: PostgreSQL advisory lock that makes counting the queue and joining it one step once the queue is
+#: within ``QUEUE_LOCK_HEADROOM`` of ``max_queue`` (further from full, admissions take no common lock).
 QUEUE_LOCK_KEY = 0x716C6C616D61  # "qllama"
+#: Queued jobs short of ``max_queue`` from which admissions count the queue under ``QUEUE_LOCK_KEY``:
+#: the bound is exact unless this many other admissions commit while one admission is in flight.
+QUEUE_LOCK_HEADROOM = 256
 
 
 def _size(sub: Submission) -> int:
@@ -45,14 +48,17 @@ def _size(sub: Submission) -> int:
     return len(json.dumps(parts, ensure_ascii=False).encode())
 
 
-def _lock_queue(session: Session) -> bool:
-    """Hold the queue until commit, so counting it and joining it is one step.
+def _lock_queue(session: Session, queued: int, max_queue: int) -> bool:
+    """Near a full queue, hold it until commit, so counting it and joining it is one step.
 
     Without it two PostgreSQL admissions that both count ``max_queue − 1``
-    would both join. SQLite needs nothing (``BEGIN IMMEDIATE`` already
-    serializes writers); returns whether a lock was taken.
+    would both join. Far from full (``queued`` counted without it) no lock is
+    taken, so admissions do not wait on each other: to overshoot, more than
+    ``QUEUE_LOCK_HEADROOM`` admissions would have to commit while one is in
+    flight. SQLite needs nothing (``BEGIN IMMEDIATE`` already serializes
+    writers); returns whether a lock was taken.
     """
-    if session.get_bind().dialect.name != "postgresql":
+    if session.get_bind().dialect.name != "postgresql" or queued < max_queue - QUEUE_LOCK_HEADROOM:
         return False
     session.execute(select(func.pg_advisory_xact_lock(QUEUE_LOCK_KEY)))
     return True
@@ -113,7 +119,9 @@ def admit(
     minute in ``windows`` (last, once nothing else can refuse; without
     ``windows`` they are not counted).
     """
-    account = ledger.account_by_key(session, api_key)
+    # Locked (PostgreSQL): this account's admissions follow one another, so its share of the queue and
+    # its references are counted exactly, while other accounts' admissions go on beside them.
+    account = ledger.account_by_key(session, api_key, lock=True)
     request.check_reference(sub)
     existing = _existing(session, account.id, sub)
     if existing is not None:
@@ -130,16 +138,13 @@ def admit(
         raise InsufficientFee(quoted, offered)
     share = limits.of(session, settings, account.id)
     limits.check_request(share, prompt_tokens, max_tokens, sub.n)
-    if _lock_queue(session):
-        # A concurrent submit of this reference may have committed while we waited.
-        existing = _existing(session, account.id, sub)
-        if existing is not None:
-            return existing, False
-    queued = queue.queued_count(session)
+    queued, own = limits.queued_of(session, account.id)
+    if _lock_queue(session, queued, settings.max_queue):
+        queued, own = limits.queued_of(session, account.id)
     if queued >= settings.max_queue:
         raise QueueFull(queued, settings.max_queue)
-    # One account fills only its share of the queue (counted after the queue lock, so exactly).
-    limits.check_queued(session, account.id, share)
+    # One account fills only its share of the queue (counted under the account's lock, so exactly).
+    limits.check_queued(own, share)
 
     ledger.hold(session, account, offered, job_id)  # InsufficientFunds: nothing held
     bid = fees.bid_ppm(offered, quoted)

@@ -1,11 +1,12 @@
 """Dispatch: feed the best queued jobs to free slots, in signed envelopes.
 
 The herd comes from worker heartbeats; the jobs in flight come from SQL.
-Choosing and marking jobs happens in one transaction that concurrent
-dispatchers serialize on (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: one
-advisory lock plus ``SKIP LOCKED``), so no job is sent twice, no model gets
-more jobs than it has slots, and no account more jobs in flight than its
-limit (``limits.in_flight``: its other jobs wait while other accounts' start).
+Choosing and marking jobs happens in one transaction (``queue.claim``;
+SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: job and slot rows ``SKIP LOCKED``,
+each account's lock to count its jobs in flight), so no
+job is sent twice, no model gets more jobs than it has slots, and no account
+more jobs in flight than its limit (``limits.in_flight``: its other jobs wait
+while other accounts' start).
 Messages are sent after the commit, and each send is then recorded in Redis
 (``mark_sent``): if the herder dies in between, the tick finds the attempt
 neither sent nor claimed by a worker (``unsent``) and sends it again.

@@ -8,6 +8,14 @@ here the caller should roll back.
 Each movement is a ``Transfer`` row plus two balance updates. The debit is a
 conditional ``UPDATE … WHERE balance >= :amount``, so no balance is read
 before it is changed and two concurrent spenders cannot both pass a check.
+
+No row is written by every transaction: escrow's balance is kept in parts,
+one per job with money held (a hold adds to its job's part, a capture,
+earn or release takes from it, never past zero), and revenue's in a few
+shards (``models.PARTED_ACCOUNTS``). Movements of different jobs therefore
+lock only their requesters' rows and their own parts, and two admissions
+or settlements meet only on a requester they share (or, one time in
+``REVENUE_SHARDS``, on a revenue shard).
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import weakref
+import zlib
 from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, CursorResult, case, func, select, update
+from sqlalchemy import Connection, CursorResult, case, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -32,7 +43,17 @@ from router.core.errors import (
     UnknownAccount,
 )
 from router.core.fees import MAX_AMOUNT
-from router.core.models import ESCROW, FROM_HOLD_KINDS, REVENUE, SYSTEM_ACCOUNTS, WORLD, Account, Transfer
+from router.core.models import (
+    ESCROW,
+    FROM_HOLD_KINDS,
+    REVENUE,
+    REVENUE_SHARDS,
+    SYSTEM_ACCOUNTS,
+    WORLD,
+    Account,
+    AccountPart,
+    Transfer,
+)
 
 TransferKind = Literal["deposit", "withdraw", "hold", "capture", "release", "earn", "payout"]
 
@@ -92,12 +113,15 @@ def _require_user(account: Account) -> None:
         raise SystemAccount(account.name)
 
 
-def _lock_in_id_order(session: Session, *account_ids: int) -> None:
-    """On PostgreSQL, lock the accounts' rows lowest id first, to rule out deadlocks."""
-    # A hold updates user then escrow, a release escrow then user; without one
-    # order, the two on the same user at once deadlock. SQLite needs nothing:
-    # BEGIN IMMEDIATE gives the transaction the whole database's write lock.
-    if session.get_bind().dialect.name != "sqlite":
+def lock_accounts(session: Session, *account_ids: int) -> None:
+    """On PostgreSQL, lock requesters' rows lowest id first, to rule out deadlocks.
+
+    A transaction that moves money of two requesters (a settlement paying an
+    operator and refunding its requester) locks both first, in one order.
+    SQLite needs nothing: BEGIN IMMEDIATE gives the transaction the whole
+    database's write lock.
+    """
+    if len(set(account_ids)) > 1 and session.get_bind().dialect.name != "sqlite":
         session.execute(
             select(Account.id)
             .where(Account.id.in_(account_ids))
@@ -106,22 +130,67 @@ def _lock_in_id_order(session: Session, *account_ids: int) -> None:
         )
 
 
+def _part_of(ids: dict[str, int], account_id: int, job_id: str | None) -> str | None:
+    """The part of a parted account a movement of ``job_id`` writes; None for an account kept whole."""
+    if account_id == ids[ESCROW]:
+        if job_id is None:
+            raise ValueError("money moves through escrow only for a job")
+        return job_id
+    if account_id == ids[REVENUE]:
+        # The same job always meets the same shard; two jobs meet one in REVENUE_SHARDS.
+        return f"shard-{zlib.crc32(str(job_id).encode()) % REVENUE_SHARDS}"
+    return None
+
+
 def _add_to_balance(session: Session, account_id: int, delta: int, *, floor: bool) -> bool:
-    """Add ``delta`` to a balance; with ``floor``, only if it stays >= 0. True if done."""
+    """Add ``delta`` to an account's own column; with ``floor``, only if it stays >= 0. True if done."""
     stmt = (
         update(Account)
         .where(Account.id == account_id)
-        .values(balance=Account.balance + delta)
+        .values(own_balance=Account.own_balance + delta)
         .execution_options(synchronize_session=False)
     )
     if floor:
-        stmt = stmt.where(Account.balance >= -delta)
+        stmt = stmt.where(Account.own_balance >= -delta)
     result = cast("CursorResult[Any]", session.execute(stmt))
+    _expire(session, account_id)
+    return result.rowcount == 1
+
+
+def _expire(session: Session, account_id: int) -> None:
     # The UPDATE bypassed the identity map; make a loaded Account re-read its balance.
     loaded = session.identity_map.get(identity_key(Account, account_id))
     if loaded is not None:
-        session.expire(loaded, ["balance"])
-    return result.rowcount == 1
+        session.expire(loaded, ["own_balance", "balance"])
+
+
+def _credit_part(session: Session, account_id: int, part: str, amount: int) -> None:
+    """Add ``amount`` to a part, creating it at the first credit."""
+    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(AccountPart).values(account_id=account_id, part=part, balance=amount)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=["account_id", "part"], set_={"balance": AccountPart.balance + stmt.excluded.balance}))
+    _expire(session, account_id)
+
+
+def _debit_part(session: Session, account_id: int, part: str, amount: int) -> bool:
+    """Take ``amount`` from a part if it holds that much, and drop the part once it is empty. True if done."""
+    this = (AccountPart.account_id == account_id, AccountPart.part == part)
+    left = session.execute(
+        update(AccountPart)
+        .where(*this, AccountPart.balance >= amount)
+        .values(balance=AccountPart.balance - amount)
+        .returning(AccountPart.balance)
+        .execution_options(synchronize_session=False)
+    ).scalar_one_or_none()
+    if left is None:
+        return False
+    if left == 0:
+        # Escrow keeps a part only while its job holds money: its sum stays over open jobs.
+        session.execute(delete(AccountPart).where(*this, AccountPart.balance == 0)
+                        .execution_options(synchronize_session=False))
+    _expire(session, account_id)
+    return True
 
 
 def _move(
@@ -131,27 +200,32 @@ def _move(
     amount: object,
     kind: TransferKind,
     job_id: str | None = None,
-    *,
-    within_hold: bool = False,
 ) -> Transfer:
-    """Move ``amount`` from debit to credit as one transfer; the caller commits."""
+    """Move ``amount`` from debit to credit as one transfer; the caller commits.
+
+    Escrow's side of a movement is the job's own part, debited only down to
+    zero: a job never gives back more than it holds (``HoldExceeded``).
+    """
     amount = _valid_amount(amount)
-    _lock_in_id_order(session, debit_id, credit_id)
-    if within_hold:
-        # Safe to read-then-write: the escrow row is locked (or, on SQLite,
-        # the database), so no other capture or release of this job interleaves.
-        held = held_for(session, cast(str, job_id))
-        if amount > held:
-            raise HoldExceeded(job_id, held, amount)
-    world_id = _system_ids(session)[WORLD]
-    if not _add_to_balance(session, debit_id, -amount, floor=debit_id != world_id):
+    ids = _system_ids(session)
+    debit_part, credit_part = _part_of(ids, debit_id, job_id), _part_of(ids, credit_id, job_id)
+    if debit_part is None and credit_part is None:
+        lock_accounts(session, debit_id, credit_id)
+    if debit_part is not None:
+        if not _debit_part(session, debit_id, debit_part, amount):
+            if debit_id == ids[ESCROW]:
+                raise HoldExceeded(job_id, held_for(session, cast(str, job_id)), amount)
+            raise InsufficientFunds(REVENUE, balance_of(session, debit_id), amount)
+    elif not _add_to_balance(session, debit_id, -amount, floor=debit_id != ids[WORLD]):
         row = session.execute(
             select(Account.name, Account.balance).where(Account.id == debit_id)
         ).one_or_none()
         if row is None:
             raise UnknownAccount(debit_id)
         raise InsufficientFunds(row.name, row.balance, amount)
-    if not _add_to_balance(session, credit_id, amount, floor=False):
+    if credit_part is not None:
+        _credit_part(session, credit_id, credit_part, amount)
+    elif not _add_to_balance(session, credit_id, amount, floor=False):
         raise UnknownAccount(credit_id)
     transfer = Transfer(
         debit_account_id=debit_id,
@@ -206,9 +280,12 @@ def account_by_name(session: Session, name: str) -> Account:
     return account
 
 
-def account_by_key(session: Session, api_key: str) -> Account:
-    """Find the requester account an API key belongs to."""
-    account = session.scalar(select(Account).where(Account.api_key_hash == hash_api_key(api_key)))
+def account_by_key(session: Session, api_key: str, lock: bool = False) -> Account:
+    """Find the requester account an API key belongs to; with ``lock``, lock its row until commit (PostgreSQL)."""
+    query = select(Account).where(Account.api_key_hash == hash_api_key(api_key))
+    if lock and session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=Account)
+    account = session.scalar(query)
     if account is None:
         # Never echo the key: errors end up in logs and HTTP bodies.
         raise UnknownAccount("(that API key)")
@@ -230,6 +307,11 @@ def balance(session: Session, account: Account) -> int:
     if value is None:
         raise UnknownAccount(account.name)
     return int(value)
+
+
+def balance_of(session: Session, account_id: int) -> int:
+    """The balance of the account with ``account_id`` (0 if there is none)."""
+    return int(session.scalar(select(Account.balance).where(Account.id == account_id)) or 0)
 
 
 # --- movements ---------------------------------------------------------------
@@ -256,9 +338,7 @@ def hold(session: Session, account: Account, amount: int, job_id: str) -> Transf
 def capture(session: Session, amount: int, job_id: str) -> Transfer:
     """Charge a settled job: move part of its hold from escrow to revenue."""
     ids = _system_ids(session)
-    return _move(
-        session, ids[ESCROW], ids[REVENUE], amount, "capture", job_id, within_hold=True
-    )
+    return _move(session, ids[ESCROW], ids[REVENUE], amount, "capture", job_id)
 
 
 def earn(session: Session, operator_account: Account, amount: int, job_id: str) -> Transfer:
@@ -271,7 +351,6 @@ def earn(session: Session, operator_account: Account, amount: int, job_id: str) 
         amount,
         "earn",
         job_id,
-        within_hold=True,
     )
 
 
@@ -291,27 +370,33 @@ def release(session: Session, account: Account, amount: int, job_id: str) -> Tra
         amount,
         "release",
         job_id,
-        within_hold=True,
     )
 
 
 def held_for(session: Session, job_id: str) -> int:
-    """What escrow still holds for a job: its holds minus what captures, releases and earns took."""
-    signed = case((Transfer.kind == "hold", Transfer.amount), else_=-Transfer.amount)
-    total = session.scalar(
-        select(func.coalesce(func.sum(signed), 0)).where(
-            Transfer.job_id == job_id, Transfer.kind.in_(("hold", *FROM_HOLD_KINDS))
+    """What escrow still holds for a job: its part of escrow (its holds minus what captures,
+    releases and earns took, as ``check`` proves)."""
+    return int(session.scalar(
+        select(AccountPart.balance).where(
+            AccountPart.account_id == _system_ids(session)[ESCROW], AccountPart.part == job_id
         )
-    )
-    # PostgreSQL sums BIGINT to NUMERIC (a Decimal); money stays int.
-    return int(total or 0)
+    ) or 0)
 
 
 # --- audit -------------------------------------------------------------------
 
 
 def check(session: Session) -> list[str]:
-    """Audit the books; returns one line per problem, empty when they balance."""
+    """Audit the books; returns one line per problem, empty when they balance.
+
+    It proves: every account's balance (its own column plus its parts) is
+    what its transfers credited minus what they debited; the balances sum to
+    zero (money is only created or destroyed at the world); no balance but the
+    world's is negative; every job's part of escrow is what its holds put in
+    minus what its captures, earns and releases took, never negative, and
+    escrow has no part for a job holding nothing; escrow's own column is 0,
+    so escrow's balance is exactly the sum of the open holds.
+    """
     problems: list[str] = []
     credits = (
         select(Transfer.credit_account_id.label("id"), func.sum(Transfer.amount).label("total"))
@@ -326,6 +411,7 @@ def check(session: Session) -> list[str]:
     rows = session.execute(
         select(
             Account.name,
+            Account.own_balance,
             Account.balance,
             func.coalesce(credits.c.total, 0) - func.coalesce(debits.c.total, 0),
         )
@@ -335,7 +421,7 @@ def check(session: Session) -> list[str]:
     ).all()
     total = 0
     balances: dict[str, int] = {}
-    for name, stored, from_transfers in rows:
+    for name, own, stored, from_transfers in rows:
         stored, from_transfers = int(stored), int(from_transfers)
         balances[name] = stored
         total += stored
@@ -345,9 +431,17 @@ def check(session: Session) -> list[str]:
             )
         if stored < 0 and name != WORLD:
             problems.append(f"account {name!r}: negative balance {stored}")
+        if name == ESCROW and own:
+            problems.append(f"escrow's own column holds {own}, not 0: money moved through escrow outside a hold")
     if total != 0:
         problems.append(f"balances sum to {total}, not 0: money was created or destroyed")
+    problems += _check_holds(session, balances.get(ESCROW))
+    return problems
 
+
+def _check_holds(session: Session, escrow: int | None) -> list[str]:
+    """Every job's part of escrow against its transfers, and escrow against the open holds."""
+    problems: list[str] = []
     signed = case((Transfer.kind == "hold", Transfer.amount), else_=-Transfer.amount)
     per_job = session.execute(
         select(Transfer.job_id, func.sum(signed))
@@ -355,13 +449,22 @@ def check(session: Session) -> list[str]:
         .group_by(Transfer.job_id)
         .order_by(Transfer.job_id)
     ).all()
+    parts: dict[str, int] = {}
+    if escrow is not None:
+        parts = {part: int(amount) for part, amount in session.execute(
+            select(AccountPart.part, AccountPart.balance).where(
+                AccountPart.account_id == _system_ids(session)[ESCROW]))}
     open_holds = 0
     for job_id, held in per_job:
         held = int(held)
         open_holds += held
         if held < 0:
             problems.append(f"job {job_id}: captured, released and earned {-held} more than it held")
-    escrow = balances.get(ESCROW)
+        part = parts.pop(job_id, 0)
+        if part != max(held, 0):
+            problems.append(f"job {job_id}: escrow's part for it is {part} but its transfers leave {held} held")
+    for job_id, part in sorted(parts.items()):
+        problems.append(f"escrow has a part of {part} for {job_id!r}, which no hold explains")
     if escrow is None:
         problems.append("the escrow account is missing")
     elif escrow != open_holds:

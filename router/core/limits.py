@@ -8,8 +8,9 @@ request. The admin sets an account's own (``AccountLimits``); the rest come
 from the settings.
 
 Queued and running jobs are counted in SQL inside the transaction that admits
-or claims (admission's queue lock and dispatch's claim lock serialize those
-on PostgreSQL; ``BEGIN IMMEDIATE`` does on SQLite). The minute windows are
+or claims, under the account's lock on PostgreSQL (admission locks its row,
+a claim the account's advisory lock: ``router.core.queue``), and under
+``BEGIN IMMEDIATE`` on SQLite. The minute windows are
 Redis sorted sets, checked and written by one Lua script, so two admissions
 on two gateways can never both take the last request; a refused request
 writes nothing, and an admission whose transaction fails afterwards takes its
@@ -30,7 +31,7 @@ from sqlalchemy.orm import Session
 
 from router.core.errors import AccountQueueFull, OverRequestLimit, RateLimited, SystemAccount
 from router.core.keys import RATE_PREFIX
-from router.core.models import QUEUED, RUNNING, Account, AccountLimits, JobRow
+from router.core.models import QUEUED, Account, AccountLimits, JobRow
 from router.core.settings import HerderSettings
 
 #: The length of the requests- and tokens-per-minute windows.
@@ -139,35 +140,21 @@ def check_request(limits: Limits, prompt_tokens: int, max_tokens: int, n: int) -
 # --- queued and running jobs, in SQL ---------------------------------------------
 
 
-def queued_of(session: Session, account_id: int) -> int:
-    """The account's jobs waiting in the queue (every model)."""
-    return session.scalar(select(func.count()).select_from(JobRow).where(
-        JobRow.account_id == account_id, JobRow.state == QUEUED)) or 0
+def queued_of(session: Session, account_id: int) -> tuple[int, int]:
+    """Jobs waiting in the queue (every model): in all, and the account's."""
+    mine = func.count().filter(JobRow.account_id == account_id)
+    total, own = session.execute(select(func.count(), mine).select_from(JobRow).where(JobRow.state == QUEUED)).one()
+    return int(total or 0), int(own or 0)
 
 
-def check_queued(session: Session, account_id: int, limits: Limits) -> None:
-    """Refuse a new job of an account that already has its share of the queue.
+def check_queued(queued: int, limits: Limits) -> None:
+    """Refuse a new job of an account that already has ``queued`` jobs, its share of the queue.
 
-    Counted in the admission's transaction, after the queue lock: two
+    Counted in the admission's transaction, under the account's row lock: two
     admissions of one account cannot both see room for one more.
     """
-    queued = queued_of(session, account_id)
     if queued >= limits.queued:
         raise AccountQueueFull("queued jobs", limits.queued, QUEUE_RETRY_S)
-
-
-def running_by_account(session: Session) -> dict[int, int]:
-    """Slots held now per account, over every model: a running job of ``n`` choices holds ``n``."""
-    rows = session.execute(select(JobRow.account_id, func.sum(JobRow.n)).where(JobRow.state == RUNNING)
-                           .group_by(JobRow.account_id))
-    return {account_id: int(held or 0) for account_id, held in rows}
-
-
-def in_flight_caps(session: Session) -> dict[int, int]:
-    """The in-flight limits the admin set for accounts; every other account has the default."""
-    rows = session.execute(select(AccountLimits.account_id, AccountLimits.max_in_flight)
-                           .where(AccountLimits.max_in_flight.is_not(None)))
-    return {account_id: cap for account_id, cap in rows if cap is not None}
 
 
 # --- requests and tokens per minute, in Redis ------------------------------------

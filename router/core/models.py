@@ -21,10 +21,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     false,
+    func,
+    select,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
 
 from router.core.sealing import SealedText
 
@@ -32,11 +35,19 @@ from router.core.sealing import SealedText
 #: balance is minus the money inside the service. The only account that may
 #: go negative.
 WORLD = "world"
-#: Money held for admitted jobs until they settle.
+#: Money held for admitted jobs until they settle. Its balance is the sum of
+#: its parts, one per job with money held (``AccountPart``): no transaction
+#: writes a row that every other one writes too.
 ESCROW = "escrow"
-#: Fees earned by the service.
+#: Fees earned by the service. Its balance is its own column (what it earned
+#: before migration 0012) plus ``REVENUE_SHARDS`` parts; a capture adds to the
+#: part its job's id picks, so two settlements rarely write one row.
 REVENUE = "revenue"
 SYSTEM_ACCOUNTS = (WORLD, ESCROW, REVENUE)
+#: Accounts whose balance lives in parts: every hold, capture, release and earn writes one of them.
+PARTED_ACCOUNTS = (ESCROW, REVENUE)
+#: Parts revenue is spread over.
+REVENUE_SHARDS = 256
 
 #: Every kind of transfer. ``earn`` moves an operator's share of a job's charge
 #: from escrow to the operator; ``payout`` pays an operator out to the world.
@@ -61,15 +72,37 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class AccountPart(Base):
+    """Part of a parted account's balance (escrow's: one per job with money held; revenue's: shards).
+
+    A part is its own row so that transactions moving money through escrow or
+    revenue at once lock different rows; the account's balance is its own
+    column plus the sum of its parts (``Account.balance``), and ``ledger.check``
+    proves both equal what the transfers say.
+    """
+
+    __tablename__ = "account_parts"
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_nonnegative"),)
+
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    #: Escrow: the job's id; revenue: ``shard-<n>``.
+    part: Mapped[str] = mapped_column(String(64), primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger)
+
+    def __repr__(self) -> str:
+        return f"AccountPart(account_id={self.account_id!r}, part={self.part!r}, balance={self.balance!r})"
+
+
 class Account(Base):
     """A holder of money: a requester (``user``) or one of the service's own."""
 
     __tablename__ = "accounts"
     __table_args__ = (
         CheckConstraint("kind IN ('user', 'system')", name="kind"),
-        # Only the world may go negative: escrow and revenue hold real money.
+        # Only the world may go negative: escrow and revenue hold real money. Escrow's own column
+        # is an offset to its parts (0 when the books balance), checked by ledger.check, not here.
         CheckConstraint(
-            f"balance >= 0 OR (kind = 'system' AND name = '{WORLD}')", name="balance_nonnegative"
+            f"balance >= 0 OR (kind = 'system' AND name IN ('{WORLD}', '{ESCROW}'))", name="balance_nonnegative"
         ),
         CheckConstraint("kind = 'system' OR api_key_hash IS NOT NULL", name="user_has_key"),
     )
@@ -82,8 +115,18 @@ class Account(Base):
     #: Signs webhooks to this requester. It must be read back to sign, so it is sealed
     #: (``router.core.sealing``) rather than hashed; deferred: read only to sign.
     webhook_secret: Mapped[str] = mapped_column(SealedText(), deferred=True)
-    #: Smallest money unit. Kept equal to credits minus debits (see ledger.check).
-    balance: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    #: The account's own column: the whole balance of a requester and of the world; escrow's and
+    #: revenue's money is (mostly) in their parts. Written only by ``router.core.ledger``.
+    own_balance: Mapped[int] = mapped_column("balance", BigInteger, server_default=text("0"))
+    #: Smallest money unit: the own column plus the account's parts. Kept equal to credits minus
+    #: debits (see ledger.check). Read-only: the ledger writes the column or a part.
+    balance: Mapped[int] = column_property(
+        own_balance
+        + select(cast(func.coalesce(func.sum(AccountPart.balance), 0), BigInteger))
+        .where(AccountPart.account_id == id)
+        .correlate_except(AccountPart)
+        .scalar_subquery()
+    )
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("CURRENT_TIMESTAMP")
     )
@@ -319,6 +362,29 @@ class JobRow(Base):
     @property
     def is_open(self) -> bool:
         return self.state in OPEN_STATES
+
+
+class ModelSlot(Base):
+    """One of a model's slots in the herd, as PostgreSQL claims take them (``router.core.queue``).
+
+    A claim locks the free slots it fills ``FOR UPDATE SKIP LOCKED``, so
+    claims of one model wait only for the rows they both want. A slot is free
+    when it holds no attempt or the attempt it holds is no longer running (so
+    nothing has to free it when the attempt ends). Slots ``no >= `` the herd's
+    current slots for the model are not used. SQLite counts running jobs
+    instead (one writer at a time).
+    """
+
+    __tablename__ = "model_slots"
+
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The running job (``jobs.seq``) and attempt that took the slot last; NULL: never taken.
+    job_seq: Mapped[int | None] = mapped_column(Integer)
+    attempt: Mapped[int | None] = mapped_column(Integer)
+
+    def __repr__(self) -> str:
+        return f"ModelSlot(model={self.model!r}, no={self.no!r}, job_seq={self.job_seq!r}, attempt={self.attempt!r})"
 
 
 def width(column: str) -> int:

@@ -11,16 +11,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from router.core import fees, limits
-from router.core.models import QUEUED, RUNNING, JobRow
+from router.core import fees
+from router.core.models import QUEUED, RUNNING, AccountLimits, JobRow, ModelSlot
 from router.core.settings import HerderSettings
 
-#: PostgreSQL advisory lock every claim holds until commit (distinct from
-#: admission's queue lock, ``admission.QUEUE_LOCK_KEY``).
-CLAIM_LOCK_KEY = 0x636C6C616D61  # "cllama"
+#: First key of the PostgreSQL advisory lock a claim holds on an account whose jobs it may start.
+ACCOUNT_LOCK_NS = 0x636C6163  # "clac"
 #: The order queued jobs leave in: best priority first, first come first served among equals.
 ORDER: tuple[Any, ...] = (JobRow.priority.desc(), JobRow.seq)
 
@@ -73,21 +72,27 @@ def running_sequences(session: Session, model: str) -> int:
     ) or 0
 
 
-def _serialize(session: Session) -> None:
-    """Make claims one at a time on PostgreSQL (SQLite's ``BEGIN IMMEDIATE`` already does).
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
-    One lock for every model, not one per model: an account's jobs in flight
-    are counted over the whole herd, so two claims for two models must not
-    both start its last allowed job.
+
+def _startable(session: Session, model: str, now: float, passed: set[int], slots: int,
+               count: int | None) -> list[tuple[JobRow, int | None]]:
+    """The best queued jobs of ``model`` that may start now, leaving out accounts in ``passed``, each with
+    its account's own in-flight cap; on PostgreSQL locked, skipping rows another transaction holds.
+
+    ``count`` None: as many as the model's slots look free, counted without a lock (a guess the
+    claim checks once it holds the model).
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(CLAIM_LOCK_KEY)))
-
-
-def _startable(session: Session, model: str, now: float, full: set[int], count: int) -> list[JobRow]:
-    """The best ``count`` queued jobs of ``model`` that may start now, leaving out accounts in ``full``."""
+    if count is None:
+        running = select(func.coalesce(func.sum(JobRow.n), 0)).where(
+            JobRow.model == model, JobRow.state == RUNNING).scalar_subquery()
+        limit: Any = func.max(0, slots - running) if not _postgres(session) else func.greatest(0, slots - running)
+    else:
+        limit = count
     query = (
-        select(JobRow)
+        select(JobRow, AccountLimits.max_in_flight)
+        .outerjoin(AccountLimits, AccountLimits.account_id == JobRow.account_id)
         .where(
             JobRow.model == model,
             JobRow.state == QUEUED,
@@ -95,13 +100,143 @@ def _startable(session: Session, model: str, now: float, full: set[int], count: 
             or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
         )
         .order_by(*ORDER)
-        .limit(count)
+        .limit(limit)
     )
-    if full:
-        query = query.where(JobRow.account_id.not_in(sorted(full)))
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    return list(session.scalars(query))
+    if passed:
+        query = query.where(JobRow.account_id.not_in(sorted(passed)))
+    if _postgres(session):
+        query = query.with_for_update(of=JobRow, skip_locked=True)
+    return [(row, cap) for row, cap in session.execute(query).tuples()]
+
+
+#: ``Session.info`` key: the transaction whose claim took account locks last.
+_CLAIMED_KEY = "llamas_claimed_accounts"
+#: A slot row's condition of being free, on ``model_slots s LEFT JOIN jobs j ON j.seq = s.job_seq``. A slot
+#: re-taken since the claim's snapshot is re-checked by PostgreSQL against the job it held then, so it reads
+#: as taken (NULL), never as free.
+_FREE = "(s.job_seq IS NULL OR j.state <> 'running' OR j.attempt <> s.attempt)"
+
+
+def _take(session: Session, model: str, slots: int, accounts: list[int], count: int,
+          wait: bool) -> tuple[set[int], list[int]]:
+    """PostgreSQL: the claim locks of ``accounts`` (``wait``: waited for, lowest id first; else only those
+    no other claim holds) and up to ``count`` free slots of ``model``, locked (others' skipped, never
+    waited for)."""
+    accounts_held = (
+        "(SELECT array_agg(a) FROM (SELECT a, pg_advisory_xact_lock(:ns, a) "
+        "FROM unnest(CAST(:accounts AS integer[])) AS a) AS locked)" if wait else
+        "ARRAY(SELECT a FROM unnest(CAST(:accounts AS integer[])) AS a WHERE pg_try_advisory_xact_lock(:ns, a))"
+    )
+    held, free = session.execute(
+        text(f"SELECT {accounts_held}, "
+             "ARRAY(SELECT s.no FROM model_slots s LEFT JOIN jobs j ON j.seq = s.job_seq "
+             f"WHERE s.model = :model AND s.no < :slots AND {_FREE} "
+             "ORDER BY s.no LIMIT :count FOR UPDATE OF s SKIP LOCKED)"),
+        {"accounts": sorted(accounts), "ns": ACCOUNT_LOCK_NS, "model": model, "slots": slots, "count": count},
+    ).one()
+    return set(held or ()), list(free)
+
+
+def _make_slots(session: Session, model: str, slots: int) -> None:
+    """PostgreSQL: the rows of ``model``'s slots 0 … slots − 1 that are missing (the herd grew, or is new).
+
+    Made and committed on a connection of their own, so the claim waits (for another claim making the same
+    rows) while holding nothing another claim could be waiting for.
+    """
+    bind = session.get_bind()
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO model_slots (model, no) SELECT :model, g FROM generate_series(0, :slots - 1) AS g "
+                 "ON CONFLICT DO NOTHING"), {"model": model, "slots": slots})
+
+
+def _counted(session: Session, model: str, accounts: set[int],
+             slot_nos: list[int]) -> tuple[dict[int, int], set[int], int]:
+    """PostgreSQL, once the locks are held: the slots each of ``accounts`` holds over every model, those of
+    ``slot_nos`` that a running attempt holds after all (none, as ``_FREE`` is written), and the sequences of
+    ``model`` running (committed)."""
+    rows = session.execute(
+        text("SELECT 'account', account_id, SUM(n) FROM jobs "
+             "WHERE state = 'running' AND account_id = ANY(CAST(:accounts AS integer[])) GROUP BY account_id "
+             "UNION ALL SELECT 'slot', s.no, 0 FROM model_slots s JOIN jobs j ON j.seq = s.job_seq "
+             "WHERE s.model = :model AND s.no = ANY(CAST(:nos AS integer[])) AND j.state = 'running' "
+             "AND j.attempt = s.attempt "
+             "UNION ALL SELECT 'model', 0, COALESCE(SUM(n), 0) FROM jobs WHERE model = :model AND state = 'running'"),
+        {"accounts": sorted(accounts), "model": model, "nos": slot_nos},
+    ).all()
+    return ({key: int(n) for kind, key, n in rows if kind == "account"},
+            {key for kind, key, _ in rows if kind == "slot"},
+            sum(int(n) for kind, _, n in rows if kind == "model"))
+
+
+def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dict[int, int]]:
+    """SQLite: sequences of ``model`` running now, and the slots each of ``accounts`` holds over every model."""
+    on_model = func.sum(case((JobRow.model == model, JobRow.n), else_=0))
+    rows = session.execute(
+        select(JobRow.account_id, func.sum(JobRow.n), on_model)
+        .where(JobRow.state == RUNNING, or_(JobRow.model == model, JobRow.account_id.in_(sorted(accounts))))
+        .group_by(JobRow.account_id)
+    ).all()
+    per_account = {account: int(n or 0) for account, n, _ in rows if account in accounts}
+    return sum(int(m or 0) for _, _, m in rows), per_account
+
+
+class _Slots:
+    """The free slots one claim may fill: a count on SQLite, locked slot rows on PostgreSQL."""
+
+    def __init__(self, session: Session, model: str, slots: int) -> None:
+        self.session, self.model, self.slots = session, model, slots
+        self.postgres = _postgres(session)
+        self.free: int | None = None  # not known until the first look's accounts are held
+        self.nos: list[int] = []  # PostgreSQL: the slot rows this claim holds and has not filled
+        self.filled: list[dict[str, Any]] = []
+
+    def hold(self, accounts: list[int], want: int) -> tuple[set[int], dict[int, int]]:
+        """Hold what ``accounts`` (and, the first time, ``want`` slots) need; returns the accounts held and
+        the slots each of them holds over every model, counted after the locks."""
+        if not self.postgres:
+            on_model, running = _running(self.session, self.model, set(accounts))
+            if self.free is None:
+                self.free = self.slots - on_model
+            return set(accounts), running
+        first = self.free is None
+        # Waiting for accounts only in a transaction's first claim, lowest id first: two claims never wait
+        # for each other's accounts crosswise.
+        transaction = self.session.get_transaction()
+        wait = first and self.session.info.get(_CLAIMED_KEY) is not transaction
+        self.session.info[_CLAIMED_KEY] = transaction
+        held, nos = _take(self.session, self.model, self.slots, accounts, want if first else 0, wait)
+        if first:
+            self.nos = nos
+            if len(nos) < want:
+                # Fewer than wanted: other claims hold the rest, or their rows are missing (the herd grew, or
+                # the model is new here): they are made, and looked at once more.
+                _make_slots(self.session, self.model, self.slots)
+                self.nos += [no for no in _take(self.session, self.model, self.slots, [], want, False)[1]
+                             if no not in self.nos][: want - len(nos)]
+        running, taken, on_model = _counted(self.session, self.model, held, self.nos)
+        self.nos = [no for no in self.nos if no not in taken]
+        if self.free is None:
+            # A job of more choices than the herd had slots holds fewer slot rows than it runs sequences:
+            # the count of sequences bounds the free slots too, as it does on SQLite.
+            self.free = min(len(self.nos), self.slots - on_model)
+        return held, running
+
+    def fill(self, row: JobRow, need: int) -> None:
+        """Give ``need`` of the held slots to ``row``'s attempt (just started)."""
+        assert self.free is not None
+        self.free -= need
+        if self.postgres:
+            for no in self.nos[:need]:
+                self.filled.append({"model": self.model, "no": no, "job_seq": row.seq, "attempt": row.attempt})
+            del self.nos[:need]
+
+    def write(self) -> None:
+        """Record the attempts in their slot rows (PostgreSQL)."""
+        if self.filled:
+            self.session.execute(update(ModelSlot), self.filled)
+            self.filled = []
 
 
 def claim(session: Session, settings: HerderSettings, model: str, slots: int, now: float) -> list[JobRow]:
@@ -117,41 +252,58 @@ def claim(session: Session, settings: HerderSettings, model: str, slots: int, no
     (``limits.in_flight``, over every model; admission refuses a job of more
     choices than that): an account at its limit is passed over, its jobs
     wait, and the slots go to the next best jobs of other accounts.
+
+    On PostgreSQL no lock is shared by every claim, nor by every claim of a
+    model: the candidate jobs and the free slots (``ModelSlot`` rows) are
+    taken ``FOR UPDATE SKIP LOCKED``, so claims wait only for rows they both
+    want, and never for those; an account's slots in flight are counted under
+    that account's lock, tried (a claim that finds it held passes the
+    account's jobs over, until the next claim). SQLite's ``BEGIN IMMEDIATE``
+    makes each claim the only writer. What the order guarantees is in
+    ``docs/scaling.md``.
     """
-    _serialize(session)
-    free = slots - running_sequences(session, model)
-    if free <= 0:
-        return []
-    running = limits.running_by_account(session)
-    caps = limits.in_flight_caps(session)
-    default_cap = settings.account_max_in_flight
-    full = {account for account, n in running.items() if n >= caps.get(account, default_cap)}
     claimed: list[JobRow] = []
-    while free > 0:
-        rows = _startable(session, model, now, full, free)
-        for row in rows:
-            if row.account_id in full:  # it filled up earlier in this batch
+    passed: set[int] = set()  # accounts this claim starts nothing more for
+    running: dict[int, int] = {}  # slots held by the accounts this claim holds
+    caps: dict[int, int] = {}
+    free = _Slots(session, model, slots)
+    while free.free is None or free.free > 0:
+        # First look: as many as seem free; then as many as this claim holds.
+        asked = free.free
+        rows = _startable(session, model, now, passed, slots, asked)
+        if not rows:
+            break
+        fresh = sorted({row.account_id for row, _ in rows} - running.keys() - passed)
+        if asked is None or fresh:
+            held, counted = free.hold(fresh, sum(min(row.n, slots) for row, _ in rows))
+            passed |= set(fresh) - held
+            running.update({account: counted.get(account, 0) for account in held})
+        caps.update({row.account_id: settings.account_max_in_flight if cap is None else cap for row, cap in rows})
+        assert free.free is not None
+        for row, _ in rows:
+            if free.free <= 0:
+                break
+            if row.account_id in passed:  # held by another claim, or it filled up earlier in this batch
                 continue
             need = min(row.n, slots)
-            if need > free:
+            if need > free.free:
+                free.write()
                 return claimed  # the best job left waits for its slots, and everything behind it too
-            held = running.get(row.account_id, 0)
+            cap = caps[row.account_id]
             # Admission refuses more choices than the limit; a limit lowered since may leave one alone to run.
-            if held and held + need > caps.get(row.account_id, default_cap):
-                full.add(row.account_id)  # this job would take the account past its share: it waits
+            if running[row.account_id] and running[row.account_id] + need > cap:
+                passed.add(row.account_id)  # this job would take the account past its share: it waits
                 continue
             _start(row, settings, now)
+            free.fill(row, need)
             claimed.append(row)
-            free -= need
-            running[row.account_id] = held + need
-            if running[row.account_id] >= caps.get(row.account_id, default_cap):
-                full.add(row.account_id)
-            if free <= 0:
-                break
-        else:
-            if not rows:
-                break  # no more candidates
+            running[row.account_id] += need
+            if running[row.account_id] >= cap:
+                passed.add(row.account_id)
+        if free.free <= 0 or (asked is not None and len(rows) < asked):
+            break  # no more candidates (a first look, made before the counts, is always made again)
         session.flush()  # the jobs just started are no longer queued for the next look
+    free.write()
     return claimed
 
 

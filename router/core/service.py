@@ -49,7 +49,7 @@ from router.core import (
 )
 from router.core.dispatch import Order
 from router.core.errors import JobNotQueued, UnknownJob, UnknownModelId, UnknownWorker
-from router.core.models import RUNNING, JobRow
+from router.core.models import QUEUED, RUNNING, JobRow
 from router.core.parts import Clock, Forwarder, HerdSource, TokenCounting, Transport
 from router.core.request import Submission
 from router.core.settings import HerderSettings
@@ -111,6 +111,8 @@ class HerderService:
             raise
         faults.point("admitted")
         self._send_all(orders)
+        if doc["state"] == QUEUED:
+            self._claim_again({sub.model})
         return doc
 
     def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
@@ -252,6 +254,19 @@ class HerderService:
         """Claim ``model``'s next jobs for its free slots in the caller's transaction."""
         return dispatch.orders(queue.claim(session, self.settings, model, slots, now), self._key)
 
+    def _claim_again(self, models: set[str]) -> None:
+        """Claim for ``models`` once more, after a commit that left a slot free or a job queued (PostgreSQL).
+
+        Claims there take no common lock, so a claim cannot see a slot or a job
+        that a concurrent transaction has not yet committed; whichever of the
+        two commits last claims again and sees both. (SQLite's claims follow
+        one another: the later one sees the earlier.)
+        """
+        if not models or self.sessions.kw["bind"].dialect.name != "postgresql":
+            return
+        herd = [worker for worker in self._herd() if worker.get("model") in models]
+        dispatch.dispatch(self.sessions, self.settings, herd, self._key, self._send, self._clock())
+
     def _send_all(self, orders: list[Order]) -> None:
         for row, envelope in orders:
             self._send(row, envelope)
@@ -268,29 +283,33 @@ class HerderService:
         holds up the others. What was settled is sent on after the commit.
         """
         try:
-            deliveries, orders = self._settle(results)
+            deliveries, orders, idle = self._settle(results)
         except Exception:
             if len(results) == 1:
                 raise
             log.warning("a batch of %d results failed to settle together; settling them one by one", len(results))
-            deliveries, orders = [], []
+            deliveries, orders, idle = [], [], set()
             for one in results:
                 try:
-                    settled, claimed = self._settle([one])
+                    settled, claimed, left = self._settle([one])
                 except Exception as exc:  # logged by type: a result may quote its text
                     log.error("result for task %s not settled: %s", one[0], type(exc).__name__)
                     continue
                 deliveries += settled
                 orders += claimed
+                idle |= left
         # Feed the freed slots first: forwarding takes longer than dispatching,
         # and the next jobs should not wait for it.
         faults.point("settled")
         self._send_all(orders)
+        self._claim_again(idle)
         self._deliver(deliveries)
         return len(deliveries)
 
-    def _settle(self, results: list[tuple[str, dict[str, Any]]]) -> tuple[list[forwarding.Delivery], list[Order]]:
-        """One transaction: charge each current attempt, claim its channels and its slot's next job."""
+    def _settle(self, results: list[tuple[str, dict[str, Any]]]
+                ) -> tuple[list[forwarding.Delivery], list[Order], set[str]]:
+        """One transaction: charge each current attempt, claim its channels and its slot's next job;
+        also returns the models whose freed slots it started nothing in."""
         now = self._clock()
         slots = dispatch.capacity(self._herd())
         deliveries: list[forwarding.Delivery] = []
@@ -306,9 +325,13 @@ class HerderService:
                 if row is not None:
                     deliveries.append(forwarding.pending(row))
                     models.add(row.model)
+            idle = set()
             for model in sorted(models):
-                orders += self._claim(session, model, slots.get(model, 0), now)
-        return deliveries, orders
+                claimed = self._claim(session, model, slots.get(model, 0), now)
+                orders += claimed
+                if not claimed:
+                    idle.add(model)
+        return deliveries, orders, idle
 
     def on_failure(self, task_id: str, exc: BaseException | None) -> None:
         """An attempt failed: typed refusals end the job, anything else may retry."""

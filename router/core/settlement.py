@@ -137,6 +137,8 @@ def settle(session: Session, settings: HerderSettings, counter: TokenCounting, k
     charge = min(fees.charge(row.offered, row.quote, actual), held)
     earned = operators.share(charge, settings.operator_share_ppm) if operator is not None else 0
     if operator is not None and earned:
+        # Two requesters' rows (the operator's, then the requester's refund): one locking order for all.
+        ledger.lock_accounts(session, operator.account_id, row.account_id)
         ledger.earn(session, _account(session, operator.account_id), earned, row.id)
     if charge - earned:
         ledger.capture(session, charge - earned, row.id)

@@ -134,6 +134,11 @@ class Redis:
         client.close()
 
 
+def session_owner() -> str:
+    """What a benchmark writes under ``SESSION_KEY``: its pid, which test sessions check is alive."""
+    return str(os.getpid())
+
+
 def choose_redis() -> Redis:
     import redis
 
@@ -145,9 +150,11 @@ def choose_redis() -> Redis:
         for db in range(9, 16):
             url = f"redis://127.0.0.1:6379/{db}"
             client = redis.Redis.from_url(url)
-            if client.set(SESSION_KEY, os.getpid(), nx=True, ex=3600):
+            # The bare pid, as test sessions write theirs: a session finding a value that is not a live pid
+            # takes the database over and empties it (``tests.conftest._claim``), heartbeats and streams too.
+            if client.set(SESSION_KEY, session_owner(), nx=True, ex=3600):
                 client.flushdb()
-                client.set(SESSION_KEY, os.getpid(), ex=3600)
+                client.set(SESSION_KEY, session_owner(), ex=3600)
                 client.close()
                 return Redis(url)
     # Imported here: llama_tasks must not be imported before LLAMAS_* is set.

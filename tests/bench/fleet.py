@@ -95,18 +95,19 @@ class Fleet:
             worker.wait_ready(self.r, READY_TIMEOUT_S)
 
     def start_control(self, herders: int, concurrency: int, env: dict[str, str] | None = None,
-                      logs: Path | None = None) -> None:
+                      logs: Path | None = None, app: str = "router") -> None:
         """``herders`` herders (``herder<i>@test``, ``-c concurrency``, no ``-B``) and the one beat.
 
         ``env`` overrides the fleet's (a configuration's own ledger, say);
-        ``logs`` is where their logs and beat's schedule go. Returns once
+        ``logs`` is where their logs and beat's schedule go; ``app`` is the herders'
+        Celery app (``tests.bench.db_latency``: the herder behind a slow database). Returns once
         every herder is ready and beat has sent a tick.
         """
         env = env or self.env
         logs = logs or self.tmp
         logs.mkdir(parents=True, exist_ok=True)
         self.herders = [
-            CeleryProcess("router", HERDER_QUEUE, f"herder{i}", concurrency, env, logs / f"herder{i}.log")
+            CeleryProcess(app, HERDER_QUEUE, f"herder{i}", concurrency, env, logs / f"herder{i}.log")
             for i in range(herders)
         ]
         self.beat = Beat(env, logs / "beat.log", logs / "beat-schedule")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.bench.compare import SESSION_KEY, choose_redis, group_cpu_s, percentile, stop_celery
+from tests.bench.compare import SESSION_KEY, choose_redis, group_cpu_s, percentile, session_owner, stop_celery
 from tests.processes import ROOT, CeleryProcess
 
 RESULTS = ROOT / "tests" / "bench" / "results" / "herder.md"
@@ -103,7 +103,7 @@ class Stack:
         self.r = redis.Redis.from_url(redis_url)
         # Nothing of the previous stack (queues, heartbeats, results) may reach this one.
         self.r.flushdb()
-        self.r.set(SESSION_KEY, os.getpid(), ex=3600)
+        self.r.set(SESSION_KEY, session_owner(), ex=3600)
         self.herder = CeleryProcess("router", "herder", "bench-herder", os.cpu_count() or 1, self.env,
                                     tmp / "herder.log", cwd=tree,
                                     extra=["-B", "-s", str(tmp / "beat-schedule"), *(herder_args or [])])

@@ -31,7 +31,7 @@ from llama_tasks.job import Job, validate
 from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
 from llama_tasks.settings import WorkerSettings
-from llama_tasks.stream import StreamWriter
+from llama_tasks.stream import StreamWriter, TokenPipe
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ class ProcessContext:
     load_s: float
     #: Signs each result, claim and heartbeat for whoever runs this worker: an operator, or the house.
     signer: signing.OperatorSigner
+    #: Sends the engine's token events to their streams, off its thread.
+    tokens: TokenPipe
 
     def describe(self) -> str:
         """One log line: what this process loaded and how it runs it."""
@@ -97,6 +99,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
         sample_limit_s=settings.sample_limit_s, on_stall=on_stall, draft_tokens=settings.draft_tokens,
     ).start()
     _load_count += 1
+    r = redis.Redis.from_url(settings.redis_url)
     _context = ProcessContext(
         settings=settings,
         spec=spec,
@@ -104,10 +107,11 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
         engine=batch,
         placement=placement,
         public_key=signing.load_public(settings.public_key, settings.public_key_file),
-        redis=redis.Redis.from_url(settings.redis_url),
+        redis=r,
         loads=_load_count,
         load_s=time.perf_counter() - started,
         signer=signing.load_operator(settings.operator, settings.signer_key_path),
+        tokens=TokenPipe(r).start(),
     )
     return _context
 
@@ -119,6 +123,7 @@ def unload(reason: str = "the engine stopped") -> None:
     if ctx is None:
         return
     ctx.engine.stop(reason)
+    ctx.tokens.close()
     if not ctx.engine.stalled:
         # The weights now, not whenever the collector gets to them: the next model needs the memory.
         ctx.engine.model.close()
@@ -163,7 +168,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
             raise Replayed(job.job_id, job.attempt) from None
         return kept
     faults.point("started")
-    stream = StreamWriter(ctx.redis, job.job_id, job.attempt, ctx.settings.stream_ttl_s)
+    stream = StreamWriter(ctx.redis, job.job_id, job.attempt, ctx.settings.stream_ttl_s, ctx.tokens)
     stream.start(worker, os.getpid())
     cancel_key = CANCEL_PREFIX + job.job_id
     finish = functools.partial(claims.finish, ctx.redis, job.job_id, job.attempt, message_id, worker, os.getpid(),
@@ -208,6 +213,7 @@ def _first_token_point(stream: StreamWriter) -> generation.OnChoiceText:
     def streamed(index: int, text: str, logprobs: list[dict[str, Any]] | None) -> None:
         stream.token(text, index, logprobs)
         if crash:
+            stream.flush()  # the point is "a token is in the stream", not "a token is queued"
             faults.point("first_token")
 
     return streamed

@@ -14,7 +14,9 @@ what was already shown of it.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -30,15 +32,107 @@ def key(job_id: str) -> str:
     return STREAM_PREFIX + job_id
 
 
+class TokenPipe:
+    """Token events written off the batch engine's thread, every event waiting sent in one round trip.
+
+    The engine makes a token of every active sequence each step; one ``XADD``
+    each, on its own thread, is milliseconds a step at 64 sequences that the
+    next decode waits for. Here the engine only queues them, and this pipe's
+    thread sends what has queued in one pipelined call. One queue for every
+    stream, first in first out, so each stream's events keep their order.
+    ``start`` the thread; ``close`` sends what is left and stops it.
+    """
+
+    #: Most events in one round trip.
+    BATCH = 1024
+
+    def __init__(self, r: redis.Redis) -> None:
+        self._r = r
+        self._queue: deque[tuple[StreamWriter, str, dict[Any, Any]]] = deque()
+        self._cond = threading.Condition()
+        self._queued = self._sent = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> TokenPipe:
+        self._thread = threading.Thread(target=self._run, name="llamas-tokens", daemon=True)
+        self._thread.start()
+        return self
+
+    def put(self, writer: StreamWriter, stream: str, entry: dict[Any, Any]) -> int:
+        """Queue one event; returns its number, for ``wait``."""
+        with self._cond:
+            self._queue.append((writer, stream, entry))
+            self._queued += 1
+            self._cond.notify_all()
+            return self._queued
+
+    def wait(self, number: int) -> None:
+        """Return once event ``number`` and every one before it has been sent (or failed)."""
+        with self._cond:
+            while self._sent < number and self._thread is not None:
+                self._cond.wait(0.5)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.BATCH))]
+            pipe = self._r.pipeline(transaction=False)
+            for _, stream, entry in batch:
+                pipe.xadd(stream, entry)
+            try:
+                pipe.execute()
+            except redis.RedisError as exc:
+                # The broker went away: every writer with an event here fails at its next write.
+                for writer, _, _ in batch:
+                    writer.failed = exc
+            with self._cond:
+                self._sent += len(batch)
+                self._cond.notify_all()
+
+
 class StreamWriter:
-    """Appends one attempt's events to a job's stream."""
+    """Appends one attempt's events to a job's stream.
 
-    def __init__(self, r: redis.Redis, job_id: str, attempt: int, ttl_s: int) -> None:
+    With a ``TokenPipe``, token events are queued there (``token`` returns at
+    once) and ``end``, ``error`` and ``flush`` wait until they are sent; a
+    token the pipe could not send fails the next write, as a direct write
+    would have.
+    """
+
+    def __init__(self, r: redis.Redis, job_id: str, attempt: int, ttl_s: int, pipe: TokenPipe | None = None) -> None:
         self._r, self._key, self._attempt, self._ttl_s = r, key(job_id), str(attempt), ttl_s
+        self._pipe = pipe
+        self._last = 0
+        #: Set by the pipe when one of this writer's events could not be sent.
+        self.failed: BaseException | None = None
 
-    def _add(self, event: str, **fields: str) -> None:
+    def _add(self, event: str, *, after_failure: bool = False, **fields: str) -> None:
         entry: dict[Any, Any] = {"event": event, "attempt": self._attempt, **fields}
+        if after_failure and self._pipe is not None and self._last:
+            self._pipe.wait(self._last)  # an error event goes after the tokens, whatever became of them
+        else:
+            self.flush()
         self._r.xadd(self._key, entry)
+
+    def flush(self) -> None:
+        """Wait until every token queued so far is in the stream; raise what stopped one."""
+        if self._pipe is not None and self._last:
+            self._pipe.wait(self._last)
+        if self.failed is not None:
+            raise self.failed
 
     def start(self, worker: str, pid: int) -> None:
         pipe = self._r.pipeline()
@@ -53,14 +147,20 @@ class StreamWriter:
         fields = {"text": text, "index": str(index)}
         if logprobs is not None:
             fields["logprobs"] = json.dumps(logprobs)
-        self._add("token", **fields)
+        entry: dict[Any, Any] = {"event": "token", "attempt": self._attempt, **fields}
+        if self._pipe is None:
+            self._r.xadd(self._key, entry)
+            return
+        if self.failed is not None:
+            raise self.failed
+        self._last = self._pipe.put(self, self._key, entry)
 
     def end(self, finish_reason: str) -> None:
         self._add("end", finish_reason=finish_reason)
         self._r.expire(self._key, self._ttl_s)
 
     def error(self, error: str, message: str) -> None:
-        self._add("error", error=error, message=message)
+        self._add("error", after_failure=True, error=error, message=message)
         self._r.expire(self._key, self._ttl_s)
 
 

@@ -8,9 +8,10 @@ engine on the bundled SmolLM2, ``n`` sequences generating together, and the
 engine's own clocks (``step_s`` and ``decode_s``); the difference, per step,
 is what a faster decode would leave.
 
-Two ways for each ``n``: the tokens handed to a callback that keeps them
-(the engine alone), and each token written to its job's Redis stream as a
-worker does (``llama_tasks.stream.StreamWriter``). Medians of ``--reps``.
+Three ways for each ``n``: no callback (the engine alone); each token written
+to its job's Redis stream on the engine's thread (``StreamWriter`` alone);
+and each token queued to a ``TokenPipe`` that sends them off the engine's
+thread, as a worker does. Medians of ``--reps``.
 Writes ``tests/bench/results/step_overhead.md``.
 """
 
@@ -29,7 +30,7 @@ import redis
 from llama_tasks import engine, generation, registry
 from llama_tasks.batching import BatchEngine
 from llama_tasks.job import Job
-from llama_tasks.stream import StreamWriter
+from llama_tasks.stream import StreamWriter, TokenPipe
 from tests.prompts import PROMPTS
 
 RESULTS = Path(__file__).parent / "results" / "step_overhead.md"
@@ -43,24 +44,29 @@ def _streamer(writer: StreamWriter) -> generation.OnChoiceText:
     return on_text
 
 
-def _sequences(vocab: Any, n: int, r: redis.Redis | None) -> list[Any]:
+def _sequences(vocab: Any, n: int, r: redis.Redis | None, pipe: TokenPipe | None) -> list[Any]:
     seqs = []
     for i in range(n):
         job = Job(job_id=uuid.uuid4().hex, attempt=1, expires_at=0.0, issued_at=0.0, max_tokens=TOKENS,
                   temperature=0.0, messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)] + f" ({i})"}])
         on_text: generation.OnChoiceText | None = None
         if r is not None:
-            on_text = _streamer(StreamWriter(r, job.job_id, 1, 60))
+            on_text = _streamer(StreamWriter(r, job.job_id, 1, 60, pipe))
         seqs.extend(generation.sequences(vocab, job, on_text))
     return seqs
 
 
-def measure(batch: BatchEngine, vocab: Any, n: int, r: redis.Redis | None) -> tuple[float, float, int]:
-    """(ms per step outside llama_decode, ms of llama_decode per step, steps) of ``n`` sequences generated together."""
+def measure(batch: BatchEngine, vocab: Any, n: int, r: redis.Redis | None,
+            piped: bool = False) -> tuple[float, float, int]:
+    """(ms per step outside llama_decode, ms of llama_decode per step, steps) of ``n`` sequences generated
+    together; with ``r``, each token written to its stream (through a ``TokenPipe`` when ``piped``)."""
+    pipe = TokenPipe(r).start() if r is not None and piped else None
     steps, step_s, decode_s = batch.steps, batch.step_s, batch.decode_s
-    tickets = [batch.submit(s) for s in _sequences(vocab, n, r)]
+    tickets = [batch.submit(s) for s in _sequences(vocab, n, r, pipe)]
     for ticket in tickets:
         ticket.result(timeout=600)
+    if pipe is not None:
+        pipe.close()
     ran = batch.steps - steps
     return ((batch.step_s - step_s) - (batch.decode_s - decode_s)) / ran * 1000, \
         (batch.decode_s - decode_s) / ran * 1000, ran
@@ -82,24 +88,26 @@ def main() -> None:
         try:
             measure(batch, vocab, n, None)  # warm-up
             alone = [measure(batch, vocab, n, None) for _ in range(args.reps)]
-            streamed = [measure(batch, vocab, n, r) for _ in range(args.reps)]
+            direct = [measure(batch, vocab, n, r) for _ in range(args.reps)]
+            piped = [measure(batch, vocab, n, r, piped=True) for _ in range(args.reps)]
         finally:
             batch.stop()
-        row = (n, statistics.median(a[0] for a in alone), statistics.median(s[0] for s in streamed),
-               statistics.median(a[1] for a in alone))
+        row = (n, statistics.median(a[0] for a in alone), statistics.median(s[0] for s in direct),
+               statistics.median(s[0] for s in piped), statistics.median(a[1] for a in alone))
         rows.append(row)
-        print(f"{n} sequences: {row[1]:.2f} ms/step alone, {row[2]:.2f} ms/step streaming to Redis, "
-              f"decode {row[3]:.1f} ms/step", flush=True)
+        print(f"{n} sequences: {row[1]:.2f} ms/step alone, {row[2]:.2f} writing each token to Redis, "
+              f"{row[3]:.2f} through the token pipe (as a worker does); decode {row[4]:.1f} ms/step", flush=True)
     lines = [
         "# The engine's work per step outside llama_decode",
         "",
         f"{datetime.date.today()}, `python -m tests.bench.step_overhead`, SmolLM2-135M Q4_1 on the CPU, "
         f"{args.threads} threads, {TOKENS} tokens per sequence, greedy, medians of {args.reps}.",
         "",
-        "| active sequences | ms per step outside llama_decode | the same, each token streamed to Redis "
-        "| llama_decode, ms per step |",
-        "|---:|---:|---:|---:|",
-        *[f"| {n} | {alone:.2f} | {streamed:.2f} | {decode:.1f} |" for n, alone, streamed, decode in rows],
+        "| active sequences | ms per step outside llama_decode | each token written to Redis on the engine's "
+        "thread | each token through the token pipe (a worker) | llama_decode, ms per step |",
+        "|---:|---:|---:|---:|---:|",
+        *[f"| {n} | {alone:.2f} | {direct:.2f} | {piped:.2f} | {decode:.1f} |"
+          for n, alone, direct, piped, decode in rows],
         "",
     ]
     RESULTS.write_text("\n".join(lines))

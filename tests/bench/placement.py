@@ -590,9 +590,9 @@ def _run(args: argparse.Namespace, mode: str, home: Path, redis_url: str, r: Any
                          None if mode == "demand" else (A, B)[i % 2]).start()
                for i in range(args.workers)]
     stop = threading.Event()
-    helpers = [threading.Thread(target=settle_loop, args=(svc, r, stop), daemon=True),
-               threading.Thread(target=tick_loop, args=(svc, stop, args.tick_s), daemon=True)]
-    for t in helpers:
+    background = [threading.Thread(target=settle_loop, args=(svc, r, stop), daemon=True),
+                  threading.Thread(target=tick_loop, args=(svc, stop, args.tick_s), daemon=True)]
+    for t in background:
         t.start()
     phases = trace(args.phase_s, args.rate, args.both)
     t0 = time.time()
@@ -612,7 +612,7 @@ def _run(args: argparse.Namespace, mode: str, home: Path, redis_url: str, r: Any
         wall_s = time.time() - t0
     finally:
         stop.set()
-        for t in helpers:
+        for t in background:
             t.join(timeout=5)
         for w in workers:
             w.close()

@@ -373,6 +373,8 @@ class BatchEngine:
         #: Seconds spent in generation steps, and in llama_decode within them: the rest is the
         #: engine's own work per step (admitting, sampling, detokenising, stop strings, streaming).
         self.step_s = self.decode_s = 0.0
+        #: Called after each generation step, before the next decode (a worker sends the step's tokens then).
+        self.after_step: Callable[[], None] | None = None
         #: This step's argmax of every output row's logits (None until a greedy sequence needs it), and the rows.
         self._argmax: Any = None
         self._outputs = 0
@@ -542,6 +544,8 @@ class BatchEngine:
                         self._release(slot.active, None, EngineFailed(f"decoding failed: {exc}"))
                         self._forget(slot)
             self.step_s += time.perf_counter() - started
+            if self.after_step is not None:
+                self.after_step()
             try:
                 # One embedding decode between two generation steps: neither waits longer than one of the other.
                 self.embedder.step()

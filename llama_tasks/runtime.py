@@ -100,6 +100,9 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
     ).start()
     _load_count += 1
     r = redis.Redis.from_url(settings.redis_url)
+    tokens = TokenPipe(r).start()
+    # The step's tokens go out while the next step decodes (llama.cpp leaves the interpreter free then).
+    batch.after_step = tokens.send_now
     _context = ProcessContext(
         settings=settings,
         spec=spec,
@@ -111,7 +114,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
         loads=_load_count,
         load_s=time.perf_counter() - started,
         signer=signing.load_operator(settings.operator, settings.signer_key_path),
-        tokens=TokenPipe(r).start(),
+        tokens=tokens,
     )
     return _context
 

@@ -45,6 +45,8 @@ class TokenPipe:
 
     #: Most events in one round trip.
     BATCH = 1024
+    #: Longest a queued event waits for ``send_now``.
+    LINGER_S = 0.05
 
     def __init__(self, r: redis.Redis) -> None:
         self._r = r
@@ -60,17 +62,25 @@ class TokenPipe:
         return self
 
     def put(self, writer: StreamWriter, stream: str, entry: dict[Any, Any]) -> int:
-        """Queue one event; returns its number, for ``wait``."""
+        """Queue one event; returns its number, for ``wait``. Sent at the next ``send_now``, or within
+        ``LINGER_S``: woken for each event, the pipe's thread would take the interpreter from the
+        engine's in the middle of its step."""
         with self._cond:
             self._queue.append((writer, stream, entry))
             self._queued += 1
-            self._cond.notify_all()
             return self._queued
+
+    def send_now(self) -> None:
+        """Send what is queued (the engine calls it after each step, as its next decode begins)."""
+        with self._cond:
+            if self._queue:
+                self._cond.notify_all()
 
     def wait(self, number: int) -> None:
         """Return once event ``number`` and every one before it has been sent (or failed)."""
         with self._cond:
             while self._sent < number and self._thread is not None:
+                self._cond.notify_all()
                 self._cond.wait(0.5)
 
     def close(self) -> None:
@@ -84,8 +94,9 @@ class TokenPipe:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._cond.wait(self.LINGER_S)
                 while not self._queue and not self._closing:
-                    self._cond.wait()
+                    self._cond.wait(self.LINGER_S)
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.BATCH))]

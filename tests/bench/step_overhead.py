@@ -61,6 +61,7 @@ def measure(batch: BatchEngine, vocab: Any, n: int, r: redis.Redis | None,
     """(ms per step outside llama_decode, ms of llama_decode per step, steps) of ``n`` sequences generated
     together; with ``r``, each token written to its stream (through a ``TokenPipe`` when ``piped``)."""
     pipe = TokenPipe(r).start() if r is not None and piped else None
+    batch.after_step = pipe.send_now if pipe is not None else None
     steps, step_s, decode_s = batch.steps, batch.step_s, batch.decode_s
     tickets = [batch.submit(s) for s in _sequences(vocab, n, r, pipe)]
     for ticket in tickets:

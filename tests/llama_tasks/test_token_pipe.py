@@ -82,3 +82,15 @@ def test_closing_sends_what_is_queued(r: Any) -> None:
     pipe.close()
     assert len(_texts(r, job)) == 50
     r.delete(stream.key(job))
+
+
+def test_the_engine_s_step_end_sends_what_the_step_queued(r: Any, pipe: TokenPipe) -> None:
+    from tests.processes import wait_for
+
+    job = uuid.uuid4().hex
+    writer = StreamWriter(r, job, 1, 60, pipe)
+    for i in range(5):
+        writer.token(str(i))
+    pipe.send_now()  # what BatchEngine.after_step calls in a worker
+    wait_for(lambda: len(_texts(r, job)) == 5, 10, "the step's tokens in the stream")
+    r.delete(stream.key(job))

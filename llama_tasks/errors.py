@@ -162,6 +162,13 @@ class Expired(Rejected):
     template = "job {job_id} expired at {expires_at:.3f} (now {now:.3f})"
 
 
+class LeaseEnding(Expired):
+    """Raised when the envelope's lease ends too soon to generate anything before it: the herder sends it again."""
+
+    fields = ("job_id", "expires_at", "now")
+    template = "job {job_id}: its lease ends at {expires_at:.3f}, too soon after now ({now:.3f}) to generate"
+
+
 class Replayed(Rejected):
     """Raised when a job attempt was already claimed by another message."""
 

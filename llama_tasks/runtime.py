@@ -26,12 +26,24 @@ from llama_cpp import Llama
 from llama_tasks import claims, embedding, engine, faults, generation, registry, results, signing
 from llama_tasks.batching import BatchEngine
 from llama_tasks.constants import CANCEL_PREFIX
-from llama_tasks.errors import AlreadyAnswered, EngineFailed, Expired, LlamasError, Replayed, WrongModel
+from llama_tasks.errors import (
+    AlreadyAnswered,
+    EngineFailed,
+    Expired,
+    LeaseEnding,
+    LlamasError,
+    Replayed,
+    WrongModel,
+)
 from llama_tasks.job import Job, validate
 from llama_tasks.placement import Placement
 from llama_tasks.registry import ModelSpec
 from llama_tasks.settings import WorkerSettings
 from llama_tasks.stream import StreamWriter, TokenPipe
+
+#: The least generation time worth starting an attempt for; with less left before its lease, the
+#: herder sends the job again instead of paying for a prompt that cannot be answered in time.
+MIN_GENERATION_S = 1.0
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +170,9 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
         raise WrongModel(job.model, ctx.spec.name)
     if job.expires_at < received_at:
         raise Expired(job.job_id, job.expires_at, received_at)
+    limit_s = time_limit(ctx.settings, job, received_at)
+    if limit_s is None:
+        raise LeaseEnding(job.job_id, job.expires_at, received_at)
     # The claim names this process, which also beats: if it dies, the herder
     # knows this attempt died with it.
     try:
@@ -183,7 +198,7 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
             generated = embedding.run(ctx.engine, ctx.vocab, job)
         else:
             specs = generation.sequences(ctx.vocab, job, _first_token_point(stream),
-                                         ctx.settings.soft_time_limit_s, ctx.settings.shared_prefixes)
+                                         limit_s, ctx.settings.shared_prefixes)
             generated = generation.run(ctx.engine, specs, lambda: bool(ctx.redis.exists(cancel_key)))
     except LlamasError as exc:
         stream.error(type(exc).__name__, str(exc))
@@ -207,6 +222,24 @@ def run_envelope(ctx: ProcessContext, envelope: Any, message_id: str, hostname: 
     finish()
     faults.point("finished")
     return answer
+
+
+def time_limit(settings: WorkerSettings, job: Job, now: float) -> float | None:
+    """How long ``job`` may generate from ``now``: the soft limit, or less when its lease ends sooner.
+
+    The envelope expires when the herder's lease does. A message that reaches
+    this worker late (held up by a broker outage, handed back by Redis) would
+    otherwise run to the soft limit past the lease: the herder sends the job
+    again meanwhile and the answer arrives for an attempt that is no longer
+    running. So it stops early enough to leave the same room before the lease
+    that the soft limit leaves before the hard one. None: no time left at all
+    (the lease is up, or nearly: the herder sends it again).
+    """
+    room = settings.time_limit_s - settings.soft_time_limit_s
+    left = job.expires_at - now - room
+    if left < MIN_GENERATION_S:
+        return None
+    return min(float(settings.soft_time_limit_s), left)
 
 
 def _first_token_point(stream: StreamWriter) -> generation.OnChoiceText:

@@ -79,7 +79,7 @@ class TokenPipe:
     def wait(self, number: int) -> None:
         """Return once event ``number`` and every one before it has been sent (or failed)."""
         with self._cond:
-            while self._sent < number and self._thread is not None:
+            while self._sent < number and self._thread is not None and self._thread.is_alive():
                 self._cond.notify_all()
                 self._cond.wait(0.5)
 
@@ -100,12 +100,12 @@ class TokenPipe:
                 if not self._queue:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.BATCH))]
-            pipe = self._r.pipeline(transaction=False)
-            for _, stream, entry in batch:
-                pipe.xadd(stream, entry)
             try:
+                pipe = self._r.pipeline(transaction=False)
+                for _, stream, entry in batch:
+                    pipe.xadd(stream, entry)
                 pipe.execute()
-            except redis.RedisError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever it is, this thread must go on: writers wait on it
                 # The broker went away: every writer with an event here fails at its next write.
                 for writer, _, _ in batch:
                     writer.failed = exc

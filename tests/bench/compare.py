@@ -97,6 +97,9 @@ OUR_WORKER = "llamas worker"
 PEERS = (INPROC, SERVER, LLAMA_SERVER)
 OURS = (GATEWAY, CLIENT)
 SYSTEMS = PEERS + OURS
+#: What ``--skip`` calls each system.
+SHORT_NAMES = {"inprocess": INPROC, "cpp-server": SERVER, "llama-server": LLAMA_SERVER,
+               "gateway": GATEWAY, "client": CLIENT}
 #: Run one request at a time whatever the concurrency: measured once per repetition.
 SEQUENTIAL = (INPROC,)
 #: The targets, ours (the gateway) ÷ a peer at a concurrency: at 1 the in-process baseline, above it
@@ -876,6 +879,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         f"{CUSTOM_MODEL!r} in the run's own home)")
     p.add_argument("--only", choices=("peers", "ours"), default=None,
                    help="measure only the peers (no Redis, no stack, no stub phase) or only ours")
+    p.add_argument("--skip", nargs="+", choices=sorted(SHORT_NAMES), default=[],
+                   help="leave these systems out (a quicker run; their ratios are left blank)")
     p.add_argument("--worker-args", default="",
                    help="extra options for our inference worker's command line, e.g. '-c 4' for fewer task "
                         "threads than slots (default: none, as `llamas up` starts it)")
@@ -990,6 +995,7 @@ def single_slot_memory(run: Run, model: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     systems = [s for s in SYSTEMS if args.only is None or s in {"peers": PEERS, "ours": OURS}[args.only]]
+    systems = [s for s in systems if s not in {SHORT_NAMES[name] for name in args.skip}]
     _check_extras(systems)
     given = sys.argv[1:] if argv is None else argv
     command = "python -m tests.bench.compare" + (" " + shlex.join(given) if given else "")

@@ -94,3 +94,25 @@ def test_the_engine_s_step_end_sends_what_the_step_queued(r: Any, pipe: TokenPip
     pipe.send_now()  # what BatchEngine.after_step calls in a worker
     wait_for(lambda: len(_texts(r, job)) == 5, 10, "the step's tokens in the stream")
     r.delete(stream.key(job))
+
+
+def test_an_unexpected_error_while_sending_fails_the_writer_and_the_pipe_goes_on(r: Any) -> None:
+    # Not a RedisError (a bug, a broken connection object): the pipe's thread must not die with it,
+    # or every writer waiting on it would wait for ever.
+    class Broken:
+        def pipeline(self, transaction: bool = False) -> Any:
+            raise RuntimeError("not a Redis error")
+
+    job = uuid.uuid4().hex
+    pipe = TokenPipe(Broken()).start()  # type: ignore[arg-type]
+    try:
+        writer = StreamWriter(r, job, 1, 60, pipe)
+        writer.token("lost")
+        with pytest.raises(RuntimeError):
+            writer.flush()
+        other = StreamWriter(r, uuid.uuid4().hex, 1, 60, pipe)
+        other.token("also lost")
+        with pytest.raises(RuntimeError):
+            other.flush()  # the thread is still there to say so
+    finally:
+        pipe.close()

@@ -23,6 +23,7 @@ from llama_tasks.errors import (
     EmptyPrompt,
     Expired,
     InvalidMaxTokens,
+    LeaseEnding,
     Replayed,
     SamplingOutOfRange,
     UnknownSigner,
@@ -108,6 +109,8 @@ def _rejections(make_job):
         ("bad signature", tampered, BadSignature),
         ("another key", make_job(key=other_key)[0], UnknownSigner),
         ("expired", make_job(expires_at=now - 1)[0], Expired),
+        # The default limits leave 30 s between soft and hard: a lease ending in 20 s is too near.
+        ("lease ending", make_job(expires_at=now + 20)[0], LeaseEnding),
         ("wrong model", make_job(model="some-other-model")[0], WrongModel),
     ]
 
@@ -122,7 +125,7 @@ def test_every_rejection_runs_nothing_and_is_not_retried(start_worker, send, mak
         assert r.exists(stream.key(job_id)) == 0, f"{label}: something was generated"
         assert res.state == "FAILURE", label
     log = worker.output()
-    for name in ("Unsigned", "BadSignature", "UnknownSigner", "Expired", "WrongModel"):
+    for name in ("Unsigned", "BadSignature", "UnknownSigner", "Expired", "LeaseEnding", "WrongModel"):
         assert f"refused: {name}" in log  # the reason is logged
     assert "Retry" not in log
 
@@ -160,6 +163,17 @@ def test_a_later_attempt_gets_the_whole_time_limit_however_long_ago_the_job_bega
     envelope, _ = make_job(attempt=2, issued_at=time.time() - 60, max_tokens=8)
     doc = send(envelope).get(timeout=60)
     assert (doc["attempt"], first(doc)["finish_reason"], doc["completion_tokens"]) == (2, "length", 8)
+
+
+def test_a_message_that_arrives_late_stops_before_its_lease_ends(start_worker, send, make_job):
+    # A broker outage held the message: its lease (the envelope's expiry) ends in 6 s, sooner than
+    # the 60 s soft limit. The worker stops 2 s (hard - soft) before it and answers with what it
+    # made, instead of answering after the herder has given the attempt up and sent it again.
+    start_worker(concurrency=1, LLAMAS_SOFT_TIME_LIMIT_S="60", LLAMAS_TIME_LIMIT_S="62")
+    envelope, _ = make_job(expires_at=time.time() + 6, max_tokens=1500, grammar="root ::= [a-z]{1500}")
+    doc = send(envelope).get(timeout=60)
+    assert first(doc)["finish_reason"] == "time_limit"
+    assert 0 < doc["completion_tokens"] < 1500
 
 
 @pytest.mark.parametrize(

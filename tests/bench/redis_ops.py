@@ -1,6 +1,6 @@
 """Redis commands, bytes and CPU per request, and database round trips per request, counted on a live stack.
 
-Run ``python -m tests.bench.redis_ops`` (under a minute). It starts a
+Run ``python -m tests.bench.redis_ops`` (about a minute). It starts a
 ``redis-server`` of its own on a free port (nothing else talks to it, so
 every command it counts is the stack's), a fresh PostgreSQL database, one
 herder (``celery -A tests.bench.sql_count worker -Q herder -c 2``: the
@@ -20,14 +20,19 @@ and gateway's SQL round trips (``tests.bench.sql_count``). Phases:
 - **client**: ``--requests`` requests through the Python client
   (``Herder(api_key).run(messages=…, tokens=…).result()``), ``--inflight``
   in flight;
-- **gateway**: the same through ``POST /v1/chat/completions`` (not streamed).
+- **gateway**: the same through ``POST /v1/chat/completions`` (not streamed);
+- **gateway, N keys**: the gateway again once the herd read has been timed
+  with the largest ``--keyspace`` filler keys in the database (below), as if
+  Redis held many requests' results: what the herd read's ``SCAN`` costs a
+  live stack.
 
 Then the token stream, which the stub worker does not write: ``--steps``
 engine steps of ``--sequences`` sequences, each step one pipelined round trip
 of one ``XADD`` per sequence (as ``llama_tasks.stream.TokenPipe`` sends
 them), then each stream read one event at a time with ``XREAD`` (as a
 follower reads a step's token): Redis's CPU and bytes per token written and
-read. Writes ``tests/bench/results/redis_ops.md`` and prints it.
+read. And the herd read (``llama_tasks.heartbeat.read_herd``) timed with
+``--keyspace`` filler keys in the database. Writes ``tests/bench/results/redis_ops.md`` and prints it.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench import compare, sql_count
-from tests.bench.compare import closed_loop, group_cpu_s, log
+from tests.bench.compare import closed_loop, group_cpu_s, log, percentile
 from tests.bench.peers import Server, free_port
 from tests.processes import poll
 
@@ -98,6 +103,8 @@ class Phase:
     net_out: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     sql: dict[str, float] = field(default_factory=dict)
+    #: The requester's median wait for its answer (set by ``run``).
+    p50_ms: float = 0.0
     #: Redis's ``used_memory`` and key count: what a request leaves behind until its keys expire.
     memory: float = 0.0
     keys: float = 0.0
@@ -110,7 +117,7 @@ class Phase:
         # The reading of ``a`` itself went over the wire after ``a``'s byte counters were taken.
         return cls(name, requests, b.at - a.at, delta(a.commands, b.commands), delta(a.usec, b.usec),
                    b.net_in - a.net_in - info_bytes[0], b.net_out - a.net_out - info_bytes[1],
-                   delta(a.cpu, b.cpu), delta(a.sql, b.sql), b.memory - a.memory, b.keys - a.keys)
+                   delta(a.cpu, b.cpu), delta(a.sql, b.sql), memory=b.memory - a.memory, keys=b.keys - a.keys)
 
     def per_request(self, idle: Phase | None) -> Phase:
         """Each counter ÷ requests, after taking away what ``idle`` added in as many seconds."""
@@ -129,7 +136,7 @@ class Phase:
                      (self.net_out - scale * other.net_out) / self.requests,
                      net(self.cpu, other.cpu), net(self.sql, other.sql),
                      # Not net of idle: what the idle phase's keys freed or left is no rate.
-                     self.memory / self.requests, self.keys / self.requests)
+                     memory=self.memory / self.requests, keys=self.keys / self.requests, p50_ms=self.p50_ms)
 
 
 class OwnRedis:
@@ -355,18 +362,27 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Phase], Phase, dict[s
         idle = Phase.between("idle", 1, before, take(server, cpu, counts_dir), info_bytes)
         log(f"idle: {sum(idle.commands.values()) / idle.wall_s:.1f} commands/s")
         phases = []
-        for name, call in calls.items():
+
+        def phase(name: str, call: compare.Call) -> None:
             before = take(server, cpu, counts_dir)
-            closed_loop(call, args.requests, args.inflight, 300.0)
+            _, samples = closed_loop(call, args.requests, args.inflight, 300.0)
             # Settled before the requester had its answer; the delivery mark may still be on its way.
             time.sleep(0.5)
             phases.append(Phase.between(name, args.requests, before, take(server, cpu, counts_dir), info_bytes))
+            phases[-1].p50_ms = percentile([x.latency_s * 1000 for x in samples], 50)
             log(f"{name}: {args.requests} requests in {phases[-1].wall_s:.1f}s")
+
+        for name, call in calls.items():
+            phase(name, call)
         connected = int(server.r.info("clients")["connected_clients"]) - 1  # not this bench's own
         kinds = key_kinds(server.r)
+        # Before the fillers: with them, the stack's own herd reads would weigh on the streams' figures.
         stream = token_stream(server, args.sequences, args.steps)
-        extra = Extra(connected, kinds, herd_read(server, args.keyspace))
-        return phases, idle, stream, extra
+        herd = herd_read(server, args.keyspace)
+        if args.keyspace and max(args.keyspace):
+            # The gateway once more, with the herd read scanning the filler keys too.
+            phase(f"gateway, {int(server.r.dbsize()):,} keys", calls["gateway"])
+        return phases, idle, stream, Extra(connected, kinds, herd)
     finally:
         if gateway is not None:
             gateway.stop()
@@ -405,6 +421,10 @@ def report(args: argparse.Namespace, command: str, phases: list[Phase], idle: Ph
         f"{idle.net_in / idle.wall_s:,.0f} B/s in and {idle.net_out / idle.wall_s:,.0f} B/s out. Commands are "
         "Redis's `INFO commandstats` calls (this bench's own INFO left out), bytes its `total_net_input_bytes` "
         "and `total_net_output_bytes`; CPU is each process group's user + system time from `/proc`.",
+        *(["", f"The last column, *{phases[-1].name}*: the gateway's phase again after the herd read was timed "
+           "(the last section), with that many filler keys in the database; net of the same background, "
+           "measured before the fillers, so the tick's own herd reads over them count in it."]
+          if len(phases) > 2 else []),
         "",
         "## Redis commands per request",
         "",
@@ -448,6 +468,7 @@ def report(args: argparse.Namespace, command: str, phases: list[Phase], idle: Ph
                      f"{idle.cpu.get(proc, 0.0) * 1000 / idle.wall_s:.2f} |")
     lines.append(f"| wall time per request at {args.inflight} in flight | "
                  f"{cells([p.wall_s * 1000 for p in per], '{:.1f}')} | |")
+    lines.append(f"| requester's wait for its answer, p50 ms | {cells([p.p50_ms for p in per], '{:.1f}')} | |")
     lines += [
         "",
         "## Database round trips per request (herder and gateway, `tests.bench.sql_count`)",

@@ -44,6 +44,8 @@ from llama_tasks.stream import StreamWriter, TokenPipe
 #: The least generation time worth starting an attempt for; with less left before its lease, the
 #: herder sends the job again instead of paying for a prompt that cannot be answered in time.
 MIN_GENERATION_S = 1.0
+#: Most room a generation leaves before its lease ends, for its answer to reach the herder.
+LEASE_ROOM_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,9 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
     ).start()
     _load_count += 1
     r = redis.Redis.from_url(settings.redis_url)
-    tokens = TokenPipe(r).start()
-    # The step's tokens go out while the next step decodes (llama.cpp leaves the interpreter free then).
+    # On a GPU the step's tokens go out while the next step decodes; on the CPU between two decodes,
+    # where the decode's threads take every core (``TokenPipe``).
+    tokens = TokenPipe(r, background=placement.n_gpu_layers != 0).start()
     batch.after_step = tokens.send_now
     _context = ProcessContext(
         settings=settings,
@@ -231,11 +234,12 @@ def time_limit(settings: WorkerSettings, job: Job, now: float) -> float | None:
     this worker late (held up by a broker outage, handed back by Redis) would
     otherwise run to the soft limit past the lease: the herder sends the job
     again meanwhile and the answer arrives for an attempt that is no longer
-    running. So it stops early enough to leave the same room before the lease
-    that the soft limit leaves before the hard one. None: no time left at all
-    (the lease is up, or nearly: the herder sends it again).
+    running. So it stops early enough to leave the room its answer needs
+    (``LEASE_ROOM_S``, or the room the soft limit leaves before the hard one
+    when that is less). None: no time left at all (the lease is up, or
+    nearly: the herder sends it again).
     """
-    room = settings.time_limit_s - settings.soft_time_limit_s
+    room = min(LEASE_ROOM_S, settings.time_limit_s - settings.soft_time_limit_s)
     left = job.expires_at - now - room
     if left < MIN_GENERATION_S:
         return None

@@ -109,8 +109,8 @@ def _rejections(make_job):
         ("bad signature", tampered, BadSignature),
         ("another key", make_job(key=other_key)[0], UnknownSigner),
         ("expired", make_job(expires_at=now - 1)[0], Expired),
-        # The default limits leave 30 s between soft and hard: a lease ending in 20 s is too near.
-        ("lease ending", make_job(expires_at=now + 20)[0], LeaseEnding),
+        # A generation leaves 5 s before its lease for its answer: a lease ending in 5.5 s is too near.
+        ("lease ending", make_job(expires_at=now + 5.5)[0], LeaseEnding),
         ("wrong model", make_job(model="some-other-model")[0], WrongModel),
     ]
 

@@ -253,7 +253,12 @@ def test_redis_down_for_ten_seconds_every_job_ends_once(chaos: ChaosStack, scena
         admitted(chaos, [ref for ref, _ in http])
         chaos.redis_outage(10.0)
         chaos.worker.wait_ready(chaos.r)
-        all_done(chaos, [first, *queued], http)
+        # The blocker's message waits out the outage and starts late: on a starved CPU it may reach
+        # its lease's end before its last letter and end cut short by its time limit, charged for
+        # what it made. Either way it ends once (the audit checks the money).
+        ended = first.response(timeout=SETTLE_S)
+        assert ended["status"] == "done" or ended["error"] == "GenerationTimedOut", (ended["status"], ended["error"])
+        all_done(chaos, queued, http)
 
 
 @pytest.mark.chaos("deadline expiry while queued")

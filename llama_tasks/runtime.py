@@ -114,9 +114,10 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
     ).start()
     _load_count += 1
     r = redis.Redis.from_url(settings.redis_url)
-    # On a GPU the step's tokens go out while the next step decodes; on the CPU between two decodes,
-    # where the decode's threads take every core (``TokenPipe``).
-    tokens = TokenPipe(r, background=placement.n_gpu_layers != 0).start()
+    tokens = TokenPipe(r).start()
+    # The step's tokens go out while the next step decodes (llama.cpp leaves the interpreter free then):
+    # sent between two decodes instead, every step would wait a round trip to Redis, which on another
+    # host is a millisecond or more.
     batch.after_step = tokens.send_now
     _context = ProcessContext(
         settings=settings,

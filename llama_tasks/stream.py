@@ -33,71 +33,51 @@ def key(job_id: str) -> str:
 
 
 class TokenPipe:
-    """Token events queued by the batch engine and sent in one pipelined round trip per step.
+    """Token events written off the batch engine's thread, every event waiting sent in one round trip.
 
     The engine makes a token of every active sequence each step; one ``XADD``
-    each is milliseconds a step at 64 sequences. Here the engine only queues
-    them, and ``send_now`` (after each step) sends what has queued in one
-    call. One queue for every stream, first in first out, so each stream's
-    events keep their order.
-
-    Where they are sent from depends on the host (``background``). On a GPU
-    the host's cores idle while the device decodes, so the pipe's own thread
-    sends while the next step runs and the engine waits for none of it. On
-    the CPU the decode's threads take every core: a thread sending beside
-    them makes one of them wait at each of its barriers, and the step loses
-    more than the send costs (measured in docs/testing.md). There
-    ``send_now`` sends at once, on the engine's thread, between two decodes.
-
-    ``start`` the thread (background only); ``close`` sends what is left and stops it.
+    each, on its own thread, is milliseconds a step at 64 sequences that the
+    next decode waits for. Here the engine only queues them, and this pipe's
+    thread sends what has queued in one pipelined call. One queue for every
+    stream, first in first out, so each stream's events keep their order.
+    ``start`` the thread; ``close`` sends what is left and stops it.
     """
 
     #: Most events in one round trip.
     BATCH = 1024
-    #: Longest a queued event waits for ``send_now`` (background).
+    #: Longest a queued event waits for ``send_now``.
     LINGER_S = 0.05
 
-    def __init__(self, r: redis.Redis, background: bool = True) -> None:
+    def __init__(self, r: redis.Redis) -> None:
         self._r = r
-        self.background = background
         self._queue: deque[tuple[StreamWriter, str, dict[Any, Any]]] = deque()
         self._cond = threading.Condition()
-        # Held while a batch is taken from the queue and sent: batches go out in the order they were taken.
-        self._sending = threading.Lock()
         self._queued = self._sent = 0
         self._closing = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> TokenPipe:
-        if self.background:
-            self._thread = threading.Thread(target=self._run, name="llamas-tokens", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="llamas-tokens", daemon=True)
+        self._thread.start()
         return self
 
     def put(self, writer: StreamWriter, stream: str, entry: dict[Any, Any]) -> int:
-        """Queue one event; returns its number, for ``wait``. Sent at the next ``send_now``, or (in
-        the background) within ``LINGER_S``: woken for each event, the pipe's thread would take the
-        interpreter from the engine's in the middle of its step."""
+        """Queue one event; returns its number, for ``wait``. Sent at the next ``send_now``, or within
+        ``LINGER_S``: woken for each event, the pipe's thread would take the interpreter from the
+        engine's in the middle of its step."""
         with self._cond:
             self._queue.append((writer, stream, entry))
             self._queued += 1
             return self._queued
 
     def send_now(self) -> None:
-        """Send what is queued (the engine calls it after each step)."""
-        if not self.background:
-            self._drain()
-            return
+        """Send what is queued (the engine calls it after each step, as its next decode begins)."""
         with self._cond:
             if self._queue:
                 self._cond.notify_all()
 
     def wait(self, number: int) -> None:
         """Return once event ``number`` and every one before it has been sent (or failed)."""
-        if not self.background:
-            while self._sent < number and self._send_one():
-                pass
-            return
         with self._cond:
             while self._sent < number and self._thread is not None and self._thread.is_alive():
                 self._cond.notify_all()
@@ -110,32 +90,6 @@ class TokenPipe:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._drain()
-
-    def _drain(self) -> None:
-        while self._send_one():
-            pass
-
-    def _send_one(self) -> bool:
-        """Send the next batch of queued events; False when none was queued."""
-        with self._sending:
-            with self._cond:
-                if not self._queue:
-                    return False
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.BATCH))]
-            try:
-                pipe = self._r.pipeline(transaction=False)
-                for _, stream, entry in batch:
-                    pipe.xadd(stream, entry)
-                pipe.execute()
-            except Exception as exc:  # noqa: BLE001 - whatever it is, the sender must go on: writers wait on it
-                # The broker went away: every writer with an event here fails at its next write.
-                for writer, _, _ in batch:
-                    writer.failed = exc
-            with self._cond:
-                self._sent += len(batch)
-                self._cond.notify_all()
-        return True
 
     def _run(self) -> None:
         while True:
@@ -145,7 +99,19 @@ class TokenPipe:
                     self._cond.wait(self.LINGER_S)
                 if not self._queue:
                     return
-            self._send_one()
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.BATCH))]
+            try:
+                pipe = self._r.pipeline(transaction=False)
+                for _, stream, entry in batch:
+                    pipe.xadd(stream, entry)
+                pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - whatever it is, this thread must go on: writers wait on it
+                # The broker went away: every writer with an event here fails at its next write.
+                for writer, _, _ in batch:
+                    writer.failed = exc
+            with self._cond:
+                self._sent += len(batch)
+                self._cond.notify_all()
 
 
 class StreamWriter:

@@ -11,7 +11,7 @@ is what a faster decode would leave.
 Three ways for each ``n``: no callback (the engine alone); each token written
 to its job's Redis stream on the engine's thread (``StreamWriter`` alone);
 and each token queued to a ``TokenPipe`` that sends them off the engine's
-thread, as a worker on a GPU does. Medians of ``--reps``.
+thread, as a worker does. Medians of ``--reps``.
 Writes ``tests/bench/results/step_overhead.md``.
 """
 

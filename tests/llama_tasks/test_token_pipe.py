@@ -1,5 +1,4 @@
-"""Token events queued by the engine and sent a step at a time (``TokenPipe``), from its own thread
-(a GPU host) or the engine's (the CPU): in order, all of them, failures surfaced (real Redis)."""
+"""Token events sent off the engine's thread (``TokenPipe``): in order, all of them, failures surfaced (real Redis)."""
 
 from __future__ import annotations
 
@@ -14,14 +13,9 @@ from llama_tasks import stream
 from llama_tasks.stream import StreamWriter, TokenPipe
 
 
-@pytest.fixture(params=[True, False], ids=["background", "inline"])
-def background(request: Any) -> bool:
-    return bool(request.param)
-
-
 @pytest.fixture
-def pipe(r: Any, background: bool) -> Iterator[TokenPipe]:
-    started = TokenPipe(r, background).start()
+def pipe(r: Any) -> Iterator[TokenPipe]:
+    started = TokenPipe(r).start()
     yield started
     started.close()
 
@@ -58,11 +52,10 @@ def test_a_reader_sees_every_token_once_the_writer_has_flushed(r: Any, pipe: Tok
     r.delete(stream.key(job))
 
 
-def test_a_token_the_pipe_could_not_send_fails_the_next_write_and_the_error_event_still_goes(
-        r: Any, background: bool) -> None:
+def test_a_token_the_pipe_could_not_send_fails_the_next_write_and_the_error_event_still_goes(r: Any) -> None:
     job = uuid.uuid4().hex
     gone = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens there
-    pipe = TokenPipe(gone, background).start()
+    pipe = TokenPipe(gone).start()
     try:
         writer = StreamWriter(r, job, 1, 60, pipe)
         writer.start("w@test", 1)
@@ -80,9 +73,9 @@ def test_a_token_the_pipe_could_not_send_fails_the_next_write_and_the_error_even
         r.delete(stream.key(job))
 
 
-def test_closing_sends_what_is_queued(r: Any, background: bool) -> None:
+def test_closing_sends_what_is_queued(r: Any) -> None:
     job = uuid.uuid4().hex
-    pipe = TokenPipe(r, background).start()
+    pipe = TokenPipe(r).start()
     writer = StreamWriter(r, job, 1, 60, pipe)
     for i in range(50):
         writer.token(str(i))
@@ -103,7 +96,7 @@ def test_the_engine_s_step_end_sends_what_the_step_queued(r: Any, pipe: TokenPip
     r.delete(stream.key(job))
 
 
-def test_an_unexpected_error_while_sending_fails_the_writer_and_the_pipe_goes_on(r: Any, background: bool) -> None:
+def test_an_unexpected_error_while_sending_fails_the_writer_and_the_pipe_goes_on(r: Any) -> None:
     # Not a RedisError (a bug, a broken connection object): the pipe's thread must not die with it,
     # or every writer waiting on it would wait for ever.
     class Broken:
@@ -111,7 +104,7 @@ def test_an_unexpected_error_while_sending_fails_the_writer_and_the_pipe_goes_on
             raise RuntimeError("not a Redis error")
 
     job = uuid.uuid4().hex
-    pipe = TokenPipe(Broken(), background).start()  # type: ignore[arg-type]
+    pipe = TokenPipe(Broken()).start()  # type: ignore[arg-type]
     try:
         writer = StreamWriter(r, job, 1, 60, pipe)
         writer.token("lost")
@@ -123,17 +116,3 @@ def test_an_unexpected_error_while_sending_fails_the_writer_and_the_pipe_goes_on
             other.flush()  # the thread is still there to say so
     finally:
         pipe.close()
-
-
-def test_inline_the_step_s_tokens_are_in_the_stream_when_send_now_returns(r: Any) -> None:
-    # On the CPU: nothing is sent while the engine decodes, everything is once its step has ended.
-    job = uuid.uuid4().hex
-    pipe = TokenPipe(r, background=False).start()
-    writer = StreamWriter(r, job, 1, 60, pipe)
-    for i in range(5):
-        writer.token(str(i))
-    assert _texts(r, job) == []
-    pipe.send_now()
-    assert [t for _, t in _texts(r, job)] == [str(i) for i in range(5)]
-    pipe.close()
-    r.delete(stream.key(job))

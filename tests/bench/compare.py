@@ -102,10 +102,8 @@ SHORT_NAMES = {"inprocess": INPROC, "cpp-server": SERVER, "llama-server": LLAMA_
                "gateway": GATEWAY, "client": CLIENT}
 #: Run one request at a time whatever the concurrency: measured once per repetition.
 SEQUENTIAL = (INPROC,)
-#: The targets, ours (the gateway) ÷ a peer at a concurrency: llama-server at every one, alone
-#: (1) and batched. Measured and reported, not asserted.
-TARGET_C1 = (LLAMA_SERVER, 1.0)
-TARGET_BATCHED = (LLAMA_SERVER, 1.0)
+#: The target at every concurrency: ours (the gateway) ÷ llama-server. Measured and reported, not asserted.
+TARGET = (LLAMA_SERVER, 1.0)
 #: Seconds the measuring may take before further repetitions are dropped.
 BUDGET_S = 600.0
 #: The worker's own model name for ``--model``: registered in the run's home under this name.
@@ -685,7 +683,7 @@ def targets(run: Run) -> list[str]:
     """One line per target: ours (the gateway; the client in brackets) ÷ the peer the target names."""
     lines = []
     for c in run.args.concurrency:
-        peer, target = TARGET_C1 if c == 1 else TARGET_BATCHED
+        peer, target = TARGET
         base = run.median(peer, c, lambda r: r.tokens_per_s)
         ours, client = (_div(run.median(s, c, lambda r: r.tokens_per_s), base) for s in (GATEWAY, CLIENT))
         lines.append(f"- concurrency {c}: {GATEWAY} ÷ {peer} = {_verdict(ours, target)}"

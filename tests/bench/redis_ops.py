@@ -179,6 +179,23 @@ class OwnRedis:
         self.log.close()
 
 
+def settled(sessions: Any, timeout_s: float = 60.0) -> None:
+    """Wait until every job has ended and been delivered: asked of the ledger, not of Redis, whose
+    commands are what this bench counts."""
+    from sqlalchemy import func, or_, select
+
+    from router.core.models import OPEN_STATES, JobRow
+
+    def done() -> bool:
+        with sessions() as session:
+            left = session.scalar(select(func.count()).select_from(JobRow).where(
+                or_(JobRow.state.in_(OPEN_STATES), JobRow.delivery_due.is_(True))))
+        return left == 0
+
+    if not poll(done, timeout_s, every_s=0.1):
+        raise TimeoutError(f"jobs still open or undelivered after {timeout_s}s")
+
+
 def backend_cpu_s(sessions: Any, database: str) -> float:
     """CPU seconds so far of the PostgreSQL backends connected to ``database`` (from ``/proc``)."""
     from sqlalchemy import text
@@ -355,10 +372,10 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Phase], Phase, dict[s
                  "gateway": compare.http_call(gateway.url, args.max_tokens, api_key, "smollm2")}
         for call in calls.values():  # warm-up: every process's service built, connections open
             closed_loop(call, 4 * args.inflight, args.inflight, 300.0)
-        time.sleep(1.0)  # the warm-up's last settlements and deliveries
+        settled(sessions)  # the warm-up's last settlements and deliveries
         info_bytes = info_cost(server, cpu, counts_dir)
         before = take(server, cpu, counts_dir)
-        time.sleep(args.idle_s)
+        time.sleep(args.idle_s)  # the idle window itself: its length is what it measures
         idle = Phase.between("idle", 1, before, take(server, cpu, counts_dir), info_bytes)
         log(f"idle: {sum(idle.commands.values()) / idle.wall_s:.1f} commands/s")
         phases = []
@@ -367,7 +384,7 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[list[Phase], Phase, dict[s
             before = take(server, cpu, counts_dir)
             _, samples = closed_loop(call, args.requests, args.inflight, 300.0)
             # Settled before the requester had its answer; the delivery mark may still be on its way.
-            time.sleep(0.5)
+            settled(sessions)
             phases.append(Phase.between(name, args.requests, before, take(server, cpu, counts_dir), info_bytes))
             phases[-1].p50_ms = percentile([x.latency_s * 1000 for x in samples], 50)
             log(f"{name}: {args.requests} requests in {phases[-1].wall_s:.1f}s")

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from llama_tasks import embedding_job
@@ -64,13 +64,15 @@ def _lock_queue(session: Session, queued: int, max_queue: int) -> bool:
     return True
 
 
+_BY_REFERENCE = select(JobRow).where(JobRow.account_id == bindparam("p_account_id"),
+                                     JobRow.reference == bindparam("p_reference"))
+
+
 def _existing(session: Session, account_id: int, sub: Submission) -> JobRow | None:
     """The job a reused reference already names; a conflict if its parameters differ."""
     if sub.reference is None:
         return None
-    existing = session.scalar(
-        select(JobRow).where(JobRow.account_id == account_id, JobRow.reference == sub.reference)
-    )
+    existing = session.scalar(_BY_REFERENCE, {"p_account_id": account_id, "p_reference": sub.reference})
     if existing is not None and existing.request_hash != sub.fingerprint():
         raise ReferenceConflict(sub.reference, existing.id)
     return existing

@@ -26,7 +26,7 @@ import weakref
 import zlib
 from typing import Any, Literal, cast
 
-from sqlalchemy import Connection, CursorResult, case, delete, func, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
@@ -142,17 +142,38 @@ def _part_of(ids: dict[str, int], account_id: int, job_id: str | None) -> str | 
     return None
 
 
+# Built once: building a statement costs more than running it (its cache key, its coercions), and these run
+# in every admission and settlement. Run on the transaction's connection: they bypass the identity map anyway.
+_ADD_TO_BALANCE = (
+    update(Account)
+    .where(Account.id == bindparam("p_account_id"))
+    .values(own_balance=Account.own_balance + bindparam("p_delta"))
+)
+_ADD_TO_BALANCE_FLOORED = _ADD_TO_BALANCE.where(Account.own_balance >= bindparam("p_floor"))
+_CREDIT_PART = {
+    name: (lambda stmt: stmt.on_conflict_do_update(
+        index_elements=["account_id", "part"], set_={"balance": AccountPart.balance + stmt.excluded.balance}))(
+        dialect_insert(AccountPart).values(account_id=bindparam("p_account_id"), part=bindparam("p_part"),
+                                           balance=bindparam("p_amount")))
+    for name, dialect_insert in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
+}
+_THIS_PART = (AccountPart.account_id == bindparam("p_account_id"), AccountPart.part == bindparam("p_part"))
+_DEBIT_PART = (
+    update(AccountPart)
+    .where(*_THIS_PART, AccountPart.balance >= bindparam("p_amount"))
+    .values(balance=AccountPart.balance - bindparam("p_amount"))
+    .returning(AccountPart.balance)
+)
+_DROP_PART = delete(AccountPart).where(*_THIS_PART, AccountPart.balance == 0)
+_INSERT_TRANSFER = insert(Transfer)
+
+
 def _add_to_balance(session: Session, account_id: int, delta: int, *, floor: bool) -> bool:
     """Add ``delta`` to an account's own column; with ``floor``, only if it stays >= 0. True if done."""
-    stmt = (
-        update(Account)
-        .where(Account.id == account_id)
-        .values(own_balance=Account.own_balance + delta)
-        .execution_options(synchronize_session=False)
-    )
+    stmt, params = _ADD_TO_BALANCE, {"p_account_id": account_id, "p_delta": delta}
     if floor:
-        stmt = stmt.where(Account.own_balance >= -delta)
-    result = cast("CursorResult[Any]", session.execute(stmt))
+        stmt, params = _ADD_TO_BALANCE_FLOORED, {**params, "p_floor": -delta}
+    result = session.connection().execute(stmt, params)
     _expire(session, account_id)
     return result.rowcount == 1
 
@@ -166,29 +187,22 @@ def _expire(session: Session, account_id: int) -> None:
 
 def _credit_part(session: Session, account_id: int, part: str, amount: int) -> None:
     """Add ``amount`` to a part, creating it at the first credit."""
-    insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    stmt = insert(AccountPart).values(account_id=account_id, part=part, balance=amount)
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=["account_id", "part"], set_={"balance": AccountPart.balance + stmt.excluded.balance}))
+    connection = session.connection()
+    connection.execute(_CREDIT_PART[connection.dialect.name],
+                       {"p_account_id": account_id, "p_part": part, "p_amount": amount})
     _expire(session, account_id)
 
 
 def _debit_part(session: Session, account_id: int, part: str, amount: int) -> bool:
     """Take ``amount`` from a part if it holds that much, and drop the part once it is empty. True if done."""
-    this = (AccountPart.account_id == account_id, AccountPart.part == part)
-    left = session.execute(
-        update(AccountPart)
-        .where(*this, AccountPart.balance >= amount)
-        .values(balance=AccountPart.balance - amount)
-        .returning(AccountPart.balance)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
+    connection = session.connection()
+    this = {"p_account_id": account_id, "p_part": part}
+    left = connection.execute(_DEBIT_PART, {**this, "p_amount": amount}).scalar_one_or_none()
     if left is None:
         return False
     if left == 0:
         # Escrow keeps a part only while its job holds money: its sum stays over open jobs.
-        session.execute(delete(AccountPart).where(*this, AccountPart.balance == 0)
-                        .execution_options(synchronize_session=False))
+        connection.execute(_DROP_PART, this)
     _expire(session, account_id)
     return True
 
@@ -200,7 +214,7 @@ def _move(
     amount: object,
     kind: TransferKind,
     job_id: str | None = None,
-) -> Transfer:
+) -> None:
     """Move ``amount`` from debit to credit as one transfer; the caller commits.
 
     Escrow's side of a movement is the job's own part, debited only down to
@@ -227,15 +241,8 @@ def _move(
         _credit_part(session, credit_id, credit_part, amount)
     elif not _add_to_balance(session, credit_id, amount, floor=False):
         raise UnknownAccount(credit_id)
-    transfer = Transfer(
-        debit_account_id=debit_id,
-        credit_account_id=credit_id,
-        amount=amount,
-        kind=kind,
-        job_id=job_id,
-    )
-    session.add(transfer)
-    return transfer
+    session.connection().execute(_INSERT_TRANSFER, {"debit_account_id": debit_id, "credit_account_id": credit_id,
+                                                    "amount": amount, "kind": kind, "job_id": job_id})
 
 
 # --- accounts and keys -------------------------------------------------------
@@ -280,12 +287,14 @@ def account_by_name(session: Session, name: str) -> Account:
     return account
 
 
+_BY_KEY = select(Account).where(Account.api_key_hash == bindparam("p_key_hash"))
+_BY_KEY_LOCKED = _BY_KEY.with_for_update(of=Account)
+
+
 def account_by_key(session: Session, api_key: str, lock: bool = False) -> Account:
     """Find the requester account an API key belongs to; with ``lock``, lock its row until commit (PostgreSQL)."""
-    query = select(Account).where(Account.api_key_hash == hash_api_key(api_key))
-    if lock and session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(of=Account)
-    account = session.scalar(query)
+    locked = lock and session.get_bind().dialect.name == "postgresql"
+    account = session.scalar(_BY_KEY_LOCKED if locked else _BY_KEY, {"p_key_hash": hash_api_key(api_key)})
     if account is None:
         # Never echo the key: errors end up in logs and HTTP bodies.
         raise UnknownAccount("(that API key)")
@@ -317,34 +326,34 @@ def balance_of(session: Session, account_id: int) -> int:
 # --- movements ---------------------------------------------------------------
 
 
-def deposit(session: Session, account: Account, amount: int) -> Transfer:
+def deposit(session: Session, account: Account, amount: int) -> None:
     """Credit a requester with money paid in from the outside world."""
     _require_user(account)
-    return _move(session, _system_ids(session)[WORLD], account.id, amount, "deposit")
+    _move(session, _system_ids(session)[WORLD], account.id, amount, "deposit")
 
 
-def withdraw(session: Session, account: Account, amount: int) -> Transfer:
+def withdraw(session: Session, account: Account, amount: int) -> None:
     """Pay money out of a requester's balance to the outside world."""
     _require_user(account)
-    return _move(session, account.id, _system_ids(session)[WORLD], amount, "withdraw")
+    _move(session, account.id, _system_ids(session)[WORLD], amount, "withdraw")
 
 
-def hold(session: Session, account: Account, amount: int, job_id: str) -> Transfer:
+def hold(session: Session, account: Account, amount: int, job_id: str) -> None:
     """Move a job's offered fee from the requester into escrow at admission."""
     _require_user(account)
-    return _move(session, account.id, _system_ids(session)[ESCROW], amount, "hold", job_id)
+    _move(session, account.id, _system_ids(session)[ESCROW], amount, "hold", job_id)
 
 
-def capture(session: Session, amount: int, job_id: str) -> Transfer:
+def capture(session: Session, amount: int, job_id: str) -> None:
     """Charge a settled job: move part of its hold from escrow to revenue."""
     ids = _system_ids(session)
-    return _move(session, ids[ESCROW], ids[REVENUE], amount, "capture", job_id)
+    _move(session, ids[ESCROW], ids[REVENUE], amount, "capture", job_id)
 
 
-def earn(session: Session, operator_account: Account, amount: int, job_id: str) -> Transfer:
+def earn(session: Session, operator_account: Account, amount: int, job_id: str) -> None:
     """Pay an operator its share of a settled job's charge: from the job's hold to the operator."""
     _require_user(operator_account)
-    return _move(
+    _move(
         session,
         _system_ids(session)[ESCROW],
         operator_account.id,
@@ -354,16 +363,16 @@ def earn(session: Session, operator_account: Account, amount: int, job_id: str) 
     )
 
 
-def payout(session: Session, operator_account: Account, amount: int) -> Transfer:
+def payout(session: Session, operator_account: Account, amount: int) -> None:
     """Pay an operator's earnings out to the outside world (a withdrawal kept apart)."""
     _require_user(operator_account)
-    return _move(session, operator_account.id, _system_ids(session)[WORLD], amount, "payout")
+    _move(session, operator_account.id, _system_ids(session)[WORLD], amount, "payout")
 
 
-def release(session: Session, account: Account, amount: int, job_id: str) -> Transfer:
+def release(session: Session, account: Account, amount: int, job_id: str) -> None:
     """Return (part of) a job's hold from escrow to the requester."""
     _require_user(account)
-    return _move(
+    _move(
         session,
         _system_ids(session)[ESCROW],
         account.id,

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import redis
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session
 
 from router.core.errors import AccountQueueFull, OverRequestLimit, RateLimited, SystemAccount
@@ -140,10 +140,13 @@ def check_request(limits: Limits, prompt_tokens: int, max_tokens: int, n: int) -
 # --- queued and running jobs, in SQL ---------------------------------------------
 
 
+_QUEUED = (select(func.count(), func.count().filter(JobRow.account_id == bindparam("p_account_id")))
+           .select_from(JobRow).where(JobRow.state == QUEUED))
+
+
 def queued_of(session: Session, account_id: int) -> tuple[int, int]:
     """Jobs waiting in the queue (every model): in all, and the account's."""
-    mine = func.count().filter(JobRow.account_id == account_id)
-    total, own = session.execute(select(func.count(), mine).select_from(JobRow).where(JobRow.state == QUEUED)).one()
+    total, own = session.execute(_QUEUED, {"p_account_id": account_id}).one()
     return int(total or 0), int(own or 0)
 
 

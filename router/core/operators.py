@@ -249,9 +249,9 @@ def earnings(session: Session, name: str) -> dict[str, Any]:
     return _describe(operator, account, _sums(session, [account.id]), int(jobs))
 
 
-def payout(session: Session, name: str, amount: int) -> Transfer:
+def payout(session: Session, name: str, amount: int) -> None:
     """Pay ``amount`` of operator ``name``'s balance out to the world."""
     operator = operator_by_name(session, name)
     account = session.get(Account, operator.account_id)
     assert account is not None
-    return ledger.payout(session, account, amount)
+    ledger.payout(session, account, amount)

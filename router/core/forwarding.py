@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from router.core import views
@@ -60,14 +60,16 @@ REDELIVER_AFTER_S = 5.0
 REDELIVER_BATCH = 100
 
 
+#: Built once; run on the connection, as no caller holds the job's row in its session.
+_MARK = (update(JobRow).where(JobRow.id == bindparam("p_job_id"), JobRow.delivery_due.is_(True))
+         .values(delivered=bindparam("p_delivered"), delivery_due=False))
+
+
 def mark(session: Session, d: Delivery) -> bool:
     """Record that ``d`` was delivered; False if another process had recorded it first."""
-    result = session.execute(
-        update(JobRow)
-        .where(JobRow.id == d.job_id, JobRow.delivery_due.is_(True))
-        .values(delivered="".join(c + "," for c in d.channels), delivery_due=False)
-    )
-    return bool(getattr(result, "rowcount", 0))
+    result = session.connection().execute(_MARK, {"p_job_id": d.job_id,
+                                                  "p_delivered": "".join(c + "," for c in d.channels)})
+    return bool(result.rowcount)
 
 
 def due(session: Session, now: float) -> list[Delivery]:

@@ -166,6 +166,7 @@ _DEBIT_PART = (
 )
 _DROP_PART = delete(AccountPart).where(*_THIS_PART, AccountPart.balance == 0)
 _INSERT_TRANSFER = insert(Transfer)
+_PART_BALANCE = select(AccountPart.balance).where(*_THIS_PART)
 
 
 def _add_to_balance(session: Session, account_id: int, delta: int, *, floor: bool) -> bool:
@@ -385,11 +386,7 @@ def release(session: Session, account: Account, amount: int, job_id: str) -> Non
 def held_for(session: Session, job_id: str) -> int:
     """What escrow still holds for a job: its part of escrow (its holds minus what captures,
     releases and earns took, as ``check`` proves)."""
-    return int(session.scalar(
-        select(AccountPart.balance).where(
-            AccountPart.account_id == _system_ids(session)[ESCROW], AccountPart.part == job_id
-        )
-    ) or 0)
+    return int(session.scalar(_PART_BALANCE, {"p_account_id": _system_ids(session)[ESCROW], "p_part": job_id}) or 0)
 
 
 # --- audit -------------------------------------------------------------------

@@ -8,10 +8,11 @@ job because it is time-invariant (see ``priority``); an index on
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, case, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Connection, and_, bindparam, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from router.core import fees
@@ -76,6 +77,35 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+@functools.cache
+def _startable_query(guess: bool, passing: bool, postgres: bool) -> Any:
+    """``_startable``'s statement, built once per shape: building one costs more than running it."""
+    if guess:
+        running = select(func.coalesce(func.sum(JobRow.n), 0)).where(
+            JobRow.model == bindparam("p_model"), JobRow.state == RUNNING).scalar_subquery()
+        free: Any = bindparam("p_slots") - running
+        limit: Any = func.greatest(0, free) if postgres else func.max(0, free)
+    else:
+        limit = bindparam("p_count")
+    query = (
+        select(JobRow, AccountLimits.max_in_flight)
+        .outerjoin(AccountLimits, AccountLimits.account_id == JobRow.account_id)
+        .where(
+            JobRow.model == bindparam("p_model"),
+            JobRow.state == QUEUED,
+            # Past its deadline a job is the tick's to expire and refund, not to run.
+            or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= bindparam("p_now")),
+        )
+        .order_by(*ORDER)
+        .limit(limit)
+    )
+    if passing:
+        query = query.where(JobRow.account_id.not_in(bindparam("p_passed", expanding=True)))
+    if postgres:
+        query = query.with_for_update(of=JobRow, skip_locked=True)
+    return query
+
+
 def _startable(session: Session, model: str, now: float, passed: set[int], slots: int,
                count: int | None) -> list[tuple[JobRow, int | None]]:
     """The best queued jobs of ``model`` that may start now, leaving out accounts in ``passed``, each with
@@ -84,29 +114,9 @@ def _startable(session: Session, model: str, now: float, passed: set[int], slots
     ``count`` None: as many as the model's slots look free, counted without a lock (a guess the
     claim checks once it holds the model).
     """
-    if count is None:
-        running = select(func.coalesce(func.sum(JobRow.n), 0)).where(
-            JobRow.model == model, JobRow.state == RUNNING).scalar_subquery()
-        limit: Any = func.max(0, slots - running) if not _postgres(session) else func.greatest(0, slots - running)
-    else:
-        limit = count
-    query = (
-        select(JobRow, AccountLimits.max_in_flight)
-        .outerjoin(AccountLimits, AccountLimits.account_id == JobRow.account_id)
-        .where(
-            JobRow.model == model,
-            JobRow.state == QUEUED,
-            # Past its deadline a job is the tick's to expire and refund, not to run.
-            or_(JobRow.deadline_at.is_(None), JobRow.deadline_at >= now),
-        )
-        .order_by(*ORDER)
-        .limit(limit)
-    )
-    if passed:
-        query = query.where(JobRow.account_id.not_in(sorted(passed)))
-    if _postgres(session):
-        query = query.with_for_update(of=JobRow, skip_locked=True)
-    return [(row, cap) for row, cap in session.execute(query).tuples()]
+    query = _startable_query(count is None, bool(passed), _postgres(session))
+    params = {"p_model": model, "p_now": now, "p_slots": slots, "p_count": count, "p_passed": sorted(passed)}
+    return [(row, cap) for row, cap in session.execute(query, params).tuples()]
 
 
 #: ``Session.info`` key: the transaction whose claim took account locks last.
@@ -170,14 +180,18 @@ def _counted(session: Session, model: str, accounts: set[int],
             sum(int(n) for kind, _, n in rows if kind == "model"))
 
 
+_RUNNING = (
+    select(JobRow.account_id, func.sum(JobRow.n), func.sum(case((JobRow.model == bindparam("p_model"), JobRow.n),
+                                                                  else_=0)))
+    .where(JobRow.state == RUNNING, or_(JobRow.model == bindparam("p_model"),
+                                        JobRow.account_id.in_(bindparam("p_accounts", expanding=True))))
+    .group_by(JobRow.account_id)
+)
+
+
 def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dict[int, int]]:
     """SQLite: sequences of ``model`` running now, and the slots each of ``accounts`` holds over every model."""
-    on_model = func.sum(case((JobRow.model == model, JobRow.n), else_=0))
-    rows = session.execute(
-        select(JobRow.account_id, func.sum(JobRow.n), on_model)
-        .where(JobRow.state == RUNNING, or_(JobRow.model == model, JobRow.account_id.in_(sorted(accounts))))
-        .group_by(JobRow.account_id)
-    ).all()
+    rows = session.execute(_RUNNING, {"p_model": model, "p_accounts": sorted(accounts)}).all()
     per_account = {account: int(n or 0) for account, n, _ in rows if account in accounts}
     return sum(int(m or 0) for _, _, m in rows), per_account
 

@@ -25,11 +25,12 @@ workers' charges the house captures whole.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from llama_tasks import embedding_job
@@ -54,11 +55,17 @@ def chargeable(row: JobRow) -> bool:
     return row.state == DONE or (row.state == FAILED and row.error == CHARGED_FAILURE)
 
 
+@functools.cache
+def _locked_query(column: str, postgres: bool) -> Any:
+    """The job whose ``column`` is ``:p_value``, locked on PostgreSQL; built once per shape."""
+    query = select(JobRow).where(getattr(JobRow, column) == bindparam("p_value"))
+    return query.with_for_update() if postgres else query
+
+
 def _locked(session: Session, **where: Any) -> JobRow | None:
-    query = select(JobRow).filter_by(**where)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update()
-    return session.scalar(query)
+    ((column, value),) = where.items()
+    postgres = session.get_bind().dialect.name == "postgresql"
+    return session.scalar(_locked_query(column, postgres), {"p_value": value})
 
 
 def _account(session: Session, account_id: int) -> Account:

@@ -304,11 +304,14 @@ class Reservation:
     def __init__(self, windows: Windows) -> None:
         self.windows = windows
         self.taken: list[tuple[str, str, int]] = []
+        #: The window as the last take left it: what the admission's ``x-ratelimit-*`` headers say.
+        self.usage: Usage | None = None
 
     def take(self, account: Account, job_id: str, tokens: int, limits: Limits, now: float) -> Usage:
-        usage = self.windows.take(window_id(account), job_id, tokens, limits, now)
-        self.taken.append((window_id(account), job_id, tokens))
-        return usage
+        window = window_id(account)
+        self.usage = self.windows.take(window, job_id, tokens, limits, now)
+        self.taken.append((window, job_id, tokens))
+        return self.usage
 
     def give_back(self) -> None:
         for window, member, tokens in self.taken:

@@ -94,6 +94,12 @@ class HerderService:
         checks in the same order, everything but the money before the write
         transaction opens (so SQLite's single writer is held only for the hold).
         """
+        return self.submit_counted(api_key, sub)[0]
+
+    def submit_counted(self, api_key: str, sub: Submission) -> tuple[dict[str, Any], limits.Usage | None]:
+        """``submit``, and where the account's minute windows stand after counting this admission (None
+        for a job its reference already named: nothing was counted) — the gateway's ``x-ratelimit-*``
+        headers, without a second transaction to read them."""
         try:
             # Fields, channels, vocabulary and context (``price`` runs every check but the money).
             priced = admission.price(self.settings, self.counter, sub)
@@ -102,10 +108,10 @@ class HerderService:
                      or dispatch.capacity(self._herd(fresh=True)).get(sub.model, 0))
             served = slots > 0 or self._placeable(sub.model)
             try:
-                doc, orders = self._admit(api_key, sub, priced, slots, served)
+                doc, orders, usage = self._admit(api_key, sub, priced, slots, served)
             except IntegrityError:
                 # A concurrent submit with the same reference won the insert.
-                doc, orders = self._admit(api_key, sub, priced, slots, served)
+                doc, orders, usage = self._admit(api_key, sub, priced, slots, served)
         except LlamasError as exc:
             self.refused(exc)
             raise
@@ -113,10 +119,10 @@ class HerderService:
         self._send_all(orders)
         if doc["state"] == QUEUED:
             self._claim_again({sub.model})
-        return doc
+        return doc, usage
 
     def _admit(self, api_key: str, sub: Submission, priced: admission.Priced,
-               slots: int, served: bool) -> tuple[dict[str, Any], list[Order]]:
+               slots: int, served: bool) -> tuple[dict[str, Any], list[Order], limits.Usage | None]:
         """One transaction: hold and queue the job, and start it at once if its model has a free slot."""
         now = self._clock()
         # A commit that fails gives back the place the admission took in the account's minute windows.
@@ -124,7 +130,7 @@ class HerderService:
             row, created = admission.admit(session, self.settings, priced, api_key, sub, now, served=served,
                                            windows=windows)
             orders = self._claim(session, sub.model, slots, now) if created else []
-            return views.describe_row(session, row), orders
+            return views.describe_row(session, row), orders, windows.usage
 
     def _placeable(self, model: str) -> bool:
         """Whether demand placement may yet give ``model`` a worker: one live worker can hold it."""

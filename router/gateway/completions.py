@@ -53,10 +53,11 @@ async def text_call(request: Request) -> Call:
     return await _parse(request, chat=False)
 
 
-async def admit(svc: HerderService, key: str, sub: Submission) -> dict[str, Any]:
+async def admit(svc: HerderService, key: str, sub: Submission) -> tuple[dict[str, Any], fair_shares.Usage | None]:
     """Submit ``sub`` for ``key`` through the service's one admission path
-    (the same checks, in the same order, as the client's and the CLI's)."""
-    return await run_in_threadpool(svc.submit, key, sub)
+    (the same checks, in the same order, as the client's and the CLI's); with
+    the key's minute windows as that admission left them, when it counted one."""
+    return await run_in_threadpool(svc.submit_counted, key, sub)
 
 
 async def rate_limit_headers(svc: HerderService, key: str) -> dict[str, str]:
@@ -83,12 +84,13 @@ async def start(request: Request, sub: Submission, stream: bool, key: str, svc: 
     # A stream's slot is claimed before admission: past the key's share, nothing is held.
     slot = await streams.claim(request.app, hash_api_key(key)) if stream else None
     try:
-        doc = await admit(svc, key, sub)
+        doc, usage = await admit(svc, key, sub)
     except BaseException:
         if slot is not None:
             await slot.release()
         raise
-    headers = await rate_limit_headers(svc, key)
+    # A new job's windows are known from its admission; a reference sent again reads them.
+    headers = fair_shares.headers(usage) if usage is not None else await rate_limit_headers(svc, key)
     return Started(AdmittedJob(request, svc, r, key, doc["job_id"]), headers, slot)
 
 

@@ -48,14 +48,14 @@ class Gateway:
 
     def __init__(self, svc: HerderService, transport: stub.StubTransport, key: str, ctx: Any) -> None:
         self.svc, self.key = svc, key
-        submit = svc.submit
+        submit = svc.submit_counted
 
-        def submit_and_run(api_key: str, sub: Any) -> dict[str, Any]:
-            doc = submit(api_key, sub)
+        def submit_and_run(api_key: str, sub: Any) -> tuple[dict[str, Any], Any]:
+            admitted = submit(api_key, sub)
             transport.join(svc, lambda env, task_id: runtime.run_envelope(ctx, env, task_id, "inline@test"))
-            return doc
+            return admitted
 
-        svc.submit = submit_and_run  # type: ignore[method-assign]
+        svc.submit_counted = submit_and_run  # type: ignore[method-assign]
         self.http = TestClient(create_app(lambda: svc), raise_server_exceptions=False)
         self.openai = openai.OpenAI(base_url="http://testserver/v1", api_key=key, max_retries=0, http_client=self.http)
 

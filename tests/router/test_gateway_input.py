@@ -65,19 +65,19 @@ class Gateway:
 
     def admit_only(self, body: dict[str, Any], real: bool = True, path: str = "/v1/chat/completions") -> Any:
         """Post ``body``; stop the request once admitted (no worker answers here); returns the Submission."""
-        submit = self.svc.submit
+        submit = self.svc.submit_counted
 
         def admitted(key: str, sub: Any) -> Any:
             if real:
                 submit(key, sub)
             raise _Admitted(sub)
 
-        self.svc.submit = admitted  # type: ignore[method-assign]
+        self.svc.submit_counted = admitted  # type: ignore[method-assign]
         try:
             reply = self.http.post(path, json=body,
                                    headers={"Authorization": f"Bearer {self.key}"})
         finally:
-            self.svc.submit = submit  # type: ignore[method-assign]
+            self.svc.submit_counted = submit  # type: ignore[method-assign]
         assert reply.status_code == 500 and reply.json()["error"]["code"] == "_Admitted", reply.text
         return self.admitted
 
@@ -379,7 +379,7 @@ def test_a_bug_is_a_500_in_openai_shape_and_its_message_stays_out_of_the_log(gw:
     def broken(key: str, sub: Any) -> Any:
         raise RuntimeError(f"something quoting the prompt: {SECRET}")
 
-    gw.svc.submit = broken  # type: ignore[method-assign]
+    gw.svc.submit_counted = broken  # type: ignore[method-assign]
     caplog.set_level(logging.DEBUG)
     reply = gw.post(chat())
     assert_openai_error(reply, 500, "RuntimeError")

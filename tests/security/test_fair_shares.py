@@ -140,7 +140,7 @@ def audit(svc: HerderService) -> None:
 class Admissions:
     """Counts the service's finished admissions (admitted, or refused), waking a waiter at a count.
 
-    Every HTTP request reaches ``svc.submit`` exactly once, and an admitted
+    Every HTTP request reaches ``svc.submit_counted`` exactly once, and an admitted
     job is dispatched inside it: once ``k`` have returned or raised, the first
     ``k`` requests are admitted and sent, or refused.
     """
@@ -148,7 +148,7 @@ class Admissions:
     def __init__(self, svc: HerderService) -> None:
         self._lock, self._done = threading.Lock(), 0
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Event]] = []
-        real = svc.submit
+        real = svc.submit_counted
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             try:
@@ -160,7 +160,7 @@ class Admissions:
                         if self._done >= count:
                             loop.call_soon_threadsafe(event.set)
 
-        svc.submit = counted  # type: ignore[method-assign]
+        svc.submit_counted = counted  # type: ignore[method-assign]
 
     async def reach(self, count: int, timeout_s: float = 120.0) -> None:
         event = asyncio.Event()
@@ -280,8 +280,33 @@ def test_completions_carry_openais_rate_limit_headers(tmp_path: Path, redis_url:
     assert streamed.headers["x-ratelimit-remaining-tokens"] == str(1000 - sum(used))
     for reply in (first, streamed):
         for kind in ("requests", "tokens"):
-            reset = reply.headers[f"x-ratelimit-reset-{kind}"]
-            assert reset.endswith("s") and 0 < float(reset.removesuffix("s")) <= 60
+            # As OpenAI writes it: "59.5s", or "1m0s" at the moment of the admission itself.
+            minutes, _, seconds = reply.headers[f"x-ratelimit-reset-{kind}"].removesuffix("s").rpartition("m")
+            assert 0 < int(minutes or 0) * 60 + float(seconds) <= 60
+    audit(svc)
+
+
+def test_a_reference_sent_again_is_not_counted_again_and_its_headers_say_where_the_windows_stand(
+        tmp_path: Path, redis_url: str, forget_windows: None,
+        gateway: Callable[[HerderService], TestClient]) -> None:
+    # The first admission's headers come from the count it made; the same reference sent again counts
+    # nothing, so its headers are read from the windows as they stand.
+    svc, _ = build(tmp_path, redis_url, account_requests_per_minute=5, account_tokens_per_minute=1000)
+    key = account(svc, "tenant")
+    http = gateway(svc)
+
+    first = http.post("/v1/completions", json=one_token(max_tokens=4, reference="once"), headers=auth(key))
+    again = http.post("/v1/completions", json=one_token(max_tokens=4, reference="once"), headers=auth(key))
+    other = http.post("/v1/completions", json=one_token(max_tokens=4), headers=auth(key))
+
+    assert first.status_code == again.status_code == other.status_code == 200
+    jobs = jobs_of(svc, "tenant")
+    assert len(jobs) == 2
+    used = [row.prompt_tokens + row.n * row.max_tokens for row in jobs]
+    assert first.headers["x-ratelimit-remaining-requests"] == again.headers["x-ratelimit-remaining-requests"] == "4"
+    assert again.headers["x-ratelimit-remaining-tokens"] == str(1000 - used[0])
+    assert other.headers["x-ratelimit-remaining-requests"] == "3"
+    assert other.headers["x-ratelimit-remaining-tokens"] == str(1000 - sum(used))
     audit(svc)
 
 

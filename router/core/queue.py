@@ -196,6 +196,11 @@ def _running(session: Session, model: str, accounts: set[int]) -> tuple[int, dic
     return sum(int(m or 0) for _, _, m in rows), per_account
 
 
+#: A slot row given to a job's attempt; no slot row is ever loaded as an object, so none goes stale.
+_FILL_SLOT = (update(ModelSlot).where(ModelSlot.model == bindparam("p_model"), ModelSlot.no == bindparam("p_no"))
+              .values(job_seq=bindparam("p_job_seq"), attempt=bindparam("p_attempt")))
+
+
 class _Slots:
     """The free slots one claim may fill: a count on SQLite, locked slot rows on PostgreSQL."""
 
@@ -243,13 +248,14 @@ class _Slots:
         self.free -= need
         if self.postgres:
             for no in self.nos[:need]:
-                self.filled.append({"model": self.model, "no": no, "job_seq": row.seq, "attempt": row.attempt})
+                self.filled.append({"p_model": self.model, "p_no": no, "p_job_seq": row.seq,
+                                    "p_attempt": row.attempt})
             del self.nos[:need]
 
     def write(self) -> None:
         """Record the attempts in their slot rows (PostgreSQL)."""
         if self.filled:
-            self.session.execute(update(ModelSlot), self.filled)
+            self.session.connection().execute(_FILL_SLOT, self.filled)
             self.filled = []
 
 

@@ -150,13 +150,17 @@ _ADD_TO_BALANCE = (
     .values(own_balance=Account.own_balance + bindparam("p_delta"))
 )
 _ADD_TO_BALANCE_FLOORED = _ADD_TO_BALANCE.where(Account.own_balance >= bindparam("p_floor"))
-_CREDIT_PART = {
-    name: (lambda stmt: stmt.on_conflict_do_update(
-        index_elements=["account_id", "part"], set_={"balance": AccountPart.balance + stmt.excluded.balance}))(
-        dialect_insert(AccountPart).values(account_id=bindparam("p_account_id"), part=bindparam("p_part"),
-                                           balance=bindparam("p_amount")))
-    for name, dialect_insert in (("postgresql", postgresql_insert), ("sqlite", sqlite_insert))
-}
+
+
+def _credit_part_statement(dialect_insert: Any) -> Any:
+    """Add ``:p_amount`` to a part, creating it at the first credit (one dialect's upsert)."""
+    stmt = dialect_insert(AccountPart).values(account_id=bindparam("p_account_id"), part=bindparam("p_part"),
+                                              balance=bindparam("p_amount"))
+    return stmt.on_conflict_do_update(index_elements=["account_id", "part"],
+                                      set_={"balance": AccountPart.balance + stmt.excluded.balance})
+
+
+_CREDIT_PART = {"postgresql": _credit_part_statement(postgresql_insert), "sqlite": _credit_part_statement(sqlite_insert)}
 _THIS_PART = (AccountPart.account_id == bindparam("p_account_id"), AccountPart.part == bindparam("p_part"))
 _DEBIT_PART = (
     update(AccountPart)

@@ -294,12 +294,23 @@ def test_a_reference_sent_again_is_not_counted_again_and_its_headers_say_where_t
     svc, _ = build(tmp_path, redis_url, account_requests_per_minute=5, account_tokens_per_minute=1000)
     key = account(svc, "tenant")
     http = gateway(svc)
+    reads: list[str] = []
+    read = svc.rate_limits
+
+    def counted_read(api_key: str) -> Any:
+        reads.append(api_key)
+        return read(api_key)
+
+    svc.rate_limits = counted_read  # type: ignore[method-assign]
 
     first = http.post("/v1/completions", json=one_token(max_tokens=4, reference="once"), headers=auth(key))
+    assert reads == []  # a new job's headers come from its admission's own count
     again = http.post("/v1/completions", json=one_token(max_tokens=4, reference="once"), headers=auth(key))
+    assert reads == [key]  # nothing was counted for it: the windows are read
     other = http.post("/v1/completions", json=one_token(max_tokens=4), headers=auth(key))
 
     assert first.status_code == again.status_code == other.status_code == 200
+    assert reads == [key]
     jobs = jobs_of(svc, "tenant")
     assert len(jobs) == 2
     used = [row.prompt_tokens + row.n * row.max_tokens for row in jobs]

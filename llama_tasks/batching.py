@@ -223,6 +223,10 @@ class _Text:
         self.text += self.decoder.decode(piece)
         if self.entries is not None and entry is not None:
             self.entries.append((len(self.text), entry))
+        if not self.stops:  # the common case, every token of every sequence: nothing to look for
+            if len(self.text) > self.emitted:
+                self._emit(len(self.text))
+            return False
         cut = _earliest_stop(self.text, self.stops, max(0, self.emitted - self.hold_back))
         if cut >= 0:
             self.text = self.text[:cut]
@@ -319,6 +323,7 @@ class _Active:
         self.completion = 0
         self.next_token: int | None = None  # sampled, not yet decoded
         self.batch_index = -1  # where this step's logits for it are
+        self.output_row = -1  # and which of the step's output rows that is (llama.cpp keeps them in batch order)
         self.logprobs: list[dict[str, Any]] | None = [] if spec.top_logprobs is not None else None
         #: Its prompt and sampled tokens, indexed for drafting (None: this engine drafts nothing).
         self.lookup: _PromptLookup | None = None
@@ -365,6 +370,9 @@ class BatchEngine:
         self._ctx: Any = None
         self._memory: Any = None
         self._batch: Any = None
+        #: The batch's arrays, each read off the struct once: every read of a ctypes struct's
+        #: pointer field builds a new pointer object, and a step fills five per token.
+        self._fields: tuple[Any, Any, Any, list[Any], Any] | None = None
         self._n_vocab = 0
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -378,6 +386,10 @@ class BatchEngine:
         #: This step's argmax of every output row's logits (None until a greedy sequence needs it), and the rows.
         self._argmax: Any = None
         self._outputs = 0
+        #: Each token's text and whether it ends generation, read from the vocabulary once: a sequence
+        #: asks for both every step, and each ask is a call into llama.cpp.
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         #: Inputs of embedding jobs, decoded by this engine's thread between generation steps.
         self.embedder = Embedder(model, n_ctx_per_slot, n_threads)
 
@@ -412,6 +424,8 @@ class BatchEngine:
             raise EngineFailed("llama.cpp could not create a context")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(STEP_TOKENS + self.slots, 0, 1)
+        b = self._batch
+        self._fields = (b.token, b.pos, b.n_seq_id, [b.seq_id[i] for i in range(STEP_TOKENS + self.slots)], b.logits)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
         self._thread = threading.Thread(target=self._loop, name="llamas-batch", daemon=True)
         self._thread.start()
@@ -437,7 +451,7 @@ class BatchEngine:
             self._watchdog = None
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
+            self._batch = self._fields = None
         self.embedder.close()
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
@@ -633,14 +647,19 @@ class BatchEngine:
         if not active:
             return
         batch, n = self._batch, 0
+        assert self._fields is not None
+        token_of, pos_of, n_seq_id_of, seq_id_of, logits_of = self._fields
         fed: list[tuple[_Active, list[int]]] = []
 
+        outputs = 0
+
         def add(seq: _Active, token: int, pos: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos, 1
-            batch.seq_id[n][0], batch.logits[n] = seq.slot.seq_id, logits
+            nonlocal n, outputs
+            token_of[n], pos_of[n], n_seq_id_of[n] = token, pos, 1
+            seq_id_of[n][0], logits_of[n] = seq.slot.seq_id, logits
             if logits:
-                seq.batch_index = n
+                seq.batch_index, seq.output_row = n, outputs
+                outputs += 1
             n += 1
 
         # Generating sequences first, one token each: a joining prompt never stalls them.
@@ -655,9 +674,10 @@ class BatchEngine:
             seq.draft = self._draft(seq, pos, spare)
             spare -= len(seq.draft)
             for i, token in enumerate(seq.draft):
-                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, pos + 1 + i, 1
-                batch.seq_id[n][0], batch.logits[n] = seq.slot.seq_id, True
+                token_of[n], pos_of[n], n_seq_id_of[n] = token, pos + 1 + i, 1
+                seq_id_of[n][0], logits_of[n] = seq.slot.seq_id, True
                 n += 1
+                outputs += 1
         budget = STEP_TOKENS - n
         for seq in active:
             if seq.next_token is None and seq.pending and budget > 0:
@@ -668,7 +688,7 @@ class BatchEngine:
                 fed.append((seq, chunk))
                 budget -= len(chunk)
         batch.n_tokens = n
-        self._argmax, self._outputs = None, sum(1 for i in range(n) if batch.logits[i])
+        self._argmax, self._outputs = None, outputs
         decoding = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx, batch)
         self.decode_s += time.perf_counter() - decoding
@@ -691,6 +711,7 @@ class BatchEngine:
                         seq.lookup.append(draft[accepted])
                     seq.next_token = None
                     seq.batch_index += 1
+                    seq.output_row += 1
                     accepted += 1
                     if not self._sample_guarded(seq):
                         return
@@ -704,7 +725,7 @@ class BatchEngine:
             if accepted < len(draft):
                 # The rest of the draft is not the sequence's: out of its memory.
                 llama_cpp.llama_memory_seq_rm(self._memory, seq.slot.seq_id, len(seq.slot.cached), -1)
-            seq.batch_index = -1
+            seq.batch_index = seq.output_row = -1
 
     def _sample_guarded(self, seq: _Active) -> bool:
         """Sample ``seq`` where its logits are, watched; False once the watchdog has taken over."""
@@ -732,13 +753,16 @@ class BatchEngine:
     def _sample(self, seq: _Active) -> None:
         spec = seq.ticket.spec
         if seq.argmax:
-            token = self._greedy(seq.batch_index)
+            token = self._greedy(seq.output_row)
         else:
             # The sampler copies the logits it works on: the context's stay as decoded.
             token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx, seq.batch_index)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
-        if llama_cpp.llama_vocab_is_eog(self.model.vocab, token):
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+        if eog:
             self._end(seq, "stop")
             return
         seq.completion += 1
@@ -753,21 +777,19 @@ class BatchEngine:
         else:
             seq.next_token = token
 
-    def _greedy(self, index: int) -> int:
-        """The argmax of the logits of batch entry ``index``: what the greedy sampler picks (the first
+    def _greedy(self, row: int) -> int:
+        """The argmax of the logits of output ``row``: what the greedy sampler picks (the first
         of equals, as llama.cpp's), from one argmax over every output row of the step, taken once.
 
         llama.cpp's sampler copies all the vocabulary's logits into candidates for each sample
         (tens of microseconds a sequence); a step of 64 sequences then costs milliseconds of CPU
         that a GPU waits through.
         """
-        base = llama_cpp.llama_get_logits(self._ctx)
         if self._argmax is None:
-            rows = np.ctypeslib.as_array(base, shape=(self._outputs, self._n_vocab))
-            self._argmax = rows.argmax(axis=1)
-        row = ctypes.cast(llama_cpp.llama_get_logits_ith(self._ctx, index), ctypes.c_void_p).value or 0
-        start = ctypes.cast(base, ctypes.c_void_p).value or 0
-        return int(self._argmax[(row - start) // (4 * self._n_vocab)])
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(self._outputs, self._n_vocab))
+            # A list: indexing it gives a Python int, without a numpy scalar per sequence.
+            self._argmax = rows.argmax(axis=1).tolist()
+        return self._argmax[row]  # type: ignore[no-any-return]
 
     # --- log probabilities ----------------------------------------------------
 
@@ -792,6 +814,12 @@ class BatchEngine:
         return {"token": piece.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(piece)}
 
     def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._read_piece(token)
+        return piece
+
+    def _read_piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
         if n < 0:

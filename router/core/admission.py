@@ -142,7 +142,7 @@ def admit(
     """
     # Locked (PostgreSQL): this account's admissions follow one another, so its share of the queue and
     # its references are counted exactly, while other accounts' admissions go on beside them.
-    account = ledger.account_by_key(session, api_key, lock=True)
+    account = ledger.requester_by_key(session, api_key, lock=True)
     request.check_reference(sub)
     existing = _existing(session, account.id, sub)
     if existing is not None:

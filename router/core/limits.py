@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from router.core.errors import AccountQueueFull, OverRequestLimit, RateLimited, SystemAccount
 from router.core.keys import RATE_PREFIX
+from router.core.ledger import Requester
 from router.core.models import QUEUED, Account, AccountLimits, JobRow
 from router.core.settings import HerderSettings
 
@@ -249,7 +250,7 @@ class Usage:
     reset_tokens_s: float
 
 
-def window_id(account: Account) -> str:
+def window_id(account: Account | Requester) -> str:
     """The name of ``account``'s minute window: unique across every ledger that shares the Redis
     (account ids are not), and saying nothing of the key it is derived from."""
     return hashlib.sha256(f"llamas-rate:{account.api_key_hash}".encode()).hexdigest()[:32]
@@ -307,7 +308,7 @@ class Reservation:
         #: The window as the last take left it: what the admission's ``x-ratelimit-*`` headers say.
         self.usage: Usage | None = None
 
-    def take(self, account: Account, job_id: str, tokens: int, limits: Limits, now: float) -> Usage:
+    def take(self, account: Account | Requester, job_id: str, tokens: int, limits: Limits, now: float) -> Usage:
         window = window_id(account)
         self.usage = self.windows.take(window, job_id, tokens, limits, now)
         self.taken.append((window, job_id, tokens))

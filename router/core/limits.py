@@ -72,16 +72,19 @@ def defaults(settings: HerderSettings) -> Limits:
     )
 
 
-def _merged(base: Limits, own: AccountLimits | None) -> Limits:
-    if own is None:
-        return base
-    given = {name: getattr(own, column) for name, column in COLUMNS.items()}
-    return replace(base, **{name: value for name, value in given.items() if value is not None})
+# Built once and run on the connection, as the ledger's statements are: every admission reads it. Only
+# ``set_own`` writes the row, and it flushes, so the connection sees what the session holds.
+_OWN = select(*(getattr(AccountLimits, column) for column in COLUMNS.values())).where(
+    AccountLimits.account_id == bindparam("p_account_id"))
 
 
 def of(session: Session, settings: HerderSettings, account_id: int) -> Limits:
     """The limits in force for ``account_id``: its own where the admin set them, the settings' elsewhere."""
-    return _merged(defaults(settings), session.get(AccountLimits, account_id))
+    base = defaults(settings)
+    own = session.connection().execute(_OWN, {"p_account_id": account_id}).one_or_none()
+    if own is None:
+        return base
+    return replace(base, **{name: value for name, value in zip(COLUMNS, own, strict=True) if value is not None})
 
 
 def own(session: Session, account_id: int) -> dict[str, int]:

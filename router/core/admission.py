@@ -140,6 +140,9 @@ def admit(
     minute in ``windows`` (last, once nothing else can refuse; without
     ``windows`` they are not counted).
     """
+    # What follows reads on the connection, which does not autoflush: first write what the caller left pending
+    # (usually nothing, and then this costs nothing), so every count sees it.
+    session.flush()
     # Locked (PostgreSQL): this account's admissions follow one another, so its share of the queue and
     # its references are counted exactly, while other accounts' admissions go on beside them.
     account = ledger.requester_by_key(session, api_key, lock=True)

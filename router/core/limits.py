@@ -149,8 +149,9 @@ _QUEUED = (select(func.count(), func.count().filter(JobRow.account_id == bindpar
 
 
 def queued_of(session: Session, account_id: int) -> tuple[int, int]:
-    """Jobs waiting in the queue (every model): in all, and the account's."""
-    total, own = session.execute(_QUEUED, {"p_account_id": account_id}).one()
+    """Jobs waiting in the queue (every model): in all, and the account's, as written so far (on the connection,
+    without an autoflush: flush first whatever changes to jobs the session holds)."""
+    total, own = session.connection().execute(_QUEUED, {"p_account_id": account_id}).one()
     return int(total or 0), int(own or 0)
 
 

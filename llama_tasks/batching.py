@@ -27,6 +27,15 @@ the same choices, one per token and in order, as without the draft, so the
 answer is the same; where text repeats its prompt, several tokens come out of
 one step. The rest of a draft leaves the sequence's memory.
 
+A greedy sequence (temperature 0, nothing that changes the logits, no log
+probabilities asked for) takes its token from llama.cpp's backend sampling:
+its slot's sequence id carries a greedy sampler chain, the argmax runs inside
+the decode's graph (on the GPU, where there is one) and only the token comes
+back, so neither the vocabulary's logits of every sequence cross to the host
+nor does Python scan them each step. A slot's chain is attached or detached
+as sequences of the other kind take it (each change re-plans the graph once,
+a few milliseconds), so a new sequence prefers a slot already of its kind.
+
 Embedding jobs share the thread (``llama_tasks.embedder``): after each
 generation step it runs one decode of the inputs waiting to be embedded, in a
 second context on the same weights.
@@ -195,8 +204,13 @@ class Ticket:
 
 def _earliest_stop(text: str, stops: list[str], start: int) -> int:
     """Index of the first stop string in ``text`` at or after ``start``, or -1."""
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
+    # A plain loop: it runs for every token of every sequence, and comprehensions cost more than the finds.
+    earliest = -1
+    for stop in stops:
+        i = text.find(stop, start)
+        if i >= 0 and (earliest < 0 or i < earliest):
+            earliest = i
+    return earliest
 
 
 class _Text:
@@ -299,6 +313,8 @@ class _Slot:
     #: The cache key of the sequence that filled ``cached``, and how many of its tokens are public.
     owner: str | None = None
     public: int = 0
+    #: The greedy sampler chain attached to this sequence id for backend sampling (None: none).
+    greedy: Any = None
 
     def reusable(self, spec: SequenceSpec) -> int:
         """How much of ``spec``'s prompt this slot's memory may serve."""
@@ -330,8 +346,11 @@ class _Active:
         self.draft: list[int] = []  # decoded this step after ``next_token``, to be checked
         self.drafted = self.accepted = 0
         #: Greedy with nothing that changes the logits (no grammar, no repeat penalty): its token is
-        #: the argmax of its logits, taken for every such sequence of a step at once.
+        #: the argmax of its logits, taken in the decode's graph (``backend``) or for every such
+        #: sequence of a step at once.
         self.argmax = spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
+        #: Its slot's backend sampler picks its token: no logits of its reach the host.
+        self.backend = False
         #: How many tokens its next draft may have: halved down to one by each rejected draft,
         #: doubled back by each accepted whole, so text that does not repeat costs little.
         self.draft_limit = 0
@@ -346,13 +365,18 @@ class BatchEngine:
 
     def __init__(self, model: LlamaModel, slots: int, n_ctx_per_slot: int, n_threads: int,
                  sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None,
-                 draft_tokens: int = 0) -> None:
+                 draft_tokens: int = 0, backend_greedy: bool = True) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be >= 0, got {draft_tokens}")
         #: Most tokens drafted per sequence and step (prompt lookup); 0: no speculative decoding.
         self.draft_tokens = draft_tokens
+        #: Greedy sequences take their tokens from llama.cpp's backend sampling (False: from the logits, here).
+        self.backend_greedy = backend_greedy
+        #: Chains detached from a slot: the graph planned with them is re-planned at the next decode,
+        #: and they are freed after it.
+        self._retired: list[Any] = []
         #: Tokens drafted and accepted, over the engine's life.
         self.drafted = self.accepted = 0
         self.model, self.slots, self.n_ctx_per_slot, self.n_threads = model, slots, n_ctx_per_slot, n_threads
@@ -384,7 +408,7 @@ class BatchEngine:
         #: Called after each generation step, before the next decode (a worker sends the step's tokens then).
         self.after_step: Callable[[], None] | None = None
         #: This step's argmax of every output row's logits (None until a greedy sequence needs it), and the rows.
-        self._argmax: Any = None
+        self._argmax: list[int] | None = None
         self._outputs = 0
         #: Each token's text and whether it ends generation, read from the vocabulary once: a sequence
         #: asks for both every step, and each ask is a call into llama.cpp.
@@ -396,14 +420,14 @@ class BatchEngine:
     @classmethod
     def load(cls, path: str, *, slots: int, n_ctx_per_slot: int, n_threads: int, n_gpu_layers: int,
              sample_limit_s: float = SAMPLE_LIMIT_S, on_stall: Callable[[], None] | None = None,
-             draft_tokens: int = 0) -> BatchEngine:
+             draft_tokens: int = 0, backend_greedy: bool = True) -> BatchEngine:
         # llama.cpp's own log (every layer, every buffer) only on errors.
         llama_logger.set_verbose(False)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         model = LlamaModel(path_model=path, params=params, verbose=False)
         return cls(model, slots, n_ctx_per_slot, n_threads, sample_limit_s=sample_limit_s, on_stall=on_stall,
-                   draft_tokens=draft_tokens)
+                   draft_tokens=draft_tokens, backend_greedy=backend_greedy)
 
     # --- life cycle ----------------------------------------------------------
 
@@ -419,6 +443,8 @@ class BatchEngine:
         params.no_perf = True
         # Flash attention on: the configuration every measurement and test of the engine ran with.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        # A sequence's outputs in one step: its next token and its draft. Backend sampling sizes its buffers by it.
+        params.n_outputs_max_per_seq = 1 + self.draft_tokens
         self._ctx = llama_cpp.llama_init_from_model(self.model.model, params)
         if not self._ctx:
             raise EngineFailed("llama.cpp could not create a context")
@@ -456,6 +482,12 @@ class BatchEngine:
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        # After the context, which holds them while it lives.
+        for slot in self._slots:
+            if slot.greedy is not None:
+                self._retired.append(slot.greedy)
+                slot.greedy = None
+        self._free_retired()
 
     # --- what callers see ----------------------------------------------------
 
@@ -592,24 +624,56 @@ class BatchEngine:
                 llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
             slot.cached = slot.cached[:reused]
             slot.owner, slot.public = spec.cache_key, spec.public_tokens
-            slot.active = _Active(ticket, slot, reused, self._sampler(spec))
+            slot.active = active = _Active(ticket, slot, reused, self._sampler(spec))
+            active.backend = self._attach_greedy(slot, self._wants_backend(active))
             if self.draft_tokens:
                 slot.active.lookup = _PromptLookup(spec.tokens)
                 slot.active.draft_limit = self.draft_tokens
 
-    @staticmethod
-    def _slot_for(spec: SequenceSpec, free: list[_Slot]) -> _Slot:
+    def _wants_backend(self, seq: _Active) -> bool:
+        """Whether ``seq``'s tokens can come from a backend greedy sampler: greedy, and no logits wanted."""
+        return self.backend_greedy and seq.argmax and seq.ticket.spec.top_logprobs is None
+
+    def _attach_greedy(self, slot: _Slot, want: bool) -> bool:
+        """Give ``slot``'s sequence id a backend greedy chain, or take it away; whether it has one.
+
+        A chain is attached once in its life (llama.cpp initialises its
+        backend part once), so each attach takes a new one.
+        """
+        if want and slot.greedy is None:
+            chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            if llama_cpp.llama_set_sampler(self._ctx, slot.seq_id, chain):
+                slot.greedy = chain
+            else:  # this backend cannot sample (e.g. a model split by tensor): argmax here, as before
+                llama_cpp.llama_sampler_free(chain)
+        elif not want and slot.greedy is not None:
+            llama_cpp.llama_set_sampler(self._ctx, slot.seq_id, None)
+            self._retired.append(slot.greedy)
+            slot.greedy = None
+        return slot.greedy is not None
+
+    def _free_retired(self) -> None:
+        for chain in self._retired:
+            llama_cpp.llama_sampler_free(chain)
+        self._retired.clear()
+
+    def _slot_for(self, spec: SequenceSpec, free: list[_Slot]) -> _Slot:
         """The free slot where ``spec`` saves the most: the prompt its memory serves, less what of
-        another prompt it would throw away; among equals the one longest unused.
+        another prompt it would throw away; then one whose backend sampler already suits it (no
+        re-planned graph); among equals the one longest unused.
 
         Taking a slot for a few shared tokens (a chat template's opening) would
         throw away a whole prompt that its requester may send again (a long
         system prompt, tools, a conversation) to save a few: an empty or
         stale slot is the better place then.
         """
-        def saved(slot: _Slot) -> tuple[int, float]:
+        greedy = self.backend_greedy and spec.temperature == 0.0 and spec.grammar is None \
+            and spec.repeat_penalty == 1.0 and spec.top_logprobs is None
+
+        def saved(slot: _Slot) -> tuple[int, bool, float]:
             served = slot.reusable(spec)
-            return served - (len(slot.cached) - served), -slot.last_used
+            return served - (len(slot.cached) - served), (slot.greedy is not None) == greedy, -slot.last_used
 
         return max(free, key=saved)
 
@@ -692,6 +756,8 @@ class BatchEngine:
         decoding = time.perf_counter()
         rc = llama_cpp.llama_decode(self._ctx, batch)
         self.decode_s += time.perf_counter() - decoding
+        if self._retired:
+            self._free_retired()  # the graph that used them is gone: this decode planned a new one
         if rc != 0:
             raise EngineFailed(f"llama_decode returned {rc}")
         self.steps += 1
@@ -752,8 +818,13 @@ class BatchEngine:
 
     def _sample(self, seq: _Active) -> None:
         spec = seq.ticket.spec
-        if seq.argmax:
-            token = self._greedy(seq.output_row)
+        if seq.backend:
+            token = llama_cpp.llama_get_sampled_token_ith(self._ctx, seq.batch_index)
+            if token < 0:
+                raise EngineFailed("llama.cpp's backend sampler gave no token")
+        elif seq.argmax:
+            argmax = self._argmax if self._argmax is not None else self._greedy_rows()
+            token = argmax[seq.output_row]
         else:
             # The sampler copies the logits it works on: the context's stay as decoded.
             token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self._ctx, seq.batch_index)
@@ -770,26 +841,28 @@ class BatchEngine:
         if seq.logprobs is not None:
             entry = self._logprobs(seq.batch_index, token, spec.top_logprobs or 0)
             seq.logprobs.append(entry)
-        if seq.text.add(self._piece(token), entry):
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._piece(token)
+        if seq.text.add(piece, entry):
             self._end(seq, "stop")
         elif seq.completion >= spec.max_tokens:
             self._end(seq, "length")
         else:
             seq.next_token = token
 
-    def _greedy(self, row: int) -> int:
-        """The argmax of the logits of output ``row``: what the greedy sampler picks (the first
-        of equals, as llama.cpp's), from one argmax over every output row of the step, taken once.
+    def _greedy_rows(self) -> list[int]:
+        """The argmax of the logits of every output row of the step, taken once: what the greedy
+        sampler picks for each (the first of equals, as llama.cpp's).
 
         llama.cpp's sampler copies all the vocabulary's logits into candidates for each sample
         (tens of microseconds a sequence); a step of 64 sequences then costs milliseconds of CPU
         that a GPU waits through.
         """
-        if self._argmax is None:
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(self._outputs, self._n_vocab))
-            # A list: indexing it gives a Python int, without a numpy scalar per sequence.
-            self._argmax = rows.argmax(axis=1).tolist()
-        return self._argmax[row]  # type: ignore[no-any-return]
+        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(self._outputs, self._n_vocab))
+        # A list: indexing it gives a Python int, without a numpy scalar per sequence.
+        self._argmax = argmax = rows.argmax(axis=1).tolist()
+        return argmax
 
     # --- log probabilities ----------------------------------------------------
 

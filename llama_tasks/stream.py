@@ -155,10 +155,9 @@ class StreamWriter:
 
     def token(self, text: str, index: int = 0, logprobs: list[dict[str, Any]] | None = None) -> None:
         """A piece of choice ``index``'s text, with its tokens' log probability entries when asked for."""
-        fields = {"text": text, "index": str(index)}
+        entry: dict[Any, Any] = {"event": "token", "attempt": self._attempt, "text": text, "index": str(index)}
         if logprobs is not None:
-            fields["logprobs"] = json.dumps(logprobs)
-        entry: dict[Any, Any] = {"event": "token", "attempt": self._attempt, **fields}
+            entry["logprobs"] = json.dumps(logprobs)
         if self._pipe is None:
             self._r.xadd(self._key, entry)
             return

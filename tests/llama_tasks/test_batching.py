@@ -338,3 +338,55 @@ def test_every_choice_streams_its_text_and_logprobs_exactly_as_its_result(batch,
     for i, choice in enumerate(result.choices):
         assert "".join(pieces[i]) == choice.text
         assert entries[i] == choice.logprobs and len(entries[i]) == choice.completion_tokens
+
+
+def test_backend_greedy_sampling_changes_no_answer_beside_sampled_sequences(spec, vocab, single):
+    """Greedy sequences take their tokens from llama.cpp's backend sampler; sequences that sample
+    (seeded, temperature above 0) or want log probabilities share their steps and still read their
+    own logits: every answer is the same with backend sampling on and off."""
+    def mix():
+        greedy = [chat(vocab, p, max_tokens=24)[0] for p in PROMPTS[:3]]
+        sampled = [chat(vocab, p, max_tokens=24, temperature=0.9, seed=7 + i)[0] for i, p in enumerate(PROMPTS[3:5])]
+        with_logprobs = chat(vocab, PROMPTS[5], max_tokens=8, logprobs=True, top_logprobs=2)[0]
+        return greedy, sampled, with_logprobs
+
+    answers = {}
+    for backend in (True, False):
+        engine_ = BatchEngine.load(spec.path, slots=6, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0,
+                                   backend_greedy=backend).start()
+        try:
+            greedy, sampled, with_logprobs = mix()
+            tickets = [engine_.submit(s) for s in (*greedy, *sampled, with_logprobs)]
+            results = [t.result(timeout=300) for t in tickets]
+            attached = sum(slot.greedy is not None for slot in engine_._slots)
+        finally:
+            engine_.stop()
+        answers[backend] = [(r.text, r.logprobs) for r in results]
+        # Only the greedy sequences' slots carry a backend sampler, and only when it is on.
+        assert attached == (3 if backend else 0)
+    assert answers[True] == answers[False]
+    assert [text for text, _ in answers[True][:3]] == [reference(single, s) for s in mix()[0]]
+
+
+def test_a_slot_changes_between_backend_and_host_sampling_without_changing_answers(spec, vocab, single):
+    one_slot = BatchEngine.load(spec.path, slots=1, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    try:
+        greedy = chat(vocab, PROMPTS[0], max_tokens=12)[0]
+        sampled = chat(vocab, PROMPTS[1], max_tokens=12, temperature=0.9, seed=3)[0]
+        first = one_slot.submit(greedy).result(timeout=120)
+        assert one_slot._slots[0].greedy is not None
+        middle = one_slot.submit(sampled).result(timeout=120)
+        assert one_slot._slots[0].greedy is None  # detached: this sequence needed its logits
+        again = one_slot.submit(chat(vocab, PROMPTS[0], max_tokens=12)[0]).result(timeout=120)
+        assert one_slot._slots[0].greedy is not None
+        assert first.text == again.text == reference(single, greedy)
+        assert middle.completion_tokens > 0
+    finally:
+        one_slot.stop()
+    host = BatchEngine.load(spec.path, slots=1, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0,
+                            backend_greedy=False).start()
+    try:
+        assert host.submit(chat(vocab, PROMPTS[1], max_tokens=12, temperature=0.9, seed=3)[0]).result(
+            timeout=120).text == middle.text
+    finally:
+        host.stop()

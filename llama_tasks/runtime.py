@@ -111,6 +111,7 @@ def start_process(settings: WorkerSettings, placement: Placement, slots: int,
         spec.path, slots=slots, n_ctx_per_slot=settings.n_ctx,
         n_threads=placement.n_threads, n_gpu_layers=placement.n_gpu_layers,
         sample_limit_s=settings.sample_limit_s, on_stall=on_stall, draft_tokens=settings.draft_tokens,
+        backend_greedy=settings.backend_sampling,
     ).start()
     _load_count += 1
     r = redis.Redis.from_url(settings.redis_url)

@@ -137,6 +137,13 @@ class WorkerSettings(SharedSettings):
         "decode; the answer is the same, in fewer steps where text repeats (rewriting, extracting, JSON). "
         "0 = off.",
     )
+    backend_sampling: bool = Field(
+        True,
+        description="Greedy sequences (temperature 0, no repeat penalty, grammar or logprobs) take their token "
+        "from llama.cpp's backend sampler: the argmax runs in the decode's graph (on the GPU where there is one) "
+        "and no logits cross to the host. The answers are the same either way; false: the worker takes the "
+        "argmax of the logits itself.",
+    )
     memory_mb: int = Field(
         0, ge=0,
         description="Memory this worker may fill with a model, in MB: what it tells the herder it can hold, and "

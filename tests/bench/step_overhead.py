@@ -11,7 +11,10 @@ is what a faster decode would leave.
 Three ways for each ``n``: no callback (the engine alone); each token written
 to its job's Redis stream on the engine's thread (``StreamWriter`` alone);
 and each token queued to a ``TokenPipe`` that sends them off the engine's
-thread, as a worker does. Medians of ``--reps``.
+thread, as a worker does. Greedy sequences take their tokens from llama.cpp's
+backend sampler, the argmax inside the decode's graph; the last two columns
+run the token pipe's way with it off (the argmax of every row's logits taken
+here), so what moved into ``llama_decode`` shows. Medians of ``--reps``.
 Writes ``tests/bench/results/step_overhead.md``.
 """
 
@@ -93,11 +96,20 @@ def main() -> None:
             piped = [measure(batch, vocab, n, r, piped=True) for _ in range(args.reps)]
         finally:
             batch.stop()
+        host = BatchEngine.load(spec.path, slots=n, n_ctx_per_slot=256, n_threads=args.threads, n_gpu_layers=0,
+                                backend_greedy=False).start()
+        try:
+            measure(host, vocab, n, None)  # warm-up
+            host_piped = [measure(host, vocab, n, r, piped=True) for _ in range(args.reps)]
+        finally:
+            host.stop()
         row = (n, statistics.median(a[0] for a in alone), statistics.median(s[0] for s in direct),
-               statistics.median(s[0] for s in piped), statistics.median(a[1] for a in alone))
+               statistics.median(s[0] for s in piped), statistics.median(a[1] for a in alone),
+               statistics.median(h[0] for h in host_piped), statistics.median(h[1] for h in host_piped))
         rows.append(row)
         print(f"{n} sequences: {row[1]:.2f} ms/step alone, {row[2]:.2f} writing each token to Redis, "
-              f"{row[3]:.2f} through the token pipe (as a worker does); decode {row[4]:.1f} ms/step", flush=True)
+              f"{row[3]:.2f} through the token pipe (as a worker does); decode {row[4]:.1f} ms/step; "
+              f"backend sampling off: {row[5]:.2f} through the pipe, decode {row[6]:.1f}", flush=True)
     lines = [
         "# The engine's work per step outside llama_decode",
         "",
@@ -105,10 +117,11 @@ def main() -> None:
         f"{args.threads} threads, {TOKENS} tokens per sequence, greedy, medians of {args.reps}.",
         "",
         "| active sequences | ms per step outside llama_decode | each token written to Redis on the engine's "
-        "thread | each token through the token pipe (a worker) | llama_decode, ms per step |",
-        "|---:|---:|---:|---:|---:|",
-        *[f"| {n} | {alone:.2f} | {direct:.2f} | {piped:.2f} | {decode:.1f} |"
-          for n, alone, direct, piped, decode in rows],
+        "thread | each token through the token pipe (a worker) | llama_decode, ms per step "
+        "| backend sampling off: through the token pipe | backend sampling off: llama_decode |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *[f"| {n} | {alone:.2f} | {direct:.2f} | {piped:.2f} | {decode:.1f} | {host_piped:.2f} | {host_decode:.1f} |"
+          for n, alone, direct, piped, decode, host_piped, host_decode in rows],
         "",
     ]
     RESULTS.write_text("\n".join(lines))

@@ -282,6 +282,22 @@ def test_an_admitted_job_holds_its_offer_and_records_its_bid(herder: Herder) -> 
     herder.assert_books()
 
 
+def test_the_admitted_row_is_every_column_the_database_holds(herder: Herder) -> None:
+    """Admission writes the job with one INSERT and hands the row to the session as loaded: each of its
+    columns must be what the database has (a column given a database default and left out of the
+    INSERT's values would read None in the session until the next transaction)."""
+    key = herder.account("alice", deposit=DEPOSIT)
+    sub = herder._submission({"prompt": "Say hello.", "max_tokens": 8, "reference": "cols-1"})
+    with herder.sessions.begin() as session:
+        row, new = admission.admit(session, herder.settings, admission.price(herder.settings, herder.counter, sub),
+                                   key, sub, T0)
+        assert new
+        in_session = {column.key: getattr(row, column.key) for column in JobRow.__table__.columns}
+        stored = session.connection().execute(select(JobRow.__table__).where(JobRow.id == row.id)).one()._asdict()
+    assert in_session == stored
+    herder.assert_books()
+
+
 # --- idempotency -------------------------------------------------------------
 
 

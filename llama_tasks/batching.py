@@ -202,6 +202,11 @@ class Ticket:
             self._done.set()
 
 
+def _takes_argmax(spec: SequenceSpec) -> bool:
+    """Greedy with nothing that changes the logits (no grammar, no repeat penalty): its token is their argmax."""
+    return spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
+
+
 def _earliest_stop(text: str, stops: list[str], start: int) -> int:
     """Index of the first stop string in ``text`` at or after ``start``, or -1."""
     # A plain loop: it runs for every token of every sequence, and comprehensions cost more than the finds.
@@ -348,7 +353,7 @@ class _Active:
         #: Greedy with nothing that changes the logits (no grammar, no repeat penalty): its token is
         #: the argmax of its logits, taken in the decode's graph (``backend``) or for every such
         #: sequence of a step at once.
-        self.argmax = spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
+        self.argmax = _takes_argmax(spec)
         #: Its slot's backend sampler picks its token: no logits of its reach the host.
         self.backend = False
         #: How many tokens its next draft may have: halved down to one by each rejected draft,
@@ -625,14 +630,14 @@ class BatchEngine:
             slot.cached = slot.cached[:reused]
             slot.owner, slot.public = spec.cache_key, spec.public_tokens
             slot.active = active = _Active(ticket, slot, reused, self._sampler(spec))
-            active.backend = self._attach_greedy(slot, self._wants_backend(active))
+            active.backend = self._attach_greedy(slot, self._wants_backend(spec))
             if self.draft_tokens:
                 slot.active.lookup = _PromptLookup(spec.tokens)
                 slot.active.draft_limit = self.draft_tokens
 
-    def _wants_backend(self, seq: _Active) -> bool:
-        """Whether ``seq``'s tokens can come from a backend greedy sampler: greedy, and no logits wanted."""
-        return self.backend_greedy and seq.argmax and seq.ticket.spec.top_logprobs is None
+    def _wants_backend(self, spec: SequenceSpec) -> bool:
+        """Whether ``spec``'s tokens can come from a backend greedy sampler: greedy, and no logits wanted."""
+        return self.backend_greedy and _takes_argmax(spec) and spec.top_logprobs is None
 
     def _attach_greedy(self, slot: _Slot, want: bool) -> bool:
         """Give ``slot``'s sequence id a backend greedy chain, or take it away; whether it has one.
@@ -668,8 +673,7 @@ class BatchEngine:
         system prompt, tools, a conversation) to save a few: an empty or
         stale slot is the better place then.
         """
-        greedy = self.backend_greedy and spec.temperature == 0.0 and spec.grammar is None \
-            and spec.repeat_penalty == 1.0 and spec.top_logprobs is None
+        greedy = self._wants_backend(spec)
 
         def saved(slot: _Slot) -> tuple[int, bool, float]:
             served = slot.reusable(spec)

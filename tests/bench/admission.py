@@ -3,9 +3,9 @@
 Run ``python -m tests.bench.admission``. Each admission is what
 ``HerderService.submit`` does before it dispatches: one transaction from the
 herder's own sessionmaker around ``admission.admit``, with the real
-vocab-only tokenizer quoting the prompt; a second row adds the transaction
-``submit`` then opens to describe the job (its dispatch needs Redis and is
-left out). Every run gets a fresh ledger file with one funded account; the
+vocab-only tokenizer quoting the prompt; a second row adds describing the
+new job in the same transaction, as ``submit`` does (its claim and dispatch
+need Redis and are left out). Every run gets a fresh ledger file with one funded account; the
 table gives the median of the runs, with 1, 2 and 4 threads, and, as the
 floor the ledger itself sets, as many bare ``ledger.hold`` transactions.
 ``--profile`` adds where a single thread's time goes; ``--pragma`` and the
@@ -66,14 +66,12 @@ class Options:
 
     #: Extra ``PRAGMA``s on every connection, e.g. ``synchronous=NORMAL``.
     pragmas: tuple[str, ...] = ()
-    #: Seed every session with the system accounts' ids, as a per-engine cache would.
-    cache_system_ids: bool = False
     #: Queue write transactions on an in-process lock instead of SQLite's busy handler.
     writer_lock: bool = False
 
     def describe(self) -> str:
         parts = [f"PRAGMA {p}" for p in self.pragmas]
-        parts += ["system ids cached"] * self.cache_system_ids + ["in-process writer lock"] * self.writer_lock
+        parts += ["in-process writer lock"] * self.writer_lock
         return ", ".join(parts) or "the herder as it is"
 
 
@@ -107,10 +105,6 @@ def fresh_ledger(root: Path, options: Options) -> Iterator[Ledger]:
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         account, api_key = ledger.create_account(session, "bench", deposit=FUNDS)
-        system_ids = ledger._system_ids(session)
-    if options.cache_system_ids:
-        # Reaches into the ledger's per-session cache: an experiment, not an API.
-        sessions.configure(info={ledger._SYSTEM_IDS_KEY: system_ids})
     lock = threading.Lock() if options.writer_lock else None
     try:
         yield Ledger(settings, engine, sessions, api_key, account, lock)
@@ -144,13 +138,12 @@ def admit_one(book: Ledger, counter: TokenCounter, i: int) -> None:
 
 
 def admit_and_describe(book: Ledger, counter: TokenCounter, i: int) -> None:
-    """``admit_one`` plus the second transaction ``submit`` opens to describe the new job."""
+    """``admit_one`` plus describing the new job in the same transaction, as ``submit`` answers it."""
     sub = submission(i)
     priced = price(book.settings, counter, sub)
     with transaction(book) as session:
         row, _ = admit(session, book.settings, priced, book.api_key, sub, time.time())
-    with book.sessions.begin() as session:
-        views.describe(session, row.id)
+        views.describe_row(session, row)
 
 
 def hold_one(book: Ledger, counter: TokenCounter, i: int) -> None:
@@ -224,14 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=list(DEFAULT_THREADS))
     parser.add_argument("--pragma", action="append", default=[],
                         help="try an extra SQLite pragma per connection, e.g. synchronous=NORMAL (repeatable)")
-    parser.add_argument("--cache-system-ids", action="store_true",
-                        help="try caching the system accounts' ids per engine instead of per session")
     parser.add_argument("--writer-lock", action="store_true",
                         help="try queueing write transactions on an in-process lock")
     parser.add_argument("--profile", action="store_true", help="also profile one thread's admissions")
     parser.add_argument("--top", type=int, default=10, help="functions shown by --profile")
     args = parser.parse_args(argv)
-    options = Options(tuple(args.pragma), args.cache_system_ids, args.writer_lock)
+    options = Options(tuple(args.pragma), args.writer_lock)
 
     with tempfile.TemporaryDirectory(prefix="llamas-bench-") as tmp:
         root = Path(tmp)

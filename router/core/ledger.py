@@ -303,13 +303,11 @@ def account_by_name(session: Session, name: str) -> Account:
 
 
 _BY_KEY = select(Account).where(Account.api_key_hash == bindparam("p_key_hash"))
-_BY_KEY_LOCKED = _BY_KEY.with_for_update(of=Account)
 
 
-def account_by_key(session: Session, api_key: str, lock: bool = False) -> Account:
-    """Find the requester account an API key belongs to; with ``lock``, lock its row until commit (PostgreSQL)."""
-    locked = lock and session.get_bind().dialect.name == "postgresql"
-    account = session.scalar(_BY_KEY_LOCKED if locked else _BY_KEY, {"p_key_hash": hash_api_key(api_key)})
+def account_by_key(session: Session, api_key: str) -> Account:
+    """Find the requester account an API key belongs to (admission, which locks it, uses ``requester_by_key``)."""
+    account = session.scalar(_BY_KEY, {"p_key_hash": hash_api_key(api_key)})
     if account is None:
         # Never echo the key: errors end up in logs and HTTP bodies.
         raise UnknownAccount("(that API key)")
@@ -322,8 +320,8 @@ _REQUESTER_BY_KEY_LOCKED = _REQUESTER_BY_KEY.with_for_update(of=Account)
 
 
 def requester_by_key(session: Session, api_key: str, lock: bool = False) -> Requester:
-    """``account_by_key`` as a ``Requester``, run on the transaction's connection; ``lock`` takes the same
-    row lock (PostgreSQL)."""
+    """The requester an API key belongs to, as a plain row on the transaction's connection; with ``lock``,
+    its row is locked until commit (PostgreSQL)."""
     connection = session.connection()
     stmt = _REQUESTER_BY_KEY_LOCKED if lock and connection.dialect.name == "postgresql" else _REQUESTER_BY_KEY
     row = connection.execute(stmt, {"p_key_hash": hash_api_key(api_key)}).one_or_none()

@@ -12,7 +12,9 @@ time. Callers (Celery's task threads) ``submit`` and wait on the ``Ticket``.
 A free slot keeps what its last sequence left in its KV memory, and a new
 sequence goes to the free slot where it saves the most: the prefix of its
 prompt that slot holds, which is not computed again (the prompt cache), less
-what of another prompt it would throw away. A prefix
+what of another prompt it would throw away, and next to the busy slots:
+llama.cpp decodes each run of consecutive sequence ids as a micro-batch of
+its own, so scattered sequences cost a pass over the weights each. A prefix
 is reused only for the same ``cache_key`` (the herder gives each account its
 own), except its public part (the chat template's own text, a prefix the
 operator declares shared): a tenant's prompt never shortens, and so never
@@ -88,6 +90,15 @@ log = logging.getLogger(__name__)
 #: Prompt tokens one step may decode (llama.cpp's n_batch): a long prompt is
 #: fed in chunks so the sequences already generating are not stalled for it.
 STEP_TOKENS = 512
+
+#: What a new run of consecutive busy slots costs, counted in prompt tokens
+#: decoded again. llama.cpp decodes each run of consecutive sequence ids as a
+#: micro-batch of its own, a pass over every weight, at every step for the
+#: sequence's life: two sequences in slots 4 and 7 took 16.6 ms a step
+#: where eight in slots 0-7 took 36 ms and one 7.5 ms (SmolLM2-135M, 2 cores).
+#: So a new sequence goes next to the busy ones unless a slot elsewhere
+#: keeps a longer prompt cached than this.
+RUN_TOKENS = 256
 #: Prompt-lookup drafting: the longest and shortest run of a sequence's last tokens looked up
 #: earlier in it (its prompt and what it generated); what followed there is the draft.
 DRAFT_NGRAM_MAX, DRAFT_NGRAM_MIN = 3, 2
@@ -205,6 +216,11 @@ class Ticket:
 def _takes_argmax(spec: SequenceSpec) -> bool:
     """Greedy with nothing that changes the logits (no grammar, no repeat penalty): its token is their argmax."""
     return spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
+
+
+def _runs(ids: set[int]) -> int:
+    """How many runs of consecutive numbers ``ids`` makes: {0, 1, 2, 5} makes two."""
+    return sum(1 for i in ids if i - 1 not in ids)
 
 
 def _earliest_stop(text: str, stops: list[str], start: int) -> int:
@@ -664,9 +680,10 @@ class BatchEngine:
         self._retired.clear()
 
     def _slot_for(self, spec: SequenceSpec, free: list[_Slot]) -> _Slot:
-        """The free slot where ``spec`` saves the most: the prompt its memory serves, less what of
-        another prompt it would throw away; then one whose backend sampler already suits it (no
-        re-planned graph); among equals the one longest unused.
+        """The free slot where ``spec`` costs the least: the prompt its memory serves, less what of
+        another prompt it would throw away, less ``RUN_TOKENS`` for each run of consecutive busy
+        slots it would leave; then one whose backend sampler already suits it (no re-planned
+        graph); among equals the one longest unused.
 
         Taking a slot for a few shared tokens (a chat template's opening) would
         throw away a whole prompt that its requester may send again (a long
@@ -674,10 +691,13 @@ class BatchEngine:
         stale slot is the better place then.
         """
         greedy = self._wants_backend(spec)
+        busy = {s.seq_id for s in self._slots if s.active is not None}
 
         def saved(slot: _Slot) -> tuple[int, bool, float]:
             served = slot.reusable(spec)
-            return served - (len(slot.cached) - served), (slot.greedy is not None) == greedy, -slot.last_used
+            runs = _runs(busy | {slot.seq_id})
+            return (served - (len(slot.cached) - served) - RUN_TOKENS * runs,
+                    (slot.greedy is not None) == greedy, -slot.last_used)
 
         return max(free, key=saved)
 
@@ -735,26 +755,32 @@ class BatchEngine:
         spare = STEP_TOKENS - len(generating)
         for seq in generating:
             assert seq.next_token is not None
-            pos = len(seq.slot.cached)
-            add(seq, seq.next_token, pos, True)
             fed.append((seq, [seq.next_token]))
             # Its draft after it, each with logits: what the sampler would choose there is checked below.
-            seq.draft = self._draft(seq, pos, spare)
+            seq.draft = self._draft(seq, len(seq.slot.cached), spare)
             spare -= len(seq.draft)
-            for i, token in enumerate(seq.draft):
-                token_of[n], pos_of[n], n_seq_id_of[n] = token, pos + 1 + i, 1
-                seq_id_of[n][0], logits_of[n] = seq.slot.seq_id, True
-                n += 1
-                outputs += 1
-        budget = STEP_TOKENS - n
+        budget = spare
         for seq in active:
             if seq.next_token is None and seq.pending and budget > 0:
                 chunk, seq.pending = seq.pending[:budget], seq.pending[budget:]
-                start = len(seq.slot.cached)
-                for i, token in enumerate(chunk):
-                    add(seq, token, start + i, not seq.pending and i == len(chunk) - 1)
                 fed.append((seq, chunk))
                 budget -= len(chunk)
+        # Written in slot order: llama.cpp splits a step into micro-batches of
+        # consecutive sequence ids (each its own KV stream), so any other order
+        # costs micro-batches, each a pass over every weight.
+        fed.sort(key=lambda item: item[0].slot.seq_id)
+        for seq, tokens in fed:
+            start = len(seq.slot.cached)
+            if seq.next_token is not None:
+                add(seq, tokens[0], start, True)
+                for i, token in enumerate(seq.draft):
+                    token_of[n], pos_of[n], n_seq_id_of[n] = token, start + 1 + i, 1
+                    seq_id_of[n][0], logits_of[n] = seq.slot.seq_id, True
+                    n += 1
+                    outputs += 1
+            else:
+                for i, token in enumerate(tokens):
+                    add(seq, token, start + i, not seq.pending and i == len(tokens) - 1)
         batch.n_tokens = n
         self._argmax, self._outputs = None, outputs
         decoding = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 from llama_cpp import Llama
 
 from llama_tasks import engine, generation, registry
-from llama_tasks.batching import BatchEngine, SequenceSpec
+from llama_tasks.batching import RUN_TOKENS, BatchEngine, SequenceSpec
 from llama_tasks.errors import ContextOverflow
 from llama_tasks.job import Job
 from llama_tasks.result import Result
@@ -83,6 +83,63 @@ def test_sequences_join_and_leave_mid_batch_without_changing_answers(batch, voca
     assert [r.text for r in short] == [reference(single, s) for s in joiners]
     assert long_result.text == reference(single, long_seq)
     assert long_result.completion_tokens == 120 or long_result.finish_reason == "stop"
+
+
+def test_a_new_sequence_goes_next_to_the_busy_slots_unless_its_cache_is_elsewhere(spec, vocab):
+    # llama.cpp decodes each run of consecutive sequence ids as a micro-batch of its own: a sequence
+    # placed apart from the busy ones costs a pass over the weights at every step of its life.
+    idle = BatchEngine.load(spec.path, slots=6, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0)
+    slots = idle._slots
+    for slot in slots:
+        slot.last_used = 10.0 + slot.seq_id
+    slots[5].last_used = 0.0  # unused longest: where a new sequence went when that came first
+    for slot in slots[1:3]:
+        slot.active = object()  # type: ignore[assignment]  # busy: only whether it is counts here
+    free = [slot for slot in slots if slot.active is None]
+    new = chat(vocab, PROMPTS[3], max_tokens=8)[0]
+    assert idle._slot_for(new, free).seq_id in (0, 3)
+    # Unless another slot holds more of its own prompt than a micro-batch per step costs.
+    long = chat(vocab, "Describe, in detail, how llamas were domesticated in the Andes. " * 25, max_tokens=8)[0]
+    assert len(long.tokens) > RUN_TOKENS
+    slots[5].cached, slots[5].owner = list(long.tokens), long.cache_key
+    assert idle._slot_for(long, free).seq_id == 5
+    assert idle._slot_for(new, free).seq_id in (0, 3)
+
+
+def test_a_step_lists_its_sequences_in_slot_order(spec, vocab, single, monkeypatch):
+    # A joining prompt in slot 0 beside a sequence generating in slot 1: written in slot order, the
+    # step is one micro-batch of both plus the prompt's rest, not three.
+    two = BatchEngine.load(spec.path, slots=2, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0).start()
+    steps: list[list[int]] = []
+    decode = llama_cpp.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        steps.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    places = iter([1, 0])
+
+    def place(_spec: SequenceSpec, free: list[Any]) -> Any:
+        want = next(places)
+        return next(slot for slot in free if slot.seq_id == want)
+
+    monkeypatch.setattr(two, "_slot_for", place)
+    try:
+        first = chat(vocab, PROMPTS[0], max_tokens=40)[0]
+        started = threading.Event()
+        first.on_text = lambda _piece, _logprobs: started.set()
+        tickets = [two.submit(first)]
+        assert started.wait(120)
+        joiner = chat(vocab, PROMPTS[1], max_tokens=8)[0]
+        tickets.append(two.submit(joiner))
+        results = [t.result(timeout=120) for t in tickets]
+    finally:
+        two.stop()
+    both = [ids for ids in steps if set(ids) == {0, 1}]
+    assert both, "the joining prompt was never decoded beside the generating sequence"
+    assert all(ids == sorted(ids) for ids in steps)
+    assert [r.text for r in results] == [reference(single, first), reference(single, joiner)]
 
 
 def test_a_cancelled_sequence_frees_its_slot_within_one_step(spec, vocab):

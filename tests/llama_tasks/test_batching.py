@@ -106,6 +106,21 @@ def test_a_new_sequence_goes_next_to_the_busy_slots_unless_its_cache_is_elsewher
     assert idle._slot_for(new, free).seq_id in (0, 3)
 
 
+def test_between_equal_places_a_new_sequence_takes_the_slot_of_its_sampling_kind(spec, vocab):
+    # Attaching or detaching a slot's backend greedy chain re-plans llama.cpp's graph (milliseconds,
+    # a whole step on a GPU): of two slots equal otherwise, the one already of its kind.
+    idle = BatchEngine.load(spec.path, slots=5, n_ctx_per_slot=N_CTX, n_threads=2, n_gpu_layers=0)
+    slots = idle._slots
+    slots[2].active = object()  # type: ignore[assignment]
+    slots[3].greedy = object()  # only whether it has a chain counts here
+    free = [slot for slot in slots if slot.active is None]
+    greedy = chat(vocab, PROMPTS[3], max_tokens=8)[0]
+    sampled = chat(vocab, PROMPTS[3], max_tokens=8, temperature=0.8)[0]
+    assert idle._slot_for(greedy, free).seq_id == 3
+    assert idle._slot_for(sampled, free).seq_id == 1
+    slots[3].greedy = None  # nothing to free: it was never a chain
+
+
 def test_a_step_lists_its_sequences_in_slot_order(spec, vocab, single, monkeypatch):
     # A joining prompt in slot 0 beside a sequence generating in slot 1: written in slot order, the
     # step is one micro-batch of both plus the prompt's rest, not three.

@@ -218,8 +218,9 @@ def _takes_argmax(spec: SequenceSpec) -> bool:
     return spec.temperature == 0.0 and spec.grammar is None and spec.repeat_penalty == 1.0
 
 
-def _runs(ids: set[int]) -> int:
-    """How many runs of consecutive numbers ``ids`` makes: {0, 1, 2, 5} makes two."""
+def id_runs(ids: set[int]) -> int:
+    """How many runs of consecutive numbers ``ids`` makes: {0, 1, 2, 5} makes two (llama.cpp's micro-batches
+    of a step, with a KV stream per sequence)."""
     return sum(1 for i in ids if i - 1 not in ids)
 
 
@@ -695,7 +696,7 @@ class BatchEngine:
 
         def saved(slot: _Slot) -> tuple[int, bool, float]:
             served = slot.reusable(spec)
-            runs = _runs(busy | {slot.seq_id})
+            runs = id_runs(busy | {slot.seq_id})
             return (served - (len(slot.cached) - served) - RUN_TOKENS * runs,
                     (slot.greedy is not None) == greedy, -slot.last_used)
 

@@ -2,7 +2,7 @@
 
 Run ``python -m tests.bench.slot_runs``. ``--concurrency`` requesters
 each send the 8 chat prompts' sequences one after another (greedy, 40 to 79
-tokens each, so they end at different steps; ``--gap-ms`` apart) to one engine of ``--slots``
+tokens each, so they end at different steps) to one engine of ``--slots``
 slots on the bundled SmolLM2, and the engine's ``llama_decode`` is watched
 for the runs of consecutive sequence ids each step holds: llama.cpp decodes
 each run as a micro-batch of its own, a pass over every weight, so 1.0 is
@@ -24,7 +24,7 @@ from typing import Any
 import llama_cpp
 
 from llama_tasks import engine, generation, registry
-from llama_tasks.batching import BatchEngine
+from llama_tasks.batching import BatchEngine, id_runs
 from llama_tasks.job import Job
 from tests.prompts import PROMPTS
 
@@ -46,7 +46,7 @@ class RunCounter:
     def _counted(self, ctx: Any, batch: Any) -> int:
         ids = {batch.seq_id[i][0] for i in range(batch.n_tokens)}
         self.steps += 1
-        self.runs += sum(1 for i in ids if i - 1 not in ids)
+        self.runs += id_runs(ids)
         return int(self._decode(ctx, batch))
 
 
@@ -56,15 +56,13 @@ def _sequence(vocab: Any, k: int) -> Any:
     return generation.sequences(vocab, job, None)[0]
 
 
-def closed_loop(batch: BatchEngine, vocab: Any, concurrency: int, each: int, gap_s: float = 0.0) -> tuple[float, float]:
-    """(completion tokens a second, runs per step) of ``concurrency`` requesters sending ``each`` sequences,
-    each ``gap_s`` after the last one's answer."""
+def closed_loop(batch: BatchEngine, vocab: Any, concurrency: int, each: int) -> tuple[float, float]:
+    """(completion tokens a second, runs per step) of ``concurrency`` requesters sending ``each`` sequences."""
     tokens = [0] * concurrency
 
     def requester(k: int) -> None:
         for j in range(each):
             tokens[k] += batch.submit(_sequence(vocab, k * each + j + k)).result(timeout=600).completion_tokens
-            time.sleep(gap_s)  # what the service takes between an answer and the next request's start
 
     with RunCounter() as counter:
         started = time.perf_counter()
@@ -82,9 +80,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--each", type=int, default=4, help="sequences each requester sends per run")
-    parser.add_argument("--gap-ms", type=float, default=0.0,
-                        help="each requester's pause between an answer and its next request (the service's "
-                             "round trip: about 120 ms at concurrency 8 in make bench's breakdown)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
@@ -95,8 +90,8 @@ def main() -> None:
     try:
         closed_loop(batch, vocab, max(args.concurrency), 1)  # warm-up
         for concurrency in args.concurrency:
-            runs = [closed_loop(batch, vocab, concurrency, args.each, args.gap_ms / 1000) for _ in range(args.reps)]
-            print(f"concurrency {concurrency} on {args.slots} slots, {args.gap_ms:g} ms between requests: "
+            runs = [closed_loop(batch, vocab, concurrency, args.each) for _ in range(args.reps)]
+            print(f"concurrency {concurrency} on {args.slots} slots: "
                   f"{statistics.median(r[0] for r in runs):.1f} tokens/s, "
                   f"{statistics.median(r[1] for r in runs):.2f} runs of sequence ids a step "
                   f"(each run: {', '.join(f'{r[0]:.1f} tok/s {r[1]:.2f}' for r in runs)})", flush=True)
